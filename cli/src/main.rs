@@ -1,0 +1,104 @@
+//! The `trellis` command.
+//!
+//! Today it runs the resilience demo; the shop (`up`, `serve`), the gateway, `load`, `chaos`
+//! and `mcp` arrive as their issues land. Errors print one line and exit non-zero; they never
+//! panic with a backtrace.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use trellis_telemetry::{LogFormat, TelemetryConfig};
+
+mod demo;
+
+/// trellis: resilient, event-driven microservices in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, propagate_version = true)]
+struct Cli {
+    /// Log output: `human` or `json`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "human",
+        env = "TRELLIS_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
+    /// Log filter in `RUST_LOG` syntax (for example `info,trellis_resilience=debug`).
+    #[arg(long, global = true, env = "RUST_LOG")]
+    log: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Guided demonstrations of the toolkit.
+    #[command(subcommand)]
+    Demo(demo::Demo),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
+    let mut telemetry = TelemetryConfig::new("trellis").with_log_format(cli.log_format);
+    if let Some(filter) = &cli.log {
+        telemetry = telemetry.with_filter(filter.clone());
+    }
+    let _telemetry = match trellis_telemetry::init(telemetry) {
+        Ok(guard) => guard,
+        Err(error) => return fail(&anyhow::Error::new(error).context("cannot set up logging")),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            return fail(&anyhow::Error::new(error).context("cannot start the async runtime"));
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(demo) => demo.run().await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+/// Help and version go to stdout with success; any other parse error is one line on stderr.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!("{} (see `trellis --help`)", first.trim());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::FAILURE
+}

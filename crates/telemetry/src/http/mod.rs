@@ -1,0 +1,30 @@
+//! Tower middleware that carries W3C trace context across HTTP hops.
+//!
+//! - [`TraceContextServerLayer`] wraps a server: each request gets an `http.server` span whose
+//!   OpenTelemetry parent is the caller's `traceparent` (or a new trace when there is none or
+//!   it is malformed), and the inner service runs inside that span.
+//! - [`TraceContextClientLayer`] wraps a client: each request gets an `http.client` span, a
+//!   child of the current span, and its context is written into the outgoing `traceparent` and
+//!   `tracestate` headers.
+//!
+//! Both are generic over `http::Request<B>` / `http::Response<B>`, so they fit axum, hyper and
+//! hyper-util services alike. Spans are created at `INFO` level; [`init`](crate::init) makes sure
+//! the OpenTelemetry layer always sees them.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use trellis_telemetry::http::TraceContextServerLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/healthz", get(|| async { "ok" }))
+//!     .layer(TraceContextServerLayer::new());
+//! # drop(app);
+//! ```
+
+mod client;
+mod future;
+mod server;
+
+pub use client::{TraceContextClient, TraceContextClientLayer};
+pub use future::{ClientResponseFuture, ServerResponseFuture};
+pub use server::{TraceContextServer, TraceContextServerLayer};
