@@ -1,0 +1,301 @@
+//! Repositories: load an aggregate (snapshot plus newer events), run a command, append its
+//! events with the expected version, retry on a conflict, snapshot by policy.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::aggregate::{Aggregate, decode, encode};
+use crate::error::EventStoreError;
+use crate::store::EventStore;
+use crate::types::{Direction, ExpectedVersion, Metadata, Snapshot, StreamId};
+use crate::upcast::{UpcastChainError, Upcasters};
+
+/// Events read per query while loading an aggregate.
+const LOAD_BATCH: usize = 1_000;
+/// The most times a command is retried after version conflicts, unless configured.
+pub const CONFLICT_RETRIES_DEFAULT: u32 = 3;
+
+/// An aggregate as loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The stream version the state includes (0: no events).
+    pub version: u64,
+    /// Events read from the store to build it (after the snapshot, if one was used).
+    pub events_read: u64,
+    /// The version of the snapshot the load started from, if any.
+    pub snapshot_version: Option<u64>,
+}
+
+/// The outcome of a command that was accepted.
+#[derive(Debug, Clone)]
+pub struct Executed<A: Aggregate> {
+    /// The events the command produced (empty: nothing to do, nothing appended).
+    pub events: Vec<A::Event>,
+    /// The state after the events.
+    pub state: A,
+    /// The stream version after the append.
+    pub version: u64,
+    /// Attempts made (more than 1 after version conflicts).
+    pub attempts: u32,
+}
+
+/// Why a command did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command.
+    #[error("command refused: {0}")]
+    Domain(#[source] E),
+    /// The stream kept changing under us: every attempt hit a version conflict.
+    #[error("gave up after {attempts} attempts: the stream kept changing concurrently")]
+    Conflict {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The store failed (including undecodable stored events).
+    #[error(transparent)]
+    Store(#[from] EventStoreError),
+}
+
+impl<E: std::error::Error + 'static> RepositoryError<E> {
+    /// Whether retrying later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Domain(_) => false,
+            Self::Conflict { .. } => true,
+            Self::Store(error) => error.is_retryable(),
+        }
+    }
+}
+
+/// Loads and changes aggregates of type `A` in store `S`.
+#[derive(Debug)]
+pub struct Repository<A, S> {
+    store: S,
+    upcasters: Arc<Upcasters>,
+    snapshot_every: Option<u64>,
+    conflict_retries: u32,
+    aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A, S: Clone> Clone for Repository<A, S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            upcasters: self.upcasters.clone(),
+            snapshot_every: self.snapshot_every,
+            conflict_retries: self.conflict_retries,
+            aggregate: PhantomData,
+        }
+    }
+}
+
+impl<A: Aggregate, S: EventStore> Repository<A, S> {
+    /// A repository without snapshots or upcasters, retrying conflicts
+    /// [`CONFLICT_RETRIES_DEFAULT`] times.
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            upcasters: Arc::new(Upcasters::new()),
+            snapshot_every: None,
+            conflict_retries: CONFLICT_RETRIES_DEFAULT,
+            aggregate: PhantomData,
+        }
+    }
+
+    /// Saves a snapshot each time the stream crosses a multiple of `every` events (0: never).
+    #[must_use]
+    pub fn with_snapshots(mut self, every: u64) -> Self {
+        self.snapshot_every = (every > 0).then_some(every);
+        self
+    }
+
+    /// How many times a command is retried after version conflicts.
+    #[must_use]
+    pub fn with_conflict_retries(mut self, retries: u32) -> Self {
+        self.conflict_retries = retries;
+        self
+    }
+
+    /// Uses `upcasters` on read, after checking their chains against `A::Event`.
+    ///
+    /// # Errors
+    /// The first chain with a gap.
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Result<Self, UpcastChainError> {
+        upcasters.check::<A::Event>()?;
+        self.upcasters = Arc::new(upcasters);
+        Ok(self)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The stream of aggregate `id`: `{A::TYPE}-{id}`.
+    ///
+    /// # Errors
+    /// [`EventStoreError::InvalidInput`] when the name is not a valid stream id.
+    pub fn stream_id(id: &str) -> Result<StreamId, EventStoreError> {
+        StreamId::new(format!("{}-{id}", A::TYPE))
+    }
+
+    /// Loads aggregate `id`: the latest usable snapshot, then the events after it. A snapshot
+    /// of another schema (or unreadable) is ignored, and a fresh one is saved once the state
+    /// has been rebuilt from events (when snapshots are on).
+    ///
+    /// # Errors
+    /// A store error, including [`EventStoreError::Decode`] for an event that cannot be read.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, EventStoreError> {
+        let stream = Self::stream_id(id)?;
+        let loaded = self.load_stream(&stream).await?;
+        if let Some(every) = self.snapshot_every
+            && loaded.snapshot_version.is_none()
+            && loaded.version >= every
+        {
+            self.save_snapshot(&stream, &loaded.state, loaded.version)
+                .await?;
+        }
+        Ok(loaded)
+    }
+
+    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>, EventStoreError> {
+        let mut state = A::default();
+        let mut version = 0;
+        let mut snapshot_version = None;
+        let snapshot = match self.snapshot_every {
+            Some(_) => self.store.load_snapshot(stream).await?,
+            None => None,
+        };
+        if let Some(snapshot) = snapshot {
+            if snapshot.schema_version == A::SNAPSHOT_SCHEMA {
+                match serde_json::from_value::<A>(snapshot.state) {
+                    Ok(restored) => {
+                        state = restored;
+                        version = snapshot.version;
+                        snapshot_version = Some(snapshot.version);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%stream, %error, "ignoring an unreadable snapshot")
+                    }
+                }
+            } else {
+                tracing::info!(%stream, stored = snapshot.schema_version, current = A::SNAPSHOT_SCHEMA,
+                    "ignoring a snapshot of another schema; rebuilding from events");
+            }
+        }
+        let mut events_read = 0;
+        loop {
+            let batch = self
+                .store
+                .read_stream(stream, version + 1, Direction::Forwards, LOAD_BATCH)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            let last_version = last.version;
+            for recorded in &batch {
+                let event: A::Event = decode(recorded, &self.upcasters)?;
+                state.apply(&event);
+            }
+            events_read += batch.len() as u64;
+            version = last_version;
+            if batch.len() < LOAD_BATCH {
+                break;
+            }
+        }
+        Ok(Loaded {
+            state,
+            version,
+            events_read,
+            snapshot_version,
+        })
+    }
+
+    async fn save_snapshot(
+        &self,
+        stream: &StreamId,
+        state: &A,
+        version: u64,
+    ) -> Result<(), EventStoreError> {
+        let state = serde_json::to_value(state)
+            .map_err(|e| EventStoreError::Internal(format!("state does not serialize: {e}")))?;
+        self.store
+            .save_snapshot(
+                stream,
+                Snapshot {
+                    version,
+                    schema_version: A::SNAPSHOT_SCHEMA,
+                    state,
+                },
+            )
+            .await
+    }
+
+    /// Runs `command` against aggregate `id` and appends the events it produces, expecting
+    /// the version it loaded; on a version conflict it reloads and runs the command again, up
+    /// to the retry limit.
+    ///
+    /// # Errors
+    /// [`RepositoryError::Domain`] when the aggregate refuses, [`RepositoryError::Conflict`]
+    /// when every attempt conflicted, [`RepositoryError::Store`] otherwise.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
+        let stream = Self::stream_id(id)?;
+        let attempts_max = self.conflict_retries + 1;
+        for attempt in 1..=attempts_max {
+            let Loaded {
+                mut state, version, ..
+            } = self.load_stream(&stream).await?;
+            let events = state
+                .handle(command.clone())
+                .map_err(RepositoryError::Domain)?;
+            if events.is_empty() {
+                return Ok(Executed {
+                    events,
+                    state,
+                    version,
+                    attempts: attempt,
+                });
+            }
+            let new_events = events
+                .iter()
+                .map(|event| encode(event).map(|e| e.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let expected = if version == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(version)
+            };
+            match self.store.append(&stream, expected, new_events).await {
+                Ok(result) => {
+                    for event in &events {
+                        state.apply(event);
+                    }
+                    if let Some(every) = self.snapshot_every
+                        && result.next_version / every > version / every
+                    {
+                        self.save_snapshot(&stream, &state, result.next_version)
+                            .await?;
+                    }
+                    return Ok(Executed {
+                        events,
+                        state,
+                        version: result.next_version,
+                        attempts: attempt,
+                    });
+                }
+                Err(error) if error.is_conflict() => {
+                    tracing::debug!(%stream, attempt, "version conflict; reloading and retrying the command");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(RepositoryError::Conflict {
+            attempts: attempts_max,
+        })
+    }
+}

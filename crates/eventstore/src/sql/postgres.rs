@@ -1,0 +1,484 @@
+//! The PostgreSQL backend: the scale-out engine.
+//!
+//! # Why `read_all` never skips an event
+//! A `BIGSERIAL` position is assigned when a row is inserted, not when its transaction
+//! commits, so two concurrent appends can commit in the opposite order of their positions, and
+//! a reader that saw position 11 could miss position 10 committing a moment later. This
+//! backend avoids that by assigning positions under a lock: every append transaction first
+//! takes a transaction-scoped advisory lock, computes positions from `MAX(position)`, inserts,
+//! and commits. PostgreSQL releases transaction-scoped locks only after the commit is visible
+//! to other sessions, so the next append cannot assign a position until every lower position
+//! is visible, and the set of visible positions is always a gap-free prefix of the log.
+//!
+//! The lock serializes commits, which would cap throughput at one fsync per append; the
+//! writer's group commit (one transaction for every append waiting in the process) restores
+//! throughput. Several processes can share the database: they take turns at the lock.
+//!
+//! Appends `NOTIFY` the new head on the `trellis_es_head` channel, so subscriptions in every
+//! process wake up at once instead of polling.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Postgres, Row as _, Transaction};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::writer::{AppendRequest, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64};
+use super::{RawEvent, raise};
+use crate::error::EventStoreError;
+use crate::store::EventStore;
+use crate::types::{
+    AppendResult, Direction, ExpectedVersion, Metadata, NewEvent, RecordedEvent, Snapshot,
+    StreamId, StreamInfo, StreamMetadata, validate_append, validate_limit,
+};
+
+/// The advisory lock key appends hold (ASCII "trellis" as a number).
+const APPEND_LOCK_KEY: i64 = 0x0074_7265_6c6c_6973;
+/// The advisory lock key schema creation holds.
+const SCHEMA_LOCK_KEY: i64 = APPEND_LOCK_KEY + 1;
+/// The channel appends notify.
+const HEAD_CHANNEL: &str = "trellis_es_head";
+/// Connections in the pool.
+const CONNECTIONS_MAX: u32 = 8;
+/// How long to wait for a connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the notification listener checks whether its store is gone.
+const LISTENER_IDLE_CHECK: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS es_events (
+    position       BIGINT      PRIMARY KEY,
+    stream_id      TEXT        NOT NULL,
+    version        BIGINT      NOT NULL,
+    event_id       UUID        NOT NULL UNIQUE,
+    event_type     TEXT        NOT NULL,
+    schema_version INTEGER     NOT NULL,
+    data           JSONB       NOT NULL,
+    metadata       JSONB       NOT NULL,
+    recorded_at    TIMESTAMPTZ NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS es_streams (
+    stream_id       TEXT    PRIMARY KEY,
+    version         BIGINT  NOT NULL,
+    max_count       BIGINT,
+    truncate_before BIGINT,
+    deleted         BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE TABLE IF NOT EXISTS es_snapshots (
+    stream_id      TEXT    PRIMARY KEY,
+    version        BIGINT  NOT NULL,
+    schema_version INTEGER NOT NULL,
+    state          JSONB   NOT NULL
+);
+"#;
+
+const SELECT_EVENT: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, data::text AS data, metadata::text AS metadata, recorded_at FROM es_events";
+
+/// An event store in PostgreSQL. Cheap to clone; clones share the pool and the writer.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    writer: mpsc::Sender<AppendRequest>,
+    head: Arc<watch::Sender<u64>>,
+}
+
+impl PostgresStore {
+    /// Connects to a `postgres://` URL and creates the schema if needed. Must be called inside
+    /// a tokio runtime (it starts the writer and the notification listener).
+    ///
+    /// # Errors
+    /// A backend error when the server cannot be reached or the schema not created.
+    pub async fn open(url: &str) -> Result<Self, EventStoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(CONNECTIONS_MAX)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        Self::with_pool(pool).await
+    }
+
+    /// Uses an existing pool (read models may share it) and creates the schema if needed.
+    ///
+    /// # Errors
+    /// A backend error when the schema cannot be created.
+    pub async fn with_pool(pool: PgPool) -> Result<Self, EventStoreError> {
+        {
+            let mut connection = pool.acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(SCHEMA_LOCK_KEY)
+                .execute(&mut *connection)
+                .await?;
+            let created = sqlx::raw_sql(SCHEMA).execute(&mut *connection).await;
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(SCHEMA_LOCK_KEY)
+                .execute(&mut *connection)
+                .await?;
+            created?;
+        }
+        let head_now: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+            .fetch_one(&pool)
+            .await?;
+        let head = Arc::new(watch::Sender::new(to_u64(head_now)));
+        spawn_listener(pool.clone(), Arc::downgrade(&head));
+        let writer = {
+            let pool = pool.clone();
+            let head = Arc::downgrade(&head);
+            spawn_writer(
+                move || {
+                    let pool = pool.clone();
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                            .bind(APPEND_LOCK_KEY)
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(PgBatch { tx })
+                    }
+                },
+                move |position| {
+                    if let Some(head) = head.upgrade() {
+                        raise(&head, position);
+                    }
+                },
+            )
+        };
+        Ok(Self { pool, writer, head })
+    }
+
+    /// The connection pool, for read models kept in the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Listens for other processes' appends; ends when the store is dropped.
+fn spawn_listener(pool: PgPool, head: Weak<watch::Sender<u64>>) {
+    tokio::spawn(async move {
+        let Ok(mut listener) = PgListener::connect_with(&pool).await else {
+            tracing::warn!(
+                "event store: cannot listen for appends; subscriptions fall back to polling"
+            );
+            return;
+        };
+        if listener.listen(HEAD_CHANNEL).await.is_err() {
+            return;
+        }
+        loop {
+            match tokio::time::timeout(LISTENER_IDLE_CHECK, listener.try_recv()).await {
+                Ok(Ok(Some(notification))) => {
+                    let Some(head) = head.upgrade() else { return };
+                    if let Ok(position) = notification.payload().parse::<u64>() {
+                        raise(&head, position);
+                    }
+                }
+                // Connection lost: PgListener reconnects on the next call.
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "event store notification listener failed");
+                    tokio::time::sleep(LISTENER_IDLE_CHECK).await;
+                }
+                Err(_) => {}
+            }
+            if head.strong_count() == 0 {
+                return;
+            }
+        }
+    });
+}
+
+struct PgBatch {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl BatchTx for PgBatch {
+    async fn head(&mut self) -> Result<u64, sqlx::Error> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(to_u64(head))
+    }
+
+    async fn stored_ids(&mut self, ids: &[Uuid]) -> Result<Vec<StoredId>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT event_id, stream_id, version, position FROM es_events WHERE event_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(StoredId {
+                    id: row.try_get(0)?,
+                    stream: row.try_get(1)?,
+                    version: to_u64(row.try_get(2)?),
+                    position: to_u64(row.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn stream_version(&mut self, stream: &StreamId) -> Result<u64, sqlx::Error> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM es_streams WHERE stream_id = $1")
+                .bind(stream.as_str())
+                .fetch_optional(&mut *self.tx)
+                .await?;
+        Ok(version.map_or(0, to_u64))
+    }
+
+    async fn insert(&mut self, rows: &[Row]) -> Result<(), sqlx::Error> {
+        let mut positions = Vec::with_capacity(rows.len());
+        let mut streams = Vec::with_capacity(rows.len());
+        let mut versions = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut types = Vec::with_capacity(rows.len());
+        let mut schema_versions = Vec::with_capacity(rows.len());
+        let mut data = Vec::with_capacity(rows.len());
+        let mut metadata = Vec::with_capacity(rows.len());
+        let mut recorded = Vec::with_capacity(rows.len());
+        for row in rows {
+            positions.push(row.position);
+            streams.push(row.stream.clone());
+            versions.push(row.version);
+            ids.push(row.event.id);
+            types.push(row.event.event_type.clone());
+            schema_versions.push(i32::try_from(row.event.schema_version).unwrap_or(i32::MAX));
+            data.push(json_text(&row.event.data)?);
+            metadata.push(json_text(&row.event.metadata)?);
+            recorded.push(row.recorded_at);
+        }
+        sqlx::query(
+            "INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
+             SELECT p, s, v, i, t, sv, d::jsonb, m::jsonb, r
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::timestamptz[])
+                  AS x(p, s, v, i, t, sv, d, m, r)",
+        )
+        .bind(positions)
+        .bind(streams)
+        .bind(versions)
+        .bind(ids)
+        .bind(types)
+        .bind(schema_versions)
+        .bind(data)
+        .bind(metadata)
+        .bind(recorded)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_versions(&mut self, versions: &[(String, i64)]) -> Result<(), sqlx::Error> {
+        let (streams, numbers): (Vec<String>, Vec<i64>) = versions.iter().cloned().unzip();
+        sqlx::query(
+            "INSERT INTO es_streams (stream_id, version)
+             SELECT s, v FROM UNNEST($1::text[], $2::bigint[]) AS x(s, v)
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE",
+        )
+        .bind(streams)
+        .bind(numbers)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(mut self, head: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(HEAD_CHANNEL)
+            .bind(head.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+fn raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
+    let data: String = row.try_get("data")?;
+    let metadata: String = row.try_get("metadata")?;
+    Ok(RawEvent {
+        position: row.try_get("position")?,
+        stream: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: serde_json::from_str(&data).map_err(|e| e.to_string()),
+        metadata: serde_json::from_str::<Metadata>(&metadata).map_err(|e| e.to_string()),
+        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
+    })
+}
+
+fn events(rows: &[PgRow]) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    rows.iter()
+        .map(|row| raw_event(row)?.into_event())
+        .collect()
+}
+
+impl EventStore for PostgresStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, EventStoreError> {
+        validate_append(&events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        self.writer
+            .send(request)
+            .await
+            .map_err(|_| EventStoreError::Closed)?;
+        answer.await.map_err(|_| EventStoreError::Closed)?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+        validate_limit(limit)?;
+        let Some(info) = self.stream_info(stream).await? else {
+            return Ok(Vec::new());
+        };
+        let first = info.metadata.first_visible(info.version);
+        let rows = match direction {
+            Direction::Forwards => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3"
+                )))
+                .bind(stream.as_str())
+                .bind(to_i64(from.max(first)))
+                .bind(to_i64(limit as u64))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Direction::Backwards => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE stream_id = $1 AND version <= $2 AND version >= $3 ORDER BY version DESC LIMIT $4"
+                )))
+                .bind(stream.as_str())
+                .bind(to_i64(from))
+                .bind(to_i64(first))
+                .bind(to_i64(limit as u64))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        events(&rows)
+    }
+
+    async fn read_all(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+        validate_limit(limit)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EVENT} WHERE position >= $1 ORDER BY position LIMIT $2"
+        )))
+        .bind(to_i64(from))
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.pool)
+        .await?;
+        events(&rows)
+    }
+
+    async fn stream_info(&self, stream: &StreamId) -> Result<Option<StreamInfo>, EventStoreError> {
+        let row = sqlx::query("SELECT version, max_count, truncate_before, deleted FROM es_streams WHERE stream_id = $1")
+            .bind(stream.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let max_count: Option<i64> = row.try_get("max_count")?;
+        let truncate_before: Option<i64> = row.try_get("truncate_before")?;
+        Ok(Some(StreamInfo {
+            version: to_u64(row.try_get("version")?),
+            metadata: StreamMetadata {
+                max_count: max_count.map(to_u64),
+                truncate_before: truncate_before.map(to_u64),
+                deleted: row.try_get("deleted")?,
+            },
+        }))
+    }
+
+    async fn set_stream_metadata(
+        &self,
+        stream: &StreamId,
+        metadata: StreamMetadata,
+    ) -> Result<(), EventStoreError> {
+        sqlx::query(
+            "INSERT INTO es_streams (stream_id, version, max_count, truncate_before, deleted) VALUES ($1, 0, $2, $3, $4)
+             ON CONFLICT (stream_id) DO UPDATE SET max_count = excluded.max_count,
+                 truncate_before = excluded.truncate_before, deleted = excluded.deleted",
+        )
+        .bind(stream.as_str())
+        .bind(metadata.max_count.map(to_i64))
+        .bind(metadata.truncate_before.map(to_i64))
+        .bind(metadata.deleted)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn head(&self) -> Result<u64, EventStoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(head))
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, EventStoreError> {
+        let row = sqlx::query(
+            "SELECT version, schema_version, state FROM es_snapshots WHERE stream_id = $1",
+        )
+        .bind(stream.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: Json<serde_json::Value> = row.try_get("state")?;
+        Ok(Some(Snapshot {
+            version: to_u64(row.try_get("version")?),
+            schema_version: u32::try_from(row.try_get::<i32, _>("schema_version")?).unwrap_or(0),
+            state: state.0,
+        }))
+    }
+
+    async fn save_snapshot(
+        &self,
+        stream: &StreamId,
+        snapshot: Snapshot,
+    ) -> Result<(), EventStoreError> {
+        sqlx::query(
+            "INSERT INTO es_snapshots (stream_id, version, schema_version, state) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
+                 schema_version = excluded.schema_version, state = excluded.state
+             WHERE excluded.version >= es_snapshots.version",
+        )
+        .bind(stream.as_str())
+        .bind(to_i64(snapshot.version))
+        .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
+        .bind(Json(&snapshot.state))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
