@@ -8,6 +8,7 @@ mod aggregate;
 mod any;
 mod error;
 mod memory;
+mod projection;
 mod repository;
 mod sql;
 mod store;
@@ -22,6 +23,10 @@ pub use aggregate::{Aggregate, DomainEvent, decode, encode};
 pub use any::AnyStore;
 pub use error::EventStoreError;
 pub use memory::MemoryStore;
+pub use projection::{
+    PROJECTION_BATCH, Projection, ProjectionError, ProjectionRunner, ReadModelDatabase,
+    RebuildProgress,
+};
 pub use repository::{CONFLICT_RETRIES_DEFAULT, Executed, Loaded, Repository, RepositoryError};
 pub use sql::postgres::PostgresStore;
 pub use sql::sqlite::SqliteStore;

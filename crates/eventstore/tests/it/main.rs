@@ -1,4 +1,7 @@
 //! trellis-eventstore: the conformance suite on every backend, then aggregates, snapshots,
 //! upcasting and projections.
 
+mod account;
+mod aggregates;
 mod conformance;
+mod projections;

@@ -1,0 +1,394 @@
+//! CQRS projections: read models in SQL, fed by the global log, exactly once.
+//!
+//! A [`ProjectionRunner`] reads [`read_all`](crate::EventStore::read_all) from the projection's
+//! checkpoint, applies a batch of events to the read model inside one database transaction,
+//! and writes the new checkpoint in that same transaction. A crash before the commit loses the
+//! batch's writes *and* its checkpoint, so the batch is applied again; a crash after it keeps
+//! both. No event is applied twice and none is skipped.
+//!
+//! # Rebuilds without downtime
+//! Read models are versioned by *generation*: the projection keeps one set of tables per
+//! generation (for example `order_summaries_g1`), and [`Projection::activate`] points readers
+//! at one (for example by recreating a view). [`ProjectionRunner::rebuild`] sets up generation
+//! `n + 1`, replays the whole log into it while generation `n` keeps serving (and keeps being
+//! updated by the live runner), then, once the new generation has caught up with the head,
+//! activates it in one transaction and drops the old one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Pool, Postgres, Sqlite, Transaction};
+
+use crate::error::EventStoreError;
+use crate::store::EventStore;
+use crate::types::RecordedEvent;
+
+/// Events applied per transaction.
+pub const PROJECTION_BATCH: usize = 500;
+/// The longest a caught-up runner waits before checking for new events without a wake-up.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// Why a projection stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// Reading the log failed.
+    #[error(transparent)]
+    Store(#[from] EventStoreError),
+    /// The read model's database failed.
+    #[error("read model database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The projection's handler refused an event; the batch was rolled back and the
+    /// checkpoint did not move.
+    #[error("projection `{projection}` failed on {event_type} at position {position}: {reason}")]
+    Handler {
+        /// The projection.
+        projection: String,
+        /// The event's global position.
+        position: u64,
+        /// The event's type.
+        event_type: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The SQL databases a read model can live in; implemented for SQLite and PostgreSQL.
+pub trait ReadModelDatabase: sqlx::Database {
+    /// Creates the checkpoint tables if needed.
+    fn create_checkpoint_tables(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    /// The active generation of `projection` (0 when none is active yet).
+    fn active_generation(
+        pool: &Pool<Self>,
+        projection: &str,
+    ) -> impl Future<Output = Result<u32, sqlx::Error>> + Send;
+    /// The position after which `generation` has applied nothing yet (0: nothing applied).
+    fn checkpoint(
+        pool: &Pool<Self>,
+        projection: &str,
+        generation: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+    /// Records `position` as applied for `generation`, inside the batch's transaction.
+    fn save_checkpoint(
+        tx: &mut Transaction<'static, Self>,
+        projection: &str,
+        generation: u32,
+        position: u64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    /// Makes `generation` the active one, inside a transaction.
+    fn set_active(
+        tx: &mut Transaction<'static, Self>,
+        projection: &str,
+        generation: u32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+macro_rules! read_model_database {
+    ($db:ty, $int:literal) => {
+        impl ReadModelDatabase for $db {
+            async fn create_checkpoint_tables(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+                sqlx::raw_sql(concat!(
+                    "CREATE TABLE IF NOT EXISTS projection_checkpoints (name TEXT NOT NULL, generation INTEGER NOT NULL, position ",
+                    $int,
+                    " NOT NULL, PRIMARY KEY (name, generation));",
+                    "CREATE TABLE IF NOT EXISTS projection_active (name TEXT PRIMARY KEY, generation INTEGER NOT NULL);"
+                ))
+                .execute(pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn active_generation(pool: &Pool<Self>, projection: &str) -> Result<u32, sqlx::Error> {
+                let generation: Option<i32> = sqlx::query_scalar("SELECT generation FROM projection_active WHERE name = $1")
+                    .bind(projection)
+                    .fetch_optional(pool)
+                    .await?;
+                Ok(generation.map_or(0, |g| u32::try_from(g).unwrap_or(0)))
+            }
+
+            async fn checkpoint(pool: &Pool<Self>, projection: &str, generation: u32) -> Result<u64, sqlx::Error> {
+                let position: Option<i64> =
+                    sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1 AND generation = $2")
+                        .bind(projection)
+                        .bind(i32::try_from(generation).unwrap_or(i32::MAX))
+                        .fetch_optional(pool)
+                        .await?;
+                Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+            }
+
+            async fn save_checkpoint(
+                tx: &mut Transaction<'static, Self>,
+                projection: &str,
+                generation: u32,
+                position: u64,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO projection_checkpoints (name, generation, position) VALUES ($1, $2, $3)
+                     ON CONFLICT (name, generation) DO UPDATE SET position = excluded.position",
+                )
+                .bind(projection)
+                .bind(i32::try_from(generation).unwrap_or(i32::MAX))
+                .bind(i64::try_from(position).unwrap_or(i64::MAX))
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            async fn set_active(tx: &mut Transaction<'static, Self>, projection: &str, generation: u32) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO projection_active (name, generation) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET generation = excluded.generation",
+                )
+                .bind(projection)
+                .bind(i32::try_from(generation).unwrap_or(i32::MAX))
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+read_model_database!(Sqlite, "INTEGER");
+read_model_database!(Postgres, "BIGINT");
+
+/// A read model fed by events.
+///
+/// Every method runs inside a transaction the runner commits together with the checkpoint.
+pub trait Projection<DB: ReadModelDatabase>: Send + Sync + 'static {
+    /// A stable, unique name: the checkpoint's key.
+    fn name(&self) -> &str;
+
+    /// Creates generation `generation`'s tables (idempotently).
+    fn setup(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        generation: u32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Applies one event to generation `generation`. Events the projection does not care
+    /// about are simply ignored (return `Ok`).
+    ///
+    /// # Errors
+    /// A message; the batch is rolled back and the runner stops.
+    fn apply(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        generation: u32,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Points readers at generation `generation` (for example by recreating a view).
+    fn activate(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        generation: u32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Drops generation `generation`'s tables, after a rebuild replaced it.
+    fn teardown(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        generation: u32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// Progress of a rebuild, reported after every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// The generation being built.
+    pub generation: u32,
+    /// The last position applied to it.
+    pub position: u64,
+    /// The log's head when the batch was read.
+    pub head: u64,
+}
+
+/// Feeds a [`Projection`] from an event store, exactly once per event.
+#[derive(Debug)]
+pub struct ProjectionRunner<P, S, DB: sqlx::Database> {
+    projection: Arc<P>,
+    store: S,
+    pool: Pool<DB>,
+}
+
+impl<P, S: Clone, DB: sqlx::Database> Clone for ProjectionRunner<P, S, DB> {
+    fn clone(&self) -> Self {
+        Self {
+            projection: self.projection.clone(),
+            store: self.store.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<P, S, DB> ProjectionRunner<P, S, DB>
+where
+    P: Projection<DB>,
+    S: EventStore,
+    DB: ReadModelDatabase,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    /// Prepares the checkpoint tables and, on first use, generation 1 of the read model.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn new(projection: P, store: S, pool: Pool<DB>) -> Result<Self, ProjectionError> {
+        DB::create_checkpoint_tables(&pool).await?;
+        let runner = Self {
+            projection: Arc::new(projection),
+            store,
+            pool,
+        };
+        if DB::active_generation(&runner.pool, runner.projection.name()).await? == 0 {
+            let mut tx = runner.pool.begin().await?;
+            runner.projection.setup(&mut tx, 1).await?;
+            runner.projection.activate(&mut tx, 1).await?;
+            DB::set_active(&mut tx, runner.projection.name(), 1).await?;
+            tx.commit().await?;
+        }
+        Ok(runner)
+    }
+
+    /// The generation readers see.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn active_generation(&self) -> Result<u32, ProjectionError> {
+        Ok(DB::active_generation(&self.pool, self.projection.name()).await?)
+    }
+
+    /// The last position the active generation has applied.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        let generation = self.active_generation().await?;
+        Ok(DB::checkpoint(&self.pool, self.projection.name(), generation).await?)
+    }
+
+    /// How far the active generation is behind the log (head − checkpoint), also exported as
+    /// the `trellis_projection_lag` gauge.
+    ///
+    /// # Errors
+    /// A store or database error.
+    pub async fn lag(&self) -> Result<u64, ProjectionError> {
+        let head = self.store.head().await?;
+        let lag = head.saturating_sub(self.checkpoint().await?);
+        metrics::gauge!("trellis_projection_lag", "projection" => self.projection.name().to_owned()).set(lag as f64);
+        Ok(lag)
+    }
+
+    /// Applies one batch to `generation` (events after its checkpoint), committing the
+    /// checkpoint with it. Returns the new checkpoint and the number of events applied.
+    async fn step(&self, generation: u32) -> Result<(u64, usize), ProjectionError> {
+        let name = self.projection.name();
+        let checkpoint = DB::checkpoint(&self.pool, name, generation).await?;
+        let events = self
+            .store
+            .read_all(checkpoint + 1, PROJECTION_BATCH)
+            .await?;
+        let Some(last) = events.last().map(|e| e.position) else {
+            return Ok((checkpoint, 0));
+        };
+        let mut tx = self.pool.begin().await?;
+        for event in &events {
+            self.projection
+                .apply(&mut tx, generation, event)
+                .await
+                .map_err(|reason| ProjectionError::Handler {
+                    projection: name.to_owned(),
+                    position: event.position,
+                    event_type: event.event_type.clone(),
+                    reason,
+                })?;
+        }
+        DB::save_checkpoint(&mut tx, name, generation, last).await?;
+        tx.commit().await?;
+        Ok((last, events.len()))
+    }
+
+    /// Applies every event up to the current head to the active generation; returns the
+    /// checkpoint reached.
+    ///
+    /// # Errors
+    /// A store, database or handler error; the failed batch is not applied.
+    pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
+        loop {
+            let generation = self.active_generation().await?;
+            let (checkpoint, applied) = self.step(generation).await?;
+            if applied == 0 {
+                let _ = self.lag().await;
+                return Ok(checkpoint);
+            }
+        }
+    }
+
+    /// Keeps the active generation up to date until `shutdown` completes.
+    ///
+    /// # Errors
+    /// The first store, database or handler error.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectionError> {
+        let mut head = self.store.watch_head();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            head.borrow_and_update();
+            self.catch_up().await?;
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                _ = tokio::time::timeout(IDLE_POLL, head.changed()) => {}
+            }
+        }
+    }
+
+    /// Rebuilds the read model from the start of the log into a new generation while the
+    /// current one keeps serving, then switches readers to it and drops the old one.
+    /// `progress` is called after every batch.
+    ///
+    /// # Errors
+    /// A store, database or handler error; the active generation is untouched.
+    pub async fn rebuild(
+        &self,
+        mut progress: impl FnMut(RebuildProgress),
+    ) -> Result<u32, ProjectionError> {
+        let name = self.projection.name();
+        let old = self.active_generation().await?;
+        let new = old + 1;
+        {
+            let mut tx = self.pool.begin().await?;
+            self.projection.teardown(&mut tx, new).await?;
+            self.projection.setup(&mut tx, new).await?;
+            DB::save_checkpoint(&mut tx, name, new, 0).await?;
+            tx.commit().await?;
+        }
+        loop {
+            let head = self.store.head().await?;
+            let (position, applied) = self.step(new).await?;
+            progress(RebuildProgress {
+                generation: new,
+                position,
+                head,
+            });
+            if applied == 0 {
+                break;
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        self.projection.activate(&mut tx, new).await?;
+        DB::set_active(&mut tx, name, new).await?;
+        tx.commit().await?;
+        // Catch up anything that arrived between the last batch and the switch.
+        self.catch_up().await?;
+        let mut tx = self.pool.begin().await?;
+        self.projection.teardown(&mut tx, old).await?;
+        tx.commit().await?;
+        tracing::info!(
+            projection = name,
+            generation = new,
+            "projection rebuilt and activated"
+        );
+        Ok(new)
+    }
+}
