@@ -30,7 +30,7 @@ use crate::aggregate::Aggregate;
 /// }
 ///
 /// AggregateTest::<Counter>::given([CounterEvent::Incremented]).when(()).then_expect_events([CounterEvent::Incremented]);
-/// AggregateTest::<Counter>::given([CounterEvent::Incremented; 2]).when(()).then_expect_error();
+/// AggregateTest::<Counter>::given([CounterEvent::Incremented, CounterEvent::Incremented]).when(()).then_expect_error();
 /// ```
 #[derive(Debug)]
 pub struct AggregateTest<A> {
