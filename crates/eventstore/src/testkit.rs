@@ -220,8 +220,14 @@ pub async fn reads_honour_direction_and_limits<S: EventStore>(store: S) {
         store.append(&s, ExpectedVersion::Any, Vec::new()).await,
         Err(EventStoreError::InvalidInput(_))
     ));
-    let oversize = NewEvent::new("Huge", json!({ "blob": "x".repeat(crate::EVENT_BYTES_MAX) }));
-    assert!(matches!(store.append(&s, ExpectedVersion::Any, vec![oversize]).await, Err(EventStoreError::InvalidInput(_))));
+    let oversize = NewEvent::new(
+        "Huge",
+        json!({ "blob": "x".repeat(crate::EVENT_BYTES_MAX) }),
+    );
+    assert!(matches!(
+        store.append(&s, ExpectedVersion::Any, vec![oversize]).await,
+        Err(EventStoreError::InvalidInput(_))
+    ));
     let duplicate = event(1);
     assert!(matches!(
         store

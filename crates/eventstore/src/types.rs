@@ -293,6 +293,14 @@ pub(crate) fn validate_append(events: &[NewEvent]) -> Result<(), EventStoreError
                 event.id
             )));
         }
+        let size = serde_json::to_vec(&event.data).map_or(usize::MAX, |bytes| bytes.len())
+            + event.metadata.traceparent.as_ref().map_or(0, String::len);
+        if size > EVENT_BYTES_MAX {
+            return Err(EventStoreError::invalid(format!(
+                "event {} is {size} bytes; the limit is {EVENT_BYTES_MAX}",
+                event.id
+            )));
+        }
     }
     Ok(())
 }
