@@ -24,8 +24,8 @@ use serde_json::json;
 use sqlx::Connection as _;
 use tokio::runtime::Runtime;
 use trellis_eventstore::{
-    Aggregate, DomainEvent, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore, Repository, SqliteStore,
-    StreamId,
+    Aggregate, DomainEvent, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore,
+    Repository, SqliteStore, StreamId,
 };
 use uuid::Uuid;
 
@@ -33,7 +33,11 @@ const BATCHES: [usize; 2] = [1, 100];
 const WRITERS: [usize; 2] = [1, 4];
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// A ~1 KB event like the shop writes.
@@ -42,7 +46,9 @@ fn payload() -> serde_json::Value {
 }
 
 fn new_events(batch: usize) -> Vec<NewEvent> {
-    (0..batch).map(|_| NewEvent::new("OrderPlaced", payload())).collect()
+    (0..batch)
+        .map(|_| NewEvent::new("OrderPlaced", payload()))
+        .collect()
 }
 
 enum Backend {
@@ -75,21 +81,36 @@ async fn backends() -> Vec<Backend> {
 }
 
 /// Runs `total` appends of `batch` events split across `writers` tasks; returns the wall time.
-async fn run_appends<S: EventStore>(store: &S, total: u64, batch: usize, writers: usize) -> Duration {
+async fn run_appends<S: EventStore>(
+    store: &S,
+    total: u64,
+    batch: usize,
+    writers: usize,
+) -> Duration {
     let per_writer = total.div_ceil(writers as u64);
-    let prepared: Vec<Vec<Vec<NewEvent>>> =
-        (0..writers).map(|_| (0..per_writer).map(|_| new_events(batch)).collect()).collect();
+    let prepared: Vec<Vec<Vec<NewEvent>>> = (0..writers)
+        .map(|_| (0..per_writer).map(|_| new_events(batch)).collect())
+        .collect();
     let started = Instant::now();
     let tasks: Vec<_> = prepared
         .into_iter()
         .map(|appends| {
             let store = store.clone();
             tokio::spawn(async move {
-                let stream = StreamId::new(format!("bench-{}", Uuid::now_v7().simple())).expect("valid");
+                let stream =
+                    StreamId::new(format!("bench-{}", Uuid::now_v7().simple())).expect("valid");
                 let mut version = 0;
                 for events in appends {
-                    let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
-                    version = store.append(&stream, expected, events).await.expect("append").next_version;
+                    let expected = if version == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(version)
+                    };
+                    version = store
+                        .append(&stream, expected, events)
+                        .await
+                        .expect("append")
+                        .next_version;
                 }
             })
         })
@@ -193,7 +214,9 @@ async fn create_raw_table(backend: &Backend) {
         }
         Backend::Sqlite(_) => {
             let options: sqlx::sqlite::SqliteConnectOptions = backend.url().parse().expect("url");
-            let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true)).await.expect("connect");
+            let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+                .await
+                .expect("connect");
             sqlx::raw_sql(sql).execute(&mut conn).await.expect("create");
         }
     }
@@ -210,25 +233,40 @@ fn appends(c: &mut Criterion) {
             Backend::Sqlite(_) => {
                 let store = rt.block_on(SqliteStore::open(&url)).expect("open");
                 let rt = &rt;
-                Box::new(move |total, batch, writers| rt.block_on(run_appends(&store, total, batch, writers)))
+                Box::new(move |total, batch, writers| {
+                    rt.block_on(run_appends(&store, total, batch, writers))
+                })
             }
             Backend::Postgres(_) => {
                 let store = rt.block_on(PostgresStore::open(&url)).expect("open");
                 let rt = &rt;
-                Box::new(move |total, batch, writers| rt.block_on(run_appends(&store, total, batch, writers)))
+                Box::new(move |total, batch, writers| {
+                    rt.block_on(run_appends(&store, total, batch, writers))
+                })
             }
         };
         let mut group = c.benchmark_group(format!("append/{name}"));
-        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4));
         for batch in BATCHES {
             for writers in WRITERS {
                 group.throughput(Throughput::Elements(batch as u64));
-                group.bench_function(BenchmarkId::new(format!("b{batch}"), format!("w{writers}")), |b| {
-                    b.iter_custom(|iters| store(iters, batch, writers));
-                });
-                group.bench_function(BenchmarkId::new(format!("raw_b{batch}"), format!("w{writers}")), |b| {
-                    b.iter_custom(|iters| rt.block_on(run_raw_inserts(backend, iters, batch, writers)));
-                });
+                group.bench_function(
+                    BenchmarkId::new(format!("b{batch}"), format!("w{writers}")),
+                    |b| {
+                        b.iter_custom(|iters| store(iters, batch, writers));
+                    },
+                );
+                group.bench_function(
+                    BenchmarkId::new(format!("raw_b{batch}"), format!("w{writers}")),
+                    |b| {
+                        b.iter_custom(|iters| {
+                            rt.block_on(run_raw_inserts(backend, iters, batch, writers))
+                        });
+                    },
+                );
             }
         }
         group.finish();
@@ -272,7 +310,10 @@ fn loads(c: &mut Criterion) {
     let url = format!("sqlite://{}", dir.path().join("load.db").display());
     let store = rt.block_on(SqliteStore::open(&url)).expect("open");
     let mut group = c.benchmark_group("load");
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     for events in [1_000u64, 10_000, 100_000] {
         let id = format!("n{events}");
         let stream = StreamId::new(format!("counter-{id}")).expect("valid");
@@ -280,13 +321,21 @@ fn loads(c: &mut Criterion) {
             let mut version = 0;
             while version < events {
                 let n = (events - version).min(5_000) as usize;
-                let batch: Vec<_> = (0..n).map(|_| NewEvent::new("Added", json!({"amount": 1}))).collect();
-                version = store.append(&stream, ExpectedVersion::Any, batch).await.expect("append").next_version;
+                let batch: Vec<_> = (0..n)
+                    .map(|_| NewEvent::new("Added", json!({"amount": 1})))
+                    .collect();
+                version = store
+                    .append(&stream, ExpectedVersion::Any, batch)
+                    .await
+                    .expect("append")
+                    .next_version;
             }
         });
         let replay = Repository::<Counter, _>::new(store.clone());
         let snapshotted = Repository::<Counter, _>::new(store.clone()).with_snapshots(events);
-        let first = rt.block_on(snapshotted.load(&id)).expect("load saves a snapshot");
+        let first = rt
+            .block_on(snapshotted.load(&id))
+            .expect("load saves a snapshot");
         assert_eq!(first.state.total, events as i64);
         if events == 10_000 {
             group.bench_function(BenchmarkId::new("replay", events), |b| {
@@ -308,7 +357,10 @@ fn read_all(c: &mut Criterion) {
     let rt = runtime();
     let backends = rt.block_on(backends());
     let mut group = c.benchmark_group("read_all");
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     for backend in &backends {
         let url = backend.url();
         let catch_up = |store: &dyn Fn(u64) -> usize| {
@@ -352,7 +404,10 @@ async fn seed<S: EventStore>(store: &S) {
     }
     let stream = StreamId::new(format!("seed-{}", Uuid::now_v7().simple())).expect("valid");
     for _ in 0..(10_000 - head).div_ceil(1_000) {
-        store.append(&stream, ExpectedVersion::Any, new_events(1_000)).await.expect("seed");
+        store
+            .append(&stream, ExpectedVersion::Any, new_events(1_000))
+            .await
+            .expect("seed");
     }
 }
 

@@ -222,13 +222,16 @@ impl BatchTx for PgBatch {
             .collect()
     }
 
-    async fn stream_version(&mut self, stream: &StreamId) -> Result<u64, sqlx::Error> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM es_streams WHERE stream_id = $1")
-                .bind(stream.as_str())
-                .fetch_optional(&mut *self.tx)
+    async fn stream_versions(
+        &mut self,
+        streams: &[String],
+    ) -> Result<Vec<(String, u64)>, sqlx::Error> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT stream_id, version FROM es_streams WHERE stream_id = ANY($1)")
+                .bind(streams)
+                .fetch_all(&mut *self.tx)
                 .await?;
-        Ok(version.map_or(0, to_u64))
+        Ok(rows.into_iter().map(|(s, v)| (s, to_u64(v))).collect())
     }
 
     async fn insert(&mut self, rows: &[Row]) -> Result<(), sqlx::Error> {

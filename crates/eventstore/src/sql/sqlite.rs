@@ -155,13 +155,17 @@ impl BatchTx for SqliteBatch {
             .collect()
     }
 
-    async fn stream_version(&mut self, stream: &StreamId) -> Result<u64, sqlx::Error> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM es_streams WHERE stream_id = ?")
-                .bind(stream.as_str())
-                .fetch_optional(&mut *self.tx)
+    async fn stream_versions(
+        &mut self,
+        streams: &[String],
+    ) -> Result<Vec<(String, u64)>, sqlx::Error> {
+        let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT stream_id, version FROM es_streams WHERE stream_id IN (SELECT value FROM json_each(?))")
+                .bind(list)
+                .fetch_all(&mut *self.tx)
                 .await?;
-        Ok(version.map_or(0, to_u64))
+        Ok(rows.into_iter().map(|(s, v)| (s, to_u64(v))).collect())
     }
 
     async fn insert(&mut self, rows: &[Row]) -> Result<(), sqlx::Error> {

@@ -59,10 +59,11 @@ pub(crate) trait BatchTx: Send {
         ids: &[Uuid],
     ) -> impl Future<Output = Result<Vec<StoredId>, sqlx::Error>> + Send;
     /// The stream's version (0 if unknown).
-    fn stream_version(
+    /// The versions of the given streams (streams not listed have version 0).
+    fn stream_versions(
         &mut self,
-        stream: &StreamId,
-    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+        streams: &[String],
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, sqlx::Error>> + Send;
     /// Inserts the rows.
     fn insert(&mut self, rows: &[Row]) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
     /// Records each stream's new version and undeletes it.
@@ -98,7 +99,7 @@ where
                 }
             }
             let outcomes = match begin().await {
-                Ok(tx) => write_batch(tx, &batch).await,
+                Ok(tx) => write_batch(tx, &mut batch).await,
                 Err(error) => Err(error),
             };
             match outcomes {
@@ -125,40 +126,46 @@ where
     sender
 }
 
-/// Checks and writes every append of the batch in one transaction. Returns each append's
-/// result and the new head (None when nothing was written).
+/// Checks and writes every append of the batch in one transaction: one query finds which of
+/// the batch's event ids are stored, one reads the versions of its streams, one inserts every
+/// row. Returns each append's result and the new head (None when nothing was written).
 async fn write_batch<T: BatchTx>(
     mut tx: T,
-    batch: &[AppendRequest],
+    batch: &mut [AppendRequest],
 ) -> Result<(Vec<Result<AppendResult, EventStoreError>>, Option<u64>), sqlx::Error> {
     let mut head = tx.head().await?;
-    let mut versions: HashMap<StreamId, u64> = HashMap::new();
-    // Ids written earlier in this batch: (stream, version, position).
-    let mut written: HashMap<Uuid, (StreamId, u64, u64)> = HashMap::new();
+    let all_ids: Vec<Uuid> = batch
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.id))
+        .collect();
+    // Where each already-stored id is: (stream, version, position). Ids written earlier in
+    // this batch are added as they are assigned.
+    let mut stored: HashMap<Uuid, (String, u64, u64)> = tx
+        .stored_ids(&all_ids)
+        .await?
+        .into_iter()
+        .map(|s| (s.id, (s.stream, s.version, s.position)))
+        .collect();
+    let mut streams: Vec<String> = batch.iter().map(|r| r.stream.as_str().to_owned()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let mut versions: HashMap<String, u64> =
+        tx.stream_versions(&streams).await?.into_iter().collect();
+    let mut touched: HashMap<String, u64> = HashMap::new();
     let mut rows = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
     let recorded_at = Utc::now();
-    for request in batch {
+    for request in batch.iter_mut() {
         let ids: Vec<Uuid> = request.events.iter().map(|e| e.id).collect();
-        let mut stored: Vec<(Uuid, String, u64, u64)> = tx
-            .stored_ids(&ids)
-            .await?
-            .into_iter()
-            .map(|s| (s.id, s.stream, s.version, s.position))
+        let known: Vec<(Uuid, String, u64, u64)> = ids
+            .iter()
+            .filter_map(|id| stored.get(id).map(|(s, v, p)| (*id, s.clone(), *v, *p)))
             .collect();
-        stored.extend(ids.iter().filter_map(|id| {
-            written
-                .get(id)
-                .map(|(s, v, p)| (*id, s.as_str().to_owned(), *v, *p))
-        }));
-        if !stored.is_empty() {
-            results.push(replayed(&request.stream, &ids, stored));
+        if !known.is_empty() {
+            results.push(replayed(&request.stream, &ids, known));
             continue;
         }
-        let version = match versions.get(&request.stream) {
-            Some(version) => *version,
-            None => tx.stream_version(&request.stream).await?,
-        };
+        let version = versions.get(request.stream.as_str()).copied().unwrap_or(0);
         if !request.expected.matches(version) {
             results.push(Err(EventStoreError::WrongExpectedVersion {
                 stream: request.stream.clone(),
@@ -168,19 +175,20 @@ async fn write_batch<T: BatchTx>(
             continue;
         }
         let mut next = version;
-        for event in &request.events {
+        for event in std::mem::take(&mut request.events) {
             head += 1;
             next += 1;
-            written.insert(event.id, (request.stream.clone(), next, head));
+            stored.insert(event.id, (request.stream.as_str().to_owned(), next, head));
             rows.push(Row {
                 position: to_i64(head),
                 stream: request.stream.as_str().to_owned(),
                 version: to_i64(next),
-                event: event.clone(),
+                event,
                 recorded_at,
             });
         }
-        versions.insert(request.stream.clone(), next);
+        versions.insert(request.stream.as_str().to_owned(), next);
+        touched.insert(request.stream.as_str().to_owned(), next);
         results.push(Ok(AppendResult {
             next_version: next,
             global_position: head,
@@ -191,10 +199,7 @@ async fn write_batch<T: BatchTx>(
         return Ok((results, None));
     }
     tx.insert(&rows).await?;
-    let touched: Vec<(String, i64)> = versions
-        .into_iter()
-        .map(|(s, v)| (String::from(s), to_i64(v)))
-        .collect();
+    let touched: Vec<(String, i64)> = touched.into_iter().map(|(s, v)| (s, to_i64(v))).collect();
     tx.set_versions(&touched).await?;
     tx.commit(head).await?;
     Ok((results, Some(head)))
