@@ -27,7 +27,9 @@ use sqlx::{Postgres, Row as _, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::writer::{AppendRequest, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64};
+use super::writer::{
+    AppendRequest, BatchState, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64,
+};
 use super::{RawEvent, raise};
 use crate::error::EventStoreError;
 use crate::store::EventStore;
@@ -196,48 +198,55 @@ struct PgBatch {
 }
 
 impl BatchTx for PgBatch {
-    async fn head(&mut self) -> Result<u64, sqlx::Error> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
-            .fetch_one(&mut *self.tx)
-            .await?;
-        Ok(to_u64(head))
-    }
-
-    async fn stored_ids(&mut self, ids: &[Uuid]) -> Result<Vec<StoredId>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT event_id, stream_id, version, position FROM es_events WHERE event_id = ANY($1)",
+    /// One round trip: head, stored ids and stream versions together.
+    async fn read_state(
+        &mut self,
+        ids: &[Uuid],
+        streams: &[String],
+    ) -> Result<BatchState, sqlx::Error> {
+        // Joins against the unnested arrays keep the plans index lookups; a generic plan for
+        // `= ANY($1)` can turn into a scan of the whole log as it grows.
+        let (head, stored, versions): (i64, String, String) = sqlx::query_as(
+            "SELECT
+                 (SELECT COALESCE(MAX(position), 0) FROM es_events),
+                 (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.stream_id, e.version, e.position)), '[]')
+                    FROM UNNEST($1::uuid[]) AS ids(id) JOIN es_events e ON e.event_id = ids.id)::text,
+                 (SELECT COALESCE(json_agg(json_build_array(s.stream_id, s.version)), '[]')
+                    FROM UNNEST($2::text[]) AS wanted(id) JOIN es_streams s ON s.stream_id = wanted.id)::text",
         )
         .bind(ids)
-        .fetch_all(&mut *self.tx)
+        .bind(streams)
+        .fetch_one(&mut *self.tx)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(StoredId {
-                    id: row.try_get(0)?,
-                    stream: row.try_get(1)?,
-                    version: to_u64(row.try_get(2)?),
-                    position: to_u64(row.try_get(3)?),
+        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+        let stored: Vec<(Uuid, String, i64, i64)> =
+            serde_json::from_str(&stored).map_err(decode)?;
+        let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
+        Ok(BatchState {
+            head: to_u64(head),
+            stored: stored
+                .into_iter()
+                .map(|(id, stream, version, position)| StoredId {
+                    id,
+                    stream,
+                    version: to_u64(version),
+                    position: to_u64(position),
                 })
-            })
-            .collect()
+                .collect(),
+            versions: versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
+        })
     }
 
-    async fn stream_versions(
-        &mut self,
-        streams: &[String],
-    ) -> Result<Vec<(String, u64)>, sqlx::Error> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT stream_id, version FROM es_streams WHERE stream_id = ANY($1)")
-                .bind(streams)
-                .fetch_all(&mut *self.tx)
-                .await?;
-        Ok(rows.into_iter().map(|(s, v)| (s, to_u64(v))).collect())
-    }
-
-    async fn insert(&mut self, rows: &[Row]) -> Result<(), sqlx::Error> {
+    /// One round trip for the rows, the stream versions and the notification, then the commit.
+    async fn write(
+        mut self,
+        rows: &[Row],
+        versions: &[(String, i64)],
+        head: u64,
+    ) -> Result<(), sqlx::Error> {
         let mut positions = Vec::with_capacity(rows.len());
         let mut streams = Vec::with_capacity(rows.len());
-        let mut versions = Vec::with_capacity(rows.len());
+        let mut row_versions = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         let mut types = Vec::with_capacity(rows.len());
         let mut schema_versions = Vec::with_capacity(rows.len());
@@ -246,55 +255,45 @@ impl BatchTx for PgBatch {
         let mut recorded = Vec::with_capacity(rows.len());
         for row in rows {
             positions.push(row.position);
-            streams.push(row.stream.clone());
-            versions.push(row.version);
+            streams.push(row.stream.as_str());
+            row_versions.push(row.version);
             ids.push(row.event.id);
-            types.push(row.event.event_type.clone());
+            types.push(row.event.event_type.as_str());
             schema_versions.push(i32::try_from(row.event.schema_version).unwrap_or(i32::MAX));
             data.push(json_text(&row.event.data)?);
             metadata.push(json_text(&row.event.metadata)?);
             recorded.push(row.recorded_at);
         }
+        let (touched, touched_versions): (Vec<&str>, Vec<i64>) =
+            versions.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
         sqlx::query(
-            "INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
-             SELECT p, s, v, i, t, sv, d::jsonb, m::jsonb, r
-             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::timestamptz[])
-                  AS x(p, s, v, i, t, sv, d, m, r)",
+            "WITH inserted AS (
+                 INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
+                 SELECT p, s, v, i, t, sv, d::jsonb, m::jsonb, r
+                 FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::timestamptz[])
+                      AS x(p, s, v, i, t, sv, d, m, r)
+             ), streams AS (
+                 INSERT INTO es_streams (stream_id, version)
+                 SELECT s, v FROM UNNEST($10::text[], $11::bigint[]) AS y(s, v)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE
+             )
+             SELECT pg_notify($12, $13)",
         )
         .bind(positions)
         .bind(streams)
-        .bind(versions)
+        .bind(row_versions)
         .bind(ids)
         .bind(types)
         .bind(schema_versions)
         .bind(data)
         .bind(metadata)
         .bind(recorded)
+        .bind(touched)
+        .bind(touched_versions)
+        .bind(HEAD_CHANNEL)
+        .bind(head.to_string())
         .execute(&mut *self.tx)
         .await?;
-        Ok(())
-    }
-
-    async fn set_versions(&mut self, versions: &[(String, i64)]) -> Result<(), sqlx::Error> {
-        let (streams, numbers): (Vec<String>, Vec<i64>) = versions.iter().cloned().unzip();
-        sqlx::query(
-            "INSERT INTO es_streams (stream_id, version)
-             SELECT s, v FROM UNNEST($1::text[], $2::bigint[]) AS x(s, v)
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE",
-        )
-        .bind(streams)
-        .bind(numbers)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    async fn commit(mut self, head: u64) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(HEAD_CHANNEL)
-            .bind(head.to_string())
-            .execute(&mut *self.tx)
-            .await?;
         self.tx.commit().await
     }
 }

@@ -19,7 +19,9 @@ use sqlx::{Row as _, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::writer::{AppendRequest, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64};
+use super::writer::{
+    AppendRequest, BatchState, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64,
+};
 use super::{RawEvent, raise};
 use crate::error::EventStoreError;
 use crate::store::EventStore;
@@ -126,90 +128,90 @@ struct SqliteBatch {
 }
 
 impl BatchTx for SqliteBatch {
-    async fn head(&mut self) -> Result<u64, sqlx::Error> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
-            .fetch_one(&mut *self.tx)
-            .await?;
-        Ok(to_u64(head))
-    }
-
-    async fn stored_ids(&mut self, ids: &[Uuid]) -> Result<Vec<StoredId>, sqlx::Error> {
-        let list = serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let rows = sqlx::query(
-            "SELECT event_id, stream_id, version, position FROM es_events WHERE event_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(list)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                let id: String = row.try_get(0)?;
-                Ok(StoredId {
-                    id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                    stream: row.try_get(1)?,
-                    version: to_u64(row.try_get(2)?),
-                    position: to_u64(row.try_get(3)?),
-                })
-            })
-            .collect()
-    }
-
-    async fn stream_versions(
+    /// One statement: sqlx runs each SQLite connection on its own worker thread, so every
+    /// statement costs two thread hops; the head, stored ids and versions come back together.
+    async fn read_state(
         &mut self,
+        ids: &[Uuid],
         streams: &[String],
-    ) -> Result<Vec<(String, u64)>, sqlx::Error> {
-        let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT stream_id, version FROM es_streams WHERE stream_id IN (SELECT value FROM json_each(?))")
-                .bind(list)
-                .fetch_all(&mut *self.tx)
-                .await?;
-        Ok(rows.into_iter().map(|(s, v)| (s, to_u64(v))).collect())
+    ) -> Result<BatchState, sqlx::Error> {
+        let ids = json_text(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())?;
+        let streams = json_text(&streams)?;
+        let (head, stored, versions): (i64, String, String) = sqlx::query_as(
+            "SELECT
+                 (SELECT COALESCE(MAX(position), 0) FROM es_events),
+                 (SELECT json_group_array(json_array(e.event_id, e.stream_id, e.version, e.position))
+                    FROM json_each(?1) AS ids JOIN es_events e ON e.event_id = ids.value),
+                 (SELECT json_group_array(json_array(s.stream_id, s.version))
+                    FROM json_each(?2) AS wanted JOIN es_streams s ON s.stream_id = wanted.value)",
+        )
+        .bind(ids)
+        .bind(streams)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+        let stored: Vec<(Uuid, String, i64, i64)> =
+            serde_json::from_str(&stored).map_err(decode)?;
+        let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
+        Ok(BatchState {
+            head: to_u64(head),
+            stored: stored
+                .into_iter()
+                .map(|(id, stream, version, position)| StoredId {
+                    id,
+                    stream,
+                    version: to_u64(version),
+                    position: to_u64(position),
+                })
+                .collect(),
+            versions: versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
+        })
     }
 
-    async fn insert(&mut self, rows: &[Row]) -> Result<(), sqlx::Error> {
-        for row in rows {
-            let data = serde_json::to_string(&row.event.data)
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            let metadata = serde_json::to_string(&row.event.metadata)
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            sqlx::query(
-                "INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(row.position)
-            .bind(&row.stream)
-            .bind(row.version)
-            .bind(row.event.id.to_string())
-            .bind(&row.event.event_type)
-            .bind(i64::from(row.event.schema_version))
-            .bind(data)
-            .bind(metadata)
-            .bind(row.recorded_at.to_rfc3339())
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn set_versions(&mut self, versions: &[(String, i64)]) -> Result<(), sqlx::Error> {
-        for (stream, version) in versions {
-            sqlx::query(
-                "INSERT INTO es_streams (stream_id, version) VALUES (?, ?)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = 0",
-            )
-            .bind(stream)
-            .bind(version)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn commit(self, _head: u64) -> Result<(), sqlx::Error> {
+    /// All rows in one `INSERT … SELECT FROM json_each`, the versions in a second statement.
+    async fn write(
+        mut self,
+        rows: &[Row],
+        versions: &[(String, i64)],
+        _head: u64,
+    ) -> Result<(), sqlx::Error> {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|row| {
+                Ok(serde_json::json!([
+                    row.position,
+                    row.stream,
+                    row.version,
+                    row.event.id.to_string(),
+                    row.event.event_type,
+                    row.event.schema_version,
+                    json_text(&row.event.data)?,
+                    json_text(&row.event.metadata)?,
+                    row.recorded_at.to_rfc3339(),
+                ]))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        sqlx::query(
+            "INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8
+             FROM json_each(?1) ORDER BY key",
+        )
+        .bind(json_text(&rows)?)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO es_streams (stream_id, version) SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = 0",
+        )
+        .bind(json_text(&versions)?)
+        .execute(&mut *self.tx)
+        .await?;
         self.tx.commit().await
     }
+}
+
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 fn raw_event(row: &SqliteRow) -> Result<RawEvent, sqlx::Error> {

@@ -48,31 +48,34 @@ pub(crate) struct StoredId {
     pub(crate) position: u64,
 }
 
-/// The database operations the batch algorithm needs, inside one open transaction that holds
-/// the store's write lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: an advisory lock).
-pub(crate) trait BatchTx: Send {
+/// What the batch algorithm needs to know before it decides.
+pub(crate) struct BatchState {
     /// The newest position in the log.
-    fn head(&mut self) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
-    /// Which of `ids` are stored, with where.
-    fn stored_ids(
+    pub(crate) head: u64,
+    /// Which of the batch's event ids are stored, with where.
+    pub(crate) stored: Vec<StoredId>,
+    /// The versions of the batch's streams (streams not listed are at version 0).
+    pub(crate) versions: Vec<(String, u64)>,
+}
+
+/// The database side of a batch, inside one open transaction that holds the store's write
+/// lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: an advisory lock). Two calls, so a backend
+/// can do each in as few round trips as it is able to.
+pub(crate) trait BatchTx: Send {
+    /// Reads the head, which of `ids` are stored, and the versions of `streams`.
+    fn read_state(
         &mut self,
         ids: &[Uuid],
-    ) -> impl Future<Output = Result<Vec<StoredId>, sqlx::Error>> + Send;
-    /// The stream's version (0 if unknown).
-    /// The versions of the given streams (streams not listed have version 0).
-    fn stream_versions(
-        &mut self,
         streams: &[String],
-    ) -> impl Future<Output = Result<Vec<(String, u64)>, sqlx::Error>> + Send;
-    /// Inserts the rows.
-    fn insert(&mut self, rows: &[Row]) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
-    /// Records each stream's new version and undeletes it.
-    fn set_versions(
-        &mut self,
+    ) -> impl Future<Output = Result<BatchState, sqlx::Error>> + Send;
+    /// Inserts the rows, records each stream's new version (undeleting it), and commits;
+    /// `head` is the new head position.
+    fn write(
+        self,
+        rows: &[Row],
         versions: &[(String, i64)],
+        head: u64,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
-    /// Commits; `head` is the new head position.
-    fn commit(self, head: u64) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
 /// Starts a writer task fed by the returned sender. `begin` opens a transaction holding the
@@ -133,24 +136,23 @@ async fn write_batch<T: BatchTx>(
     mut tx: T,
     batch: &mut [AppendRequest],
 ) -> Result<(Vec<Result<AppendResult, EventStoreError>>, Option<u64>), sqlx::Error> {
-    let mut head = tx.head().await?;
     let all_ids: Vec<Uuid> = batch
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.id))
         .collect();
-    // Where each already-stored id is: (stream, version, position). Ids written earlier in
-    // this batch are added as they are assigned.
-    let mut stored: HashMap<Uuid, (String, u64, u64)> = tx
-        .stored_ids(&all_ids)
-        .await?
-        .into_iter()
-        .map(|s| (s.id, (s.stream, s.version, s.position)))
-        .collect();
     let mut streams: Vec<String> = batch.iter().map(|r| r.stream.as_str().to_owned()).collect();
     streams.sort_unstable();
     streams.dedup();
-    let mut versions: HashMap<String, u64> =
-        tx.stream_versions(&streams).await?.into_iter().collect();
+    let state = tx.read_state(&all_ids, &streams).await?;
+    let mut head = state.head;
+    // Where each already-stored id is: (stream, version, position). Ids written earlier in
+    // this batch are added as they are assigned.
+    let mut stored: HashMap<Uuid, (String, u64, u64)> = state
+        .stored
+        .into_iter()
+        .map(|s| (s.id, (s.stream, s.version, s.position)))
+        .collect();
+    let mut versions: HashMap<String, u64> = state.versions.into_iter().collect();
     let mut touched: HashMap<String, u64> = HashMap::new();
     let mut rows = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
@@ -198,10 +200,8 @@ async fn write_batch<T: BatchTx>(
         // Nothing to write: the transaction is dropped, which rolls it back.
         return Ok((results, None));
     }
-    tx.insert(&rows).await?;
     let touched: Vec<(String, i64)> = touched.into_iter().map(|(s, v)| (s, to_i64(v))).collect();
-    tx.set_versions(&touched).await?;
-    tx.commit(head).await?;
+    tx.write(&rows, &touched, head).await?;
     Ok((results, Some(head)))
 }
 
