@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tower::{Layer, ServiceExt, service_fn};
 use trellis_resilience::{
-    Backoff, CircuitBreaker, Resilience, ResilienceLayer, RetryPolicy, RetryTransient, ServerErrors, SlidingWindow,
+    Backoff, CircuitBreaker, Resilience, ResilienceLayer, RetryPolicy, RetryTransient,
+    ServerErrors, SlidingWindow,
 };
 
 #[tokio::main(flavor = "current_thread")]
@@ -20,7 +21,9 @@ async fn main() {
             async move {
                 // The first two calls hit a restarting upstream.
                 let status = if n < 2 { 503 } else { 200 };
-                let response = http::Response::builder().status(status).body(format!("{path}: {status}"));
+                let response = http::Response::builder()
+                    .status(status)
+                    .body(format!("{path}: {status}"));
                 response.map_err(|e| e.to_string())
             }
         })
@@ -34,17 +37,34 @@ async fn main() {
         .retry(
             RetryPolicy::builder()
                 .max_attempts(3)
-                .backoff(Backoff { initial: Duration::from_millis(20), ..Backoff::default() })
+                .backoff(Backoff {
+                    initial: Duration::from_millis(20),
+                    ..Backoff::default()
+                })
                 .build()
                 .expect("valid retry settings"),
         )
         .circuit_breaker(breaker.clone())
         .timeout(Duration::from_millis(500))
         .build();
-    let service = ResilienceLayer::new(stack).with_policies(ServerErrors, RetryTransient).layer(upstream);
+    let service = ResilienceLayer::new(stack)
+        .with_policies(ServerErrors, RetryTransient)
+        .layer(upstream);
 
-    let response = service.oneshot("/stock/42").await.expect("answered after retries");
-    println!("{} after {} upstream calls", response.body(), calls.load(Ordering::SeqCst));
+    let response = service
+        .oneshot("/stock/42")
+        .await
+        .expect("answered after retries");
+    println!(
+        "{} after {} upstream calls",
+        response.body(),
+        calls.load(Ordering::SeqCst)
+    );
     let window = breaker.window();
-    println!("breaker {}: {} calls, {} failures in the window", breaker.state(), window.calls, window.failures);
+    println!(
+        "breaker {}: {} calls, {} failures in the window",
+        breaker.state(),
+        window.calls,
+        window.failures
+    );
 }

@@ -120,9 +120,7 @@ async fn timeouts_count_against_the_breaker_but_rate_limits_do_not() {
         .circuit_breaker(breaker.clone())
         .timeout(Duration::from_millis(10))
         .build();
-    let answer = timed
-        .call(std::future::pending::<Result<(), &str>>)
-        .await;
+    let answer = timed.call(std::future::pending::<Result<(), &str>>).await;
     assert!(matches!(answer, Err(ResilienceError::Timeout(_))));
     assert_eq!(
         breaker.state(),

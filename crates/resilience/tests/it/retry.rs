@@ -114,9 +114,7 @@ async fn an_attempt_still_running_at_the_deadline_is_cancelled() {
         .build()
         .expect("valid");
     let started = Instant::now();
-    let answer = retry
-        .call(std::future::pending::<Result<(), &str>>)
-        .await;
+    let answer = retry.call(std::future::pending::<Result<(), &str>>).await;
     assert!(matches!(answer, Err(ResilienceError::Timeout(_))));
     assert_eq!(started.elapsed(), Duration::from_millis(250));
 }
