@@ -6,17 +6,22 @@
 //!
 //! Every call measured here is immediately ready: futures are polled once with a no-op waker
 //! (see [`run_ready`]), so no executor cost is included, only the policy's own bookkeeping.
-//! No `metrics` recorder is installed, so the policies' metric handles are no-ops.
+//! By default no `metrics` recorder is installed, so the policies' metric handles are no-ops.
+//! With `TRELLIS_BENCH_RECORDER=prometheus-like` in the environment a recorder is installed
+//! before the policies are built whose counters and gauges do what
+//! `metrics-exporter-prometheus`'s do on the hot path (see [`GenerationalAtomic`]).
 //!
 //! - `1_thread/<case>`: time per call, one thread.
 //! - `2_threads/<case>`: two threads (the bench thread and one helper) each make `iters` calls
 //!   on the same shared policy at the same time; the figure is wall time / `iters`, i.e. the
-//!   time per call seen by each thread while the other one hammers the same state.
+//!   time per call seen by each thread while the other one hammers the same state. If the
+//!   two threads did not really run at the same time (a busy or overcommitted machine), the
+//!   bare cases show it: their 2-thread figure rises towards twice the 1-thread one.
 
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::task::{Context, Poll, Waker};
 use std::thread;
@@ -24,6 +29,10 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use failsafe::CircuitBreaker as _;
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
+    Unit,
+};
 use trellis_resilience::{
     CircuitBreaker, Outcome, Resilience, RetryPolicy, SlidingWindow, with_timeout,
 };
@@ -122,8 +131,28 @@ fn cases(runtime: &tokio::runtime::Runtime) -> Vec<Case> {
         result.ok()
     }));
 
-    // Time-based window plus slow-call detection: the clock is read at admission and on
-    // completion.
+    // failsafe with its default policy: EMA success rate over a time window (reads the clock
+    // on every success), or 5 consecutive failures.
+    let failsafe_default = failsafe::Config::new().build();
+    cases.push(case("failsafe_default", move || {
+        failsafe_default.call(|| Ok::<u64, ()>(black_box(1))).ok()
+    }));
+
+    // failsafe with only the consecutive-failures policy (no clock read on success).
+    let failsafe_consecutive = failsafe::Config::new()
+        .failure_policy(failsafe::failure_policy::consecutive_failures(
+            5,
+            failsafe::backoff::constant(Duration::from_secs(30)),
+        ))
+        .build();
+    cases.push(case("failsafe_consecutive", move || {
+        failsafe_consecutive
+            .call(|| Ok::<u64, ()>(black_box(1)))
+            .ok()
+    }));
+
+    // Time-based window plus slow-call detection: the clock is read three times per call
+    // (admission, slow-call check, window record).
     let breaker = CircuitBreaker::builder("bench-time")
         .sliding_window(SlidingWindow::Time(Duration::from_secs(60)))
         .slow_calls(Duration::from_secs(2), 0.8)
@@ -168,26 +197,6 @@ fn cases(runtime: &tokio::runtime::Runtime) -> Vec<Case> {
         runtime.handle().clone(),
         move || run_ready(stack.call(|| async { Ok::<u64, ()>(black_box(1)) })).ok(),
     ));
-
-    // failsafe with its default policy: EMA success rate over a time window, or 5
-    // consecutive failures.
-    let failsafe_default = failsafe::Config::new().build();
-    cases.push(case("failsafe_default", move || {
-        failsafe_default.call(|| Ok::<u64, ()>(black_box(1))).ok()
-    }));
-
-    // failsafe with only the consecutive-failures policy (no clock read on success).
-    let failsafe_consecutive = failsafe::Config::new()
-        .failure_policy(failsafe::failure_policy::consecutive_failures(
-            5,
-            failsafe::backoff::constant(Duration::from_secs(30)),
-        ))
-        .build();
-    cases.push(case("failsafe_consecutive", move || {
-        failsafe_consecutive
-            .call(|| Ok::<u64, ()>(black_box(1)))
-            .ok()
-    }));
 
     cases
 }
@@ -256,7 +265,81 @@ fn bench_contended(c: &mut Criterion, cases: &[Case]) {
     group.finish();
 }
 
+/// A metric handle that costs what `metrics-exporter-prometheus` 0.18's does per update: its
+/// registry hands out metrics-util `Generational<Arc<AtomicU64>>` handles, so every update is
+/// one atomic on the value plus one on a separate generation counter. Nothing is exported.
+#[derive(Debug, Default)]
+struct GenerationalAtomic {
+    value: Arc<AtomicU64>,
+    generation: Arc<AtomicUsize>,
+}
+
+impl GenerationalAtomic {
+    fn touched(&self) {
+        let _ = self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl CounterFn for GenerationalAtomic {
+    fn increment(&self, value: u64) {
+        CounterFn::increment(&*self.value, value);
+        self.touched();
+    }
+
+    fn absolute(&self, value: u64) {
+        CounterFn::absolute(&*self.value, value);
+        self.touched();
+    }
+}
+
+impl GaugeFn for GenerationalAtomic {
+    fn increment(&self, value: f64) {
+        GaugeFn::increment(&*self.value, value);
+        self.touched();
+    }
+
+    fn decrement(&self, value: f64) {
+        GaugeFn::decrement(&*self.value, value);
+        self.touched();
+    }
+
+    fn set(&self, value: f64) {
+        GaugeFn::set(&*self.value, value);
+        self.touched();
+    }
+}
+
+/// Hands out a fresh [`GenerationalAtomic`] per registration (the policies register each
+/// handle once, at build time); histograms are not used by the policies.
+#[derive(Debug)]
+struct PrometheusLikeRecorder;
+
+impl Recorder for PrometheusLikeRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(Arc::new(GenerationalAtomic::default()))
+    }
+
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(Arc::new(GenerationalAtomic::default()))
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
 fn main() {
+    match std::env::var("TRELLIS_BENCH_RECORDER").as_deref() {
+        Err(_) | Ok("" | "none") => {}
+        Ok("prometheus-like") => {
+            metrics::set_global_recorder(PrometheusLikeRecorder).expect("no recorder installed yet")
+        }
+        Ok(other) => panic!("TRELLIS_BENCH_RECORDER={other}: expected `none` or `prometheus-like`"),
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()

@@ -257,12 +257,36 @@ impl BreakerMetrics {
     }
 }
 
-/// An admitted call, not yet recorded.
+/// An admitted call, not yet recorded. Kept to 16 bytes (and `Option<Ticket>` too, through
+/// the enum's niche): it is moved through the call's future on the hot path.
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
-    kind: u64,
-    generation: u64,
-    started: Duration,
+    started_nanos: u64,
+    generation: u32,
+    kind: Admitted,
+}
+
+/// The state that admitted a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    Closed,
+    HalfOpen,
+    ForcedClosed,
+}
+
+impl Ticket {
+    fn new(kind: Admitted, word: u64, started: Duration) -> Self {
+        let generation = u32::try_from(generation(word)).expect("generations have 21 bits");
+        Self {
+            started_nanos: u64::try_from(started.as_nanos()).unwrap_or(u64::MAX),
+            generation,
+            kind,
+        }
+    }
+
+    fn admitted_in(&self, word: u64) -> bool {
+        generation(word) == u64::from(self.generation)
+    }
 }
 
 impl CircuitBreaker {
@@ -374,11 +398,13 @@ impl CircuitBreaker {
     ///
     /// # Errors
     /// [`ResilienceError::BreakerOpen`] when the breaker rejects the call.
-    pub fn try_acquire(&self) -> Result<CallPermit, ResilienceError<std::convert::Infallible>> {
+    pub fn try_acquire(&self) -> Result<CallPermit<'_>, ResilienceError<std::convert::Infallible>> {
         match self.inner.admit() {
             Ok(ticket) => Ok(CallPermit {
-                breaker: self.clone(),
-                ticket: Some(ticket),
+                guard: TicketGuard {
+                    inner: &self.inner,
+                    ticket: Some(ticket),
+                },
             }),
             Err(retry_after) => Err(self.rejection(retry_after)),
         }
@@ -409,27 +435,23 @@ impl CircuitBreaker {
 }
 
 /// Permission for one call, from [`CircuitBreaker::try_acquire`].
-#[derive(Debug)]
 #[must_use = "report the outcome with `record`; a dropped permit counts as ignored"]
-pub struct CallPermit {
-    breaker: CircuitBreaker,
-    ticket: Option<Ticket>,
+pub struct CallPermit<'a> {
+    guard: TicketGuard<'a>,
 }
 
-impl CallPermit {
+impl CallPermit<'_> {
     /// Reports how the call went.
     pub fn record(mut self, outcome: Outcome) {
-        if let Some(ticket) = self.ticket.take() {
-            self.breaker.inner.complete(ticket, outcome);
-        }
+        self.guard.finish(outcome);
     }
 }
 
-impl Drop for CallPermit {
-    fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            self.breaker.inner.complete(ticket, Outcome::Ignored);
-        }
+impl std::fmt::Debug for CallPermit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallPermit")
+            .field("ticket", &self.guard.ticket)
+            .finish()
     }
 }
 
@@ -470,11 +492,7 @@ impl Inner {
     fn admit(&self) -> Result<Ticket, Duration> {
         let word = self.state.load(Ordering::Acquire);
         if kind(word) == CLOSED {
-            return Ok(Ticket {
-                kind: CLOSED,
-                generation: generation(word),
-                started: self.now_if_timed(),
-            });
+            return Ok(Ticket::new(Admitted::Closed, word, self.now_if_timed()));
         }
         self.admit_slow(word)
     }
@@ -482,13 +500,14 @@ impl Inner {
     #[cold]
     fn admit_slow(&self, mut word: u64) -> Result<Ticket, Duration> {
         loop {
-            let (new, ticket_kind) = match kind(word) {
-                CLOSED | FORCED_CLOSED => {
-                    return Ok(Ticket {
-                        kind: kind(word),
-                        generation: generation(word),
-                        started: self.now_if_timed(),
-                    });
+            let new = match kind(word) {
+                CLOSED => return Ok(Ticket::new(Admitted::Closed, word, self.now_if_timed())),
+                FORCED_CLOSED => {
+                    return Ok(Ticket::new(
+                        Admitted::ForcedClosed,
+                        word,
+                        self.now_if_timed(),
+                    ));
                 }
                 FORCED_OPEN => {
                     self.metrics.rejected.increment(1);
@@ -501,7 +520,7 @@ impl Inner {
                         self.metrics.rejected.increment(1);
                         return Err(Duration::from_millis(until - now));
                     }
-                    (next(word, HALF_OPEN, 1), HALF_OPEN)
+                    next(word, HALF_OPEN, 1)
                 }
                 _ => {
                     let (admitted, succeeded) = trials(word);
@@ -510,13 +529,10 @@ impl Inner {
                         // The trials in flight decide; until then, suggest a short wait.
                         return Err(self.config.open_duration.min(Duration::from_secs(1)));
                     }
-                    (
-                        pack(
-                            HALF_OPEN,
-                            generation(word),
-                            (admitted + 1) | (succeeded << 20),
-                        ),
+                    pack(
                         HALF_OPEN,
+                        generation(word),
+                        (admitted + 1) | (succeeded << 20),
                     )
                 }
             };
@@ -528,11 +544,7 @@ impl Inner {
                     if kind(word) == OPEN {
                         self.announce(word, new, "open duration elapsed".to_owned());
                     }
-                    return Ok(Ticket {
-                        kind: ticket_kind,
-                        generation: generation(new),
-                        started: self.now_if_timed(),
-                    });
+                    return Ok(Ticket::new(Admitted::HalfOpen, new, self.now_if_timed()));
                 }
                 Err(actual) => word = actual,
             }
@@ -542,9 +554,15 @@ impl Inner {
     /// Records a finished call admitted with `ticket`.
     #[inline]
     fn complete(&self, ticket: Ticket, outcome: Outcome) {
+        // One clock reading serves both the slow-call check and the time window.
+        let now = if outcome == Outcome::Ignored {
+            Duration::ZERO
+        } else {
+            self.now_if_timed()
+        };
         let slow = match self.config.slow_call_duration {
             Some(limit) if outcome != Outcome::Ignored => {
-                self.config.clock.now().saturating_sub(ticket.started) >= limit
+                now.saturating_sub(Duration::from_nanos(ticket.started_nanos)) >= limit
             }
             _ => false,
         };
@@ -556,7 +574,7 @@ impl Inner {
             (Outcome::Ignored, _) => self.metrics.ignored.increment(1),
         }
         match ticket.kind {
-            CLOSED if outcome != Outcome::Ignored => {
+            Admitted::Closed if outcome != Outcome::Ignored => {
                 let mut bits = CALL;
                 if outcome == Outcome::Failure {
                     bits |= FAILED;
@@ -564,20 +582,19 @@ impl Inner {
                 if slow {
                     bits |= SLOW;
                 }
-                self.record_closed(ticket, bits);
+                self.record_closed(ticket, bits, now);
             }
-            HALF_OPEN => self.record_trial(ticket, outcome, slow),
+            Admitted::HalfOpen => self.record_trial(ticket, outcome, slow),
             _ => {}
         }
     }
 
     #[inline]
-    fn record_closed(&self, ticket: Ticket, bits: u8) {
+    fn record_closed(&self, ticket: Ticket, bits: u8, now: Duration) {
         let word = self.state.load(Ordering::Acquire);
-        if kind(word) != CLOSED || generation(word) != ticket.generation {
+        if kind(word) != CLOSED || !ticket.admitted_in(word) {
             return; // admitted in an earlier period: says nothing about this one
         }
-        let now = self.now_if_timed();
         self.window.record(bits, now);
         if bits & (FAILED | SLOW) != 0 {
             self.evaluate(word, now);
@@ -633,7 +650,7 @@ impl Inner {
     fn record_trial(&self, ticket: Ticket, outcome: Outcome, slow: bool) {
         let mut word = self.state.load(Ordering::Acquire);
         loop {
-            if kind(word) != HALF_OPEN || generation(word) != ticket.generation {
+            if kind(word) != HALF_OPEN || !ticket.admitted_in(word) {
                 return;
             }
             let (admitted, succeeded) = trials(word);

@@ -75,6 +75,7 @@ impl Window {
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
+    len: u32,
     cursor: AtomicUsize,
     calls: AtomicI64,
     failures: AtomicI64,
@@ -86,6 +87,7 @@ impl CountWindow {
         assert!(size > 0, "the builder rejects an empty window");
         Self {
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            len: size,
             cursor: AtomicUsize::new(0),
             calls: AtomicI64::new(0),
             failures: AtomicI64::new(0),
@@ -95,7 +97,14 @@ impl CountWindow {
 
     #[inline]
     fn record(&self, bits: u8) {
-        let index = self.cursor.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        // 32-bit modulo is cheaper than 64-bit; the cursor wrapping at 2^32 only moves which
+        // slot is overwritten next, once every four billion calls.
+        let index = (self.cursor.fetch_add(1, Ordering::Relaxed) as u32 % self.len) as usize;
+        // In the steady state a success replaces a success: a plain load then skips the write,
+        // which keeps the slot's cache line shared between cores.
+        if self.slots[index].load(Ordering::Relaxed) == bits {
+            return;
+        }
         self.replace(index, bits);
     }
 

@@ -245,8 +245,13 @@ impl RetryPolicy {
         Fut: Future<Output = R>,
     {
         let inner = &*self.inner;
-        let started = Instant::now();
-        let deadline = match (deadline, inner.max_elapsed.map(|limit| started + limit)) {
+        // Reading the clock is most of a first attempt's overhead: only do it when a time
+        // limit applies.
+        let started = (deadline.is_some() || inner.max_elapsed.is_some()).then(Instant::now);
+        let deadline = match (
+            deadline,
+            inner.max_elapsed.zip(started).map(|(limit, at)| at + limit),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -258,7 +263,11 @@ impl RetryPolicy {
             let result = match deadline {
                 Some(deadline) => match tokio::time::timeout_at(deadline, f()).await {
                     Ok(result) => result,
-                    Err(_) => return Finished::TimedOut(started.elapsed()),
+                    Err(_) => {
+                        return Finished::TimedOut(
+                            started.map_or(Duration::ZERO, |at| at.elapsed()),
+                        );
+                    }
                 },
                 None => f().await,
             };
