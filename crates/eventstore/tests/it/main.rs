@@ -4,4 +4,5 @@
 mod account;
 mod aggregates;
 mod conformance;
+mod open_and_subscribe;
 mod projections;
