@@ -352,3 +352,46 @@ async fn half_open_never_admits_more_than_its_permitted_calls_under_1000_tasks()
     }
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
+
+#[test]
+fn state_calls_and_rejections_are_exported_as_metrics() {
+    // With a Prometheus recorder installed, the breaker reports its state, calls by outcome,
+    // rejections and transitions under its name.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        let breaker = CircuitBreaker::builder("metered")
+            .sliding_window(SlidingWindow::Count(4))
+            .minimum_calls(4)
+            .build()
+            .expect("valid settings");
+        breaker
+            .try_acquire()
+            .expect("closed")
+            .record(Outcome::Success);
+        breaker
+            .try_acquire()
+            .expect("closed")
+            .record(Outcome::Success);
+        breaker
+            .try_acquire()
+            .expect("closed")
+            .record(Outcome::Failure);
+        breaker
+            .try_acquire()
+            .expect("closed")
+            .record(Outcome::Failure);
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(breaker.try_acquire().is_err());
+    });
+    let text = handle.render();
+    for expected in [
+        r#"trellis_breaker_calls_total{breaker="metered",outcome="success"} 2"#,
+        r#"trellis_breaker_calls_total{breaker="metered",outcome="failure"} 2"#,
+        r#"trellis_breaker_rejections_total{breaker="metered"} 1"#,
+        r#"trellis_breaker_state{breaker="metered"} 1"#,
+        r#"trellis_breaker_transitions_total{breaker="metered",from="closed",to="open"} 1"#,
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}
