@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use trellis_telemetry::{LogFormat, TelemetryConfig};
 
@@ -37,6 +38,20 @@ enum Command {
     /// Guided demonstrations of the toolkit.
     #[command(subcommand)]
     Demo(demo::Demo),
+    /// Runs the API gateway in front of any HTTP upstreams (routing, JWT, rate limits, load
+    /// balancing). SIGHUP reloads the file; Ctrl-C drains and stops.
+    Gateway(GatewayArgs),
+}
+
+/// Settings of `trellis gateway`.
+#[derive(Debug, clap::Args)]
+struct GatewayArgs {
+    /// The gateway's TOML configuration (see crates/gateway/examples/gateway.toml).
+    #[arg(long, env = "TRELLIS_GATEWAY_CONFIG")]
+    config: std::path::PathBuf,
+    /// Listen here instead of the file's `server.listen` (for example 127.0.0.1:8080).
+    #[arg(long, env = "TRELLIS_GATEWAY_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +79,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(demo) => demo.run().await,
+            Command::Gateway(args) => trellis_gateway::run_on(&args.config, args.listen)
+                .await
+                .with_context(|| format!("gateway with {}", args.config.display())),
         }
     });
     match result {
@@ -99,6 +117,26 @@ fn usage_error(error: &clap::Error) -> ExitCode {
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {error:#}");
+    eprintln!("error: {}", one_line(&format!("{error:#}")));
     ExitCode::FAILURE
+}
+
+/// Folds a multi-line message (a TOML parser's source excerpt, say) into one line, keeping
+/// the words and dropping the excerpt's `|` and `^` decoration.
+fn one_line(message: &str) -> String {
+    let decoration = |line: &str| {
+        let rest = line.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+        rest.starts_with('|')
+            && line
+                .trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit() || c == '|')
+    };
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !decoration(line))
+        .collect::<Vec<_>>()
+        .join(": ")
 }

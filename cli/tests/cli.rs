@@ -76,3 +76,32 @@ fn the_breaker_demo_opens_and_closes_the_breaker() {
     assert!(stdout.contains("half_open -> closed"), "{stdout}");
     assert!(stdout.contains("rejected fast"), "{stdout}");
 }
+
+#[test]
+fn the_gateway_reports_a_missing_config_file_in_one_line() {
+    // A gateway started on a file that does not exist fails with one line naming the file.
+    let out = trellis(&["gateway", "--config", "/nonexistent/gateway.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "stderr was: {stderr}");
+    assert!(stderr.contains("/nonexistent/gateway.toml"), "{stderr}");
+}
+
+#[test]
+fn the_gateway_names_the_bad_key_of_a_broken_config() {
+    // A config whose route points at an undefined cluster is refused, naming the key.
+    let dir = std::env::temp_dir().join(format!("trellis-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("broken.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"nowhere\"\n",
+    )
+    .expect("write config");
+    let out = trellis(&["gateway", "--config", path.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "stderr was: {stderr}");
+    assert!(stderr.contains("routes[0]"), "{stderr}");
+}

@@ -1,0 +1,98 @@
+//! An API gateway for HTTP services: routing, JWT and API-key authentication, GCRA rate
+//! limits, load balancing with health checks and outlier ejection, and a circuit breaker per
+//! upstream endpoint.
+//!
+//! # Overview
+//!
+//! The gateway reads one TOML file ([`Config`]; `examples/gateway.toml` shows every section),
+//! validates it at start-up (errors name the bad key, such as `routes[2].cluster`), and proxies
+//! requests to upstream clusters with hyper's pooled client. Both sides speak HTTP/1.1 and
+//! HTTP/2 over cleartext (h2c); bodies stream through without buffering.
+//!
+//! Per request, in order: the admin endpoints (`/healthz`, `/readyz`, `/metrics`), routing
+//! (host, path exact/prefix/template, method, headers), [`GatewayHooks::request_filter`], the
+//! declared body size (413), authentication (401 with `WWW-Authenticate`, 403 for a missing
+//! scope or role), rate limiting (GCRA per client key, optionally shared across replicas through
+//! Redis; 429 with `Retry-After` and `RateLimit-*`), then the upstream
+//! call: an endpoint is picked (round robin, least outstanding, or power of two choices on
+//! EWMA latency) among those that pass active health checks, are not ejected, and whose
+//! breaker admits the call; idempotent or bodiless requests are retried within the route's
+//! timeout and retry budget. Upstream failures become 502/503/504 with a JSON body naming the
+//! cause. Every answer carries `x-request-id`; `traceparent` is continued through
+//! trellis-telemetry.
+//!
+//! [`Gateway::serve`] runs on the caller's tokio runtime (tests, embedding);
+//! [`Gateway::serve_threads`] (what [`run`] uses) runs one single-threaded runtime per core,
+//! each with its own upstream connection pool, sharing the routing table, breakers, rate
+//! limiters and token caches. [`Gateway::reload`] swaps the whole table; requests in flight
+//! finish on the one they started with. [`GatewayHooks`] is the extension point.
+//!
+//! Design notes: docs/decisions/0005-gateway-design.md; figures: docs/benchmarks-gateway.md.
+//!
+//! # How it fits
+//!
+//! It uses [`trellis_resilience::CircuitBreaker`] (one per endpoint) and
+//! [`trellis_resilience::RetryBudget`], and [`trellis_telemetry`]'s trace-context server layer
+//! and Prometheus recorder. The `trellis gateway --config gateway.toml` command calls [`run`].
+//! The shop's users service publishes the JWKS the gateway verifies tokens with.
+//!
+//! This crate has no cargo features.
+//!
+//! # Example
+//!
+//! ```
+//! use trellis_gateway::{Config, Gateway};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_toml(
+//!     r#"
+//!     [server]
+//!     listen = "127.0.0.1:0"
+//!
+//!     [clusters.orders]
+//!     endpoints = ["127.0.0.1:8104"]
+//!     load_balancing = "p2c_ewma"
+//!
+//!     [[routes]]
+//!     name = "orders"
+//!     path_prefix = "/api/orders"
+//!     cluster = "orders"
+//!     timeout_ms = 2000
+//!     "#,
+//! )?;
+//! let gateway = Gateway::from_config(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! // Serves until the shutdown future completes (here: at once).
+//! gateway.serve(listener, async {}).await?;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod auth;
+mod body;
+pub mod config;
+mod error;
+mod hooks;
+mod proxy;
+mod ratelimit;
+mod route;
+mod server;
+mod upstream;
+
+pub use body::{BoxError, GatewayBody};
+pub use config::Config;
+pub use error::{ConfigError, ErrorSource, ProxyError};
+pub use hooks::{GatewayHooks, HookDecision, NoHooks, RequestCtx};
+pub use route::PathTemplate;
+pub use server::{Gateway, GatewayError, run, run_on, shutdown_signal};
+
+#[doc(hidden)]
+pub mod bench {
+    //! Hot-path entry points for the criterion benchmark; not a stable API.
+    pub use crate::bench_support::*;
+}
+
+mod bench_support;

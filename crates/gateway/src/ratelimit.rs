@@ -1,0 +1,393 @@
+//! Per-route GCRA rate limiting keyed by client IP, JWT subject, API key or a header, on
+//! governor's keyed limiter, with a bounded key table.
+//!
+//! With `redis_url`, the limit is shared across gateway replicas: each check runs one GCRA
+//! Lua script in Redis (time from Redis `TIME`, so replicas' clocks need not agree; idle keys
+//! expire by themselves). When Redis fails or is slower than `redis_timeout_ms`, the local
+//! limiter answers instead (fail open to a per-replica limit), Redis is left alone for
+//! [`REDIS_RETRY_AFTER_FAILURE`], and `trellis_gateway_rate_limit_backend_errors_total` counts
+//! the failure. See docs/decisions/0005-gateway-design.md.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderName};
+
+use crate::auth::Identity;
+use crate::config::RateLimitConfig;
+use crate::error::ConfigError;
+
+type Keyed =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+
+/// Time Redis is not asked after it failed, so a dead Redis costs one timeout per this
+/// period rather than one per request.
+pub(crate) const REDIS_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// GCRA in one round trip. KEYS[1]: the client's key. ARGV[1]: emission interval (µs),
+/// ARGV[2]: burst tolerance (µs) = (burst - 1) × emission. The stored value is the
+/// theoretical arrival time (TAT, µs). Returns `{1, remaining, reset_us}` or
+/// `{0, retry_after_us}`.
+const GCRA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return {0, tat - now - tolerance}
+end
+local new_tat = tat + emission
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, math.floor((now + tolerance + emission - new_tat) / emission), new_tat - now}
+";
+
+/// The Redis side of a shared limit.
+struct Shared {
+    client: redis::Client,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+    emission_us: u64,
+    tolerance_us: u64,
+    state: std::sync::Mutex<SharedState>,
+    errors: metrics::Counter,
+}
+
+#[derive(Default)]
+struct SharedState {
+    connection: Option<redis::aio::MultiplexedConnection>,
+    down_until: Option<tokio::time::Instant>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The shared verdict, or `None` when Redis cannot answer in time.
+    async fn check(&self, key: &str, limit: u32) -> Option<Verdict> {
+        let connection = {
+            let state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if state
+                .down_until
+                .is_some_and(|until| tokio::time::Instant::now() < until)
+            {
+                return None;
+            }
+            state.connection.clone()
+        };
+        let result = tokio::time::timeout(self.timeout, async {
+            let mut connection = match connection {
+                Some(c) => c,
+                None => {
+                    let c = self.client.get_multiplexed_async_connection().await?;
+                    self.state
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .connection = Some(c.clone());
+                    c
+                }
+            };
+            self.script
+                .key(format!("{}{key}", self.prefix))
+                .arg(self.emission_us)
+                .arg(self.tolerance_us)
+                .invoke_async::<Vec<i64>>(&mut connection)
+                .await
+        })
+        .await;
+        let reply = match result {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(error)) => {
+                self.failed(&error.to_string());
+                return None;
+            }
+            Err(_elapsed) => {
+                self.failed("timed out");
+                return None;
+            }
+        };
+        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        match reply.as_slice() {
+            [1, remaining, reset_us] => Some(Verdict::Allowed {
+                limit,
+                remaining: u32::try_from(*remaining).unwrap_or(0),
+                reset_s: micros(*reset_us).as_secs_f64().ceil() as u64,
+            }),
+            [0, retry_after_us] => Some(Verdict::Limited {
+                retry_after: micros(*retry_after_us),
+                limit,
+            }),
+            other => {
+                self.failed(&format!("unexpected script reply {other:?}"));
+                None
+            }
+        }
+    }
+
+    fn failed(&self, why: &str) {
+        self.errors.increment(1);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.connection = None;
+        state.down_until = Some(tokio::time::Instant::now() + REDIS_RETRY_AFTER_FAILURE);
+        tracing::warn!(prefix = %self.prefix, error = why, "shared rate limit unavailable; using the local limiter");
+    }
+}
+
+/// What identifies a client.
+#[derive(Debug, Clone)]
+pub(crate) enum KeySource {
+    Ip,
+    JwtSubject,
+    ApiKey,
+    Header(HeaderName),
+}
+
+/// A route's limiter.
+#[derive(Debug)]
+pub(crate) struct RouteLimiter {
+    source: KeySource,
+    limiter: ArcSwap<Keyed>,
+    quota: Quota,
+    burst: u32,
+    emission: Duration,
+    keys_max: usize,
+    /// Checks since the key table's size was last looked at.
+    checks: std::sync::atomic::AtomicU32,
+    shared: Option<Shared>,
+}
+
+/// The key table's size (which takes its lock) is checked once per this many requests: the
+/// table may overshoot `keys_max` by at most this many keys.
+const KEY_TABLE_CHECK_EVERY: u32 = 64;
+
+/// The verdict for one request.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Admitted; the values for `RateLimit-*` headers.
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        reset_s: u64,
+    },
+    /// Refused for this long.
+    Limited { retry_after: Duration, limit: u32 },
+}
+
+impl RouteLimiter {
+    /// A limiter for route `route` following policy `name`.
+    pub(crate) fn new(
+        name: &str,
+        route: &str,
+        config: &RateLimitConfig,
+    ) -> Result<Self, ConfigError> {
+        let bad = |message: &str| ConfigError::Invalid {
+            key: format!("rate_limits.{name}"),
+            message: message.to_owned(),
+        };
+        let source = match config.key.as_str() {
+            "ip" => KeySource::Ip,
+            "jwt_sub" => KeySource::JwtSubject,
+            "api_key" => KeySource::ApiKey,
+            other => KeySource::Header(
+                other
+                    .strip_prefix("header:")
+                    .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .ok_or_else(|| bad("bad key"))?,
+            ),
+        };
+        let rate = NonZeroU32::new(config.requests_per_second).ok_or_else(|| bad("rate is 0"))?;
+        let burst = NonZeroU32::new(config.burst).ok_or_else(|| bad("burst is 0"))?;
+        let quota = Quota::per_second(rate).allow_burst(burst);
+        let emission = Duration::from_secs(1) / config.requests_per_second;
+        let shared = match &config.redis_url {
+            Some(url) => {
+                let client =
+                    redis::Client::open(url.as_str()).map_err(|e| ConfigError::Invalid {
+                        key: format!("rate_limits.{name}.redis_url"),
+                        message: e.to_string(),
+                    })?;
+                let emission_us = u64::try_from(emission.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                Some(Shared {
+                    client,
+                    script: redis::Script::new(GCRA_SCRIPT),
+                    prefix: format!("trellis:rl:{route}:{name}:"),
+                    timeout: Duration::from_millis(config.redis_timeout_ms),
+                    emission_us,
+                    tolerance_us: emission_us.saturating_mul(u64::from(config.burst - 1)),
+                    state: std::sync::Mutex::new(SharedState::default()),
+                    errors: metrics::counter!("trellis_gateway_rate_limit_backend_errors_total", "policy" => name.to_owned()),
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            source,
+            limiter: ArcSwap::from_pointee(
+                RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            ),
+            quota,
+            burst: config.burst,
+            emission,
+            keys_max: config.keys_max,
+            checks: std::sync::atomic::AtomicU32::new(0),
+            shared,
+        })
+    }
+
+    /// The key of this request, or `None` when it has none (no subject on an anonymous
+    /// request, no such header): such requests share one bucket per route.
+    fn key(&self, peer: IpAddr, identity: Option<&Identity>, headers: &HeaderMap) -> String {
+        let key = match &self.source {
+            KeySource::Ip => Some(peer.to_string()),
+            KeySource::JwtSubject => identity.and_then(|i| i.subject.clone()),
+            KeySource::ApiKey => identity.and_then(|i| i.api_key_id.clone()),
+            KeySource::Header(h) => headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(256).collect()),
+        };
+        key.unwrap_or_default()
+    }
+
+    /// Checks (and counts) one request: in Redis when the limit is shared and Redis answers,
+    /// else locally.
+    pub(crate) async fn check(
+        &self,
+        peer: IpAddr,
+        identity: Option<&Identity>,
+        headers: &HeaderMap,
+    ) -> Verdict {
+        let key = self.key(peer, identity, headers);
+        if let Some(shared) = &self.shared
+            && let Some(verdict) = shared.check(&key, self.burst).await
+        {
+            return verdict;
+        }
+        self.check_local(key)
+    }
+
+    fn check_local(&self, key: String) -> Verdict {
+        let limiter = self.limiter.load();
+        let verdict = match limiter.check_key(&key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let used = self.burst.saturating_sub(remaining);
+                let reset = self.emission * used;
+                Verdict::Allowed {
+                    limit: self.burst,
+                    remaining,
+                    reset_s: reset.as_secs() + u64::from(reset.subsec_nanos() > 0),
+                }
+            }
+            Err(not_until) => Verdict::Limited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                limit: self.burst,
+            },
+        };
+        let checks = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if checks.is_multiple_of(KEY_TABLE_CHECK_EVERY) && limiter.len() > self.keys_max {
+            // Forget keys whose bucket has refilled (idle keys); if the table is still over
+            // its bound (a flood of distinct live keys), start a fresh table rather than grow
+            // without limit: those clients get a fresh burst, memory stays bounded.
+            limiter.retain_recent();
+            if limiter.len() > self.keys_max {
+                tracing::warn!(
+                    keys = limiter.len(),
+                    bound = self.keys_max,
+                    "rate-limit key table full; resetting it"
+                );
+                self.limiter.store(std::sync::Arc::new(
+                    RateLimiter::keyed(self.quota).with_middleware::<StateInformationMiddleware>(),
+                ));
+            }
+        }
+        verdict
+    }
+
+    /// Evicts idle keys; called periodically.
+    pub(crate) fn evict_idle(&self) {
+        self.limiter.load().retain_recent();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn limiter(keys_max: usize) -> RouteLimiter {
+        let config: RateLimitConfig = toml::from_str(&format!(
+            "key = \"header:x-tenant\"\nrequests_per_second = 1\nburst = 2\nkeys_max = {keys_max}"
+        ))
+        .expect("config");
+        RouteLimiter::new("t", "route", &config).expect("limiter")
+    }
+
+    #[tokio::test]
+    async fn the_key_table_stays_within_its_bound_under_a_flood_of_keys() {
+        let l = limiter(100);
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for i in 0..10_000 {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-tenant", HeaderValue::from(i));
+            let _ = l.check(peer, None, &headers).await;
+            assert!(l.limiter.load().len() <= 100 + KEY_TABLE_CHECK_EVERY as usize + 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_is_limited_after_its_burst_and_others_are_not() {
+        let l = limiter(100);
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut a = HeaderMap::new();
+        a.insert("x-tenant", HeaderValue::from_static("a"));
+        let mut b = HeaderMap::new();
+        b.insert("x-tenant", HeaderValue::from_static("b"));
+        assert!(matches!(
+            l.check(peer, None, &a).await,
+            Verdict::Allowed { remaining: 1, .. }
+        ));
+        assert!(matches!(
+            l.check(peer, None, &a).await,
+            Verdict::Allowed { remaining: 0, .. }
+        ));
+        match l.check(peer, None, &a).await {
+            Verdict::Limited { retry_after, limit } => {
+                assert_eq!(limit, 2);
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            l.check(peer, None, &b).await,
+            Verdict::Allowed { .. }
+        ));
+    }
+}
