@@ -27,7 +27,7 @@
 //! limiters and token caches. [`Gateway::reload`] swaps the whole table; requests in flight
 //! finish on the one they started with. [`GatewayHooks`] is the extension point.
 //!
-//! Design notes: docs/decisions/0005-gateway-design.md; figures: docs/benchmarks-gateway.md.
+//! Design notes: docs/decisions/0005-gateway-design.md; figures: docs/BENCHMARKS.md.
 //!
 //! # How it fits
 //!
