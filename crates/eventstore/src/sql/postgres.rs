@@ -4,19 +4,25 @@
 //! A `BIGSERIAL` position is assigned when a row is inserted, not when its transaction
 //! commits, so two concurrent appends can commit in the opposite order of their positions, and
 //! a reader that saw position 11 could miss position 10 committing a moment later. This
-//! backend avoids that by assigning positions under a lock: every append transaction first
-//! takes a transaction-scoped advisory lock, computes positions from `MAX(position)`, inserts,
+//! backend assigns positions under a lock instead: an append transaction first writes its
+//! events (`es_events`, keyed by event id, with `UNIQUE (stream_id, version)` catching a
+//! concurrent append to the same stream), then takes a transaction-scoped advisory lock,
+//! numbers its events in the log table (`es_log`: position → event id) from `MAX(position)`,
 //! and commits. PostgreSQL releases transaction-scoped locks only after the commit is visible
-//! to other sessions, so the next append cannot assign a position until every lower position
-//! is visible, and the set of visible positions is always a gap-free prefix of the log.
+//! to other sessions, so the next append cannot number anything until every lower position is
+//! visible, and the visible positions always form a gap-free prefix of the log.
 //!
-//! The lock serializes commits, which would cap throughput at one fsync per append; the
-//! writer's group commit (one transaction for every append waiting in the process) restores
-//! throughput. Several processes can share the database: they take turns at the lock.
+//! Only the numbering and the commit are serialized; writing the events themselves (parsing
+//! the JSON, updating the indexes) runs in parallel, in several writer tasks per store and in
+//! several processes. Each writer also groups the appends waiting in its queue into one
+//! transaction. An append that loses a race on a stream version or an event id (a unique
+//! violation) is decided again on fresh state, so it gets the right answer: a version
+//! conflict, or the earlier append's result for a retried event id.
 //!
 //! Appends `NOTIFY` the new head on the `trellis_es_head` channel, so subscriptions in every
 //! process wake up at once instead of polling.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -27,9 +33,7 @@ use sqlx::{Postgres, Row as _, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::writer::{
-    AppendRequest, BatchState, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64,
-};
+use super::writer::{AppendRequest, QUEUE_APPENDS_MAX, fill_batch, replayed, to_i64, to_u64};
 use super::{RawEvent, raise};
 use crate::error::EventStoreError;
 use crate::store::EventStore;
@@ -53,16 +57,19 @@ const LISTENER_IDLE_CHECK: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS es_events (
-    position       BIGINT      PRIMARY KEY,
+    event_id       UUID        PRIMARY KEY,
     stream_id      TEXT        NOT NULL,
     version        BIGINT      NOT NULL,
-    event_id       UUID        NOT NULL UNIQUE,
     event_type     TEXT        NOT NULL,
     schema_version INTEGER     NOT NULL,
     data           JSONB       NOT NULL,
     metadata       JSONB       NOT NULL,
     recorded_at    TIMESTAMPTZ NOT NULL,
     UNIQUE (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS es_log (
+    position BIGINT PRIMARY KEY,
+    event_id UUID   NOT NULL UNIQUE
 );
 CREATE TABLE IF NOT EXISTS es_streams (
     stream_id       TEXT    PRIMARY KEY,
@@ -79,7 +86,12 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
 );
 "#;
 
-const SELECT_EVENT: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, data::text AS data, metadata::text AS metadata, recorded_at FROM es_events";
+const SELECT_EVENT: &str = "SELECT l.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, e.data::text AS data, e.metadata::text AS metadata, e.recorded_at FROM es_events e JOIN es_log l ON l.event_id = e.event_id";
+
+/// Writer tasks per store: they write events in parallel and take turns only to number them.
+const WRITERS: usize = 4;
+/// Attempts at a batch whose appends keep losing races (unique violations, deadlocks).
+const RACE_ATTEMPTS: u32 = 5;
 
 /// An event store in PostgreSQL. Cheap to clone; clones share the pool and the writer.
 #[derive(Debug, Clone)]
@@ -122,33 +134,12 @@ impl PostgresStore {
                 .await?;
             created?;
         }
-        let head_now: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+        let head_now: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_log")
             .fetch_one(&pool)
             .await?;
         let head = Arc::new(watch::Sender::new(to_u64(head_now)));
         spawn_listener(pool.clone(), Arc::downgrade(&head));
-        let writer = {
-            let pool = pool.clone();
-            let head = Arc::downgrade(&head);
-            spawn_writer(
-                move || {
-                    let pool = pool.clone();
-                    async move {
-                        let mut tx = pool.begin().await?;
-                        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                            .bind(APPEND_LOCK_KEY)
-                            .execute(&mut *tx)
-                            .await?;
-                        Ok(PgBatch { tx })
-                    }
-                },
-                move |position| {
-                    if let Some(head) = head.upgrade() {
-                        raise(&head, position);
-                    }
-                },
-            )
-        };
+        let writer = spawn_writers(&pool, &head);
         Ok(Self { pool, writer, head })
     }
 
@@ -193,109 +184,290 @@ fn spawn_listener(pool: PgPool, head: Weak<watch::Sender<u64>>) {
     });
 }
 
-struct PgBatch {
-    tx: Transaction<'static, Postgres>,
+/// Starts the writer tasks, fed by the returned sender; they end when every sender is gone.
+fn spawn_writers(pool: &PgPool, head: &Arc<watch::Sender<u64>>) -> mpsc::Sender<AppendRequest> {
+    let (sender, receiver) = mpsc::channel::<AppendRequest>(QUEUE_APPENDS_MAX);
+    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    for _ in 0..WRITERS {
+        let (pool, receiver, head) = (pool.clone(), receiver.clone(), Arc::downgrade(head));
+        tokio::spawn(async move {
+            loop {
+                let batch = {
+                    let mut receiver = receiver.lock().await;
+                    let Some(first) = receiver.recv().await else {
+                        return;
+                    };
+                    fill_batch(first, &mut receiver)
+                };
+                let outcome = write_with_retries(&pool, &batch).await;
+                match outcome {
+                    Ok((results, last)) => {
+                        if let (Some(last), Some(head)) = (last, head.upgrade()) {
+                            raise(&head, last);
+                        }
+                        for (request, result) in batch.into_iter().zip(results) {
+                            let _ = request.reply.send(result);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, appends = batch.len(), "event store append transaction failed");
+                        let message = error.to_string();
+                        for request in batch {
+                            let _ = request
+                                .reply
+                                .send(Err(EventStoreError::Unavailable(message.clone())));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    sender
 }
 
-impl BatchTx for PgBatch {
-    /// One round trip: head, stored ids and stream versions together.
-    async fn read_state(
-        &mut self,
-        ids: &[Uuid],
-        streams: &[String],
-    ) -> Result<BatchState, sqlx::Error> {
-        // Joins against the unnested arrays keep the plans index lookups; a generic plan for
-        // `= ANY($1)` can turn into a scan of the whole log as it grows.
-        let (head, stored, versions): (i64, String, String) = sqlx::query_as(
-            "SELECT
-                 (SELECT COALESCE(MAX(position), 0) FROM es_events),
-                 (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.stream_id, e.version, e.position)), '[]')
-                    FROM UNNEST($1::uuid[]) AS ids(id) JOIN es_events e ON e.event_id = ids.id)::text,
-                 (SELECT COALESCE(json_agg(json_build_array(s.stream_id, s.version)), '[]')
-                    FROM UNNEST($2::text[]) AS wanted(id) JOIN es_streams s ON s.stream_id = wanted.id)::text",
-        )
-        .bind(ids)
-        .bind(streams)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
-        let stored: Vec<(Uuid, String, i64, i64)> =
-            serde_json::from_str(&stored).map_err(decode)?;
-        let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
-        Ok(BatchState {
-            head: to_u64(head),
-            stored: stored
-                .into_iter()
-                .map(|(id, stream, version, position)| StoredId {
-                    id,
-                    stream,
-                    version: to_u64(version),
-                    position: to_u64(position),
-                })
-                .collect(),
-            versions: versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
-        })
+type BatchOutcome = (Vec<Result<AppendResult, EventStoreError>>, Option<u64>);
+
+/// Writes a batch, deciding again on fresh state when it lost a race to another writer.
+async fn write_with_retries(
+    pool: &PgPool,
+    batch: &[AppendRequest],
+) -> Result<BatchOutcome, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match write_batch(pool, batch).await {
+            Err(error) if lost_race(&error) && attempt < RACE_ATTEMPTS => {
+                tracing::debug!(%error, attempt, "append batch lost a race; deciding again");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// A unique violation (a stream version or event id taken concurrently) or a deadlock.
+fn lost_race(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505" | "40P01")))
+}
+
+/// What one append of a batch turned into.
+enum Decision {
+    /// Answered without writing (a conflict, or a replay of stored ids).
+    Answered(Result<AppendResult, EventStoreError>),
+    /// Written as rows `[first, first + count)` of the batch, reaching `next_version`.
+    Written {
+        first: usize,
+        count: usize,
+        next_version: u64,
+    },
+}
+
+/// One transaction for the whole batch: decide every append on committed state, write the
+/// events, then number them under the lock and commit.
+async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = batch
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.id))
+        .collect();
+    let mut streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let (stored, versions) = read_state(&mut tx, &ids, &streams).await?;
+    let mut stored: HashMap<Uuid, (String, u64, u64)> = stored;
+    let mut versions: HashMap<String, u64> = versions;
+
+    // Rows to write, in batch order: (request index, event index, version).
+    let mut rows: Vec<(usize, usize, i64)> = Vec::new();
+    let mut decisions = Vec::with_capacity(batch.len());
+    for (index, request) in batch.iter().enumerate() {
+        let request_ids: Vec<Uuid> = request.events.iter().map(|e| e.id).collect();
+        let known: Vec<(Uuid, String, u64, u64)> = request_ids
+            .iter()
+            .filter_map(|id| stored.get(id).map(|(s, v, p)| (*id, s.clone(), *v, *p)))
+            .collect();
+        if !known.is_empty() {
+            decisions.push(Decision::Answered(replayed(
+                &request.stream,
+                &request_ids,
+                known,
+            )));
+            continue;
+        }
+        let version = versions.get(request.stream.as_str()).copied().unwrap_or(0);
+        if !request.expected.matches(version) {
+            decisions.push(Decision::Answered(Err(
+                EventStoreError::WrongExpectedVersion {
+                    stream: request.stream.clone(),
+                    expected: request.expected,
+                    actual: version,
+                },
+            )));
+            continue;
+        }
+        let first = rows.len();
+        for (event_index, event) in request.events.iter().enumerate() {
+            let event_version = version + event_index as u64 + 1;
+            rows.push((index, event_index, to_i64(event_version)));
+            // Position 0 marks "written in this batch"; a second append of the same ids in
+            // the batch is then refused as a conflict rather than written twice.
+            stored.insert(
+                event.id,
+                (request.stream.as_str().to_owned(), event_version, 0),
+            );
+        }
+        let next_version = version + request.events.len() as u64;
+        versions.insert(request.stream.as_str().to_owned(), next_version);
+        decisions.push(Decision::Written {
+            first,
+            count: request.events.len(),
+            next_version,
+        });
+    }
+    if rows.is_empty() {
+        let results = decisions.into_iter().map(|d| match d {
+            Decision::Answered(result) => result,
+            Decision::Written { .. } => {
+                Err(EventStoreError::Internal("written without rows".into()))
+            }
+        });
+        return Ok((results.collect(), None));
     }
 
-    /// One round trip for the rows, the stream versions and the notification, then the commit.
-    async fn write(
-        mut self,
-        rows: &[Row],
-        versions: &[(String, i64)],
-        head: u64,
-    ) -> Result<(), sqlx::Error> {
-        let mut positions = Vec::with_capacity(rows.len());
-        let mut streams = Vec::with_capacity(rows.len());
-        let mut row_versions = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut types = Vec::with_capacity(rows.len());
-        let mut schema_versions = Vec::with_capacity(rows.len());
-        let mut data = Vec::with_capacity(rows.len());
-        let mut metadata = Vec::with_capacity(rows.len());
-        let mut recorded = Vec::with_capacity(rows.len());
-        for row in rows {
-            positions.push(row.position);
-            streams.push(row.stream.as_str());
-            row_versions.push(row.version);
-            ids.push(row.event.id);
-            types.push(row.event.event_type.as_str());
-            schema_versions.push(i32::try_from(row.event.schema_version).unwrap_or(i32::MAX));
-            data.push(json_text(&row.event.data)?);
-            metadata.push(json_text(&row.event.metadata)?);
-            recorded.push(row.recorded_at);
-        }
-        let (touched, touched_versions): (Vec<&str>, Vec<i64>) =
-            versions.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
-        sqlx::query(
-            "WITH inserted AS (
-                 INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
-                 SELECT p, s, v, i, t, sv, d::jsonb, m::jsonb, r
-                 FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::timestamptz[])
-                      AS x(p, s, v, i, t, sv, d, m, r)
-             ), streams AS (
-                 INSERT INTO es_streams (stream_id, version)
-                 SELECT s, v FROM UNNEST($10::text[], $11::bigint[]) AS y(s, v)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE
-             )
-             SELECT pg_notify($12, $13)",
-        )
-        .bind(positions)
-        .bind(streams)
-        .bind(row_versions)
-        .bind(ids)
-        .bind(types)
-        .bind(schema_versions)
-        .bind(data)
-        .bind(metadata)
-        .bind(recorded)
-        .bind(touched)
-        .bind(touched_versions)
-        .bind(HEAD_CHANNEL)
-        .bind(head.to_string())
-        .execute(&mut *self.tx)
+    insert_events(&mut tx, batch, &rows, &versions).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK_KEY)
+        .execute(&mut *tx)
         .await?;
-        self.tx.commit().await
+    let numbered: Vec<Uuid> = rows
+        .iter()
+        .map(|(r, e, _)| batch[*r].events[*e].id)
+        .collect();
+    let (before, _): (i64, i64) = sqlx::query_as(
+        "WITH h AS (SELECT COALESCE(MAX(position), 0) AS head FROM es_log),
+              numbered AS (
+                  INSERT INTO es_log (position, event_id)
+                  SELECT h.head + x.ord, x.id FROM h, UNNEST($1::uuid[]) WITH ORDINALITY AS x(id, ord)
+                  RETURNING position),
+              notified AS (SELECT pg_notify($2, MAX(position)::text) FROM numbered)
+         SELECT h.head, (SELECT count(*) FROM notified) FROM h",
+    )
+    .bind(&numbered)
+    .bind(HEAD_CHANNEL)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    let before = to_u64(before);
+    let results = decisions
+        .into_iter()
+        .map(|decision| match decision {
+            Decision::Answered(result) => result,
+            Decision::Written {
+                first,
+                count,
+                next_version,
+            } => Ok(AppendResult {
+                next_version,
+                global_position: before + (first + count) as u64,
+            }),
+        })
+        .collect();
+    Ok((results, Some(before + rows.len() as u64)))
+}
+
+/// Which ids are stored (with stream, version and position) and the streams' versions, in one
+/// round trip. Joins against the unnested arrays keep the plans index lookups; a generic plan
+/// for `= ANY($1)` can turn into a scan of the whole table as it grows.
+async fn read_state(
+    tx: &mut Transaction<'static, Postgres>,
+    ids: &[Uuid],
+    streams: &[&str],
+) -> Result<(HashMap<Uuid, (String, u64, u64)>, HashMap<String, u64>), sqlx::Error> {
+    let (stored, versions): (String, String) = sqlx::query_as(
+        "SELECT
+             (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.stream_id, e.version, l.position)), '[]')
+                FROM UNNEST($1::uuid[]) AS ids(id)
+                JOIN es_events e ON e.event_id = ids.id
+                JOIN es_log l ON l.event_id = e.event_id)::text,
+             (SELECT COALESCE(json_agg(json_build_array(s.stream_id, s.version)), '[]')
+                FROM UNNEST($2::text[]) AS wanted(id) JOIN es_streams s ON s.stream_id = wanted.id)::text",
+    )
+    .bind(ids)
+    .bind(streams)
+    .fetch_one(&mut **tx)
+    .await?;
+    let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+    let stored: Vec<(Uuid, String, i64, i64)> = serde_json::from_str(&stored).map_err(decode)?;
+    let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
+    Ok((
+        stored
+            .into_iter()
+            .map(|(id, s, v, p)| (id, (s, to_u64(v), to_u64(p))))
+            .collect(),
+        versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
+    ))
+}
+
+/// Writes the events and the streams' new versions in one statement. Rows go in sorted by
+/// (stream, version) so concurrent writers take index locks in the same order.
+async fn insert_events(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: &[AppendRequest],
+    rows: &[(usize, usize, i64)],
+    versions: &HashMap<String, u64>,
+) -> Result<(), sqlx::Error> {
+    let mut order: Vec<&(usize, usize, i64)> = rows.iter().collect();
+    order.sort_by(|a, b| (batch[a.0].stream.as_str(), a.2).cmp(&(batch[b.0].stream.as_str(), b.2)));
+    let recorded_at = Utc::now();
+    let mut streams = Vec::with_capacity(rows.len());
+    let mut row_versions = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut types = Vec::with_capacity(rows.len());
+    let mut schema_versions = Vec::with_capacity(rows.len());
+    let mut data = Vec::with_capacity(rows.len());
+    let mut metadata = Vec::with_capacity(rows.len());
+    for (request, event, version) in order {
+        let (stream, event) = (&batch[*request].stream, &batch[*request].events[*event]);
+        streams.push(stream.as_str());
+        row_versions.push(*version);
+        ids.push(event.id);
+        types.push(event.event_type.as_str());
+        schema_versions.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
+        data.push(json_text(&event.data)?);
+        metadata.push(json_text(&event.metadata)?);
     }
+    let mut touched: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|(request, _, _)| batch[*request].stream.as_str())
+        .map(|stream| (stream, to_i64(versions.get(stream).copied().unwrap_or(0))))
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    let (touched, touched_versions): (Vec<&str>, Vec<i64>) = touched.into_iter().unzip();
+    sqlx::query(
+        "WITH inserted AS (
+             INSERT INTO es_events (event_id, stream_id, version, event_type, schema_version, data, metadata, recorded_at)
+             SELECT i, s, v, t, sv, d::jsonb, m::jsonb, $8
+             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int4[], $6::text[], $7::text[])
+                  AS x(i, s, v, t, sv, d, m)
+         )
+         INSERT INTO es_streams (stream_id, version)
+         SELECT s, v FROM UNNEST($9::text[], $10::bigint[]) AS y(s, v)
+         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE",
+    )
+    .bind(ids)
+    .bind(streams)
+    .bind(row_versions)
+    .bind(types)
+    .bind(schema_versions)
+    .bind(data)
+    .bind(metadata)
+    .bind(recorded_at)
+    .bind(touched)
+    .bind(touched_versions)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
@@ -361,7 +533,7 @@ impl EventStore for PostgresStore {
         let rows = match direction {
             Direction::Forwards => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3"
+                    "{SELECT_EVENT} WHERE e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"
                 )))
                 .bind(stream.as_str())
                 .bind(to_i64(from.max(first)))
@@ -371,7 +543,7 @@ impl EventStore for PostgresStore {
             }
             Direction::Backwards => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE stream_id = $1 AND version <= $2 AND version >= $3 ORDER BY version DESC LIMIT $4"
+                    "{SELECT_EVENT} WHERE e.stream_id = $1 AND e.version <= $2 AND e.version >= $3 ORDER BY e.version DESC LIMIT $4"
                 )))
                 .bind(stream.as_str())
                 .bind(to_i64(from))
@@ -391,7 +563,7 @@ impl EventStore for PostgresStore {
     ) -> Result<Vec<RecordedEvent>, EventStoreError> {
         validate_limit(limit)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE position >= $1 ORDER BY position LIMIT $2"
+            "{SELECT_EVENT} WHERE l.position >= $1 ORDER BY l.position LIMIT $2"
         )))
         .bind(to_i64(from))
         .bind(to_i64(limit as u64))
@@ -438,7 +610,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn head(&self) -> Result<u64, EventStoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_log")
             .fetch_one(&self.pool)
             .await?;
         Ok(to_u64(head))

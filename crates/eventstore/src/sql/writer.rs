@@ -90,17 +90,7 @@ where
     let (sender, mut receiver) = mpsc::channel::<AppendRequest>(QUEUE_APPENDS_MAX);
     tokio::spawn(async move {
         while let Some(first) = receiver.recv().await {
-            let mut events = first.events.len();
-            let mut batch = vec![first];
-            while batch.len() < BATCH_APPENDS_MAX && events < BATCH_EVENTS_MAX {
-                match receiver.try_recv() {
-                    Ok(request) => {
-                        events += request.events.len();
-                        batch.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let mut batch = fill_batch(first, &mut receiver);
             let outcomes = match begin().await {
                 Ok(tx) => write_batch(tx, &mut batch).await,
                 Err(error) => Err(error),
@@ -127,6 +117,25 @@ where
         }
     });
     sender
+}
+
+/// The appends waiting in the queue after `first`, up to the batch limits.
+pub(crate) fn fill_batch(
+    first: AppendRequest,
+    receiver: &mut mpsc::Receiver<AppendRequest>,
+) -> Vec<AppendRequest> {
+    let mut events = first.events.len();
+    let mut batch = vec![first];
+    while batch.len() < BATCH_APPENDS_MAX && events < BATCH_EVENTS_MAX {
+        match receiver.try_recv() {
+            Ok(request) => {
+                events += request.events.len();
+                batch.push(request);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Checks and writes every append of the batch in one transaction: one query finds which of
@@ -206,7 +215,7 @@ async fn write_batch<T: BatchTx>(
 }
 
 /// The answer to an append whose ids (some or all) are already stored.
-fn replayed(
+pub(crate) fn replayed(
     stream: &StreamId,
     ids: &[Uuid],
     mut stored: Vec<(Uuid, String, u64, u64)>,
