@@ -89,7 +89,7 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
 const SELECT_EVENT: &str = "SELECT l.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, e.data::text AS data, e.metadata::text AS metadata, e.recorded_at FROM es_events e JOIN es_log l ON l.event_id = e.event_id";
 
 /// Writer tasks per store: they write events in parallel and take turns only to number them.
-const WRITERS: usize = 4;
+const WRITERS: usize = 2;
 /// Attempts at a batch whose appends keep losing races (unique violations, deadlocks).
 const RACE_ATTEMPTS: u32 = 5;
 
