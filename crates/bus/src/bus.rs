@@ -1,0 +1,586 @@
+//! The `Bus` trait, subscriptions, deliveries and the consumer loop shared by every backend.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::dlq::{DeadLetterReason, Failure};
+use crate::envelope::Envelope;
+use crate::error::BusError;
+use crate::policy::{RETRY_DELAY_MAX, RetryPolicy, SubscribeOptions};
+
+/// Most messages one [`Subscription::fetch`] returns.
+pub const FETCH_BATCH_MAX: usize = 1_024;
+/// Longest wait one [`Subscription::fetch`] accepts.
+pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// A durable publish/subscribe bus.
+///
+/// # Contract
+/// - [`Bus::publish`] returns once the backend holds the message durably (committed to the
+///   SQLite log, acknowledged by the JetStream stream); an error means it may or may not be
+///   stored, so publishing again is safe only because consumers deduplicate on the envelope id.
+/// - [`Bus::subscribe`] joins consumer group `group` on `pattern`. Every group sees every
+///   matching message retained by the backend (including those published before the group's
+///   first subscription); consumers of one group compete, and two messages with the same
+///   `subject` are never in flight at once within a group, so they are handled in order.
+/// - A delivery not settled within the ack wait is redelivered; after the policy's last
+///   delivery the message moves to the dead-letter queue. Nothing is dropped silently.
+pub trait Bus: Send + Sync {
+    /// Publishes `envelope` on `topic` and waits until it is durable.
+    ///
+    /// Fills `traceparent` from the current span when it is empty.
+    ///
+    /// # Errors
+    /// Bad topic or envelope, [`BusError::MessageTooLarge`] over the configured limit, or a
+    /// storage / network fault ([`BusError::is_retryable`]).
+    fn publish(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Joins consumer group `group` on the topics `pattern` matches.
+    ///
+    /// # Errors
+    /// Bad pattern or group, [`BusError::GroupConflict`] when the group exists with another
+    /// pattern, or a storage / network fault.
+    fn subscribe(
+        &self,
+        pattern: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> impl Future<Output = Result<Subscription, BusError>> + Send;
+}
+
+/// A delivered message: where it came from and what it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The consumer group it is delivered to.
+    pub group: String,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// Backend-specific handle on one delivery, used to settle it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeliveryKey {
+    /// The backend's sequence of the message (log row, stream sequence).
+    pub(crate) sequence: u64,
+    /// The lease this delivery holds (SQLite, memory).
+    pub(crate) lease: u64,
+    /// The JetStream reply subject.
+    pub(crate) reply: Option<String>,
+}
+
+/// What a consumer decided about a delivery.
+#[derive(Debug, Clone)]
+pub(crate) enum Settlement {
+    Ack,
+    Nack {
+        delay: Duration,
+        error: Option<(String, String)>,
+    },
+    DeadLetter(Failure),
+}
+
+/// A backend's way to settle deliveries.
+pub(crate) trait Settle: Send + Sync + fmt::Debug {
+    fn settle(
+        &self,
+        message: Arc<Message>,
+        key: DeliveryKey,
+        attempt: u32,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), BusError>>;
+}
+
+/// A message as a backend fetched it, before the shared policy sees it.
+#[derive(Debug)]
+pub(crate) struct RawDelivery {
+    pub(crate) topic: String,
+    /// The envelope, or the undecodable payload as text.
+    pub(crate) envelope: Result<Envelope, String>,
+    pub(crate) attempt: u32,
+    pub(crate) key: DeliveryKey,
+}
+
+/// A backend's fetch side of a subscription.
+pub(crate) trait Source: Send + fmt::Debug {
+    fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<RawDelivery>, BusError>>;
+}
+
+/// One consumer's subscription to a group: fetch deliveries, settle each one.
+///
+/// Dropping the subscription (or a delivery) without settling leaves the messages to be
+/// redelivered after the ack wait, exactly as if the process had crashed.
+#[derive(Debug)]
+pub struct Subscription {
+    pub(crate) group: String,
+    pub(crate) source: Box<dyn Source>,
+    pub(crate) settler: Arc<dyn Settle>,
+    pub(crate) options: SubscribeOptions,
+    pub(crate) permits: Arc<Semaphore>,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        group: &str,
+        source: Box<dyn Source>,
+        settler: Arc<dyn Settle>,
+        options: SubscribeOptions,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(options.in_flight_max));
+        Self {
+            group: group.to_owned(),
+            source,
+            settler,
+            options,
+            permits,
+        }
+    }
+
+    /// The group this subscription consumes for.
+    #[must_use]
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// How many more deliveries this consumer may hold before fetch waits (backpressure).
+    #[must_use]
+    pub fn available_in_flight(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Waits up to `wait` for deliveries and returns at most `max` of them (empty on timeout).
+    ///
+    /// Never returns more than the in-flight limit allows: while the consumer holds
+    /// `in_flight_max` unsettled deliveries, fetch waits for one to be settled or dropped.
+    /// Messages past their last delivery (their consumer crashed or never settled) and
+    /// payloads that are not envelopes are moved to the dead-letter queue here and not
+    /// returned.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] for `max == 0` or `max > FETCH_BATCH_MAX` or `wait` over
+    /// [`FETCH_WAIT_MAX`]; storage / network faults.
+    pub async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        if !(1..=FETCH_BATCH_MAX).contains(&max) || wait > FETCH_WAIT_MAX {
+            return Err(BusError::InvalidConfig(format!(
+                "fetch takes 1..={FETCH_BATCH_MAX} messages and waits at most {FETCH_WAIT_MAX:?}"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let first = match tokio::time::timeout_at(
+            deadline,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(BusError::Closed),
+            Err(_) => return Ok(Vec::new()),
+        };
+        let extra = self.permits.available_permits().min(max - 1);
+        let mut permits = vec![first];
+        if extra > 0
+            && let Ok(mut many) = Arc::clone(&self.permits).try_acquire_many_owned(extra as u32)
+        {
+            for _ in 0..extra {
+                if let Some(one) = many.split(1) {
+                    permits.push(one);
+                }
+            }
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let raw = self.source.fetch(permits.len(), remaining).await?;
+        let mut deliveries = Vec::with_capacity(raw.len());
+        for raw in raw {
+            let permit = permits
+                .pop()
+                .expect("the source returns at most as many messages as asked for");
+            let policy = &self.options.retry;
+            let (envelope, undecodable) = match raw.envelope {
+                Ok(envelope) => (envelope, None),
+                Err(text) => (undecodable_envelope(&text), Some(text)),
+            };
+            let delivery = Delivery {
+                message: Arc::new(Message {
+                    topic: raw.topic,
+                    group: self.group.clone(),
+                    envelope,
+                }),
+                attempt: raw.attempt,
+                key: raw.key,
+                policy: policy.clone(),
+                settler: Arc::clone(&self.settler),
+                _permit: permit,
+            };
+            if undecodable.is_some() {
+                delivery
+                    .poison("the payload is not a trellis envelope")
+                    .await?;
+            } else if raw.attempt > policy.max_deliveries() {
+                let error = format!(
+                    "delivery {} of {} was not settled within the ack wait",
+                    raw.attempt - 1,
+                    policy.max_deliveries()
+                );
+                let failure = Failure::new(DeadLetterReason::AckTimeout, "ack_timeout", &error);
+                delivery.dead_letter(failure).await?;
+            } else {
+                deliveries.push(delivery);
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// Runs `handler` on every delivery until `shutdown` resolves, up to the in-flight limit
+    /// concurrently (never two messages of one subject at once), then waits for the handlers
+    /// in flight to finish.
+    ///
+    /// Each handler runs in a `bus.consume` span whose parent is the producer's span (from the
+    /// envelope's `traceparent`). `Ok` acks; a retryable [`HandlerError`] follows the retry
+    /// policy; a permanent one dead-letters the message as rejected; a decode error as poison.
+    ///
+    /// # Errors
+    /// A fetch fault that is not retryable; retryable ones are logged and retried after a
+    /// short pause.
+    pub async fn run<F, Fut>(
+        mut self,
+        handler: F,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), BusError>
+    where
+        F: Fn(Arc<Message>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        const IDLE_WAIT: Duration = Duration::from_millis(500);
+        const FAULT_PAUSE: Duration = Duration::from_millis(200);
+        let handler = Arc::new(handler);
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        let batch = self.options.in_flight_max.min(FETCH_BATCH_MAX);
+        let outcome = loop {
+            let fetched = tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                fetched = self.fetch(batch, IDLE_WAIT) => fetched,
+            };
+            while tasks.try_join_next().is_some() {}
+            match fetched {
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        let handler = Arc::clone(&handler);
+                        tasks.spawn(async move {
+                            if let Err(error) = delivery.handle_with(&*handler).await {
+                                tracing::warn!(%error, "settling a delivery failed; it will be redelivered");
+                            }
+                        });
+                    }
+                }
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(%error, "fetch failed; retrying");
+                    tokio::time::sleep(FAULT_PAUSE).await;
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        while tasks.join_next().await.is_some() {}
+        outcome
+    }
+}
+
+fn undecodable_envelope(text: &str) -> Envelope {
+    Envelope::new(
+        "trellis.undecodable",
+        "unknown",
+        "unknown",
+        serde_json::Value::String(crate::dlq::truncate(text, 64 * 1024)),
+    )
+}
+
+/// Why a handler failed, and whether trying again may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    kind: String,
+    message: String,
+    disposition: Disposition,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    Retry,
+    Reject,
+    Poison,
+}
+
+impl HandlerError {
+    /// A transient failure: the retry policy decides when to try again.
+    pub fn transient(kind: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.to_string(),
+            disposition: Disposition::Retry,
+        }
+    }
+
+    /// A permanent failure: the message goes to the dead-letter queue as rejected.
+    pub fn permanent(kind: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.to_string(),
+            disposition: Disposition::Reject,
+        }
+    }
+
+    /// The error kind (the first part of the failure fingerprint).
+    #[must_use]
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The error text.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the retry policy applies.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        self.disposition == Disposition::Retry
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<BusError> for HandlerError {
+    /// A decode error is poison; a retryable bus error is transient; others are permanent.
+    fn from(error: BusError) -> Self {
+        let disposition = match &error {
+            BusError::Decode { .. } => Disposition::Poison,
+            other if other.is_retryable() => Disposition::Retry,
+            _ => Disposition::Reject,
+        };
+        let kind = match &error {
+            BusError::Decode { .. } => "decode",
+            BusError::Database(_) => "database",
+            BusError::Nats(_) => "nats",
+            _ => "bus",
+        };
+        Self {
+            kind: kind.to_owned(),
+            message: error.to_string(),
+            disposition,
+        }
+    }
+}
+
+/// One delivery of a message to this consumer. Settle it exactly once with
+/// [`Delivery::ack`], [`Delivery::nack`], [`Delivery::fail`], [`Delivery::term`] or
+/// [`Delivery::poison`]; dropping it unsettled means redelivery after the ack wait.
+#[derive(Debug)]
+pub struct Delivery {
+    message: Arc<Message>,
+    attempt: u32,
+    key: DeliveryKey,
+    policy: RetryPolicy,
+    settler: Arc<dyn Settle>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Delivery {
+    /// The message.
+    #[must_use]
+    pub fn message(&self) -> &Arc<Message> {
+        &self.message
+    }
+
+    /// The envelope.
+    #[must_use]
+    pub fn envelope(&self) -> &Envelope {
+        &self.message.envelope
+    }
+
+    /// Which delivery of this message this is, from 1.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Decodes the data; on error, pass the error to [`Delivery::poison`].
+    ///
+    /// # Errors
+    /// [`BusError::Decode`] when the data does not fit `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, BusError> {
+        self.message.envelope.decode()
+    }
+
+    /// Confirms the message was handled; it will not be delivered to this group again.
+    ///
+    /// # Errors
+    /// [`BusError::LeaseLost`] when the ack wait had passed and the message went to another
+    /// consumer; storage / network faults.
+    pub async fn ack(self) -> Result<(), BusError> {
+        metrics::counter!("trellis_bus_acked_total").increment(1);
+        self.settle(Settlement::Ack).await
+    }
+
+    /// Asks for redelivery after `delay` (capped at 24 h); counts as a failed delivery, so the
+    /// last allowed delivery goes to the dead-letter queue instead.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn nack(self, delay: Duration) -> Result<(), BusError> {
+        if self.attempt >= self.policy.max_deliveries() {
+            let failure = Failure::new(
+                DeadLetterReason::MaxDeliveries,
+                "nack",
+                "the consumer asked for redelivery on the last allowed delivery",
+            );
+            return self.dead_letter(failure).await;
+        }
+        self.settle(Settlement::Nack {
+            delay: delay.min(RETRY_DELAY_MAX),
+            error: None,
+        })
+        .await
+    }
+
+    /// Records a handler failure and applies the retry policy: redelivery after the backoff
+    /// delay, or the dead-letter queue after the last delivery.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn fail(self, error: &HandlerError) -> Result<(), BusError> {
+        match error.disposition {
+            Disposition::Poison => return self.poison(&error.message).await,
+            Disposition::Reject => {
+                let failure = Failure::new(DeadLetterReason::Rejected, &error.kind, &error.message);
+                return self.dead_letter(failure).await;
+            }
+            Disposition::Retry => {}
+        }
+        if self.attempt >= self.policy.max_deliveries() {
+            let failure =
+                Failure::new(DeadLetterReason::MaxDeliveries, &error.kind, &error.message);
+            return self.dead_letter(failure).await;
+        }
+        let delay = self.policy.delay(self.attempt);
+        metrics::counter!("trellis_bus_retries_total").increment(1);
+        self.settle(Settlement::Nack {
+            delay,
+            error: Some((error.kind.clone(), error.message.clone())),
+        })
+        .await
+    }
+
+    /// Terminates the message: it goes to the dead-letter queue as rejected, with `reason`.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn term(self, reason: &str) -> Result<(), BusError> {
+        let failure = Failure::new(DeadLetterReason::Rejected, "terminated", reason);
+        self.dead_letter(failure).await
+    }
+
+    /// Moves a message whose data does not decode to the dead-letter queue at once.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn poison(self, error: &str) -> Result<(), BusError> {
+        let failure = Failure::new(DeadLetterReason::Poison, "decode", error);
+        self.dead_letter(failure).await
+    }
+
+    pub(crate) async fn dead_letter(self, failure: Failure) -> Result<(), BusError> {
+        tracing::warn!(
+            message_id = %self.message.envelope.id,
+            topic = %self.message.topic,
+            group = %self.message.group,
+            reason = failure.reason.as_str(),
+            attempts = self.attempt,
+            error = %failure.error,
+            "message dead-lettered"
+        );
+        metrics::counter!("trellis_bus_dead_lettered_total", "reason" => failure.reason.as_str())
+            .increment(1);
+        self.settle(Settlement::DeadLetter(failure)).await
+    }
+
+    async fn settle(self, settlement: Settlement) -> Result<(), BusError> {
+        let Self {
+            message,
+            attempt,
+            key,
+            settler,
+            _permit,
+            ..
+        } = self;
+        settler.settle(message, key, attempt, settlement).await
+    }
+
+    /// Runs `handler` in a span continuing the producer's trace and settles by its outcome.
+    async fn handle_with<F, Fut>(self, handler: &F) -> Result<(), BusError>
+    where
+        F: Fn(Arc<Message>) -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        let span = consume_span(&self.message, self.attempt);
+        let outcome = handler(Arc::clone(&self.message))
+            .instrument(span.clone())
+            .await;
+        async move {
+            match outcome {
+                Ok(()) => self.ack().await,
+                Err(error) => self.fail(&error).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A `bus.consume` span whose OpenTelemetry parent is the producer's span.
+#[must_use]
+pub fn consume_span(message: &Message, attempt: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "bus.consume",
+        topic = %message.topic,
+        group = %message.group,
+        message_id = %message.envelope.id,
+        message_type = %message.envelope.kind,
+        subject = %message.envelope.subject,
+        attempt,
+    );
+    trellis_telemetry::propagation::set_parent_from_map(&span, &message.envelope.trace_map());
+    span
+}
+
+/// Milliseconds since the Unix epoch of `time`, for storage.
+pub(crate) fn millis(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+/// The time `millis` milliseconds after the Unix epoch.
+pub(crate) fn from_millis(millis: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}

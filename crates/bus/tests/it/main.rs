@@ -1,0 +1,11 @@
+//! trellis-bus integration tests: the conformance suite on every backend, and the features
+//! built on it (inbox, outbox, DLQ HTTP API, trace propagation).
+
+mod conformance;
+mod dlq_http;
+mod exactly_once;
+mod helpers;
+mod memory;
+mod nats;
+mod sqlite;
+mod trace;
