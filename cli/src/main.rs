@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use trellis_telemetry::{LogFormat, TelemetryConfig};
 
 mod demo;
+mod dlq;
 
 /// trellis: resilient, event-driven microservices in Rust.
 #[derive(Debug, Parser)]
@@ -41,6 +42,8 @@ enum Command {
     /// Runs the API gateway in front of any HTTP upstreams (routing, JWT, rate limits, load
     /// balancing). SIGHUP reloads the file; Ctrl-C drains and stops.
     Gateway(GatewayArgs),
+    /// Inspects and acts on dead letters: list, show, replay, discard.
+    Dlq(dlq::DlqArgs),
 }
 
 /// Settings of `trellis gateway`.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(demo) => demo.run().await,
+            Command::Dlq(args) => args.run().await,
             Command::Gateway(args) => trellis_gateway::run_on(&args.config, args.listen)
                 .await
                 .with_context(|| format!("gateway with {}", args.config.display())),

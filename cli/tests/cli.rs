@@ -105,3 +105,105 @@ fn the_gateway_names_the_bad_key_of_a_broken_config() {
     assert_eq!(stderr.trim().lines().count(), 1, "stderr was: {stderr}");
     assert!(stderr.contains("routes[0]"), "{stderr}");
 }
+
+/// Puts one poison message into a SQLite bus's dead-letter queue; returns its dead letter's id.
+fn dead_letter_in(path: &std::path::Path) -> String {
+    use trellis_bus::{
+        Bus, DeadLetterFilter, DeadLetters, Envelope, SubscribeOptions, sqlite::SqliteBus,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let bus = SqliteBus::open_path(path).await.expect("open bus");
+        let mut subscription = bus
+            .subscribe("orders.placed", "billing", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let envelope = Envelope::new(
+            "order.placed",
+            "orders",
+            "o-1",
+            serde_json::json!({"total": "x"}),
+        );
+        bus.publish("orders.placed", envelope)
+            .await
+            .expect("publish");
+        let mut deliveries = Vec::new();
+        for _ in 0..50 {
+            deliveries = subscription
+                .fetch(1, std::time::Duration::from_millis(100))
+                .await
+                .expect("fetch");
+            if !deliveries.is_empty() {
+                break;
+            }
+        }
+        let delivery = deliveries.pop().expect("the message arrives");
+        delivery
+            .poison("total is not a number")
+            .await
+            .expect("dead-letter it");
+        let letters = bus.list(&DeadLetterFilter::default()).await.expect("list");
+        assert_eq!(letters.len(), 1);
+        letters[0].id.to_string()
+    })
+}
+
+#[test]
+fn dlq_lists_shows_replays_and_discards_dead_letters() {
+    // The CLI reads a SQLite bus's dead letters and acts on them, one line of output per action.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bus.db");
+    let id = dead_letter_in(&path);
+    let bus = format!("sqlite://{}", path.display());
+
+    let list = trellis(&["dlq", "--bus", &bus, "list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        table.contains(&id)
+            && table.contains("orders.placed")
+            && table.contains("1 dead letter(s)"),
+        "{table}"
+    );
+
+    let groups = trellis(&["dlq", "--bus", &bus, "list", "--groups", "--json"]);
+    let groups: serde_json::Value = serde_json::from_slice(&groups.stdout).expect("JSON groups");
+    assert_eq!(groups[0]["count"], 1);
+
+    let show = trellis(&["dlq", "--bus", &bus, "show", &id]);
+    let letter: serde_json::Value = serde_json::from_slice(&show.stdout).expect("JSON dead letter");
+    assert_eq!(letter["topic"], "orders.placed");
+    assert_eq!(letter["error"], "total is not a number");
+
+    let replay = trellis(&["dlq", "--bus", &bus, "replay", &id]);
+    assert!(
+        String::from_utf8_lossy(&replay.stdout).contains("replayed 1"),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let after = trellis(&["dlq", "--bus", &bus, "list"]);
+    assert!(String::from_utf8_lossy(&after.stdout).contains("0 dead letter(s)"));
+
+    let unknown = trellis(&[
+        "dlq",
+        "--bus",
+        &bus,
+        "discard",
+        "00000000-0000-0000-0000-000000000000",
+    ]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
+}
