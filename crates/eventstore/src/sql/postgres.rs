@@ -4,20 +4,24 @@
 //! A `BIGSERIAL` position is assigned when a row is inserted, not when its transaction
 //! commits, so two concurrent appends can commit in the opposite order of their positions, and
 //! a reader that saw position 11 could miss position 10 committing a moment later. This
-//! backend assigns positions under a lock instead: an append transaction first writes its
-//! events (`es_events`, keyed by event id, with `UNIQUE (stream_id, version)` catching a
-//! concurrent append to the same stream), then takes a transaction-scoped advisory lock,
-//! numbers its events in the log table (`es_log`: position → event id) from `MAX(position)`,
-//! and commits. PostgreSQL releases transaction-scoped locks only after the commit is visible
-//! to other sessions, so the next append cannot number anything until every lower position is
-//! visible, and the visible positions always form a gap-free prefix of the log.
+//! backend assigns positions under a lock instead. An append is one statement (so one
+//! implicit transaction): it writes its events (`es_events`, keyed by event id, with
+//! `UNIQUE (stream_id, version)` catching a concurrent append to the same stream) and the
+//! streams' versions, then calls `es_number`, which takes a transaction-scoped advisory lock,
+//! numbers the events in the log table (`es_log`: position → event id) from `MAX(position)`,
+//! and notifies; the statement then commits. PostgreSQL releases transaction-scoped locks only
+//! after the commit is visible to other sessions, so the next append cannot number anything
+//! until every lower position is visible, and the visible positions always form a gap-free
+//! prefix of the log.
 //!
 //! Only the numbering and the commit are serialized; writing the events themselves (parsing
 //! the JSON, updating the indexes) runs in parallel, in several writer tasks per store and in
-//! several processes. Each writer also groups the appends waiting in its queue into one
-//! transaction. An append that loses a race on a stream version or an event id (a unique
-//! violation) is decided again on fresh state, so it gets the right answer: a version
-//! conflict, or the earlier append's result for a retried event id.
+//! several processes. Each writer decides a batch on a read of the committed state (one
+//! query), then writes it with that one statement, so an append costs two round trips. Each
+//! writer also groups the appends waiting in its queue into one batch. An append that loses a
+//! race on a stream version or an event id (a unique violation) is decided again on fresh
+//! state, so it gets the right answer: a version conflict, or the earlier append's result for
+//! a retried event id.
 //!
 //! Appends `NOTIFY` the new head on the `trellis_es_head` channel, so subscriptions in every
 //! process wake up at once instead of polling.
@@ -29,7 +33,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use sqlx::{Postgres, Row as _, Transaction};
+use sqlx::{PgConnection, Row as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -84,6 +88,24 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
     schema_version INTEGER NOT NULL,
     state          JSONB   NOT NULL
 );
+-- The serialized part of an append, in one round trip: take the lock, number the events
+-- after the newest committed position, tell subscribers. Each statement of a VOLATILE
+-- PL/pgSQL function takes a fresh snapshot, so MAX(position) sees every commit made before
+-- the lock was granted. `written` only orders the call after the caller's inserts. Returns the
+-- head before numbering.
+CREATE OR REPLACE FUNCTION es_number(ids UUID[], channel TEXT, lock_key BIGINT, written BIGINT) RETURNS BIGINT
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    head BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    SELECT COALESCE(MAX(position), 0) INTO head FROM es_log;
+    INSERT INTO es_log (position, event_id)
+        SELECT head + x.ord, x.id FROM UNNEST(ids) WITH ORDINALITY AS x(id, ord);
+    PERFORM pg_notify(channel, (head + COALESCE(array_length(ids, 1), 0))::text);
+    RETURN head;
+END
+$$;
 "#;
 
 const SELECT_EVENT: &str = "SELECT l.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, e.data::text AS data, e.metadata::text AS metadata, e.recorded_at FROM es_events e JOIN es_log l ON l.event_id = e.event_id";
@@ -264,7 +286,7 @@ enum Decision {
 /// One transaction for the whole batch: decide every append on committed state, write the
 /// events, then number them under the lock and commit.
 async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutcome, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut connection = pool.acquire().await?;
     let ids: Vec<Uuid> = batch
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.id))
@@ -272,7 +294,7 @@ async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutc
     let mut streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
     streams.sort_unstable();
     streams.dedup();
-    let (stored, versions) = read_state(&mut tx, &ids, &streams).await?;
+    let (stored, versions) = read_state(&mut connection, &ids, &streams).await?;
     let mut stored: HashMap<Uuid, (String, u64, u64)> = stored;
     let mut versions: HashMap<String, u64> = versions;
 
@@ -333,31 +355,7 @@ async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutc
         return Ok((results.collect(), None));
     }
 
-    insert_events(&mut tx, batch, &rows, &versions).await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK_KEY)
-        .execute(&mut *tx)
-        .await?;
-    let numbered: Vec<Uuid> = rows
-        .iter()
-        .map(|(r, e, _)| batch[*r].events[*e].id)
-        .collect();
-    let (before, _): (i64, i64) = sqlx::query_as(
-        "WITH h AS (SELECT COALESCE(MAX(position), 0) AS head FROM es_log),
-              numbered AS (
-                  INSERT INTO es_log (position, event_id)
-                  SELECT h.head + x.ord, x.id FROM h, UNNEST($1::uuid[]) WITH ORDINALITY AS x(id, ord)
-                  RETURNING position),
-              notified AS (SELECT pg_notify($2, MAX(position)::text) FROM numbered)
-         SELECT h.head, (SELECT count(*) FROM notified) FROM h",
-    )
-    .bind(&numbered)
-    .bind(HEAD_CHANNEL)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-
-    let before = to_u64(before);
+    let before = to_u64(append_rows(&mut connection, batch, &rows, &versions).await?);
     let results = decisions
         .into_iter()
         .map(|decision| match decision {
@@ -379,7 +377,7 @@ async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutc
 /// round trip. Joins against the unnested arrays keep the plans index lookups; a generic plan
 /// for `= ANY($1)` can turn into a scan of the whole table as it grows.
 async fn read_state(
-    tx: &mut Transaction<'static, Postgres>,
+    connection: &mut PgConnection,
     ids: &[Uuid],
     streams: &[&str],
 ) -> Result<(HashMap<Uuid, (String, u64, u64)>, HashMap<String, u64>), sqlx::Error> {
@@ -394,7 +392,7 @@ async fn read_state(
     )
     .bind(ids)
     .bind(streams)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *connection)
     .await?;
     let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
     let stored: Vec<(Uuid, String, i64, i64)> = serde_json::from_str(&stored).map_err(decode)?;
@@ -410,12 +408,17 @@ async fn read_state(
 
 /// Writes the events and the streams' new versions in one statement. Rows go in sorted by
 /// (stream, version) so concurrent writers take index locks in the same order.
-async fn insert_events(
-    tx: &mut Transaction<'static, Postgres>,
+async fn append_rows(
+    connection: &mut PgConnection,
     batch: &[AppendRequest],
     rows: &[(usize, usize, i64)],
     versions: &HashMap<String, u64>,
-) -> Result<(), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
+    // Numbered in batch order, so each append's positions follow from the head before.
+    let numbered: Vec<Uuid> = rows
+        .iter()
+        .map(|(r, e, _)| batch[*r].events[*e].id)
+        .collect();
     let mut order: Vec<&(usize, usize, i64)> = rows.iter().collect();
     order.sort_by(|a, b| (batch[a.0].stream.as_str(), a.2).cmp(&(batch[b.0].stream.as_str(), b.2)));
     let recorded_at = Utc::now();
@@ -444,16 +447,24 @@ async fn insert_events(
     touched.sort_unstable();
     touched.dedup();
     let (touched, touched_versions): (Vec<&str>, Vec<i64>) = touched.into_iter().unzip();
-    sqlx::query(
+    // One statement, so one implicit transaction and one round trip: the events and stream
+    // versions are written first (es_number's last argument consumes both CTEs, so they run to
+    // completion before it is called), then es_number takes the lock and numbers them, and
+    // the statement's commit releases the lock.
+    sqlx::query_scalar(
         "WITH inserted AS (
              INSERT INTO es_events (event_id, stream_id, version, event_type, schema_version, data, metadata, recorded_at)
              SELECT i, s, v, t, sv, d::jsonb, m::jsonb, $8
              FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int4[], $6::text[], $7::text[])
                   AS x(i, s, v, t, sv, d, m)
+             RETURNING 1
+         ), touched AS (
+             INSERT INTO es_streams (stream_id, version)
+             SELECT s, v FROM UNNEST($9::text[], $10::bigint[]) AS y(s, v)
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE
+             RETURNING 1
          )
-         INSERT INTO es_streams (stream_id, version)
-         SELECT s, v FROM UNNEST($9::text[], $10::bigint[]) AS y(s, v)
-         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE",
+         SELECT es_number($11, $12, $13, (SELECT count(*) FROM inserted) + (SELECT count(*) FROM touched))",
     )
     .bind(ids)
     .bind(streams)
@@ -465,9 +476,11 @@ async fn insert_events(
     .bind(recorded_at)
     .bind(touched)
     .bind(touched_versions)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .bind(&numbered)
+    .bind(HEAD_CHANNEL)
+    .bind(APPEND_LOCK_KEY)
+    .fetch_one(connection)
+    .await
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
