@@ -1,0 +1,644 @@
+//! The orchestrator: runs sagas step by step, writing each transition before acting on it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tracing::Instrument as _;
+
+use crate::definition::{SagaContext, SagaDefinition, StepContext, StepError};
+use crate::error::SagaError;
+use crate::store::{
+    LIST_ACTIVE_MAX, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore, Transition,
+};
+
+/// The most transitions one saga's log may hold; a definition that would exceed it (every step
+/// using all its attempts, twice for compensation) is still far below it. It guards against a
+/// bug looping forever.
+pub const TRANSITIONS_MAX: u64 = 100_000;
+
+type DriveFuture<'a> = Pin<Box<dyn Future<Output = Result<SagaStatus, SagaError>> + Send + 'a>>;
+
+/// A definition with its context type erased, so one engine runs definitions of any context.
+trait Runner<S: SagaStore>: Send + Sync {
+    fn check_context(&self, context: &serde_json::Value) -> Result<(), SagaError>;
+    fn drive<'a>(&'a self, store: &'a S, instance: SagaInstance) -> DriveFuture<'a>;
+}
+
+impl<S: SagaStore, C: SagaContext> Runner<S> for SagaDefinition<C> {
+    fn check_context(&self, context: &serde_json::Value) -> Result<(), SagaError> {
+        serde_json::from_value::<C>(context.clone())?;
+        Ok(())
+    }
+
+    fn drive<'a>(&'a self, store: &'a S, instance: SagaInstance) -> DriveFuture<'a> {
+        let span = tracing::info_span!(
+            "saga",
+            id = %instance.id,
+            definition = %self.name,
+            version = self.version
+        );
+        Box::pin(drive(self, store, instance).instrument(span))
+    }
+}
+
+/// Runs and recovers sagas against one [`SagaStore`].
+///
+/// Every decision is a pure function of the saga's log: a fresh run and a
+/// recovery after a crash take the same path. One engine per log: this engine does not lease
+/// sagas, so two engines recovering the same log may run a step concurrently.
+pub struct SagaEngine<S> {
+    store: Arc<S>,
+    definitions: BTreeMap<(String, u32), Arc<dyn Runner<S>>>,
+}
+
+impl<S> fmt::Debug for SagaEngine<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaEngine")
+            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`SagaEngine::recover`] did with each active saga it found.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// Sagas run to a terminal status, with that status.
+    pub resumed: Vec<(SagaId, SagaStatus)>,
+    /// Sagas left untouched or interrupted, with why: an unknown definition version
+    /// ([`SagaError::UnknownDefinition`]) or a store error (run `recover` again later).
+    pub refused: Vec<(SagaId, SagaError)>,
+}
+
+impl<S: SagaStore> SagaEngine<S> {
+    /// An engine with no definitions over `store`.
+    pub fn new(store: S) -> Self {
+        Self {
+            store: Arc::new(store),
+            definitions: BTreeMap::new(),
+        }
+    }
+
+    /// Registers a definition. Register every version that may still have instances in the
+    /// log; [`start`](Self::start) uses the highest version of a name. Registering the same
+    /// `(name, version)` again replaces it.
+    #[must_use]
+    pub fn register<C: SagaContext>(mut self, definition: SagaDefinition<C>) -> Self {
+        self.definitions.insert(
+            (definition.name.clone(), definition.version),
+            Arc::new(definition),
+        );
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Starts a saga of the highest registered version of `definition` with `context`, and runs
+    /// it until it is terminal (`Completed`, `Failed` or `Stuck`). A step's failure is not an
+    /// error here: it shows in the saga's status ([`status`](Self::status)). The saga runs in
+    /// the caller's task, backoff waits included: spawn the call when the caller must not wait.
+    ///
+    /// # Errors
+    /// [`SagaError::UnknownDefinition`], [`SagaError::Context`] when `context` does not
+    /// serialize into the definition's context type, or a store error. After a store error
+    /// the saga may exist and stay active: [`recover`](Self::recover) finishes it.
+    pub async fn start<T: Serialize>(
+        &self,
+        definition: &str,
+        context: &T,
+    ) -> Result<SagaId, SagaError> {
+        let ((name, version), runner) = self
+            .definitions
+            .range((definition.to_owned(), 0)..=(definition.to_owned(), u32::MAX))
+            .next_back()
+            .ok_or_else(|| self.unknown(definition, 0))?;
+        let context = serde_json::to_value(context)?;
+        runner.check_context(&context)?;
+        let id = SagaId::new();
+        let first = SagaRecord {
+            seq: 1,
+            transition: Transition::Started,
+            context,
+            at: Utc::now(),
+        };
+        self.store.create(id, name, *version, &first).await?;
+        tracing::debug!(saga = %id, definition = %name, version, "saga started");
+        let instance = SagaInstance {
+            id,
+            definition: name.clone(),
+            version: *version,
+            status: SagaStatus::Running,
+            records: vec![first],
+        };
+        runner.drive(&self.store, instance).await?;
+        Ok(id)
+    }
+
+    /// The saga's current status.
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`] or a store error.
+    pub async fn status(&self, id: SagaId) -> Result<SagaStatus, SagaError> {
+        Ok(self.load(id).await?.status)
+    }
+
+    /// Loads a saga with its log.
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`] or a store error.
+    pub async fn load(&self, id: SagaId) -> Result<SagaInstance, SagaError> {
+        self.store.load(id).await?.ok_or(SagaError::NotFound(id))
+    }
+
+    /// Resumes one saga from its log and runs it until it is terminal. A terminal saga is
+    /// returned as it is.
+    ///
+    /// # Errors
+    /// [`SagaError::UnknownDefinition`] when this engine does not know the saga's
+    /// `(name, version)`; the saga is not touched. Otherwise as [`start`](Self::start).
+    pub async fn resume(&self, id: SagaId) -> Result<SagaStatus, SagaError> {
+        let instance = self.load(id).await?;
+        let Some(runner) = self
+            .definitions
+            .get(&(instance.definition.clone(), instance.version))
+        else {
+            let error = self.unknown(&instance.definition, instance.version);
+            tracing::error!(saga = %id, %error, "saga refused");
+            return Err(error);
+        };
+        if instance.status.is_terminal() {
+            return Ok(instance.status);
+        }
+        runner.drive(&self.store, instance).await
+    }
+
+    /// Resumes every active saga in the log, one after the other, oldest first (at most
+    /// [`LIST_ACTIVE_MAX`] per call): a step that was executing runs again (with the same
+    /// idempotency key), a compensation in progress continues. Call it at start-up, before
+    /// starting new sagas.
+    ///
+    /// # Errors
+    /// A store error while listing; errors of single sagas are in the report.
+    pub async fn recover(&self) -> Result<RecoveryReport, SagaError> {
+        let mut report = RecoveryReport::default();
+        for id in self.store.list_active(LIST_ACTIVE_MAX).await? {
+            match self.resume(id).await {
+                Ok(status) => report.resumed.push((id, status)),
+                Err(error) => report.refused.push((id, error)),
+            }
+        }
+        tracing::info!(
+            resumed = report.resumed.len(),
+            refused = report.refused.len(),
+            "saga recovery done"
+        );
+        Ok(report)
+    }
+
+    fn unknown(&self, name: &str, version: u32) -> SagaError {
+        let known = self
+            .definitions
+            .keys()
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        SagaError::UnknownDefinition {
+            name: name.to_owned(),
+            version,
+            known,
+        }
+    }
+}
+
+/// What the engine does next, decided from the log alone.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Write this transition, after waiting `after` (a retry's backoff).
+    Write {
+        transition: Transition,
+        after: Duration,
+    },
+    /// Run the step's `execute` (its `StepExecuting` is the last record).
+    Execute { step: usize, attempt: u32 },
+    /// Run the step's `compensate` (its `StepCompensating` is the last record).
+    Compensate { step: usize, attempt: u32 },
+    /// Nothing: the saga is terminal.
+    Done(SagaStatus),
+}
+
+fn write(transition: Transition) -> Next {
+    Next::Write {
+        transition,
+        after: Duration::ZERO,
+    }
+}
+
+/// Decides the next move from the saga's log.
+fn next<C>(
+    definition: &SagaDefinition<C>,
+    id: SagaId,
+    records: &[SagaRecord],
+) -> Result<Next, SagaError> {
+    let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
+    let last = records
+        .last()
+        .ok_or_else(|| corrupt("empty log".to_owned()))?;
+    let index = |step: &str| {
+        definition
+            .index_of(step)
+            .ok_or_else(|| corrupt(format!("unknown step {step}")))
+    };
+    let step_name = |index: usize| definition.steps[index].name.clone();
+    // The highest compensable step below `below`, or the `Failed` transition.
+    let compensate_below = |below: usize| -> Result<Next, SagaError> {
+        if let Some(step) = (0..below)
+            .rev()
+            .find(|&step| definition.steps[step].compensate.is_some())
+        {
+            return Ok(write(Transition::StepCompensating {
+                step: step_name(step),
+                attempt: 1,
+            }));
+        }
+        let cause = records
+            .iter()
+            .rev()
+            .find_map(|record| match &record.transition {
+                Transition::Compensating { failed_step, error } => {
+                    Some((failed_step.clone(), error.clone()))
+                }
+                _ => None,
+            })
+            .ok_or_else(|| corrupt("compensation without a Compensating record".to_owned()))?;
+        Ok(write(Transition::Failed {
+            step: cause.0,
+            error: cause.1,
+        }))
+    };
+    Ok(match &last.transition {
+        Transition::Started => write(Transition::StepExecuting {
+            step: step_name(0),
+            attempt: 1,
+        }),
+        Transition::StepExecuting { step, attempt } => Next::Execute {
+            step: index(step)?,
+            attempt: *attempt,
+        },
+        Transition::StepSucceeded { step } => {
+            let following = index(step)? + 1;
+            if following < definition.steps.len() {
+                write(Transition::StepExecuting {
+                    step: step_name(following),
+                    attempt: 1,
+                })
+            } else {
+                write(Transition::Completed)
+            }
+        }
+        Transition::StepFailed {
+            step,
+            attempt,
+            retryable,
+            error,
+        } => {
+            let position = index(step)?;
+            let retry = definition.steps[position].retry;
+            if *retryable && *attempt < retry.attempts_max {
+                Next::Write {
+                    transition: Transition::StepExecuting {
+                        step: step.clone(),
+                        attempt: attempt + 1,
+                    },
+                    after: retry.delay_after(*attempt),
+                }
+            } else if definition.pivot.is_some_and(|pivot| position > pivot) {
+                write(Transition::Stuck {
+                    step: step.clone(),
+                    compensating: false,
+                    error: error.clone(),
+                })
+            } else {
+                write(Transition::Compensating {
+                    failed_step: step.clone(),
+                    error: error.clone(),
+                })
+            }
+        }
+        Transition::Compensating { failed_step, .. } => compensate_below(index(failed_step)?)?,
+        Transition::StepCompensating { step, attempt } => Next::Compensate {
+            step: index(step)?,
+            attempt: *attempt,
+        },
+        Transition::StepCompensated { step } => compensate_below(index(step)?)?,
+        Transition::CompensationFailed {
+            step,
+            attempt,
+            retryable,
+            error,
+        } => {
+            let retry = definition.steps[index(step)?].retry;
+            if *retryable && *attempt < retry.attempts_max {
+                Next::Write {
+                    transition: Transition::StepCompensating {
+                        step: step.clone(),
+                        attempt: attempt + 1,
+                    },
+                    after: retry.delay_after(*attempt),
+                }
+            } else {
+                write(Transition::Stuck {
+                    step: step.clone(),
+                    compensating: true,
+                    error: error.clone(),
+                })
+            }
+        }
+        Transition::Completed | Transition::Failed { .. } | Transition::Stuck { .. } => {
+            Next::Done(last.transition.status_after())
+        }
+    })
+}
+
+/// Runs a saga from wherever its log stands until it is terminal.
+async fn drive<S: SagaStore, C: SagaContext>(
+    definition: &SagaDefinition<C>,
+    store: &S,
+    instance: SagaInstance,
+) -> Result<SagaStatus, SagaError> {
+    let id = instance.id;
+    let mut records = instance.records;
+    let mut context: C = serde_json::from_value(
+        records
+            .last()
+            .ok_or_else(|| SagaError::CorruptLog {
+                id,
+                reason: "empty log".to_owned(),
+            })?
+            .context
+            .clone(),
+    )?;
+    loop {
+        let next = next(definition, id, &records)?;
+        let transition = match next {
+            Next::Done(status) => return Ok(status),
+            Next::Write { transition, after } => {
+                if !after.is_zero() {
+                    tokio::time::sleep(after).await;
+                }
+                transition
+            }
+            Next::Execute { step, attempt } => {
+                let step = &definition.steps[step];
+                let before = records.last().map(|record| record.context.clone());
+                let outcome = run(
+                    &step.execute,
+                    &mut context,
+                    StepContext::new(id, &step.name, attempt),
+                    step.timeout,
+                )
+                .await;
+                match outcome {
+                    Ok(()) => Transition::StepSucceeded {
+                        step: step.name.clone(),
+                    },
+                    Err(error) => {
+                        // A failed attempt leaves no trace in the context: the next attempt
+                        // sees what a recovery would see.
+                        if let Some(before) = before {
+                            context = serde_json::from_value(before)?;
+                        }
+                        tracing::warn!(saga = %id, step = %step.name, attempt, %error, "saga step failed");
+                        Transition::StepFailed {
+                            step: step.name.clone(),
+                            attempt,
+                            retryable: error.is_retryable(),
+                            error: error.message().to_owned(),
+                        }
+                    }
+                }
+            }
+            Next::Compensate { step, attempt } => {
+                let step = &definition.steps[step];
+                let compensate = step
+                    .compensate
+                    .as_ref()
+                    .ok_or_else(|| SagaError::CorruptLog {
+                        id,
+                        reason: format!("step {} has no compensation", step.name),
+                    })?;
+                let before = records.last().map(|record| record.context.clone());
+                match run(
+                    compensate,
+                    &mut context,
+                    StepContext::new(id, &step.name, attempt),
+                    step.timeout,
+                )
+                .await
+                {
+                    Ok(()) => Transition::StepCompensated {
+                        step: step.name.clone(),
+                    },
+                    Err(error) => {
+                        if let Some(before) = before {
+                            context = serde_json::from_value(before)?;
+                        }
+                        tracing::warn!(saga = %id, step = %step.name, attempt, %error, "saga compensation failed");
+                        Transition::CompensationFailed {
+                            step: step.name.clone(),
+                            attempt,
+                            retryable: error.is_retryable(),
+                            error: error.message().to_owned(),
+                        }
+                    }
+                }
+            }
+        };
+        let seq = records.len() as u64 + 1;
+        if seq > TRANSITIONS_MAX {
+            return Err(SagaError::CorruptLog {
+                id,
+                reason: format!("more than {TRANSITIONS_MAX} transitions"),
+            });
+        }
+        let record = SagaRecord {
+            seq,
+            transition,
+            context: serde_json::to_value(&context)?,
+            at: Utc::now(),
+        };
+        store.append(id, &record).await?;
+        if let Transition::Stuck {
+            step,
+            compensating,
+            error,
+        } = &record.transition
+        {
+            metrics::counter!("trellis_saga_stuck_total", "definition" => definition.name.clone())
+                .increment(1);
+            tracing::error!(
+                saga = %id,
+                definition = %definition.name,
+                step = %step,
+                compensating,
+                %error,
+                "saga stuck: retry budget exhausted, an operator must resolve it"
+            );
+        }
+        records.push(record);
+    }
+}
+
+/// Runs one attempt of `execute` or `compensate` under its timeout.
+async fn run<C>(
+    function: &crate::definition::StepFn<C>,
+    context: &mut C,
+    step: StepContext,
+    timeout: Duration,
+) -> Result<(), StepError> {
+    match tokio::time::timeout(timeout, function(context, step)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(StepError::retryable(format!(
+            "timed out after {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::Utc;
+    use trellis_resilience::Backoff;
+
+    use super::{Next, next, write};
+    use crate::definition::{SagaDefinition, Step, StepRetry};
+    use crate::store::{SagaId, SagaRecord, SagaStatus, Transition};
+
+    fn definition() -> SagaDefinition<u32> {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            multiplier: 2.0,
+            full_jitter: false,
+        };
+        SagaDefinition::builder("d", 1)
+            .step(
+                Step::new("a", |_: &mut u32, _| Box::pin(async { Ok(()) }))
+                    .compensate(|_: &mut u32, _| Box::pin(async { Ok(()) })),
+            )
+            .step(Step::new("b", |_: &mut u32, _| Box::pin(async { Ok(()) })))
+            .step(
+                Step::new("c", |_: &mut u32, _| Box::pin(async { Ok(()) }))
+                    .retry(StepRetry::new(3, backoff)),
+            )
+            .build()
+            .expect("valid")
+    }
+
+    fn log(transitions: Vec<Transition>) -> Vec<SagaRecord> {
+        transitions
+            .into_iter()
+            .enumerate()
+            .map(|(index, transition)| SagaRecord {
+                seq: index as u64 + 1,
+                transition,
+                context: serde_json::json!(0),
+                at: Utc::now(),
+            })
+            .collect()
+    }
+
+    fn decide(transitions: Vec<Transition>) -> Next {
+        next(&definition(), SagaId::new(), &log(transitions)).expect("decidable")
+    }
+
+    #[test]
+    fn a_log_ending_in_an_executing_step_runs_that_attempt_again() {
+        // Goal: recovery re-runs the interrupted attempt rather than skipping or restarting it.
+        let executing = Transition::StepExecuting {
+            step: "b".to_owned(),
+            attempt: 2,
+        };
+        assert_eq!(
+            decide(vec![Transition::Started, executing]),
+            Next::Execute {
+                step: 1,
+                attempt: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_retryable_failure_waits_for_the_backoff_ceiling_before_the_next_attempt() {
+        // Goal: attempt 2 of `c` failing schedules attempt 3 after 100 ms * 2^(2-1).
+        let failed = Transition::StepFailed {
+            step: "c".to_owned(),
+            attempt: 2,
+            retryable: true,
+            error: "busy".to_owned(),
+        };
+        assert_eq!(
+            decide(vec![Transition::Started, failed]),
+            Next::Write {
+                transition: Transition::StepExecuting {
+                    step: "c".to_owned(),
+                    attempt: 3
+                },
+                after: Duration::from_millis(200),
+            }
+        );
+    }
+
+    #[test]
+    fn compensation_skips_steps_without_a_compensate_and_then_fails_the_saga() {
+        // Goal: after `c` fails, `b` (no compensation) is skipped, `a` compensates, then Failed.
+        let compensating = Transition::Compensating {
+            failed_step: "c".to_owned(),
+            error: "gone".to_owned(),
+        };
+        assert_eq!(
+            decide(vec![Transition::Started, compensating.clone()]),
+            write(Transition::StepCompensating {
+                step: "a".to_owned(),
+                attempt: 1
+            })
+        );
+        let compensated = Transition::StepCompensated {
+            step: "a".to_owned(),
+        };
+        assert_eq!(
+            decide(vec![Transition::Started, compensating, compensated]),
+            write(Transition::Failed {
+                step: "c".to_owned(),
+                error: "gone".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_terminal_log_needs_nothing_more() {
+        // Goal: Completed, Failed and Stuck logs are left alone.
+        assert_eq!(
+            decide(vec![Transition::Started, Transition::Completed]),
+            Next::Done(SagaStatus::Completed)
+        );
+    }
+
+    #[test]
+    fn a_log_naming_an_unknown_step_is_corrupt() {
+        // Goal: a step missing from the definition is reported, not guessed at.
+        let records = log(vec![Transition::StepSucceeded {
+            step: "zz".to_owned(),
+        }]);
+        assert!(next(&definition(), SagaId::new(), &records).is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! The crate's one error type.
+
+use crate::store::SagaId;
+
+/// Everything that can go wrong in the engine or a saga store.
+///
+/// A step's own failure is not a `SagaError`: it is a [`StepError`](crate::StepError), recorded
+/// in the saga log, and it decides between retry, compensation and `Stuck`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// The caller built an invalid definition (no steps, duplicate names, a bad pivot...).
+    #[error("invalid saga definition {definition}: {reason}")]
+    InvalidDefinition {
+        /// The definition's name.
+        definition: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No registered definition has this name (and version). The instance, if any, is left
+    /// untouched: deploy an engine that registers this version to run it.
+    #[error(
+        "saga definition {name} version {version} is not registered with this engine (known: {known}); the instance is left untouched"
+    )]
+    UnknownDefinition {
+        /// The definition name asked for.
+        name: String,
+        /// The version asked for (0 when starting by name only).
+        version: u32,
+        /// The `name@version` pairs this engine knows.
+        known: String,
+    },
+    /// No saga with this id is in the store.
+    #[error("saga {0} not found")]
+    NotFound(SagaId),
+    /// Another writer appended to this saga's log first (expected sequence number `seq`).
+    #[error("saga {id}: log conflict, expected to write sequence {seq}")]
+    Conflict {
+        /// The saga.
+        id: SagaId,
+        /// The sequence number this writer tried to write.
+        seq: u64,
+    },
+    /// The context could not be converted to or from JSON.
+    #[error("saga context (de)serialization failed: {0}")]
+    Context(#[from] serde_json::Error),
+    /// The saga log holds something this engine cannot interpret (a bug or a hand edit).
+    #[error("saga {id}: corrupt log: {reason}")]
+    CorruptLog {
+        /// The saga.
+        id: SagaId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("saga store: {0}")]
+    Storage(#[from] sqlx::Error),
+    /// The store is unavailable for another reason (transient).
+    #[error("saga store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl SagaError {
+    /// Whether trying the same operation again may succeed: transient storage faults. After
+    /// such an error a saga stays non-terminal in the log and [`recover`](crate::SagaEngine::recover)
+    /// resumes it.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Storage(error) => {
+                matches!(
+                    error,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || error.as_database_error().is_some_and(|db| {
+                    matches!(db.code().as_deref(), Some("40001" | "40P01" | "5" | "6"))
+                })
+            }
+            Self::InvalidDefinition { .. }
+            | Self::UnknownDefinition { .. }
+            | Self::NotFound(_)
+            | Self::Conflict { .. }
+            | Self::Context(_)
+            | Self::CorruptLog { .. } => false,
+        }
+    }
+}

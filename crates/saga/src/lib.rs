@@ -1,0 +1,78 @@
+//! Durable saga orchestration: ordered steps with compensation, a pivot, retries and
+//! timeouts, a saga log written before every action, and crash recovery.
+//!
+//! A [`SagaDefinition`] is a name, a version and ordered [`Step`]s over a context type `C`
+//! (anything serde can write as JSON). Each step has an `execute`, an optional `compensate`,
+//! a [`StepRetry`] (attempts and a [`trellis_resilience::Backoff`]) and a timeout. The
+//! [`SagaEngine`] runs the steps in order; when a step fails for good before the pivot, it
+//! compensates the completed steps in reverse order and the saga ends `Failed`. After the
+//! pivot the saga only goes forward; a step, or a compensation, that exhausts its attempts
+//! leaves the saga `Stuck` (metric `trellis_saga_stuck_total`, an error log line) for an
+//! operator.
+//!
+//! Every transition is appended to a [`SagaStore`] with a snapshot of the context *before*
+//! the engine acts on it, and the engine decides its next move from the log alone, so
+//! [`SagaEngine::recover`] resumes every active saga after a crash: a step that was executing
+//! runs again, a compensation in progress continues. Steps must therefore be idempotent:
+//! hand [`StepContext::idempotency_key`] (`{saga_id}:{step}`) to the participant.
+//!
+//! Stores: [`InMemorySagaStore`] (tests), [`SqliteSagaStore`] (WAL, `synchronous = FULL`,
+//! `BEGIN IMMEDIATE`), [`PostgresSagaStore`].
+//!
+//! How it fits: participants are called through `trellis-resilience` (HTTP/gRPC clients with
+//! circuit breakers and timeouts) from a step's `execute`; a step can publish a command with
+//! `trellis-bus`'s outbox; the saga log is its own store, separate from `trellis-eventstore`.
+//! Not built yet: leasing for several engines on one log, asynchronous steps over the bus,
+//! choreography helpers and the inspector.
+//!
+//! # Examples
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use trellis_saga::{InMemorySagaStore, SagaDefinition, SagaEngine, SagaStatus, Step};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Order { reserved: bool, charged: bool }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), trellis_saga::SagaError> {
+//! let definition = SagaDefinition::builder("place-order", 1)
+//!     .step(
+//!         Step::new("reserve", |order: &mut Order, _step| Box::pin(async move {
+//!             order.reserved = true; // call the inventory service with _step.idempotency_key()
+//!             Ok(())
+//!         }))
+//!         .compensate(|order: &mut Order, _step| Box::pin(async move {
+//!             order.reserved = false;
+//!             Ok(())
+//!         })),
+//!     )
+//!     .pivot_step(Step::new("charge", |order: &mut Order, _step| Box::pin(async move {
+//!         order.charged = true;
+//!         Ok(())
+//!     })))
+//!     .build()?;
+//!
+//! let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+//! engine.recover().await?; // at start-up: finish what a previous process left
+//! let id = engine.start("place-order", &Order { reserved: false, charged: false }).await?;
+//! assert_eq!(engine.status(id).await?, SagaStatus::Completed);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod definition;
+mod engine;
+mod error;
+mod store;
+
+pub use definition::{
+    STEP_ATTEMPTS_DEFAULT, STEP_ATTEMPTS_MAX, STEP_TIMEOUT_DEFAULT, STEP_TIMEOUT_MAX, STEPS_MAX,
+    SagaContext, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError, StepFuture,
+    StepRetry,
+};
+pub use engine::{RecoveryReport, SagaEngine, TRANSITIONS_MAX};
+pub use error::SagaError;
+pub use store::{
+    InMemorySagaStore, LIST_ACTIVE_MAX, PostgresSagaStore, SagaId, SagaInstance, SagaRecord,
+    SagaStatus, SagaStore, SqliteSagaStore, Transition,
+};

@@ -1,0 +1,424 @@
+//! Behaviour of the engine on the in-memory store.
+
+use std::time::Duration;
+
+use trellis_saga::{
+    InMemorySagaStore, SagaDefinition, SagaEngine, SagaError, SagaStatus, SagaStore as _, Step,
+    StepContext, StepError, Transition,
+};
+
+use crate::support::{Behaviour, Ledger, Trip, quick_retry, step, trip, trip_with_pivot};
+
+fn ada() -> Trip {
+    Trip {
+        customer: "ada".to_owned(),
+        done: Vec::new(),
+    }
+}
+
+fn transitions(instance: &trellis_saga::SagaInstance) -> Vec<Transition> {
+    instance
+        .records
+        .iter()
+        .map(|record| record.transition.clone())
+        .collect()
+}
+
+fn executing(step: &str, attempt: u32) -> Transition {
+    Transition::StepExecuting {
+        step: step.to_owned(),
+        attempt,
+    }
+}
+
+fn succeeded(step: &str) -> Transition {
+    Transition::StepSucceeded {
+        step: step.to_owned(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_step_runs_in_order_and_the_saga_completes() {
+    // Goal: the happy path writes each transition in order and the context carries every step.
+    let ledger = Ledger::default();
+    let engine =
+        SagaEngine::new(InMemorySagaStore::new()).register(trip(&ledger, Behaviour::Succeeds));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Completed);
+    assert_eq!(
+        transitions(&instance),
+        vec![
+            Transition::Started,
+            executing("flight", 1),
+            succeeded("flight"),
+            executing("hotel", 1),
+            succeeded("hotel"),
+            executing("car", 1),
+            succeeded("car"),
+            Transition::Completed,
+        ]
+    );
+    let context: Trip = instance.context().expect("context");
+    assert_eq!(context.done, ["flight", "hotel", "car"]);
+    // Each snapshot is the context as it stood when the transition was written.
+    assert_eq!(
+        instance.records[2].context["done"],
+        serde_json::json!(["flight"])
+    );
+    ledger.with(|state| {
+        assert_eq!(state.applied.len(), 3);
+        assert!(state.applied.contains_key(&format!("{id}:hotel")));
+        assert!(state.undone.is_empty());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_third_step_compensates_the_first_two_in_reverse_order_once() {
+    // Goal: the seed's test: step 3 fails permanently, steps 2 then 1 compensate exactly once,
+    // and the saga fails naming step 3.
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new())
+        .register(trip(&ledger, Behaviour::FailsPermanently));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Failed);
+    assert_eq!(
+        instance.last().transition,
+        Transition::Failed {
+            step: "car".to_owned(),
+            error: "car refused".to_owned()
+        }
+    );
+    ledger.with(|state| {
+        assert_eq!(state.compensation_order, ["hotel", "flight"]);
+        assert!(state.undone.values().all(|count| *count == 1));
+        assert_eq!(state.calls, 4, "two effects, two undos, nothing more");
+    });
+    let context: Trip = instance.context().expect("context");
+    assert!(
+        context.done.is_empty(),
+        "compensations see and update the context"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retryable_failure_is_retried_within_the_budget() {
+    // Goal: a step failing once retryably succeeds on attempt 2, with both attempts logged.
+    let ledger = Ledger::default();
+    let engine =
+        SagaEngine::new(InMemorySagaStore::new()).register(trip(&ledger, Behaviour::FailsOnce));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Completed);
+    let log = transitions(&instance);
+    assert!(log.contains(&Transition::StepFailed {
+        step: "car".to_owned(),
+        attempt: 1,
+        retryable: true,
+        error: "car flaked".to_owned(),
+    }));
+    assert!(log.contains(&executing("car", 2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_before_the_pivot_compensate() {
+    // Goal: a step that keeps failing retryably uses all three attempts, then compensates.
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new())
+        .register(trip(&ledger, Behaviour::AlwaysFailsRetryably));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Failed);
+    let failures = transitions(&instance)
+        .iter()
+        .filter(|t| matches!(t, Transition::StepFailed { .. }))
+        .count();
+    assert_eq!(failures, 3);
+    ledger.with(|state| assert_eq!(state.compensation_order, ["hotel", "flight"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_after_the_pivot_never_compensates_and_ends_stuck() {
+    // Goal: past the pivot the saga only goes forward: a step failing after it is retried
+    // until its budget, then the saga is Stuck with no compensation run.
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(trip_with_pivot(
+        &ledger,
+        Behaviour::Succeeds,
+        Behaviour::AlwaysFailsRetryably,
+    ));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Stuck);
+    assert_eq!(
+        instance.last().transition,
+        Transition::Stuck {
+            step: "ship".to_owned(),
+            compensating: false,
+            error: "ship unavailable".to_owned()
+        }
+    );
+    ledger.with(|state| assert!(state.undone.is_empty(), "nothing compensated"));
+    let report = engine.recover().await.expect("recover");
+    assert!(
+        report.resumed.is_empty(),
+        "a stuck saga waits for an operator"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_pivot_compensates_the_steps_before_it() {
+    // Goal: the pivot itself failing is still before the point of no return.
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(trip_with_pivot(
+        &ledger,
+        Behaviour::FailsPermanently,
+        Behaviour::Succeeds,
+    ));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Failed);
+    ledger.with(|state| assert_eq!(state.compensation_order, ["flight"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compensation_that_keeps_failing_ends_stuck_after_its_budget() {
+    // Goal: a compensation failing on every attempt is tried attempts_max times, then the saga
+    // is Stuck naming that compensation; the steps below it are not compensated.
+    let ledger = Ledger::default();
+    let definition = SagaDefinition::builder("book-trip", 1)
+        .step(step(&ledger, "flight", Behaviour::Succeeds, true, false))
+        .step(step(&ledger, "hotel", Behaviour::Succeeds, true, true))
+        .step(step(
+            &ledger,
+            "car",
+            Behaviour::FailsPermanently,
+            true,
+            false,
+        ))
+        .build()
+        .expect("valid");
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Stuck);
+    let failed_undos = transitions(&instance)
+        .iter()
+        .filter(|t| matches!(t, Transition::CompensationFailed { step, .. } if step == "hotel"))
+        .count();
+    assert_eq!(failed_undos, 3);
+    assert!(matches!(
+        &instance.last().transition,
+        Transition::Stuck { step, compensating: true, .. } if step == "hotel"
+    ));
+    ledger.with(|state| assert!(state.undone.is_empty(), "flight is left for the operator"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_past_its_timeout_fails_retryably_and_the_saga_compensates() {
+    // Goal: under paused time, an attempt running past its timeout is cut off and counted as
+    // a retryable failure; after the budget the earlier step is compensated.
+    let ledger = Ledger::default();
+    let slow = Step::new("slow", |_trip: &mut Trip, _step: StepContext| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        })
+    })
+    .timeout(Duration::from_secs(1))
+    .retry(quick_retry(2));
+    let definition = SagaDefinition::builder("book-trip", 1)
+        .step(step(&ledger, "flight", Behaviour::Succeeds, true, false))
+        .step(slow)
+        .build()
+        .expect("valid");
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+    let started = tokio::time::Instant::now();
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no attempt ran to 60 s"
+    );
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Failed);
+    assert!(transitions(&instance).contains(&Transition::StepFailed {
+        step: "slow".to_owned(),
+        attempt: 2,
+        retryable: true,
+        error: "timed out after 1000 ms".to_owned(),
+    }));
+    ledger.with(|state| assert_eq!(state.compensation_order, ["flight"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_definition_version_is_refused_and_left_untouched() {
+    // Goal: the versioning guard: an engine knowing only v2 refuses a v1 saga left active by a
+    // crash, says which versions it knows, and does not write to its log.
+    let store = InMemorySagaStore::new();
+    let ledger = Ledger::default();
+    let crashing =
+        crate::support::CrashingStore::new(store.clone(), 3, crate::support::Crash::AfterWrite);
+    let old = SagaEngine::new(crashing.clone()).register(trip(&ledger, Behaviour::Succeeds));
+    old.start("book-trip", &ada())
+        .await
+        .expect_err("crashes at write 3");
+    let id = crashing.created().expect("created");
+    let before = store.load(id).await.expect("load").expect("exists");
+
+    let v2 = SagaDefinition::builder("book-trip", 2)
+        .step(step(&ledger, "flight", Behaviour::Succeeds, true, false))
+        .build()
+        .expect("valid");
+    let new = SagaEngine::new(store.clone()).register(v2);
+    let report = new.recover().await.expect("recover");
+    assert!(report.resumed.is_empty());
+    let [(refused, error)] = report.refused.as_slice() else {
+        panic!("one refusal expected: {report:?}");
+    };
+    assert_eq!(*refused, id);
+    assert!(matches!(
+        error,
+        SagaError::UnknownDefinition { version: 1, .. }
+    ));
+    let message = error.to_string();
+    assert!(
+        message.contains("book-trip version 1") && message.contains("book-trip@2"),
+        "{message}"
+    );
+    assert_eq!(store.load(id).await.expect("load").expect("exists"), before);
+    assert!(!error.is_retryable());
+}
+
+#[tokio::test]
+async fn starting_an_unregistered_definition_or_a_mismatched_context_is_an_error() {
+    // Goal: start checks the definition name and the context type before writing anything.
+    let ledger = Ledger::default();
+    let store = InMemorySagaStore::new();
+    let engine = SagaEngine::new(store.clone()).register(trip(&ledger, Behaviour::Succeeds));
+    let unknown = engine.start("ship-order", &ada()).await;
+    assert!(matches!(unknown, Err(SagaError::UnknownDefinition { .. })));
+    let mismatched = engine.start("book-trip", &42_u32).await;
+    assert!(matches!(mismatched, Err(SagaError::Context(_))));
+    assert!(store.list_active(10).await.expect("list").is_empty());
+}
+
+#[test]
+fn invalid_definitions_are_rejected_with_the_reason() {
+    // Goal: the builder refuses duplicate step names, compensation past the pivot and a
+    // zero-attempt budget.
+    let ledger = Ledger::default();
+    let duplicate = SagaDefinition::builder("d", 1)
+        .step(step(&ledger, "a", Behaviour::Succeeds, false, false))
+        .step(step(&ledger, "a", Behaviour::Succeeds, false, false))
+        .build();
+    assert!(matches!(
+        duplicate,
+        Err(SagaError::InvalidDefinition { .. })
+    ));
+    let compensated_pivot = SagaDefinition::builder("d", 1)
+        .pivot_step(step(&ledger, "a", Behaviour::Succeeds, true, false))
+        .build();
+    assert!(matches!(
+        compensated_pivot,
+        Err(SagaError::InvalidDefinition { .. })
+    ));
+    let no_attempts = SagaDefinition::builder("d", 1)
+        .step(step(&ledger, "a", Behaviour::Succeeds, false, false).retry(quick_retry(0)))
+        .build();
+    assert!(matches!(
+        no_attempts,
+        Err(SagaError::InvalidDefinition { .. })
+    ));
+    let empty = SagaDefinition::<Trip>::builder("d", 1).build();
+    assert!(matches!(empty, Err(SagaError::InvalidDefinition { .. })));
+}
+
+#[test]
+fn step_errors_say_whether_they_are_retryable() {
+    // Goal: a step error carries its retry classification and its message.
+    let error = StepError::permanent("no");
+    assert!(!error.is_retryable());
+    assert_eq!(error.message(), "no");
+    assert!(StepError::retryable("later").is_retryable());
+}
+
+/// Counts `trellis_saga_stuck_total` increments; every other metric is dropped.
+#[derive(Debug, Default)]
+struct StuckCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::CounterFn for StuckCounter {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.0.store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Default)]
+struct StuckRecorder(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::Recorder for StuckRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let labelled = key
+            .labels()
+            .any(|label| label.key() == "definition" && label.value() == "book-trip");
+        if key.name() == "trellis_saga_stuck_total" && labelled {
+            metrics::Counter::from_arc(std::sync::Arc::new(StuckCounter(self.0.clone())))
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stuck_saga_is_counted_in_the_stuck_metric() {
+    // Goal: reaching Stuck increments trellis_saga_stuck_total{definition} once, read through
+    // a thread-local recorder on a single-threaded runtime.
+    let recorder = StuckRecorder::default();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(trip_with_pivot(
+        &ledger,
+        Behaviour::Succeeds,
+        Behaviour::FailsPermanently,
+    ));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Stuck);
+    assert_eq!(recorder.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
