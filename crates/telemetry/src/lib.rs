@@ -23,7 +23,7 @@
 //! and their HTTP clients in the client layer. `trellis-bus` stores
 //! [`propagation::current_traceparent`] in each envelope when it publishes, and calls
 //! [`propagation::set_parent_from_map`] on the consumer's span when it delivers.
-//! `trellis-saga` runs each step inside a span, so that step's calls join the order's trace.
+//! `trellis-saga` runs each saga inside a span, so its steps' calls join one trace.
 //! Libraries record metrics through the `metrics` facade only. The binary (`trellis up`,
 //! `trellis serve`) calls [`init`] and [`metrics::install_prometheus`] once at start.
 //!
