@@ -12,6 +12,9 @@ use trellis_telemetry::{LogFormat, TelemetryConfig};
 
 mod demo;
 mod dlq;
+mod load;
+mod saga;
+mod shop;
 
 /// trellis: resilient, event-driven microservices in Rust.
 #[derive(Debug, Parser)]
@@ -44,6 +47,16 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspects and acts on dead letters: list, show, replay, discard.
     Dlq(dlq::DlqArgs),
+    /// Inspects sagas and acts on them: list, show, retry, cancel, skip, purge.
+    Saga(saga::SagaArgs),
+    /// Runs the reference shop: the gateway and every service in one process, embedded
+    /// databases under --data-dir. Ctrl-C drains and stops.
+    Up(shop::UpArgs),
+    /// Runs one shop service (or its gateway) in this process, for one process per service.
+    Serve(shop::ServeArgs),
+    /// Drives the shop's public API at a constant arrival rate (browse, order, check) and
+    /// reports latency percentiles, order outcomes, errors and the invariants.
+    Load(load::LoadArgs),
 }
 
 /// Settings of `trellis gateway`.
@@ -83,6 +96,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(demo) => demo.run().await,
             Command::Dlq(args) => args.run().await,
+            Command::Saga(args) => args.run().await,
+            Command::Up(args) => args.run().await,
+            Command::Serve(args) => args.run().await,
+            Command::Load(args) => args.run().await,
             Command::Gateway(args) => trellis_gateway::run_on(&args.config, args.listen)
                 .await
                 .with_context(|| format!("gateway with {}", args.config.display())),

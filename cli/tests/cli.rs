@@ -207,3 +207,100 @@ fn dlq_lists_shows_replays_and_discards_dead_letters() {
         1
     );
 }
+
+#[test]
+fn saga_commands_list_show_skip_cancel_and_purge_a_sqlite_log() {
+    // Builds a SQLite saga log holding one stuck saga through trellis-saga, then drives
+    // `trellis saga` on it: list and show explain it, a wrong skip is one line and exit 1,
+    // the right skip is recorded, unknown ids and missing files are one-line errors.
+    use trellis_saga::{SagaDefinition, SagaEngine, SqliteSagaStore, Step, StepError};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("sagas.db").display());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let id = runtime.block_on(async {
+        let store = SqliteSagaStore::open(&url).await.expect("open");
+        let definition = SagaDefinition::builder("ship-order", 1)
+            .pivot_step(Step::new("charge", |_: &mut u32, _| {
+                Box::pin(async { Ok(()) })
+            }))
+            .step(Step::new("ship", |_: &mut u32, _| {
+                Box::pin(async { Err(StepError::permanent("no carrier")) })
+            }))
+            .build()
+            .expect("valid definition");
+        let engine = SagaEngine::new(store).register(definition);
+        engine
+            .start("ship-order", &0_u32)
+            .await
+            .expect("start")
+            .to_string()
+    });
+    drop(runtime);
+
+    let out = trellis(&["saga", "--db", &url, "list", "--status", "stuck"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&id) && stdout.contains("stuck"), "{stdout}");
+    assert!(stdout.contains("1 saga(s)"), "{stdout}");
+
+    let out = trellis(&["saga", "--db", &url, "show", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let timeline: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(timeline["steps"][1]["state"], "stuck");
+    assert_eq!(timeline["outcome"], "stuck on ship: no carrier");
+
+    let out = trellis(&["saga", "--db", &url, "skip", &id, "charge"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "stderr was: {stderr}");
+    assert!(stderr.contains("the current step is ship"), "{stderr}");
+
+    let out = trellis(&[
+        "saga",
+        "--db",
+        &url,
+        "--operator",
+        "grace",
+        "skip",
+        &id,
+        "ship",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("recorded skipped"));
+    let out = trellis(&["saga", "--db", &url, "list", "--json"]);
+    let sagas: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(sagas[0]["status"], "running", "waiting for an engine");
+
+    let unknown = "0190b4a8-0000-7000-8000-000000000000";
+    let out = trellis(&["saga", "--db", &url, "cancel", unknown]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let out = trellis(&["saga", "--db", &url, "purge", "--older-than-days", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("purged 0 saga(s)"));
+
+    let missing = format!("sqlite://{}", dir.path().join("nope.db").display());
+    let out = trellis(&["saga", "--db", &missing, "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no saga log"));
+}

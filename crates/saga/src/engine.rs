@@ -1,33 +1,41 @@
 //! The orchestrator: runs sagas step by step, writing each transition before acting on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::definition::{SagaContext, SagaDefinition, StepContext, StepError};
 use crate::error::SagaError;
 use crate::store::{
-    LIST_ACTIVE_MAX, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore, Transition,
+    LIST_ACTIVE_MAX, Lease, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore, Transition,
 };
 
 /// The most transitions one saga's log may hold; a definition that would exceed it (every step
 /// using all its attempts, twice for compensation) is still far below it. It guards against a
 /// bug looping forever.
 pub const TRANSITIONS_MAX: u64 = 100_000;
+/// How long an engine's claim on a saga lasts without renewal, unless told otherwise.
+pub const LEASE_DEFAULT: Duration = Duration::from_secs(30);
+/// The shortest lease an engine accepts (renewals happen every third of it).
+pub const LEASE_MIN: Duration = Duration::from_millis(100);
+/// How often [`SagaEngine::run_recovery`] looks for sagas to take over unless told otherwise.
+pub const POLL_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 
 type DriveFuture<'a> = Pin<Box<dyn Future<Output = Result<SagaStatus, SagaError>> + Send + 'a>>;
 
 /// A definition with its context type erased, so one engine runs definitions of any context.
 trait Runner<S: SagaStore>: Send + Sync {
     fn check_context(&self, context: &serde_json::Value) -> Result<(), SagaError>;
-    fn drive<'a>(&'a self, store: &'a S, instance: SagaInstance) -> DriveFuture<'a>;
+    fn started(&self) -> Transition;
+    fn drive<'a>(&'a self, keeper: Keeper<'a, S>, instance: SagaInstance) -> DriveFuture<'a>;
 }
 
 impl<S: SagaStore, C: SagaContext> Runner<S> for SagaDefinition<C> {
@@ -36,31 +44,50 @@ impl<S: SagaStore, C: SagaContext> Runner<S> for SagaDefinition<C> {
         Ok(())
     }
 
-    fn drive<'a>(&'a self, store: &'a S, instance: SagaInstance) -> DriveFuture<'a> {
+    fn started(&self) -> Transition {
+        Transition::Started {
+            steps: self.step_names().map(str::to_owned).collect(),
+            pivot: self.pivot().map(str::to_owned),
+        }
+    }
+
+    fn drive<'a>(&'a self, keeper: Keeper<'a, S>, instance: SagaInstance) -> DriveFuture<'a> {
         let span = tracing::info_span!(
             "saga",
             id = %instance.id,
             definition = %self.name,
             version = self.version
         );
-        Box::pin(drive(self, store, instance).instrument(span))
+        Box::pin(drive(self, keeper, instance).instrument(span))
     }
 }
 
 /// Runs and recovers sagas against one [`SagaStore`].
 ///
 /// Every decision is a pure function of the saga's log: a fresh run and a
-/// recovery after a crash take the same path. One engine per log: this engine does not lease
-/// sagas, so two engines recovering the same log may run a step concurrently.
+/// recovery after a crash take the same path.
+///
+/// Several engines may share one log. Each saga is leased to one engine at a time
+/// ([`Lease`]: an owner and a duration): `start` creates the saga leased to its engine, and
+/// [`recover`](Self::recover) / [`run_recovery`](Self::run_recovery) claim sagas whose lease is
+/// free or expired. While a step runs, the engine renews its lease every third of the
+/// duration; should it fail to renew before its own deadline (measured from when it sent the
+/// last successful claim, append or renewal, so never later than the store's expiry), it
+/// drops the step in flight and leaves the saga, so no other engine runs the saga's steps
+/// while this one does (see docs/decisions/0006-saga-leasing.md for the clock assumptions).
+/// Every append is fenced by the owner: an engine that lost its lease cannot write.
 pub struct SagaEngine<S> {
     store: Arc<S>,
     definitions: BTreeMap<(String, u32), Arc<dyn Runner<S>>>,
+    lease: Lease,
+    driving: Arc<Mutex<HashSet<SagaId>>>,
 }
 
 impl<S> fmt::Debug for SagaEngine<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SagaEngine")
             .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -77,11 +104,38 @@ pub struct RecoveryReport {
 
 impl<S: SagaStore> SagaEngine<S> {
     /// An engine with no definitions over `store`.
+    ///
+    /// Its lease owner is `engine-<uuid>`, fresh for each engine, with [`LEASE_DEFAULT`]; give
+    /// a stable owner with [`with_owner`](Self::with_owner) so a restarted process takes its
+    /// sagas back without waiting for their leases to expire.
     pub fn new(store: S) -> Self {
         Self {
             store: Arc::new(store),
             definitions: BTreeMap::new(),
+            lease: Lease::new(format!("engine-{}", uuid::Uuid::now_v7()), LEASE_DEFAULT),
+            driving: Arc::default(),
         }
+    }
+
+    /// Names this engine's lease owner. Owners must be unique among the live engines sharing
+    /// a log: two live engines with one owner may run a saga's step concurrently.
+    #[must_use]
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.lease = Lease::new(owner, self.lease.duration());
+        self
+    }
+
+    /// How long a claim lasts without renewal (at least [`LEASE_MIN`]; shorter is raised to
+    /// it). A longer lease means fewer renewals and a slower takeover when an engine dies.
+    #[must_use]
+    pub fn with_lease_duration(mut self, duration: Duration) -> Self {
+        self.lease = Lease::new(self.lease.owner(), duration.max(LEASE_MIN));
+        self
+    }
+
+    /// This engine's lease owner and duration.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// Registers a definition. Register every version that may still have instances in the
@@ -125,11 +179,14 @@ impl<S: SagaStore> SagaEngine<S> {
         let id = SagaId::new();
         let first = SagaRecord {
             seq: 1,
-            transition: Transition::Started,
+            transition: runner.started(),
             context,
             at: Utc::now(),
         };
-        self.store.create(id, name, *version, &first).await?;
+        let sent = Instant::now();
+        self.store
+            .create(id, name, *version, &first, &self.lease)
+            .await?;
         tracing::debug!(saga = %id, definition = %name, version, "saga started");
         let instance = SagaInstance {
             id,
@@ -138,7 +195,10 @@ impl<S: SagaStore> SagaEngine<S> {
             status: SagaStatus::Running,
             records: vec![first],
         };
-        runner.drive(&self.store, instance).await?;
+        let _driving = self
+            .mark_driving(id)
+            .expect("a fresh id is not being driven yet");
+        runner.drive(self.keeper(id, sent), instance).await?;
         Ok(id)
     }
 
@@ -158,49 +218,128 @@ impl<S: SagaStore> SagaEngine<S> {
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
-    /// Resumes one saga from its log and runs it until it is terminal. A terminal saga is
+    /// Claims one saga and runs it from its log until it is terminal. A terminal saga is
     /// returned as it is.
     ///
     /// # Errors
-    /// [`SagaError::UnknownDefinition`] when this engine does not know the saga's
-    /// `(name, version)`; the saga is not touched. Otherwise as [`start`](Self::start).
+    /// [`SagaError::Leased`] when another engine holds the saga (or this engine is already
+    /// driving it); [`SagaError::UnknownDefinition`] when this engine does not know the saga's
+    /// `(name, version)` (the saga is not touched and its lease is released). Otherwise as
+    /// [`start`](Self::start).
     pub async fn resume(&self, id: SagaId) -> Result<SagaStatus, SagaError> {
-        let instance = self.load(id).await?;
+        let Some(_driving) = self.mark_driving(id) else {
+            return Err(SagaError::Leased {
+                id,
+                owner: self.lease.owner().to_owned(),
+            });
+        };
+        let sent = Instant::now();
+        self.store.claim(id, &self.lease).await?;
+        self.drive_claimed(id, sent).await
+    }
+
+    /// Claims every active saga whose lease is free, expired or this engine's, one after the
+    /// other, oldest first (at most [`LIST_ACTIVE_MAX`] per call), and runs each until it is
+    /// terminal: a step that was executing runs again (with the same idempotency key), a
+    /// compensation in progress continues. Sagas another live engine holds are left to it.
+    /// Call it at start-up, and keep calling it ([`run_recovery`](Self::run_recovery)) when
+    /// several engines share a log, so sagas of an engine that died are taken over.
+    ///
+    /// # Errors
+    /// A store error while claiming; errors of single sagas are in the report.
+    pub async fn recover(&self) -> Result<RecoveryReport, SagaError> {
+        let mut report = RecoveryReport::default();
+        let mut after = None;
+        for _ in 0..LIST_ACTIVE_MAX {
+            let sent = Instant::now();
+            let Some(id) = self.store.claim_next(&self.lease, after).await? else {
+                break;
+            };
+            after = Some(id);
+            let Some(_driving) = self.mark_driving(id) else {
+                continue; // this engine's own `start` or `resume` is driving it
+            };
+            match self.drive_claimed(id, sent).await {
+                Ok(status) => report.resumed.push((id, status)),
+                Err(error) => report.refused.push((id, error)),
+            }
+        }
+        if !report.resumed.is_empty() || !report.refused.is_empty() {
+            tracing::info!(
+                owner = %self.lease.owner(),
+                resumed = report.resumed.len(),
+                refused = report.refused.len(),
+                "saga recovery done"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Runs [`recover`](Self::recover) every `interval`, forever: the loop through which an
+    /// engine takes over the sagas of engines that died, and picks up sagas an operator
+    /// retried, skipped or cancelled. Spawn it and abort the task (or drop the future) to stop.
+    pub async fn run_recovery(&self, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.recover().await {
+                tracing::warn!(%error, owner = %self.lease.owner(), "saga recovery failed; trying again");
+            }
+        }
+    }
+
+    /// Runs a saga this engine has just claimed (the claim was sent at `sent`).
+    async fn drive_claimed(&self, id: SagaId, sent: Instant) -> Result<SagaStatus, SagaError> {
+        let instance = match self.load(id).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                self.release(id).await;
+                return Err(error);
+            }
+        };
         let Some(runner) = self
             .definitions
             .get(&(instance.definition.clone(), instance.version))
         else {
             let error = self.unknown(&instance.definition, instance.version);
             tracing::error!(saga = %id, %error, "saga refused");
+            self.release(id).await;
             return Err(error);
         };
         if instance.status.is_terminal() {
+            self.release(id).await;
             return Ok(instance.status);
         }
-        runner.drive(&self.store, instance).await
+        runner.drive(self.keeper(id, sent), instance).await
     }
 
-    /// Resumes every active saga in the log, one after the other, oldest first (at most
-    /// [`LIST_ACTIVE_MAX`] per call): a step that was executing runs again (with the same
-    /// idempotency key), a compensation in progress continues. Call it at start-up, before
-    /// starting new sagas.
-    ///
-    /// # Errors
-    /// A store error while listing; errors of single sagas are in the report.
-    pub async fn recover(&self) -> Result<RecoveryReport, SagaError> {
-        let mut report = RecoveryReport::default();
-        for id in self.store.list_active(LIST_ACTIVE_MAX).await? {
-            match self.resume(id).await {
-                Ok(status) => report.resumed.push((id, status)),
-                Err(error) => report.refused.push((id, error)),
-            }
+    /// Gives the lease back so an engine that can run the saga may claim it at once.
+    async fn release(&self, id: SagaId) {
+        if let Err(error) = self.store.release(id, self.lease.owner()).await {
+            tracing::warn!(saga = %id, %error, "could not release the saga's lease; it will expire");
         }
-        tracing::info!(
-            resumed = report.resumed.len(),
-            refused = report.refused.len(),
-            "saga recovery done"
-        );
-        Ok(report)
+    }
+
+    fn keeper(&self, id: SagaId, sent: Instant) -> Keeper<'_, S> {
+        Keeper {
+            store: &self.store,
+            id,
+            lease: &self.lease,
+            deadline: Mutex::new(sent + self.lease.duration()),
+        }
+    }
+
+    /// Marks `id` as driven by this engine until the guard drops; `None` when it already is.
+    fn mark_driving(&self, id: SagaId) -> Option<Driving> {
+        let mut driving = self
+            .driving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        driving.insert(id).then(|| Driving {
+            id,
+            driving: self.driving.clone(),
+        })
     }
 
     fn unknown(&self, name: &str, version: u32) -> SagaError {
@@ -214,6 +353,101 @@ impl<S: SagaStore> SagaEngine<S> {
             name: name.to_owned(),
             version,
             known,
+        }
+    }
+}
+
+/// Removes a saga from the engine's set of sagas in flight when dropped (also when the
+/// driving future is cancelled).
+struct Driving {
+    id: SagaId,
+    driving: Arc<Mutex<HashSet<SagaId>>>,
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.driving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Holds one saga's lease while the engine drives it: fences appends by the owner, and
+/// renews the lease while a step (or a backoff) runs.
+struct Keeper<'a, S> {
+    store: &'a S,
+    id: SagaId,
+    lease: &'a Lease,
+    /// When this engine must consider the lease gone: the send time of the last successful
+    /// claim, append or renewal plus the lease duration. The store computed its expiry from a
+    /// later instant, so this deadline is never later than the store's (clock rates agreeing).
+    deadline: Mutex<Instant>,
+}
+
+impl<S: SagaStore> Keeper<'_, S> {
+    fn deadline(&self) -> Instant {
+        *self
+            .deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn extend(&self, sent: Instant) {
+        let mut deadline = self
+            .deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *deadline = (*deadline).max(sent + self.lease.duration());
+    }
+
+    /// Appends `record`, extending the lease.
+    async fn append(&self, record: &SagaRecord) -> Result<(), SagaError> {
+        let sent = Instant::now();
+        self.store.append(self.id, record, self.lease).await?;
+        self.extend(sent);
+        Ok(())
+    }
+
+    /// Runs `work` while renewing the lease; drops it and fails when the lease is lost or
+    /// cannot be renewed before the deadline.
+    async fn guard<T>(&self, work: impl Future<Output = T>) -> Result<T, SagaError> {
+        tokio::select! {
+            output = work => Ok(output),
+            lost = self.heartbeat() => Err(lost),
+        }
+    }
+
+    /// Renews the lease every third of its duration; returns only when it is lost.
+    async fn heartbeat(&self) -> SagaError {
+        let duration = self.lease.duration();
+        loop {
+            let deadline = self.deadline();
+            let renew_at = deadline.checked_sub(duration * 2 / 3).unwrap_or(deadline);
+            tokio::time::sleep_until(renew_at).await;
+            let sent = Instant::now();
+            if sent >= self.deadline() {
+                return SagaError::LeaseExpired { id: self.id };
+            }
+            let left = self.deadline() - sent;
+            match tokio::time::timeout(left, self.store.renew(self.id, self.lease)).await {
+                Ok(Ok(true)) => self.extend(sent),
+                Ok(Ok(false)) => {
+                    tracing::warn!(saga = %self.id, owner = %self.lease.owner(), "saga lease lost to another engine; abandoning the step");
+                    return SagaError::Leased {
+                        id: self.id,
+                        owner: "another engine".to_owned(),
+                    };
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(saga = %self.id, %error, "saga lease renewal failed; retrying until the lease runs out");
+                    // Wait a little before trying again, never past the deadline.
+                    let pause = (duration / 10)
+                        .min(self.deadline().saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                }
+                Err(_) => return SagaError::LeaseExpired { id: self.id },
+            }
         }
     }
 }
@@ -275,6 +509,10 @@ fn next<C>(
                 Transition::Compensating { failed_step, error } => {
                     Some((failed_step.clone(), error.clone()))
                 }
+                Transition::Cancelled { step, reason } => Some((
+                    step.clone().unwrap_or_default(),
+                    format!("cancelled: {reason}"),
+                )),
                 _ => None,
             })
             .ok_or_else(|| corrupt("compensation without a Compensating record".to_owned()))?;
@@ -284,7 +522,7 @@ fn next<C>(
         }))
     };
     Ok(match &last.transition {
-        Transition::Started => write(Transition::StepExecuting {
+        Transition::Started { .. } => write(Transition::StepExecuting {
             step: step_name(0),
             attempt: 1,
         }),
@@ -292,7 +530,12 @@ fn next<C>(
             step: index(step)?,
             attempt: *attempt,
         },
-        Transition::StepSucceeded { step } => {
+        Transition::StepSucceeded { step }
+        | Transition::Skipped {
+            step,
+            compensating: false,
+            ..
+        } => {
             let following = index(step)? + 1;
             if following < definition.steps.len() {
                 write(Transition::StepExecuting {
@@ -337,7 +580,32 @@ fn next<C>(
             step: index(step)?,
             attempt: *attempt,
         },
-        Transition::StepCompensated { step } => compensate_below(index(step)?)?,
+        Transition::StepCompensated { step }
+        | Transition::Skipped {
+            step,
+            compensating: true,
+            ..
+        } => compensate_below(index(step)?)?,
+        Transition::Cancelled { step, .. } => match step {
+            Some(step) => compensate_below(index(step)? + 1)?,
+            None => compensate_below(0)?,
+        },
+        Transition::Retried {
+            step,
+            compensating: false,
+            ..
+        } => write(Transition::StepExecuting {
+            step: step.clone(),
+            attempt: 1,
+        }),
+        Transition::Retried {
+            step,
+            compensating: true,
+            ..
+        } => write(Transition::StepCompensating {
+            step: step.clone(),
+            attempt: 1,
+        }),
         Transition::CompensationFailed {
             step,
             attempt,
@@ -370,7 +638,7 @@ fn next<C>(
 /// Runs a saga from wherever its log stands until it is terminal.
 async fn drive<S: SagaStore, C: SagaContext>(
     definition: &SagaDefinition<C>,
-    store: &S,
+    keeper: Keeper<'_, S>,
     instance: SagaInstance,
 ) -> Result<SagaStatus, SagaError> {
     let id = instance.id;
@@ -391,20 +659,21 @@ async fn drive<S: SagaStore, C: SagaContext>(
             Next::Done(status) => return Ok(status),
             Next::Write { transition, after } => {
                 if !after.is_zero() {
-                    tokio::time::sleep(after).await;
+                    keeper.guard(tokio::time::sleep(after)).await?;
                 }
                 transition
             }
             Next::Execute { step, attempt } => {
                 let step = &definition.steps[step];
                 let before = records.last().map(|record| record.context.clone());
-                let outcome = run(
-                    &step.execute,
-                    &mut context,
-                    StepContext::new(id, &step.name, attempt),
-                    step.timeout,
-                )
-                .await;
+                let outcome = keeper
+                    .guard(run(
+                        &step.execute,
+                        &mut context,
+                        StepContext::new(id, &step.name, attempt),
+                        step.timeout,
+                    ))
+                    .await?;
                 match outcome {
                     Ok(()) => Transition::StepSucceeded {
                         step: step.name.clone(),
@@ -435,13 +704,14 @@ async fn drive<S: SagaStore, C: SagaContext>(
                         reason: format!("step {} has no compensation", step.name),
                     })?;
                 let before = records.last().map(|record| record.context.clone());
-                match run(
-                    compensate,
-                    &mut context,
-                    StepContext::new(id, &step.name, attempt),
-                    step.timeout,
-                )
-                .await
+                match keeper
+                    .guard(run(
+                        compensate,
+                        &mut context,
+                        StepContext::new(id, &step.name, attempt),
+                        step.timeout,
+                    ))
+                    .await?
                 {
                     Ok(()) => Transition::StepCompensated {
                         step: step.name.clone(),
@@ -474,7 +744,7 @@ async fn drive<S: SagaStore, C: SagaContext>(
             context: serde_json::to_value(&context)?,
             at: Utc::now(),
         };
-        store.append(id, &record).await?;
+        keeper.append(&record).await?;
         if let Transition::Stuck {
             step,
             compensating,
@@ -557,6 +827,13 @@ mod tests {
             .collect()
     }
 
+    fn started() -> Transition {
+        Transition::Started {
+            steps: Vec::new(),
+            pivot: None,
+        }
+    }
+
     fn decide(transitions: Vec<Transition>) -> Next {
         next(&definition(), SagaId::new(), &log(transitions)).expect("decidable")
     }
@@ -569,7 +846,7 @@ mod tests {
             attempt: 2,
         };
         assert_eq!(
-            decide(vec![Transition::Started, executing]),
+            decide(vec![started(), executing]),
             Next::Execute {
                 step: 1,
                 attempt: 2
@@ -587,7 +864,7 @@ mod tests {
             error: "busy".to_owned(),
         };
         assert_eq!(
-            decide(vec![Transition::Started, failed]),
+            decide(vec![started(), failed]),
             Next::Write {
                 transition: Transition::StepExecuting {
                     step: "c".to_owned(),
@@ -606,7 +883,7 @@ mod tests {
             error: "gone".to_owned(),
         };
         assert_eq!(
-            decide(vec![Transition::Started, compensating.clone()]),
+            decide(vec![started(), compensating.clone()]),
             write(Transition::StepCompensating {
                 step: "a".to_owned(),
                 attempt: 1
@@ -616,7 +893,7 @@ mod tests {
             step: "a".to_owned(),
         };
         assert_eq!(
-            decide(vec![Transition::Started, compensating, compensated]),
+            decide(vec![started(), compensating, compensated]),
             write(Transition::Failed {
                 step: "c".to_owned(),
                 error: "gone".to_owned()
@@ -628,7 +905,7 @@ mod tests {
     fn a_terminal_log_needs_nothing_more() {
         // Goal: Completed, Failed and Stuck logs are left alone.
         assert_eq!(
-            decide(vec![Transition::Started, Transition::Completed]),
+            decide(vec![started(), Transition::Completed]),
             Next::Done(SagaStatus::Completed)
         );
     }

@@ -41,6 +41,31 @@ pub enum SagaError {
         /// The sequence number this writer tried to write.
         seq: u64,
     },
+    /// Another engine (or operator) holds this saga's lease: leave the saga to it, or wait for
+    /// the lease to expire.
+    #[error("saga {id} is leased by {owner}")]
+    Leased {
+        /// The saga.
+        id: SagaId,
+        /// The lease's current owner.
+        owner: String,
+    },
+    /// This engine could not renew its lease before it ran out, so it stopped driving the saga
+    /// (the step in flight was abandoned): another engine may have taken it over.
+    #[error("saga {id}: lease expired before it could be renewed; the saga was left to others")]
+    LeaseExpired {
+        /// The saga.
+        id: SagaId,
+    },
+    /// An operator action does not fit the saga's state (cancel past the pivot, skip a step
+    /// that is not the current one, retry a saga that is not stuck...).
+    #[error("saga {id}: {reason}")]
+    Rejected {
+        /// The saga.
+        id: SagaId,
+        /// Why the action does not apply.
+        reason: String,
+    },
     /// The context could not be converted to or from JSON.
     #[error("saga context (de)serialization failed: {0}")]
     Context(#[from] serde_json::Error),
@@ -82,6 +107,9 @@ impl SagaError {
             | Self::UnknownDefinition { .. }
             | Self::NotFound(_)
             | Self::Conflict { .. }
+            | Self::Leased { .. }
+            | Self::LeaseExpired { .. }
+            | Self::Rejected { .. }
             | Self::Context(_)
             | Self::CorruptLog { .. } => false,
         }

@@ -17,13 +17,27 @@
 //! hand [`StepContext::idempotency_key`] (`{saga_id}:{step}`) to the participant.
 //!
 //! Stores: [`InMemorySagaStore`] (tests), [`SqliteSagaStore`] (WAL, `synchronous = FULL`,
-//! `BEGIN IMMEDIATE`), [`PostgresSagaStore`].
+//! `BEGIN IMMEDIATE`, group commit: many sagas' transitions share one transaction, each caller
+//! answered after the commit), [`PostgresSagaStore`].
+//!
+//! Several engines may share one log: each saga is leased to one engine at a time (a
+//! [`Lease`]: owner and expiry, claimed with `FOR UPDATE SKIP LOCKED` on PostgreSQL, renewed
+//! while a step runs, every append fenced by the owner). An engine that dies loses its sagas
+//! when their leases expire, and another engine's [`SagaEngine::run_recovery`] loop takes them
+//! over. See docs/decisions/0006-saga-leasing.md.
+//!
+//! The [`Inspector`] lists sagas (by status, definition, age), shows one saga's
+//! [`SagaTimeline`] (each step's attempts, timings, errors and compensation) and records
+//! operator actions: cancel (compensate now), retry a stuck or failed step, skip a step, purge
+//! old terminal sagas. [`http::router`] serves it as JSON endpoints; `trellis saga` is its CLI.
 //!
 //! How it fits: participants are called through `trellis-resilience` (HTTP/gRPC clients with
 //! circuit breakers and timeouts) from a step's `execute`; a step can publish a command with
 //! `trellis-bus`'s outbox; the saga log is its own store, separate from `trellis-eventstore`.
-//! Not built yet: leasing for several engines on one log, asynchronous steps over the bus,
-//! choreography helpers and the inspector.
+//! Not built yet: asynchronous steps over the bus (a command and a wait for the correlated
+//! reply) and choreography helpers.
+//!
+//! Feature flags: `http` (default) adds [`http`], the inspector's axum router.
 //!
 //! # Examples
 //! ```
@@ -63,6 +77,9 @@
 mod definition;
 mod engine;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
+mod inspector;
 mod store;
 
 pub use definition::{
@@ -70,9 +87,16 @@ pub use definition::{
     SagaContext, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError, StepFuture,
     StepRetry,
 };
-pub use engine::{RecoveryReport, SagaEngine, TRANSITIONS_MAX};
+pub use engine::{
+    LEASE_DEFAULT, LEASE_MIN, POLL_INTERVAL_DEFAULT, RecoveryReport, SagaEngine, TRANSITIONS_MAX,
+};
 pub use error::SagaError;
+pub use inspector::{
+    Attempt, AttemptOutcome, Inspector, OPERATOR_LEASE, PURGE_BATCHES_MAX, SagaTimeline, StepState,
+    StepTimeline, TimelineEntry,
+};
 pub use store::{
-    InMemorySagaStore, LIST_ACTIVE_MAX, PostgresSagaStore, SagaId, SagaInstance, SagaRecord,
-    SagaStatus, SagaStore, SqliteSagaStore, Transition,
+    GROUP_COMMIT_MAX, InMemorySagaStore, LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX,
+    PostgresSagaStore, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore,
+    SagaSummary, SqliteSagaStore, Transition,
 };

@@ -1,7 +1,10 @@
 //! The PostgreSQL saga log.
 //!
-//! Each append is one transaction: a conditional `UPDATE` of the instance row (which locks it
-//! and checks the expected sequence) and the `INSERT` of the record.
+//! Each append is one transaction: a conditional `UPDATE` of the instance row (which locks it,
+//! checks the expected sequence and the lease owner, and extends the lease) and the `INSERT` of
+//! the record. Lease expiry uses the server's clock (`now()`), so engines on hosts with skewed
+//! clocks agree on it; claims take the row with `FOR UPDATE SKIP LOCKED`, so engines polling
+//! together never wait on, or take, the same saga.
 
 use std::time::Duration;
 
@@ -11,8 +14,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::{
-    LIST_ACTIVE_MAX, SagaId, SagaInstance, SagaRecord, SagaStore, decode_transition, instance,
-    to_i64, to_u64,
+    LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX, SagaFilter, SagaId, SagaInstance, SagaRecord,
+    SagaStore, SagaSummary, decode_transition, instance, summary, to_i64, to_u64,
 };
 use crate::error::SagaError;
 
@@ -29,9 +32,15 @@ CREATE TABLE IF NOT EXISTS saga_instances (
     status      TEXT        NOT NULL,
     last_seq    BIGINT      NOT NULL,
     created_at  TIMESTAMPTZ NOT NULL,
-    updated_at  TIMESTAMPTZ NOT NULL
+    updated_at  TIMESTAMPTZ NOT NULL,
+    lease_owner      TEXT,
+    lease_expires_at TIMESTAMPTZ
 );
+ALTER TABLE saga_instances ADD COLUMN IF NOT EXISTS lease_owner TEXT;
+ALTER TABLE saga_instances ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ;
 CREATE INDEX IF NOT EXISTS saga_instances_status ON saga_instances (status, id);
+CREATE INDEX IF NOT EXISTS saga_instances_active ON saga_instances (id)
+    WHERE status IN ('running', 'compensating');
 CREATE TABLE IF NOT EXISTS saga_log (
     saga_id     UUID        NOT NULL REFERENCES saga_instances (id),
     seq         BIGINT      NOT NULL,
@@ -71,20 +80,25 @@ impl SagaStore for PostgresSagaStore {
         definition: &str,
         version: u32,
         first: &SagaRecord,
+        lease: &Lease,
     ) -> Result<(), SagaError> {
         if first.seq != 1 {
             return Err(SagaError::Conflict { id, seq: first.seq });
         }
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO saga_instances (id, definition, version, status, last_seq, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, 1, $5, $5) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO saga_instances
+                 (id, definition, version, status, last_seq, created_at, updated_at, lease_owner, lease_expires_at)
+             VALUES ($1, $2, $3, $4, 1, $5, $5, $6, now() + $7::bigint * interval '1 millisecond')
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.as_uuid())
         .bind(definition)
         .bind(i64::from(version))
         .bind(first.transition.status_after().as_str())
         .bind(first.at)
+        .bind(lease.owner())
+        .bind(lease.duration_ms())
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() != 1 {
@@ -95,30 +109,47 @@ impl SagaStore for PostgresSagaStore {
         Ok(())
     }
 
-    async fn append(&self, id: SagaId, record: &SagaRecord) -> Result<(), SagaError> {
+    async fn append(
+        &self,
+        id: SagaId,
+        record: &SagaRecord,
+        lease: &Lease,
+    ) -> Result<(), SagaError> {
         let previous = to_i64(id, record.seq.saturating_sub(1))?;
+        let status = record.transition.status_after();
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE saga_instances SET status = $1, last_seq = $2, updated_at = $3 WHERE id = $4 AND last_seq = $5",
+            "UPDATE saga_instances SET status = $1, last_seq = $2, updated_at = $3,
+                 lease_owner = CASE WHEN $6 THEN NULL ELSE lease_owner END,
+                 lease_expires_at = CASE WHEN $6 THEN NULL
+                     ELSE now() + $7::bigint * interval '1 millisecond' END
+             WHERE id = $4 AND last_seq = $5 AND lease_owner = $8",
         )
-        .bind(record.transition.status_after().as_str())
+        .bind(status.as_str())
         .bind(to_i64(id, record.seq)?)
         .bind(record.at)
         .bind(id.as_uuid())
         .bind(previous)
+        .bind(status.is_terminal())
+        .bind(lease.duration_ms())
+        .bind(lease.owner())
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() != 1 {
-            let exists: Option<i64> =
-                sqlx::query_scalar("SELECT last_seq FROM saga_instances WHERE id = $1")
+            let row: Option<(i64, Option<String>)> =
+                sqlx::query_as("SELECT last_seq, lease_owner FROM saga_instances WHERE id = $1")
                     .bind(id.as_uuid())
                     .fetch_optional(&mut *tx)
                     .await?;
-            return Err(match exists {
+            return Err(match row {
                 None => SagaError::NotFound(id),
-                Some(_) => SagaError::Conflict {
+                Some((last_seq, _)) if last_seq != previous => SagaError::Conflict {
                     id,
                     seq: record.seq,
+                },
+                Some((_, owner)) => SagaError::Leased {
+                    id,
+                    owner: owner.unwrap_or_else(|| "nobody".to_owned()),
                 },
             });
         }
@@ -174,6 +205,153 @@ impl SagaStore for PostgresSagaStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(ids.into_iter().map(SagaId::from_uuid).collect())
+    }
+
+    async fn claim_next(
+        &self,
+        lease: &Lease,
+        after: Option<SagaId>,
+    ) -> Result<Option<SagaId>, SagaError> {
+        let after = after.map_or(Uuid::nil(), |id| id.as_uuid());
+        let claimed: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE saga_instances
+             SET lease_owner = $1, lease_expires_at = now() + $2::bigint * interval '1 millisecond'
+             WHERE id = (
+                 SELECT id FROM saga_instances
+                 WHERE status IN ('running', 'compensating') AND id > $3
+                   AND (lease_owner IS NULL OR lease_owner = $1 OR lease_expires_at <= now())
+                 ORDER BY id
+                 LIMIT 1
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+        )
+        .bind(lease.owner())
+        .bind(lease.duration_ms())
+        .bind(after)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(claimed.map(SagaId::from_uuid))
+    }
+
+    async fn claim(&self, id: SagaId, lease: &Lease) -> Result<(), SagaError> {
+        let claimed = sqlx::query(
+            "UPDATE saga_instances
+             SET lease_owner = $1, lease_expires_at = now() + $2::bigint * interval '1 millisecond'
+             WHERE id = $3
+               AND (lease_owner IS NULL OR lease_owner = $1 OR lease_expires_at <= now())",
+        )
+        .bind(lease.owner())
+        .bind(lease.duration_ms())
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await?;
+        if claimed.rows_affected() == 1 {
+            return Ok(());
+        }
+        let owner: Option<Option<String>> =
+            sqlx::query_scalar("SELECT lease_owner FROM saga_instances WHERE id = $1")
+                .bind(id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        Err(match owner {
+            None => SagaError::NotFound(id),
+            Some(owner) => SagaError::Leased {
+                id,
+                owner: owner.unwrap_or_default(),
+            },
+        })
+    }
+
+    async fn renew(&self, id: SagaId, lease: &Lease) -> Result<bool, SagaError> {
+        let renewed = sqlx::query(
+            "UPDATE saga_instances
+             SET lease_expires_at = now() + $1::bigint * interval '1 millisecond'
+             WHERE id = $2 AND lease_owner = $3",
+        )
+        .bind(lease.duration_ms())
+        .bind(id.as_uuid())
+        .bind(lease.owner())
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
+        sqlx::query(
+            "UPDATE saga_instances SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(id.as_uuid())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaSummary>, SagaError> {
+        let statuses: Option<Vec<String>> = (!filter.statuses.is_empty()).then(|| {
+            filter
+                .statuses
+                .iter()
+                .map(|status| status.as_str().to_owned())
+                .collect()
+        });
+        let limit = i64::try_from(filter.limit_or_max()).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT id, definition, version, status, last_seq, created_at, updated_at, lease_owner
+             FROM saga_instances
+             WHERE ($1::text[] IS NULL OR status = ANY($1))
+               AND ($2::text IS NULL OR definition = $2)
+               AND ($3::timestamptz IS NULL OR created_at < $3)
+               AND ($4::timestamptz IS NULL OR created_at >= $4)
+             ORDER BY id
+             LIMIT $5",
+        )
+        .bind(statuses)
+        .bind(filter.definition.as_deref())
+        .bind(filter.created_before)
+        .bind(filter.created_after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id = SagaId::from_uuid(row.try_get("id")?);
+                summary(
+                    id,
+                    row.try_get("definition")?,
+                    row.try_get("version")?,
+                    row.try_get("status")?,
+                    row.try_get("last_seq")?,
+                    row.try_get("created_at")?,
+                    row.try_get("updated_at")?,
+                    row.try_get("lease_owner")?,
+                )
+            })
+            .collect()
+    }
+
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64, SagaError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM saga_instances
+             WHERE status IN ('completed', 'failed') AND updated_at < $1
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(before)
+        .bind(i64::try_from(PURGE_BATCH_MAX).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM saga_log WHERE saga_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM saga_instances WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
     }
 }
 

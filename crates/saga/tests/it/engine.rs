@@ -49,7 +49,10 @@ async fn every_step_runs_in_order_and_the_saga_completes() {
     assert_eq!(
         transitions(&instance),
         vec![
-            Transition::Started,
+            Transition::Started {
+                steps: vec!["flight".to_owned(), "hotel".to_owned(), "car".to_owned()],
+                pivot: None
+            },
             executing("flight", 1),
             succeeded("flight"),
             executing("hotel", 1),
@@ -258,7 +261,9 @@ async fn an_unknown_definition_version_is_refused_and_left_untouched() {
     let ledger = Ledger::default();
     let crashing =
         crate::support::CrashingStore::new(store.clone(), 3, crate::support::Crash::AfterWrite);
-    let old = SagaEngine::new(crashing.clone()).register(trip(&ledger, Behaviour::Succeeds));
+    let old = SagaEngine::new(crashing.clone())
+        .with_owner(crate::support::NODE)
+        .register(trip(&ledger, Behaviour::Succeeds));
     old.start("book-trip", &ada())
         .await
         .expect_err("crashes at write 3");
@@ -269,7 +274,9 @@ async fn an_unknown_definition_version_is_refused_and_left_untouched() {
         .step(step(&ledger, "flight", Behaviour::Succeeds, true, false))
         .build()
         .expect("valid");
-    let new = SagaEngine::new(store.clone()).register(v2);
+    let new = SagaEngine::new(store.clone())
+        .with_owner(crate::support::NODE)
+        .register(v2);
     let report = new.recover().await.expect("recover");
     assert!(report.resumed.is_empty());
     let [(refused, error)] = report.refused.as_slice() else {

@@ -1,6 +1,8 @@
 //! Integration tests for trellis-saga: behaviour, crash recovery and the SQL stores.
 
 mod engine;
+mod inspector;
+mod leasing;
 mod recovery;
 mod sql;
 mod store;

@@ -6,12 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use trellis_resilience::Backoff;
 use trellis_saga::{
-    SagaDefinition, SagaError, SagaId, SagaInstance, SagaRecord, SagaStore, Step, StepContext,
-    StepError, StepRetry,
+    Lease, SagaDefinition, SagaError, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStore,
+    SagaSummary, Step, StepContext, StepError, StepRetry,
 };
+
+/// The lease owner of the engines in crash tests: a restarted process keeps its name, so it
+/// takes its sagas back at once.
+pub(crate) const NODE: &str = "node-1";
 
 /// The saga context: which steps ran, as the saga itself sees it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -219,14 +224,20 @@ impl<S: SagaStore> SagaStore for CrashingStore<S> {
         definition: &str,
         version: u32,
         first: &SagaRecord,
+        lease: &Lease,
     ) -> Result<(), SagaError> {
         *self.created.lock().expect("created lock") = Some(id);
-        self.write(self.inner.create(id, definition, version, first))
+        self.write(self.inner.create(id, definition, version, first, lease))
             .await
     }
 
-    async fn append(&self, id: SagaId, record: &SagaRecord) -> Result<(), SagaError> {
-        self.write(self.inner.append(id, record)).await
+    async fn append(
+        &self,
+        id: SagaId,
+        record: &SagaRecord,
+        lease: &Lease,
+    ) -> Result<(), SagaError> {
+        self.write(self.inner.append(id, record, lease)).await
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
@@ -235,6 +246,34 @@ impl<S: SagaStore> SagaStore for CrashingStore<S> {
 
     async fn list_active(&self, limit: usize) -> Result<Vec<SagaId>, SagaError> {
         self.inner.list_active(limit).await
+    }
+
+    async fn claim_next(
+        &self,
+        lease: &Lease,
+        after: Option<SagaId>,
+    ) -> Result<Option<SagaId>, SagaError> {
+        self.inner.claim_next(lease, after).await
+    }
+
+    async fn claim(&self, id: SagaId, lease: &Lease) -> Result<(), SagaError> {
+        self.inner.claim(id, lease).await
+    }
+
+    async fn renew(&self, id: SagaId, lease: &Lease) -> Result<bool, SagaError> {
+        self.inner.renew(id, lease).await
+    }
+
+    async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
+        self.inner.release(id, owner).await
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaSummary>, SagaError> {
+        self.inner.list(filter).await
+    }
+
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64, SagaError> {
+        self.inner.purge(before).await
     }
 }
 
@@ -312,7 +351,9 @@ pub(crate) async fn crash_at_every_boundary<S, F>(
         for crash_at in 1..=writes {
             let ledger = Ledger::default();
             let crashing = CrashingStore::new(store.clone(), crash_at, mode);
-            let engine = SagaEngine::new(crashing.clone()).register(definition(&ledger));
+            let engine = SagaEngine::new(crashing.clone())
+                .with_owner(NODE)
+                .register(definition(&ledger));
             let result = engine.start("book-trip", &trip).await;
             let Err(error) = result else {
                 panic!("{mode:?} at write {crash_at} of {writes}: the run did not crash");
@@ -330,7 +371,9 @@ pub(crate) async fn crash_at_every_boundary<S, F>(
             drop(engine);
 
             // A new process: fresh engine, same log, same participants.
-            let engine = SagaEngine::new(store.clone()).register(definition(&ledger));
+            let engine = SagaEngine::new(store.clone())
+                .with_owner(NODE)
+                .register(definition(&ledger));
             let report = engine.recover().await.expect("recover");
             assert!(
                 report.refused.is_empty(),

@@ -1,0 +1,233 @@
+//! `trellis up` and `trellis serve`: the reference shop in one process, or one service per
+//! process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use shop_app::{ProviderConfig, ShopConfig};
+
+/// Which saga style drives orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SagaStyle {
+    /// The orders service orchestrates reserve → charge → ship with compensation.
+    Orchestrated,
+    /// Services react to each other's events (not built yet).
+    Choreography,
+}
+
+/// Fault settings of the payment provider simulator.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ProviderArgs {
+    /// Latency the payment provider simulator adds to every call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    provider_latency_ms: u64,
+    /// Share of provider calls that fail with 503 (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    provider_failure_rate: f64,
+    /// Share of charges the provider declines (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    provider_decline_rate: f64,
+    /// Start with the provider down (every call 503).
+    #[arg(long)]
+    provider_outage: bool,
+}
+
+impl ProviderArgs {
+    fn config(&self) -> anyhow::Result<ProviderConfig> {
+        for (name, value) in [
+            ("--provider-failure-rate", self.provider_failure_rate),
+            ("--provider-decline-rate", self.provider_decline_rate),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                bail!("{name} must be between 0 and 1, not {value}");
+            }
+        }
+        Ok(ProviderConfig {
+            latency_ms: self.provider_latency_ms,
+            failure_rate: self.provider_failure_rate,
+            decline_rate: self.provider_decline_rate,
+            outage: self.provider_outage,
+            ..ProviderConfig::default()
+        })
+    }
+}
+
+/// Settings of `trellis up`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpArgs {
+    /// The gateway's port.
+    #[arg(long, env = "TRELLIS_GATEWAY_PORT", default_value_t = shop_contracts::ports::GATEWAY)]
+    port: u16,
+    /// Where the embedded databases live.
+    #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "trellis-data")]
+    data_dir: PathBuf,
+    /// How orders are driven.
+    #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
+    saga: SagaStyle,
+    #[command(flatten)]
+    provider: ProviderArgs,
+}
+
+impl UpArgs {
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        if self.saga == SagaStyle::Choreography {
+            bail!(
+                "--saga choreography is not built yet: the shop runs orchestrated sagas only \
+                 (see CHANGELOG.md)"
+            );
+        }
+        let mut config = ShopConfig::new(&self.data_dir);
+        config.gateway_port = self.port;
+        config.provider = self.provider.config()?;
+        let email = std::env::var("TRELLIS_ADMIN_EMAIL").ok();
+        let password = std::env::var("TRELLIS_ADMIN_PASSWORD").ok();
+        match (email, password) {
+            (Some(email), Some(password)) => config.admin = Some((email, password)),
+            (None, None) => {}
+            _ => bail!("set both TRELLIS_ADMIN_EMAIL and TRELLIS_ADMIN_PASSWORD, or neither"),
+        }
+        let shop = shop_app::up(config).await.with_context(|| {
+            format!("starting the shop with data in {}", self.data_dir.display())
+        })?;
+        let gateway = shop.gateway_url();
+        println!("trellis shop is up (data in {})", self.data_dir.display());
+        println!("  gateway        {gateway}   (public API; OpenAPI at {gateway}/openapi.json)");
+        for (name, addr) in shop.addrs() {
+            println!("  {name:<16} http://{addr}");
+        }
+        let admin = shop.admin();
+        match (&admin.password, admin.created) {
+            (Some(password), true) => println!(
+                "  admin account created: {} / {password}  (set TRELLIS_ADMIN_EMAIL and \
+                 TRELLIS_ADMIN_PASSWORD to choose it)",
+                admin.email
+            ),
+            _ => println!(
+                "  admin account: {} (its password was printed when it was created)",
+                admin.email
+            ),
+        }
+        println!(
+            "  try: curl -s {gateway}/api/products | head -c 300; echo\n  \
+             log in: curl -s -X POST {gateway}/api/auth/token -H 'content-type: application/json' \
+             -d '{{\"email\":\"{}\",\"password\":\"…\"}}'",
+            admin.email
+        );
+        println!("Ctrl-C stops it.");
+        trellis_gateway::shutdown_signal().await;
+        println!("stopping: draining in-flight requests");
+        shop.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Settings of `trellis serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// The service: users, products, inventory, orders, payments, shipping, payment-provider,
+    /// or gateway (routing to the others).
+    name: String,
+    /// Listen address (default: 127.0.0.1 and the service's port from DESIGN.md).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The service's database: sqlite://PATH or postgres://… (default
+    /// sqlite://trellis-data/NAME.db).
+    #[arg(long, env = "TRELLIS_DB")]
+    db: Option<String>,
+    /// The event bus URL (nats://… or sqlite://…). The orchestrated order flow calls services
+    /// over gRPC and does not publish to a bus yet; the URL is checked and recorded.
+    #[arg(long, env = "TRELLIS_BUS")]
+    bus: Option<String>,
+    /// Where another service listens, as NAME=HOST:PORT (repeatable; defaults to DESIGN.md's
+    /// ports on 127.0.0.1).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(String, String)>,
+    #[command(flatten)]
+    provider: ProviderArgs,
+}
+
+fn parse_peer(raw: &str) -> Result<(String, String), String> {
+    let (name, addr) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=HOST:PORT, got {raw:?}"))?;
+    if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+        return Err(format!("{addr:?} is not HOST:PORT"));
+    }
+    Ok((name.to_owned(), addr.to_owned()))
+}
+
+impl ServeArgs {
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        let peers: BTreeMap<String, String> = self.peers.iter().cloned().collect();
+        if let Some(bus) = &self.bus
+            && !(bus.starts_with("nats://") || bus.starts_with("sqlite:") || bus == "memory:")
+        {
+            bail!("--bus {bus:?}: expected nats://…, sqlite://PATH or memory:");
+        }
+        let port = if self.name == "gateway" {
+            shop_contracts::ports::GATEWAY
+        } else {
+            shop_contracts::ports::SERVICES
+                .iter()
+                .find(|(name, _)| *name == self.name)
+                .map(|(_, port)| *port)
+                .with_context(|| {
+                    format!(
+                        "no service named {:?}; known: users, products, inventory, orders, \
+                         payments, shipping, payment-provider, gateway",
+                        self.name
+                    )
+                })?
+        };
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)));
+        if self.name == "gateway" {
+            let mut addrs = BTreeMap::new();
+            for (name, default_port) in shop_contracts::ports::SERVICES {
+                let addr = match peers.get(*name) {
+                    Some(addr) => tokio::net::lookup_host(addr.as_str())
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .with_context(|| format!("--peer {name}={addr} does not resolve"))?,
+                    None => SocketAddr::from(([127, 0, 0, 1], *default_port)),
+                };
+                addrs.insert(*name, addr);
+            }
+            let config = trellis_gateway::Config::from_toml(&shop_app::config_toml(listen, &addrs))
+                .context("the shop's gateway configuration")?;
+            let gateway = trellis_gateway::Gateway::from_config(config)
+                .await
+                .context("starting the gateway")?
+                .with_hooks(std::sync::Arc::new(shop_app::OpenApiHook::new()));
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("gateway listening on http://{listen}");
+            gateway
+                .serve(listener, trellis_gateway::shutdown_signal())
+                .await
+                .context("gateway")?;
+            return Ok(());
+        }
+        let db = self
+            .db
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://trellis-data/{}.db", self.name));
+        println!("{} listening on http://{listen} (database {db})", self.name);
+        shop_app::serve_one(
+            &self.name,
+            listen,
+            db,
+            &peers,
+            self.provider.config()?,
+            trellis_gateway::shutdown_signal(),
+        )
+        .await
+        .with_context(|| format!("serving {}", self.name))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! The inspector's JSON HTTP endpoints, as an axum [`Router`] to mount in a service.
+//!
+//! | method and path | does |
+//! | --- | --- |
+//! | `GET /sagas?status=stuck,failed&definition=NAME&older_than_secs=N&younger_than_secs=N&limit=N` | [`Inspector::list`] |
+//! | `GET /sagas/{id}` | [`Inspector::show`] |
+//! | `POST /sagas/{id}/cancel` with optional `{"reason": "..."}` | [`Inspector::cancel`] |
+//! | `POST /sagas/{id}/retry` | [`Inspector::retry`] |
+//! | `POST /sagas/{id}/skip` with `{"step": "..."}` | [`Inspector::skip`] |
+//! | `POST /sagas/purge` with `{"older_than_days": N}` | [`Inspector::purge`] |
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}`: 400 `bad_request`, 404
+//! `saga_not_found`, 409 `saga_leased` / `action_rejected` / `conflict`; a store fault is a 503
+//! `unavailable` or a 500 `internal` with an opaque message, logged once with its cause.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::SagaError;
+use crate::inspector::Inspector;
+use crate::store::{SagaFilter, SagaId, SagaStatus, SagaStore};
+
+/// The longest age filter or purge cut-off the endpoints accept: 100 years.
+const AGE_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The inspector's routes (paths above), with `inspector` as their state.
+pub fn router<S: SagaStore>(inspector: Inspector<S>) -> Router {
+    Router::new()
+        .route("/sagas", get(list::<S>))
+        .route("/sagas/purge", post(purge::<S>))
+        .route("/sagas/{id}", get(show::<S>))
+        .route("/sagas/{id}/cancel", post(cancel::<S>))
+        .route("/sagas/{id}/retry", post(retry::<S>))
+        .route("/sagas/{id}/skip", post(skip::<S>))
+        .with_state(Arc::new(inspector))
+}
+
+/// An error response: status, stable code and message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SagaError> for ApiError {
+    fn from(error: SagaError) -> Self {
+        let (status, code) = match &error {
+            SagaError::NotFound(_) => (StatusCode::NOT_FOUND, "saga_not_found"),
+            SagaError::Leased { .. } => (StatusCode::CONFLICT, "saga_leased"),
+            SagaError::Rejected { .. } => (StatusCode::CONFLICT, "action_rejected"),
+            SagaError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            _ if error.is_retryable() => {
+                tracing::warn!(%error, "saga inspector: store unavailable");
+                return Self {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "unavailable",
+                    message: "the saga store is unavailable; try again".to_owned(),
+                };
+            }
+            _ => {
+                tracing::error!(error = ?error, "saga inspector: internal error");
+                return Self {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal",
+                    message: "internal error".to_owned(),
+                };
+            }
+        };
+        Self {
+            status,
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code, "message": self.message }
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type Shared<S> = State<Arc<Inspector<S>>>;
+
+fn parse_id(text: &str) -> Result<SagaId, ApiError> {
+    uuid::Uuid::parse_str(text)
+        .map(SagaId::from_uuid)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a saga id (a UUID)")))
+}
+
+/// Parses an optional JSON body; an empty body is `T::default()`.
+fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+}
+
+fn seconds(query: &HashMap<String, String>, name: &str) -> Result<Option<Duration>, ApiError> {
+    query
+        .get(name)
+        .map(|text| {
+            text.parse::<u64>()
+                .ok()
+                .map(Duration::from_secs)
+                .filter(|age| *age <= AGE_MAX)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{name} must be a number of seconds, got {text:?}"
+                    ))
+                })
+        })
+        .transpose()
+}
+
+fn ago(age: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Turns the list query into a filter.
+fn filter(query: &HashMap<String, String>) -> Result<SagaFilter, ApiError> {
+    let known = [
+        "status",
+        "definition",
+        "older_than_secs",
+        "younger_than_secs",
+        "limit",
+    ];
+    if let Some(unknown) = query.keys().find(|key| !known.contains(&key.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter {unknown:?} (known: {})",
+            known.join(", ")
+        )));
+    }
+    let mut filter = SagaFilter::new();
+    if let Some(statuses) = query.get("status") {
+        for text in statuses.split(',').filter(|text| !text.is_empty()) {
+            let status = SagaStatus::parse(text).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status {text:?} (running, compensating, completed, failed, stuck)"
+                ))
+            })?;
+            filter = filter.with_status(status);
+        }
+    }
+    if let Some(definition) = query.get("definition") {
+        filter = filter.with_definition(definition.clone());
+    }
+    if let Some(age) = seconds(query, "older_than_secs")? {
+        filter = filter.with_created_before(ago(age));
+    }
+    if let Some(age) = seconds(query, "younger_than_secs")? {
+        filter = filter.with_created_after(ago(age));
+    }
+    if let Some(limit) = query.get("limit") {
+        let limit = limit
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("limit must be a number, got {limit:?}")))?;
+        filter = filter.with_limit(limit);
+    }
+    Ok(filter)
+}
+
+async fn list<S: SagaStore>(
+    State(inspector): Shared<S>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|error| ApiError::bad_request(error.body_text()))?;
+    let sagas = inspector.list(&filter(&query)?).await?;
+    Ok(Json(serde_json::json!({ "sagas": sagas })).into_response())
+}
+
+async fn show<S: SagaStore>(
+    State(inspector): Shared<S>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let timeline = inspector.show(parse_id(&id)?).await?;
+    Ok(Json(timeline).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel<S: SagaStore>(
+    State(inspector): Shared<S>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let body: CancelBody = body(&bytes)?;
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "cancelled over HTTP".to_owned());
+    let written = inspector.cancel(id, &reason).await?;
+    Ok(Json(serde_json::json!({ "id": id, "written": written })).into_response())
+}
+
+async fn retry<S: SagaStore>(
+    State(inspector): Shared<S>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let written = inspector.retry(id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "written": written })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkipBody {
+    step: Option<String>,
+}
+
+async fn skip<S: SagaStore>(
+    State(inspector): Shared<S>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let body: SkipBody = body(&bytes)?;
+    let step = body
+        .step
+        .ok_or_else(|| ApiError::bad_request("the body needs {\"step\": \"<name>\"}"))?;
+    let written = inspector.skip(id, &step).await?;
+    Ok(Json(serde_json::json!({ "id": id, "written": written })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    older_than_days: Option<u64>,
+}
+
+async fn purge<S: SagaStore>(
+    State(inspector): Shared<S>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let body: PurgeBody = body(&bytes)?;
+    let days = body
+        .older_than_days
+        .ok_or_else(|| ApiError::bad_request("the body needs {\"older_than_days\": N}"))?;
+    let age = Duration::from_secs(days.saturating_mul(24 * 3600));
+    if age > AGE_MAX {
+        return Err(ApiError::bad_request("older_than_days is too large"));
+    }
+    let purged = inspector.purge(age).await?;
+    Ok(Json(serde_json::json!({ "purged": purged })).into_response())
+}

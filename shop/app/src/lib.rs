@@ -1,0 +1,651 @@
+//! Runs the reference shop.
+//!
+//! [`up`] starts the gateway and every service in one process, each on its own loopback
+//! listener with its own database, talking over real HTTP and gRPC: what `trellis up` runs and
+//! what the end-to-end tests start on port 0. [`serve_one`] runs a single service, for one
+//! process per service (`trellis serve NAME --db postgres://…`).
+//!
+//! On first start `up` creates the admin account (from `TRELLIS_ADMIN_EMAIL` /
+//! `TRELLIS_ADMIN_PASSWORD` or generated) and a small catalog; a second start on the same data
+//! directory reuses both.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let shop = shop_app::up(shop_app::ShopConfig::new("trellis-data")).await?;
+//! println!("gateway at {}", shop.gateway_url());
+//! shop.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod gateway;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use trellis_service::Db;
+use trellis_telemetry::metrics::PrometheusHandle;
+
+pub use gateway::{OpenApiHook, RATE_PER_CLIENT, config_toml};
+pub use shop_payment_provider::{ProviderConfig, ProviderHandle};
+
+/// The services, in start order.
+pub const SERVICES: [&str; 7] = [
+    "payment-provider",
+    "users",
+    "inventory",
+    "products",
+    "payments",
+    "shipping",
+    "orders",
+];
+
+/// What [`up`] runs.
+#[derive(Debug, Clone)]
+pub struct ShopConfig {
+    /// Where the embedded databases live (one SQLite file per service).
+    pub data_dir: PathBuf,
+    /// Per-service database URLs overriding the SQLite default (`postgres://…`).
+    pub database_urls: BTreeMap<String, String>,
+    /// Address every listener binds.
+    pub bind: IpAddr,
+    /// Gateway port; 0 picks a free one.
+    pub gateway_port: u16,
+    /// Whether services use DESIGN.md's ports (8101…) or free ones (tests).
+    pub fixed_service_ports: bool,
+    /// Admin account to create when missing; generated when `None`.
+    pub admin: Option<(String, String)>,
+    /// Create a small catalog when the products service has none.
+    pub seed_catalog: bool,
+    /// The payment provider simulator's faults at start.
+    pub provider: ProviderConfig,
+    /// Serve `/metrics` from the process's Prometheus recorder.
+    pub metrics: bool,
+}
+
+impl ShopConfig {
+    /// DESIGN.md's defaults with data under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            database_urls: BTreeMap::new(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            gateway_port: shop_contracts::ports::GATEWAY,
+            fixed_service_ports: true,
+            admin: None,
+            seed_catalog: true,
+            provider: ProviderConfig::default(),
+            metrics: true,
+        }
+    }
+
+    /// Every listener on a free port (for tests).
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            gateway_port: 0,
+            fixed_service_ports: false,
+            metrics: false,
+            ..Self::new(data_dir)
+        }
+    }
+
+    fn database_url(&self, service: &str) -> String {
+        self.database_urls
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| format!("sqlite://{}/{service}.db", self.data_dir.display()))
+    }
+}
+
+/// Why the shop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A service could not start.
+    #[error("the {service} service could not start: {message}")]
+    Service {
+        /// Which one.
+        service: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The gateway could not start.
+    #[error("the gateway could not start: {0}")]
+    Gateway(String),
+    /// An unknown service name.
+    #[error(
+        "no service named {0:?}; known: users, products, inventory, orders, payments, shipping, payment-provider"
+    )]
+    UnknownService(String),
+}
+
+fn service_err(service: &'static str) -> impl Fn(&dyn std::fmt::Display) -> Error {
+    move |e| Error::Service {
+        service,
+        message: e.to_string(),
+    }
+}
+
+/// The admin account `up` made or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAccount {
+    /// Login email.
+    pub email: String,
+    /// The password, when this start created the account or was given it.
+    pub password: Option<String>,
+    /// Whether this start created it.
+    pub created: bool,
+}
+
+/// The running shop.
+#[derive(Debug)]
+pub struct Shop {
+    gateway: SocketAddr,
+    addrs: BTreeMap<&'static str, SocketAddr>,
+    admin: AdminAccount,
+    provider: ProviderHandle,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    orders: Option<shop_orders::Orders>,
+    dbs: Vec<Db>,
+}
+
+impl Shop {
+    /// `http://ip:port` of the gateway.
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.gateway)
+    }
+
+    /// Each service's address (REST and gRPC share it).
+    pub fn addrs(&self) -> &BTreeMap<&'static str, SocketAddr> {
+        &self.addrs
+    }
+
+    /// The admin account.
+    pub fn admin(&self) -> &AdminAccount {
+        &self.admin
+    }
+
+    /// The payment provider simulator's fault switches.
+    pub fn provider(&self) -> &ProviderHandle {
+        &self.provider
+    }
+
+    /// Stops accepting, lets in-flight requests finish, stops background work and closes
+    /// the databases.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(orders) = self.orders.take() {
+            orders.shutdown().await;
+        }
+        for db in &self.dbs {
+            db.close().await;
+        }
+    }
+}
+
+async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, Error> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+fn port_of(service: &str) -> u16 {
+    shop_contracts::ports::SERVICES
+        .iter()
+        .find(|(name, _)| *name == service)
+        .map_or(0, |(_, port)| *port)
+}
+
+fn spawn_serve(
+    tasks: &mut Vec<JoinHandle<()>>,
+    service: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    db: Option<Db>,
+    metrics: Option<PrometheusHandle>,
+    stop: &watch::Receiver<bool>,
+) {
+    let mut stop = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(error) = trellis_service::serve(listener, router, db, metrics, shutdown).await {
+            tracing::error!(%error, service, "service stopped");
+        }
+    }));
+}
+
+/// The whole public API: the services' OpenAPI documents merged.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = shop_users::openapi();
+    for part in [
+        shop_products::openapi(),
+        shop_inventory::openapi(),
+        shop_orders::openapi(),
+        shop_payments::openapi(),
+        shop_shipping::openapi(),
+    ] {
+        doc.merge(part);
+    }
+    doc.info.title = "trellis shop".to_owned();
+    doc.info.description = Some(
+        "The reference shop's public API, served by the trellis gateway. Errors are \
+         {\"error\":{\"code\",\"message\"}} with a 4xx/5xx status."
+            .to_owned(),
+    );
+    doc
+}
+
+/// Starts the whole shop in this process.
+///
+/// # Errors
+/// [`Error`] naming the part that could not start; whatever started is stopped.
+pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
+    let metrics = if config.metrics {
+        trellis_telemetry::metrics::install_prometheus().ok()
+    } else {
+        None
+    };
+    let mut listeners = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
+    for service in SERVICES {
+        let port = if config.fixed_service_ports {
+            port_of(service)
+        } else {
+            0
+        };
+        let listener = bind(config.bind, port).await?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: SocketAddr::new(config.bind, port),
+            source,
+        })?;
+        addrs.insert(service, addr);
+        listeners.insert(service, listener);
+    }
+    let addr = |name: &str| addrs[name].to_string();
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut dbs = Vec::new();
+    let mut take = |name: &str| listeners.remove(name).expect("bound above");
+
+    // payment provider
+    let (router, provider) = shop_payment_provider::app(config.provider.clone());
+    spawn_serve(
+        &mut tasks,
+        "payment-provider",
+        take("payment-provider"),
+        router,
+        None,
+        metrics.clone(),
+        &stopped,
+    );
+
+    // users
+    let users_db_url = config.database_url("users");
+    let (router, users_db) = shop_users::app(shop_users::Config {
+        database_url: users_db_url,
+    })
+    .await
+    .map_err(|e| service_err("users")(&e))?;
+    let admin = ensure_admin(&users_db, config.admin.clone()).await?;
+    dbs.push(users_db.clone());
+    spawn_serve(
+        &mut tasks,
+        "users",
+        take("users"),
+        router,
+        Some(users_db),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // inventory
+    let (router, db) = shop_inventory::app(shop_inventory::Config {
+        database_url: config.database_url("inventory"),
+    })
+    .await
+    .map_err(|e| service_err("inventory")(&e))?;
+    dbs.push(db.clone());
+    spawn_serve(
+        &mut tasks,
+        "inventory",
+        take("inventory"),
+        router,
+        Some(db),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // products
+    let (router, db) = shop_products::app(shop_products::Config {
+        database_url: config.database_url("products"),
+        inventory_addr: addr("inventory"),
+    })
+    .await
+    .map_err(|e| service_err("products")(&e))?;
+    dbs.push(db.clone());
+    spawn_serve(
+        &mut tasks,
+        "products",
+        take("products"),
+        router,
+        Some(db),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // payments
+    let (router, db) = shop_payments::app(shop_payments::Config::new(
+        config.database_url("payments"),
+        format!("http://{}", addr("payment-provider")),
+    ))
+    .await
+    .map_err(|e| service_err("payments")(&e))?;
+    dbs.push(db.clone());
+    spawn_serve(
+        &mut tasks,
+        "payments",
+        take("payments"),
+        router,
+        Some(db),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // shipping
+    let (router, db) = shop_shipping::app(shop_shipping::Config {
+        database_url: config.database_url("shipping"),
+    })
+    .await
+    .map_err(|e| service_err("shipping")(&e))?;
+    dbs.push(db.clone());
+    spawn_serve(
+        &mut tasks,
+        "shipping",
+        take("shipping"),
+        router,
+        Some(db),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // orders
+    let orders = shop_orders::start(shop_orders::Config::new(
+        config.database_url("orders"),
+        [
+            &addr("users"),
+            &addr("products"),
+            &addr("inventory"),
+            &addr("payments"),
+            &addr("shipping"),
+        ],
+    ))
+    .await
+    .map_err(|e| service_err("orders")(&e))?;
+    spawn_serve(
+        &mut tasks,
+        "orders",
+        take("orders"),
+        orders.router(),
+        Some(orders.db()),
+        metrics.clone(),
+        &stopped,
+    );
+
+    // gateway
+    let gateway_listener = bind(config.bind, config.gateway_port).await?;
+    let gateway_addr = gateway_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: SocketAddr::new(config.bind, config.gateway_port),
+            source,
+        })?;
+    let toml = config_toml(gateway_addr, &addrs);
+    let gateway_config =
+        trellis_gateway::Config::from_toml(&toml).map_err(|e| Error::Gateway(e.to_string()))?;
+    let mut gateway = trellis_gateway::Gateway::from_config(gateway_config)
+        .await
+        .map_err(|e| Error::Gateway(e.to_string()))?
+        .with_hooks(std::sync::Arc::new(OpenApiHook::new()));
+    if let Some(handle) = metrics.clone() {
+        gateway = gateway.with_metrics(handle);
+    }
+    let mut gateway_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = gateway_stop.wait_for(|s| *s).await;
+        };
+        if let Err(error) = gateway.serve(gateway_listener, shutdown).await {
+            tracing::error!(%error, "gateway stopped");
+        }
+    }));
+
+    let shop = Shop {
+        gateway: gateway_addr,
+        addrs,
+        admin,
+        provider,
+        stop,
+        tasks,
+        orders: Some(orders),
+        dbs,
+    };
+    if config.seed_catalog {
+        seed_catalog(&shop).await?;
+    }
+    Ok(shop)
+}
+
+async fn ensure_admin(db: &Db, given: Option<(String, String)>) -> Result<AdminAccount, Error> {
+    let (email, password, generated) = match given {
+        Some((email, password)) => (email, password, false),
+        None => (
+            "admin@trellis.local".to_owned(),
+            generated_password()?,
+            true,
+        ),
+    };
+    let created = shop_users::ensure_admin(db, &email, &password, "Admin")
+        .await
+        .map_err(|e| service_err("users")(&e))?;
+    Ok(AdminAccount {
+        password: (created || !generated).then_some(password),
+        email,
+        created,
+    })
+}
+
+/// 16 random bytes from the OS, hex-encoded.
+fn generated_password() -> Result<String, Error> {
+    let mut bytes = [0_u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Service {
+        service: "users",
+        message: format!("no randomness for the admin password: {e}"),
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The catalog a first start creates.
+pub const CATALOG: &[(&str, i64, i64)] = &[
+    ("Trellis mug", 1_200, 500),
+    ("Circuit breaker t-shirt", 2_500, 300),
+    ("Saga sticker pack", 400, 1_000),
+    ("Event-sourced notebook", 1_800, 200),
+    ("Idempotent hoodie", 5_500, 100),
+];
+
+async fn seed_catalog(shop: &Shop) -> Result<(), Error> {
+    let err = |e: &dyn std::fmt::Display| Error::Service {
+        service: "products",
+        message: format!("seeding the catalog: {e}"),
+    };
+    let products = format!("http://{}", shop.addrs["products"]);
+    let client = reqwest_client().map_err(|e| err(&e))?;
+    let page: serde_json::Value = client
+        .get(format!("{products}/api/products?limit=1"))
+        .send()
+        .await
+        .map_err(|e| err(&e))?
+        .json()
+        .await
+        .map_err(|e| err(&e))?;
+    if page["items"]
+        .as_array()
+        .is_some_and(|items| !items.is_empty())
+    {
+        return Ok(());
+    }
+    for (i, (name, price_cents, stock)) in CATALOG.iter().enumerate() {
+        let response = client
+            .post(format!("{products}/api/products"))
+            .header(trellis_service::USER_ID_HEADER, "trellis-up")
+            .header(
+                trellis_service::USER_ROLE_HEADER,
+                trellis_service::ROLE_ADMIN,
+            )
+            .header("idempotency-key", format!("seed-catalog-{i}"))
+            .json(&serde_json::json!({"name": name, "price_cents": price_cents, "stock": stock}))
+            .send()
+            .await
+            .map_err(|e| err(&e))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(err(&format!("{status}: {body}")));
+        }
+    }
+    Ok(())
+}
+
+fn reqwest_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+}
+
+/// Runs one service until `shutdown` completes: what `trellis serve NAME` does.
+///
+/// `database_url` is the service's database; `peers` maps the service names it calls to
+/// their addresses (DESIGN.md's ports on loopback when absent).
+///
+/// # Errors
+/// [`Error`] naming what could not start.
+pub async fn serve_one(
+    name: &str,
+    listen: SocketAddr,
+    database_url: String,
+    peers: &BTreeMap<String, String>,
+    provider: ProviderConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let metrics = trellis_telemetry::metrics::install_prometheus().ok();
+    let peer = |service: &str| {
+        peers
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", port_of(service)))
+    };
+    let listener = bind(listen.ip(), listen.port()).await?;
+    let serve_err = |e: trellis_service::ServeError| Error::Service {
+        service: "serve",
+        message: e.to_string(),
+    };
+    match name {
+        "payment-provider" => {
+            let (router, _handle) = shop_payment_provider::app(provider);
+            trellis_service::serve(listener, router, None, metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "users" => {
+            let (router, db) = shop_users::app(shop_users::Config { database_url })
+                .await
+                .map_err(|e| service_err("users")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "inventory" => {
+            let (router, db) = shop_inventory::app(shop_inventory::Config { database_url })
+                .await
+                .map_err(|e| service_err("inventory")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "products" => {
+            let (router, db) = shop_products::app(shop_products::Config {
+                database_url,
+                inventory_addr: peer("inventory"),
+            })
+            .await
+            .map_err(|e| service_err("products")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "payments" => {
+            let (router, db) = shop_payments::app(shop_payments::Config::new(
+                database_url,
+                format!("http://{}", peer("payment-provider")),
+            ))
+            .await
+            .map_err(|e| service_err("payments")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "shipping" => {
+            let (router, db) = shop_shipping::app(shop_shipping::Config { database_url })
+                .await
+                .map_err(|e| service_err("shipping")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "orders" => {
+            let orders = shop_orders::start(shop_orders::Config::new(
+                database_url,
+                [
+                    &peer("users"),
+                    &peer("products"),
+                    &peer("inventory"),
+                    &peer("payments"),
+                    &peer("shipping"),
+                ],
+            ))
+            .await
+            .map_err(|e| service_err("orders")(&e))?;
+            let result = trellis_service::serve(
+                listener,
+                orders.router(),
+                Some(orders.db()),
+                metrics,
+                shutdown,
+            )
+            .await
+            .map_err(serve_err);
+            orders.shutdown().await;
+            result
+        }
+        other => Err(Error::UnknownService(other.to_owned())),
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the whole shop in this process on free ports, driven through the
+//! gateway's public API, on SQLite (temp dirs) and on PostgreSQL (one database per service).
+
+mod harness;
+mod orders;
+mod platform;

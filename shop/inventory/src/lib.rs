@@ -1,0 +1,106 @@
+//! The reference shop's inventory service: how many units of each product exist and how many
+//! are held for orders in progress.
+//!
+//! - gRPC `Inventory` (called by orders and products): `Reserve` holds every line of an order
+//!   or none (not enough stock is the answer `reserved = false, reason = "out_of_stock"`, and
+//!   is recorded, so a repeat answers the same); `Release` gives held stock back; `Commit`
+//!   turns it into a sale; `SetStock` and `GetStock`. Every call is idempotent by order id.
+//!   `Release` answers the state after the call: `released`, or unchanged `committed`,
+//!   `rejected` (a refused reservation holds nothing) or `none` (unknown order). `Commit`
+//!   answers `committed`, NOT_FOUND for an unknown order and FAILED_PRECONDITION for a
+//!   released or refused one. `GetStock` (and the REST `GET`) shows zeros for a product
+//!   never stocked.
+//! - REST (admin, through the gateway): `GET` and `PUT /api/inventory/{product_id}`.
+//!
+//! Stock never goes negative and `reserved + available = total` always holds: the database
+//! checks `0 <= reserved <= total`, and reservations change stock with guarded updates inside
+//! write transactions (`BEGIN IMMEDIATE` on SQLite, row locks on PostgreSQL).
+//!
+//! The service follows the shape every shop service has (see `shop/README.md`): [`app`]
+//! returns the router (REST, gRPC and `/openapi.json`) and the database for `/readyz`;
+//! [`openapi`] is its part of the public API document.
+//!
+//! # Example
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = shop_inventory::Config {
+//!     database_url: "sqlite://trellis-data/inventory.db".into(),
+//! };
+//! let (router, db) = shop_inventory::app(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8103").await?;
+//! trellis_service::serve(listener, router, Some(db), None, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod grpc;
+mod http;
+mod stock;
+
+use axum::Router;
+use trellis_service::{Db, DbError};
+
+pub use stock::{GET_STOCK_IDS_MAX, ID_BYTES_MAX};
+
+/// Largest request body, bytes.
+pub const BODY_BYTES_MAX: usize = 4 * 1024;
+
+/// What the service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened.
+    #[error("cannot open {url}: {source}")]
+    Open {
+        /// The database URL, password removed.
+        url: String,
+        /// The cause.
+        source: DbError,
+    },
+    /// The schema could not be created.
+    #[error("cannot create the inventory schema: {0}")]
+    Schema(DbError),
+}
+
+/// Opens the database, runs the schema, and returns the router to serve plus the database
+/// (for `/readyz`).
+///
+/// # Errors
+/// [`Error::Open`] naming the URL when the database cannot be opened; [`Error::Schema`].
+pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    let db = Db::connect(&config.database_url)
+        .await
+        .map_err(|source| Error::Open {
+            url: redact(&config.database_url),
+            source,
+        })?;
+    db.run_schema(stock::SCHEMA).await.map_err(Error::Schema)?;
+    let router = http::router(db.clone()).merge(grpc::router(db.clone()));
+    Ok((router, db))
+}
+
+/// The service's part of the public OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
+/// A database URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}

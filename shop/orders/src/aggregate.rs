@@ -1,0 +1,381 @@
+//! The Order aggregate: what happened to one order, as events.
+
+use serde::{Deserialize, Serialize};
+use shop_contracts::api::{OrderLineView, OrderStatus, TimelineEntry};
+use trellis_eventstore::{Aggregate, DomainEvent};
+
+/// A priced line.
+pub type Line = OrderLineView;
+
+/// Everything that can happen to an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderEvent {
+    /// The order was accepted.
+    Created {
+        /// Owner.
+        user_id: String,
+        /// Priced lines.
+        items: Vec<Line>,
+        /// Sum of the lines, cents.
+        total_cents: i64,
+        /// RFC 3339.
+        at: String,
+    },
+    /// The saga driving the order.
+    SagaAttached {
+        /// The saga id.
+        saga_id: String,
+    },
+    /// A step of the order flow happened.
+    Progress {
+        /// `inventory`, `payment`, `shipping`.
+        step: String,
+        /// `reserved`, `captured`, `created`, `released`, `refunded`, `failed: …`.
+        outcome: String,
+        /// RFC 3339.
+        at: String,
+    },
+    /// Why the order will be cancelled; the first reason wins.
+    FailureNoted {
+        /// One of `shop_contracts::api::reason`.
+        reason: String,
+    },
+    /// The customer asked to cancel.
+    CancelRequested {
+        /// RFC 3339.
+        at: String,
+    },
+    /// Shipping began: from here the order only goes forward.
+    ShippingStarted,
+    /// Paid and shipped.
+    Confirmed {
+        /// RFC 3339.
+        at: String,
+    },
+    /// Ended without a sale, every compensation done.
+    Cancelled {
+        /// Why.
+        reason: String,
+        /// RFC 3339.
+        at: String,
+    },
+}
+
+impl DomainEvent for OrderEvent {}
+
+/// What callers ask of an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderCommand {
+    /// Accept the order (a no-op when it exists).
+    Create {
+        /// Owner.
+        user_id: String,
+        /// Priced lines.
+        items: Vec<Line>,
+    },
+    /// Record the saga driving the order; refused when another saga drives it.
+    AttachSaga(String),
+    /// Record a step's outcome (a no-op when it is already the latest entry for the step).
+    Record {
+        /// Step.
+        step: String,
+        /// Outcome.
+        outcome: String,
+    },
+    /// Note why the order fails (the first reason is kept).
+    NoteFailure(String),
+    /// The customer cancels; refused once shipping started or the order ended.
+    RequestCancel,
+    /// Shipping begins; refused when a cancel was requested.
+    StartShipping,
+    /// The order is confirmed (a no-op when it is).
+    Confirm,
+    /// The order is cancelled with the noted reason, or `fallback` (a no-op when it ended).
+    Cancel {
+        /// The reason when none was noted.
+        fallback: String,
+    },
+}
+
+/// Why an order refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// The order does not exist.
+    #[error("no such order")]
+    NotFound,
+    /// Another saga drives the order.
+    #[error("order is driven by saga {0}")]
+    OtherSaga(String),
+    /// The order can no longer be cancelled.
+    #[error("the order can no longer be cancelled: {0}")]
+    NotCancellable(&'static str),
+    /// The customer cancelled before shipping began.
+    #[error("the customer cancelled the order")]
+    CancelRequested,
+    /// The order already ended.
+    #[error("the order already ended as {0}")]
+    Ended(&'static str),
+}
+
+/// The order's state, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Whether `Created` happened.
+    pub exists: bool,
+    /// Owner.
+    pub user_id: String,
+    /// Lines.
+    pub items: Vec<Line>,
+    /// Total, cents.
+    pub total_cents: i64,
+    /// Status.
+    pub status: Option<OrderStatus>,
+    /// Reason noted or recorded.
+    pub reason: Option<String>,
+    /// The saga driving it.
+    pub saga_id: Option<String>,
+    /// Whether the customer asked to cancel.
+    pub cancel_requested: bool,
+    /// Whether shipping began.
+    pub shipping_started: bool,
+    /// What happened.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+impl Order {
+    /// The status, `PENDING` for an order that exists and has not ended.
+    pub fn status(&self) -> OrderStatus {
+        self.status.unwrap_or(OrderStatus::Pending)
+    }
+
+    fn ended(&self) -> Option<&'static str> {
+        match self.status {
+            Some(OrderStatus::Confirmed) => Some("CONFIRMED"),
+            Some(OrderStatus::Cancelled) => Some("CANCELLED"),
+            _ => None,
+        }
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Aggregate for Order {
+    const TYPE: &'static str = "order";
+    type Command = OrderCommand;
+    type Event = OrderEvent;
+    type Error = OrderError;
+
+    fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, OrderError> {
+        if !self.exists {
+            return match command {
+                OrderCommand::Create { user_id, items } => {
+                    let total_cents = items.iter().map(|l| l.price_cents * l.quantity).sum();
+                    Ok(vec![OrderEvent::Created {
+                        user_id,
+                        items,
+                        total_cents,
+                        at: now(),
+                    }])
+                }
+                _ => Err(OrderError::NotFound),
+            };
+        }
+        match command {
+            OrderCommand::Create { .. } => Ok(vec![]),
+            OrderCommand::AttachSaga(saga_id) => match &self.saga_id {
+                Some(existing) if *existing == saga_id => Ok(vec![]),
+                Some(existing) => Err(OrderError::OtherSaga(existing.clone())),
+                None => Ok(vec![OrderEvent::SagaAttached { saga_id }]),
+            },
+            OrderCommand::Record { step, outcome } => {
+                let latest = self.timeline.iter().rev().find(|e| e.step == step);
+                if latest.is_some_and(|e| e.outcome == outcome) {
+                    Ok(vec![])
+                } else {
+                    Ok(vec![OrderEvent::Progress {
+                        step,
+                        outcome,
+                        at: now(),
+                    }])
+                }
+            }
+            OrderCommand::NoteFailure(reason) => {
+                if self.reason.is_some() || self.ended().is_some() {
+                    Ok(vec![])
+                } else {
+                    Ok(vec![OrderEvent::FailureNoted { reason }])
+                }
+            }
+            OrderCommand::RequestCancel => {
+                if let Some(ended) = self.ended() {
+                    return Err(OrderError::Ended(ended));
+                }
+                if self.shipping_started {
+                    return Err(OrderError::NotCancellable("shipping has begun"));
+                }
+                if self.cancel_requested {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OrderEvent::CancelRequested { at: now() }])
+            }
+            OrderCommand::StartShipping => {
+                if self.cancel_requested {
+                    return Err(OrderError::CancelRequested);
+                }
+                if let Some(ended) = self.ended() {
+                    return Err(OrderError::Ended(ended));
+                }
+                if self.shipping_started {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OrderEvent::ShippingStarted])
+            }
+            OrderCommand::Confirm => match self.status {
+                Some(OrderStatus::Confirmed) => Ok(vec![]),
+                Some(OrderStatus::Cancelled) => Err(OrderError::Ended("CANCELLED")),
+                _ => Ok(vec![OrderEvent::Confirmed { at: now() }]),
+            },
+            OrderCommand::Cancel { fallback } => match self.status {
+                Some(OrderStatus::Cancelled) => Ok(vec![]),
+                Some(OrderStatus::Confirmed) => Err(OrderError::Ended("CONFIRMED")),
+                _ => Ok(vec![OrderEvent::Cancelled {
+                    reason: self.reason.clone().unwrap_or(fallback),
+                    at: now(),
+                }]),
+            },
+        }
+    }
+
+    fn apply(&mut self, event: &OrderEvent) {
+        match event {
+            OrderEvent::Created {
+                user_id,
+                items,
+                total_cents,
+                at,
+            } => {
+                self.exists = true;
+                self.user_id.clone_from(user_id);
+                self.items.clone_from(items);
+                self.total_cents = *total_cents;
+                self.status = Some(OrderStatus::Pending);
+                self.timeline.push(entry("order", "created", at));
+            }
+            OrderEvent::SagaAttached { saga_id } => self.saga_id = Some(saga_id.clone()),
+            OrderEvent::Progress { step, outcome, at } => {
+                self.timeline.push(entry(step, outcome, at));
+            }
+            OrderEvent::FailureNoted { reason } => self.reason = Some(reason.clone()),
+            OrderEvent::CancelRequested { at } => {
+                self.cancel_requested = true;
+                self.timeline.push(entry("order", "cancel_requested", at));
+            }
+            OrderEvent::ShippingStarted => self.shipping_started = true,
+            OrderEvent::Confirmed { at } => {
+                self.status = Some(OrderStatus::Confirmed);
+                self.timeline.push(entry("order", "confirmed", at));
+            }
+            OrderEvent::Cancelled { reason, at } => {
+                self.status = Some(OrderStatus::Cancelled);
+                self.reason = Some(reason.clone());
+                self.timeline
+                    .push(entry("order", &format!("cancelled: {reason}"), at));
+            }
+        }
+    }
+}
+
+fn entry(step: &str, outcome: &str, at: &str) -> TimelineEntry {
+    TimelineEntry {
+        step: step.to_owned(),
+        outcome: outcome.to_owned(),
+        at: at.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_eventstore::AggregateTest;
+
+    fn line() -> Line {
+        Line {
+            product_id: "p".into(),
+            quantity: 2,
+            price_cents: 150,
+        }
+    }
+
+    fn created() -> OrderEvent {
+        OrderEvent::Created {
+            user_id: "u".into(),
+            items: vec![line()],
+            total_cents: 300,
+            at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn a_cancel_after_shipping_began_is_refused_and_shipping_after_a_cancel_too() {
+        let err = AggregateTest::<Order>::given(vec![created(), OrderEvent::ShippingStarted])
+            .when(OrderCommand::RequestCancel)
+            .then_expect_error();
+        assert_eq!(err, OrderError::NotCancellable("shipping has begun"));
+        let err = AggregateTest::<Order>::given(vec![
+            created(),
+            OrderEvent::CancelRequested { at: "t".into() },
+        ])
+        .when(OrderCommand::StartShipping)
+        .then_expect_error();
+        assert_eq!(err, OrderError::CancelRequested);
+    }
+
+    #[test]
+    fn the_first_noted_reason_is_the_cancellation_reason() {
+        let mut order = Order::default();
+        for e in [
+            created(),
+            OrderEvent::FailureNoted {
+                reason: "out_of_stock".into(),
+            },
+        ] {
+            order.apply(&e);
+        }
+        assert!(
+            order
+                .handle(OrderCommand::NoteFailure("x".into()))
+                .unwrap()
+                .is_empty()
+        );
+        let events = order
+            .handle(OrderCommand::Cancel {
+                fallback: "other".into(),
+            })
+            .unwrap();
+        assert!(
+            matches!(&events[0], OrderEvent::Cancelled { reason, .. } if reason == "out_of_stock")
+        );
+    }
+
+    #[test]
+    fn commands_on_a_missing_order_are_refused_and_create_is_idempotent() {
+        assert_eq!(
+            Order::default().handle(OrderCommand::Confirm),
+            Err(OrderError::NotFound)
+        );
+        let mut order = Order::default();
+        order.apply(&created());
+        assert!(
+            order
+                .handle(OrderCommand::Create {
+                    user_id: "u".into(),
+                    items: vec![line()]
+                })
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(order.total_cents, 300);
+    }
+}

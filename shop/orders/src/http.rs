@@ -1,0 +1,635 @@
+//! The REST API: place, read, list and cancel orders.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use shop_contracts::api::{
+    ErrorBody, OrderAccepted, OrderLineView, OrderPage, OrderStatus, OrderView, PAGE_LIMIT_DEFAULT,
+    PAGE_LIMIT_MAX, PlaceOrder, TimelineEntry,
+};
+use shop_contracts::proto::products_client::ProductsClient;
+use shop_contracts::proto::users_client::UsersClient;
+use shop_contracts::proto::{GetUserRequest, PriceItemsRequest};
+use sqlx::Row;
+use tokio::sync::Semaphore;
+use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
+use trellis_service::{ApiError, ApiJson, Caller, Db, GrpcChannel, on_db, status_to_api_error};
+use utoipa::OpenApi;
+
+use crate::aggregate::{Order, OrderCommand, OrderError};
+use crate::engine::Engine;
+use crate::saga::OrderSagaContext;
+
+/// Tables of the orders service besides the read model.
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS order_requests (
+    user_id TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    request TEXT NOT NULL,
+    order_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (user_id, idem_key)
+)";
+
+/// Longest `Idempotency-Key`, in bytes.
+pub const IDEMPOTENCY_KEY_MAX: usize = 200;
+/// Orders the sweeper starts per pass.
+const SWEEP_BATCH: i64 = 200;
+
+/// Shared by the handlers.
+#[derive(Clone)]
+pub(crate) struct State {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    orders: Arc<Repository<Order, AnyStore>>,
+    db: Db,
+    engine: Engine,
+    sagas: Arc<Semaphore>,
+    users: UsersClient<GrpcChannel>,
+    products: ProductsClient<GrpcChannel>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+impl State {
+    pub(crate) fn new(
+        orders: Arc<Repository<Order, AnyStore>>,
+        db: Db,
+        engine: Engine,
+        saga_concurrency: usize,
+        users: UsersClient<GrpcChannel>,
+        products: ProductsClient<GrpcChannel>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                orders,
+                db,
+                engine,
+                sagas: Arc::new(Semaphore::new(saga_concurrency.max(1))),
+                users,
+                products,
+                stop,
+            }),
+        }
+    }
+
+    /// Starts the order's saga in the background when a slot is free; otherwise the
+    /// sweeper starts it later.
+    fn spawn_saga(&self, order_id: &str, order: &Order) {
+        let Ok(permit) = self.inner.sagas.clone().try_acquire_owned() else {
+            tracing::warn!(order = %order_id, "saga slots full; the sweeper will start it");
+            return;
+        };
+        let context = OrderSagaContext {
+            order_id: order_id.to_owned(),
+            user_id: order.user_id.clone(),
+            lines: order.items.clone(),
+            total_cents: order.total_cents,
+        };
+        let engine = self.inner.engine.clone();
+        let mut stop = self.inner.stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // On shutdown the saga stops where it is, as in a crash: its log has every
+            // transition, and the next start's recovery finishes it.
+            tokio::select! {
+                result = engine.run(&context) => {
+                    if let Err(error) = result {
+                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+
+    /// Starts sagas for orders accepted without one (a crash between the order's creation
+    /// and its saga's start).
+    pub(crate) async fn sweep(&self) {
+        let cutoff =
+            chrono::Utc::now() - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
+        let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let ids: Result<Vec<String>, sqlx::Error> = on_db!(&self.inner.db, |pool| {
+            sqlx::query_scalar(
+                "SELECT id FROM order_view WHERE status = 'PENDING' AND saga_id IS NULL
+                 AND created_at < $1 ORDER BY id LIMIT $2",
+            )
+            .bind(&cutoff)
+            .bind(SWEEP_BATCH)
+            .fetch_all(pool)
+            .await
+        });
+        let ids = match ids {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::debug!(%error, "order sweep skipped");
+                return;
+            }
+        };
+        for id in ids {
+            match self.inner.orders.load(&id).await {
+                Ok(loaded)
+                    if loaded.state.saga_id.is_none()
+                        && loaded.state.status() == OrderStatus::Pending =>
+                {
+                    tracing::info!(order = %id, "starting the saga of an order accepted without one");
+                    self.spawn_saga(&id, &loaded.state);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(order = %id, %error, "sweep could not load the order"),
+            }
+        }
+    }
+}
+
+/// The router.
+pub(crate) fn router(state: State) -> Router {
+    Router::new()
+        .route("/api/orders", post(place_order).get(list_orders))
+        .route("/api/orders/{id}", get(get_order))
+        .route("/api/orders/{id}/cancel", post(cancel_order))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .with_state(state)
+}
+
+/// The orders service's part of the public OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "trellis shop: orders", version = "1"),
+    paths(place_order, get_order, list_orders, cancel_order),
+    components(schemas(
+        PlaceOrder,
+        OrderAccepted,
+        OrderView,
+        OrderPage,
+        OrderStatus,
+        OrderLineView,
+        TimelineEntry,
+        ErrorBody
+    ))
+)]
+struct ApiDoc;
+
+fn order_id_of(raw: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(raw)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| ApiError::not_found("no such order"))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Err(ApiError::bad_request(
+            "missing_idempotency_key",
+            "POST /api/orders needs an Idempotency-Key header (any unique string, e.g. a UUID)",
+        ));
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= IDEMPOTENCY_KEY_MAX)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                format!(
+                    "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters"
+                ),
+            )
+        })?;
+    Ok(key.to_owned())
+}
+
+fn accepted(id: &str) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/api/orders/{id}"))],
+        Json(OrderAccepted {
+            id: id.to_owned(),
+            status: OrderStatus::Pending,
+        }),
+    )
+        .into_response()
+}
+
+/// Place an order.
+#[utoipa::path(post, path = "/api/orders", request_body = PlaceOrder,
+    params(("Idempotency-Key" = String, Header, description = "Unique per order attempt")),
+    responses(
+        (status = 202, body = OrderAccepted),
+        (status = 400, body = ErrorBody, description = "Bad JSON, quantity or key"),
+        (status = 422, body = ErrorBody, description = "Unknown product, or the key reused with another body"),
+    ))]
+async fn place_order(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PlaceOrder>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    body.validate()
+        .map_err(|(code, message)| ApiError::bad_request(code, message))?;
+    let request = serde_json::to_string(&body).map_err(ApiError::internal)?;
+
+    // Replays answer before any other work.
+    if let Some((order_id, first)) = find_request(&state.inner.db, &caller.user_id, &key).await? {
+        if first != request {
+            return Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another body",
+            ));
+        }
+        return finish_placement(&state, &caller, &order_id, None).await;
+    }
+
+    let mut users = state.inner.users.clone();
+    if let Err(status) = users
+        .get_user(GetUserRequest {
+            id: caller.user_id.clone(),
+        })
+        .await
+    {
+        return Err(match status.code() {
+            tonic::Code::NotFound => ApiError::forbidden("the caller's account does not exist"),
+            _ => status_to_api_error("users", &status),
+        });
+    }
+    let mut products = state.inner.products.clone();
+    let prices = products
+        .price_items(PriceItemsRequest {
+            product_ids: body.items.iter().map(|i| i.product_id.clone()).collect(),
+        })
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound => ApiError::unprocessable("unknown_product", status.message()),
+            _ => status_to_api_error("products", &status),
+        })?
+        .into_inner();
+    let price_of: HashMap<&str, i64> = prices
+        .products
+        .iter()
+        .map(|p| (p.id.as_str(), p.price_cents))
+        .collect();
+    let mut items = Vec::with_capacity(body.items.len());
+    for item in &body.items {
+        let Some(price) = price_of.get(item.product_id.as_str()) else {
+            return Err(ApiError::unprocessable(
+                "unknown_product",
+                format!("no product {}", item.product_id),
+            ));
+        };
+        items.push(OrderLineView {
+            product_id: item.product_id.clone(),
+            quantity: item.quantity,
+            price_cents: *price,
+        });
+    }
+
+    let candidate = uuid::Uuid::now_v7().hyphenated().to_string();
+    let order_id = on_db!(&state.inner.db, |pool| {
+        sqlx::query(
+            "INSERT INTO order_requests (user_id, idem_key, request, order_id, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idem_key) DO NOTHING",
+        )
+        .bind(&caller.user_id)
+        .bind(&key)
+        .bind(&request)
+        .bind(&candidate)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    if order_id == 0 {
+        // A concurrent request with the same key won: answer as it does.
+        let Some((order_id, first)) = find_request(&state.inner.db, &caller.user_id, &key).await?
+        else {
+            return Err(ApiError::internal("idempotency row vanished"));
+        };
+        if first != request {
+            return Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another body",
+            ));
+        }
+        return finish_placement(&state, &caller, &order_id, None).await;
+    }
+    finish_placement(&state, &caller, &candidate, Some(items)).await
+}
+
+async fn find_request(
+    db: &Db,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<(String, String)>, ApiError> {
+    let row: Option<(String, String)> = on_db!(db, |pool| {
+        sqlx::query(
+            "SELECT order_id, request FROM order_requests WHERE user_id = $1 AND idem_key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .map(|row| row.map(|r| (r.get("order_id"), r.get("request"))))
+    })?;
+    Ok(row)
+}
+
+/// Makes sure the order exists (creating it with `items` when given) and its saga runs.
+async fn finish_placement(
+    state: &State,
+    caller: &Caller,
+    order_id: &str,
+    items: Option<Vec<OrderLineView>>,
+) -> Result<Response, ApiError> {
+    let order = match items {
+        Some(items) => {
+            let metadata = Metadata {
+                correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+                ..Metadata::default()
+            };
+            let command = OrderCommand::Create {
+                user_id: caller.user_id.clone(),
+                items,
+            };
+            let executed = state
+                .inner
+                .orders
+                .execute(order_id, command, metadata)
+                .await
+                .map_err(ApiError::internal)?;
+            metrics::counter!("shop_orders_placed_total").increment(1);
+            executed.state
+        }
+        None => {
+            state
+                .inner
+                .orders
+                .load(order_id)
+                .await
+                .map_err(ApiError::internal)?
+                .state
+        }
+    };
+    if !order.exists {
+        // The first request recorded its key and stopped before creating the order
+        // (a crash): this replay cannot price it again without the first body's prices, so
+        // it says so rather than guess.
+        return Err(ApiError::unavailable(
+            "order_incomplete",
+            "the first request with this Idempotency-Key did not finish; use a new key",
+        ));
+    }
+    if order.saga_id.is_none() && order.status() == OrderStatus::Pending {
+        state.spawn_saga(order_id, &order);
+    }
+    Ok(accepted(order_id))
+}
+
+fn view_of(id: &str, order: &Order) -> OrderView {
+    OrderView {
+        id: id.to_owned(),
+        user_id: order.user_id.clone(),
+        status: order.status(),
+        items: order.items.clone(),
+        total_cents: order.total_cents,
+        reason: if order.status() == OrderStatus::Cancelled {
+            order.reason.clone()
+        } else {
+            None
+        },
+        timeline: order.timeline.clone(),
+    }
+}
+
+fn row_view(
+    row: &(String, String, String, String, i64, Option<String>, String),
+) -> Result<OrderView, ApiError> {
+    let (id, user_id, status, items, total_cents, reason, timeline) = row;
+    Ok(OrderView {
+        id: id.clone(),
+        user_id: user_id.clone(),
+        status: OrderStatus::parse(status)
+            .ok_or_else(|| ApiError::internal("bad status in read model"))?,
+        items: serde_json::from_str(items).map_err(ApiError::internal)?,
+        total_cents: *total_cents,
+        reason: reason.clone(),
+        timeline: serde_json::from_str(timeline).map_err(ApiError::internal)?,
+    })
+}
+
+type ViewRow = (String, String, String, String, i64, Option<String>, String);
+
+fn to_view_row<R: Row>(row: &R) -> ViewRow
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    (
+        row.get("id"),
+        row.get("user_id"),
+        row.get("status"),
+        row.get("items"),
+        row.get("total_cents"),
+        row.get("reason"),
+        row.get("timeline"),
+    )
+}
+
+const VIEW_COLUMNS: &str = "id, user_id, status, items, total_cents, reason, timeline";
+
+/// One order of the caller (any order for an admin).
+#[utoipa::path(get, path = "/api/orders/{id}",
+    params(("id" = String, Path, description = "Order id")),
+    responses((status = 200, body = OrderView), (status = 404, body = ErrorBody)))]
+async fn get_order(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id = order_id_of(&id)?;
+    let sql = format!("SELECT {VIEW_COLUMNS} FROM order_view WHERE id = $1");
+    let row: Option<ViewRow> = on_db!(&state.inner.db, |pool| {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(&id)
+            .fetch_optional(pool)
+            .await
+            .map(|row| row.as_ref().map(to_view_row))
+    })?;
+    let view = match row {
+        Some(row) => row_view(&row)?,
+        None => {
+            // Not projected yet: read the stream.
+            let order = state
+                .inner
+                .orders
+                .load(&id)
+                .await
+                .map_err(ApiError::internal)?
+                .state;
+            if !order.exists {
+                return Err(ApiError::not_found("no such order"));
+            }
+            view_of(&id, &order)
+        }
+    };
+    if view.user_id != caller.user_id && !caller.is_admin() {
+        return Err(ApiError::not_found("no such order"));
+    }
+    Ok(Json(view))
+}
+
+/// Query of `GET /api/orders`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// The caller's orders (all orders for an admin), newest first.
+#[utoipa::path(get, path = "/api/orders",
+    params(
+        ("status" = Option<String>, Query, description = "PENDING, CONFIRMED or CANCELLED"),
+        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses((status = 200, body = OrderPage), (status = 400, body = ErrorBody)))]
+async fn list_orders(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => Some(OrderStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_status",
+                "status must be PENDING, CONFIRMED or CANCELLED",
+            )
+        })?),
+    };
+    let limit = query.limit.unwrap_or(PAGE_LIMIT_DEFAULT);
+    if !(1..=PAGE_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {PAGE_LIMIT_MAX}"),
+        ));
+    }
+    let before = match &query.cursor {
+        None => None,
+        Some(cursor) => Some(
+            URL_SAFE_NO_PAD
+                .decode(cursor)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| uuid::Uuid::parse_str(s).is_ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
+                })?,
+        ),
+    };
+    let mut sql = format!("SELECT {VIEW_COLUMNS} FROM order_view WHERE 1 = 1");
+    let mut binds: Vec<String> = Vec::new();
+    if !caller.is_admin() {
+        binds.push(caller.user_id.clone());
+        sql.push_str(&format!(" AND user_id = ${}", binds.len()));
+    }
+    if let Some(status) = status {
+        binds.push(status.as_str().to_owned());
+        sql.push_str(&format!(" AND status = ${}", binds.len()));
+    }
+    if let Some(before) = before {
+        binds.push(before);
+        sql.push_str(&format!(" AND id < ${}", binds.len()));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    let rows: Vec<ViewRow> = on_db!(&state.inner.db, |pool| {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
+        for b in &binds {
+            q = q.bind(b);
+        }
+        q.fetch_all(pool)
+            .await
+            .map(|rows| rows.iter().map(to_view_row).collect())
+    })?;
+    let more = rows.len() > limit as usize;
+    let items = rows
+        .iter()
+        .take(limit as usize)
+        .map(row_view)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if more {
+        items
+            .last()
+            .map(|o| URL_SAFE_NO_PAD.encode(o.id.as_bytes()))
+    } else {
+        None
+    };
+    Ok(Json(OrderPage { items, next_cursor }))
+}
+
+/// Cancel a pending order.
+#[utoipa::path(post, path = "/api/orders/{id}/cancel",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 202, body = OrderAccepted, description = "Cancellation under way"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Shipping began or the order ended"),
+    ))]
+async fn cancel_order(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = order_id_of(&id)?;
+    let order = state
+        .inner
+        .orders
+        .load(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .state;
+    if !order.exists || (order.user_id != caller.user_id && !caller.is_admin()) {
+        return Err(ApiError::not_found("no such order"));
+    }
+    let metadata = Metadata {
+        correlation_id: uuid::Uuid::parse_str(&id).ok(),
+        ..Metadata::default()
+    };
+    match state
+        .inner
+        .orders
+        .execute(&id, OrderCommand::RequestCancel, metadata)
+        .await
+    {
+        Ok(_) => Ok(accepted(&id)),
+        Err(RepositoryError::Domain(
+            error @ (OrderError::NotCancellable(_) | OrderError::Ended(_)),
+        )) => Err(ApiError::conflict("not_cancellable", error.to_string())),
+        Err(error) => Err(ApiError::internal(error)),
+    }
+}

@@ -1,0 +1,280 @@
+//! The reference shop's orders service.
+//!
+//! - The Order aggregate ([`aggregate`]) lives in trellis-eventstore: every change is an event
+//!   in the order's stream, and the streams are the system of record.
+//! - The read model ([`projection`]) answers `GET /api/orders/{id}` and
+//!   `GET /api/orders?status=`: a projection of the event log kept by trellis-eventstore's
+//!   `ProjectionRunner`. It is eventually consistent; an order the projection has not reached
+//!   yet is read from its stream instead, so a client never sees a 404 for an order it just
+//!   placed.
+//! - The order saga ([`saga`]) runs on trellis-saga: reserve stock, charge, create the
+//!   shipment (the pivot), commit the stock, confirm; a failure before the pivot refunds,
+//!   releases and cancels the order with the reason noted by the failing step.
+//! - `POST /api/orders` needs an `Idempotency-Key`: the same key and body answer the first
+//!   answer again, the same key with another body is a 422.
+//!
+//! Start-up runs saga recovery (sagas a previous process left are finished) and a sweeper
+//! starts the saga of any order accepted without one (a crash between the two writes).
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = shop_orders::Config::new("sqlite://trellis-data/orders.db", [
+//!     "127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103", "127.0.0.1:8105", "127.0.0.1:8106",
+//! ]);
+//! let orders = shop_orders::start(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8104").await?;
+//! trellis_service::serve(listener, orders.router(), Some(orders.db()), None, async {}).await?;
+//! orders.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+mod engine;
+mod http;
+pub mod projection;
+pub mod saga;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use trellis_eventstore::{AnyStore, ProjectionRunner, Repository};
+use trellis_service::{Db, GrpcClientConfig, grpc_channel, on_db};
+
+use crate::aggregate::Order;
+use crate::engine::Engine;
+use crate::projection::OrderView;
+use crate::saga::Participants;
+
+pub use http::{IDEMPOTENCY_KEY_MAX, openapi};
+
+/// Default number of sagas running at once in one process.
+pub const SAGA_CONCURRENCY_DEFAULT: usize = 512;
+/// Default time between sweeps for orders accepted without a saga.
+pub const SWEEP_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
+/// How old an order without a saga must be before the sweeper starts one.
+pub const SWEEP_AGE: Duration = Duration::from_secs(10);
+
+/// What the orders service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://DIR/orders.db` (the event store; the read model and the saga log go to
+    /// `orders-read.db` and `orders-saga.db` beside it) or `postgres://…` (all three in it).
+    pub database_url: String,
+    /// gRPC address of the users service.
+    pub users_addr: String,
+    /// gRPC address of the products service.
+    pub products_addr: String,
+    /// gRPC address of the inventory service.
+    pub inventory_addr: String,
+    /// gRPC address of the payments service.
+    pub payments_addr: String,
+    /// gRPC address of the shipping service.
+    pub shipping_addr: String,
+    /// Sagas running at once; orders beyond it wait for the sweeper.
+    pub saga_concurrency: usize,
+    /// Time between sweeps.
+    pub sweep_interval: Duration,
+    /// Time between saga recovery passes (sagas of dead engines sharing a PostgreSQL log).
+    pub recovery_interval: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults; `addrs` are users, products, inventory, payments,
+    /// shipping.
+    pub fn new(database_url: impl Into<String>, addrs: [&str; 5]) -> Self {
+        let [users, products, inventory, payments, shipping] = addrs;
+        Self {
+            database_url: database_url.into(),
+            users_addr: users.to_owned(),
+            products_addr: products.to_owned(),
+            inventory_addr: inventory.to_owned(),
+            payments_addr: payments.to_owned(),
+            shipping_addr: shipping.to_owned(),
+            saga_concurrency: SAGA_CONCURRENCY_DEFAULT,
+            sweep_interval: SWEEP_INTERVAL_DEFAULT,
+            recovery_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A database could not be opened.
+    #[error("cannot open {url}: {message}")]
+    Open {
+        /// The URL.
+        url: String,
+        /// The cause.
+        message: String,
+    },
+    /// A dependency address is malformed.
+    #[error("bad address: {0}")]
+    Address(String),
+    /// The saga definition is invalid (a bug).
+    #[error(transparent)]
+    Saga(#[from] trellis_saga::SagaError),
+}
+
+/// The running service: its router, its read-model database and its background tasks.
+#[derive(Debug)]
+pub struct Orders {
+    router: Router,
+    db: Db,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Orders {
+    /// The REST router (public API and `/openapi.json`).
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The read-model database (for `/readyz`).
+    pub fn db(&self) -> Db {
+        self.db.clone()
+    }
+
+    /// Stops the projection, the sweeper and the recovery loop. Sagas in flight stop where
+    /// they are; the next start's recovery finishes them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.db.close().await;
+    }
+}
+
+/// The sibling SQLite file `name` of `url`, or `url` itself for PostgreSQL.
+fn sibling(url: &str, name: &str) -> String {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = std::path::Path::new(path);
+        let dir = path
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        if dir.is_empty() {
+            format!("sqlite://{name}")
+        } else {
+            format!("sqlite://{dir}/{name}")
+        }
+    } else {
+        url.to_owned()
+    }
+}
+
+/// Opens the databases, runs recovery, and starts the projection, sweeper and recovery loop.
+///
+/// # Errors
+/// [`Error`] naming what could not be opened.
+pub async fn start(config: Config) -> Result<Orders, Error> {
+    let open_err = |url: &str, e: &dyn std::fmt::Display| Error::Open {
+        url: url.to_owned(),
+        message: e.to_string(),
+    };
+    let events_url = config.database_url.clone();
+    let read_url = sibling(&events_url, "orders-read.db");
+    let saga_url = sibling(&events_url, "orders-saga.db");
+    let store = AnyStore::open(&events_url)
+        .await
+        .map_err(|e| open_err(&events_url, &e))?;
+    let db = Db::connect(&read_url)
+        .await
+        .map_err(|e| open_err(&read_url, &e))?;
+    db.run_schema(http::SCHEMA)
+        .await
+        .map_err(|e| open_err(&read_url, &e))?;
+    let repository = Arc::new(Repository::<Order, AnyStore>::new(store.clone()).with_snapshots(50));
+
+    let channel = |addr: &str| {
+        grpc_channel(addr, GrpcClientConfig::default()).map_err(|e| Error::Address(e.message))
+    };
+    let participants = Participants {
+        orders: repository.clone(),
+        inventory: shop_contracts::proto::inventory_client::InventoryClient::new(channel(
+            &config.inventory_addr,
+        )?),
+        payments: shop_contracts::proto::payments_client::PaymentsClient::new(channel(
+            &config.payments_addr,
+        )?),
+        shipping: shop_contracts::proto::shipping_client::ShippingClient::new(channel(
+            &config.shipping_addr,
+        )?),
+    };
+    let definition = saga::definition(&participants)?;
+    let engine = Engine::open(&saga_url, definition)
+        .await
+        .map_err(|e| open_err(&saga_url, &e))?;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // The read model.
+    let projection_task = on_db!(&db, |pool| {
+        let runner = ProjectionRunner::new(OrderView::default(), store.clone(), pool.clone())
+            .await
+            .map_err(|e| open_err(&read_url, &e))?;
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                let shutdown = async {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                match runner.run(shutdown).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::error!(%error, "order read model stopped; restarting in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    });
+    tasks.push(projection_task);
+
+    let state = http::State::new(
+        repository,
+        db.clone(),
+        engine.clone(),
+        config.saga_concurrency,
+        shop_contracts::proto::users_client::UsersClient::new(channel(&config.users_addr)?),
+        shop_contracts::proto::products_client::ProductsClient::new(channel(
+            &config.products_addr,
+        )?),
+        stopped.clone(),
+    );
+
+    // Recovery, then the loops.
+    let recovery_engine = engine.clone();
+    let interval = config.recovery_interval;
+    let mut recovery_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        tokio::select! {
+            () = recovery_engine.run_recovery(interval) => {}
+            _ = recovery_stop.wait_for(|s| *s) => {}
+        }
+    }));
+    let sweeper = state.clone();
+    let sweep_interval = config.sweep_interval;
+    tasks.push(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(sweep_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            sweeper.sweep().await;
+        }
+    }));
+
+    Ok(Orders {
+        router: http::router(state),
+        db,
+        stop,
+        tasks,
+    })
+}

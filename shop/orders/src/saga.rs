@@ -1,0 +1,402 @@
+//! The order saga: order → inventory → payment → shipping (pivot) → commit stock → confirm.
+//!
+//! Each step calls its participant over gRPC with the order id as the idempotency key (the
+//! participants dedupe on it), records its outcome on the Order aggregate, and turns a business
+//! refusal into a permanent failure after noting the reason on the order. A failure before the
+//! pivot compensates in reverse: refund (by a guard step before the charge, so a charge whose
+//! answer was lost is refunded too), release, then the first step's compensation cancels the
+//! order with the noted reason. After the pivot the saga only goes forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shop_contracts::api::reason;
+use shop_contracts::proto::inventory_client::InventoryClient;
+use shop_contracts::proto::payments_client::PaymentsClient;
+use shop_contracts::proto::shipping_client::ShippingClient;
+use shop_contracts::proto::{
+    ChargeRequest, CreateShipmentRequest, Line as ProtoLine, OrderRef, ReserveRequest,
+};
+use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
+use trellis_resilience::Backoff;
+use trellis_saga::{SagaDefinition, Step, StepContext, StepError, StepRetry};
+use trellis_service::GrpcChannel;
+
+use crate::aggregate::{Line, Order, OrderCommand, OrderError};
+
+/// The saga's name in the log.
+pub const SAGA_NAME: &str = "place-order";
+/// The saga definition's version.
+pub const SAGA_VERSION: u32 = 1;
+/// Attempts per step (and per compensation) before the step fails for good.
+pub const STEP_ATTEMPTS: u32 = 4;
+/// Time one attempt of a step may take.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the saga carries from step to step (snapshotted in the saga log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderSagaContext {
+    /// The order.
+    pub order_id: String,
+    /// Its owner.
+    pub user_id: String,
+    /// Its priced lines.
+    pub lines: Vec<Line>,
+    /// Its total, cents.
+    pub total_cents: i64,
+}
+
+/// Everything the steps call.
+#[derive(Clone)]
+pub(crate) struct Participants {
+    pub(crate) orders: Arc<Repository<Order, AnyStore>>,
+    pub(crate) inventory: InventoryClient<GrpcChannel>,
+    pub(crate) payments: PaymentsClient<GrpcChannel>,
+    pub(crate) shipping: ShippingClient<GrpcChannel>,
+}
+
+impl std::fmt::Debug for Participants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participants").finish_non_exhaustive()
+    }
+}
+
+impl Participants {
+    async fn order(&self, order_id: &str, command: OrderCommand) -> Result<Order, StepError> {
+        let metadata = Metadata {
+            correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+            ..Metadata::default()
+        };
+        match self.orders.execute(order_id, command, metadata).await {
+            Ok(executed) => Ok(executed.state),
+            Err(RepositoryError::Domain(error)) => Err(domain(error)),
+            Err(error) => Err(StepError::retryable(format!("event store: {error}"))),
+        }
+    }
+
+    async fn load(&self, order_id: &str) -> Result<Order, StepError> {
+        self.orders
+            .load(order_id)
+            .await
+            .map(|loaded| loaded.state)
+            .map_err(|e| StepError::retryable(format!("event store: {e}")))
+    }
+
+    async fn record(&self, order_id: &str, step: &str, outcome: &str) -> Result<(), StepError> {
+        self.order(
+            order_id,
+            OrderCommand::Record {
+                step: step.to_owned(),
+                outcome: outcome.to_owned(),
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Notes the reason and fails the step for good.
+    async fn fail(&self, order_id: &str, why: &str, message: String) -> StepError {
+        if let Err(e) = self
+            .order(order_id, OrderCommand::NoteFailure(why.to_owned()))
+            .await
+        {
+            // The note could not be written: let the step run again rather than lose it.
+            return e;
+        }
+        StepError::permanent(message)
+    }
+
+    /// Fails for good when the customer asked to cancel.
+    async fn check_cancel(&self, order_id: &str) -> Result<(), StepError> {
+        if self.load(order_id).await?.cancel_requested {
+            return Err(self
+                .fail(
+                    order_id,
+                    reason::CANCELLED_BY_USER,
+                    "the customer cancelled".into(),
+                )
+                .await);
+        }
+        Ok(())
+    }
+}
+
+fn domain(error: OrderError) -> StepError {
+    StepError::permanent(error.to_string())
+}
+
+fn transport(service: &str, status: &tonic::Status) -> StepError {
+    StepError::retryable(format!("{service}: {}", status.message()))
+}
+
+fn proto_lines(lines: &[Line]) -> Vec<ProtoLine> {
+    lines
+        .iter()
+        .map(|l| ProtoLine {
+            product_id: l.product_id.clone(),
+            quantity: l.quantity,
+        })
+        .collect()
+}
+
+fn retry() -> StepRetry {
+    StepRetry::new(
+        STEP_ATTEMPTS,
+        Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+            multiplier: 2.0,
+            full_jitter: true,
+        },
+    )
+}
+
+/// Whether this attempt is the step's last.
+fn last_attempt(step: &StepContext) -> bool {
+    step.attempt() >= STEP_ATTEMPTS
+}
+
+macro_rules! step_fn {
+    ($p:ident, |$ctx:ident, $step:ident| $body:block) => {{
+        let $p = $p.clone();
+        move |$ctx: &mut OrderSagaContext, $step: StepContext| {
+            let $p = $p.clone();
+            Box::pin(async move { $body })
+        }
+    }};
+}
+
+/// The saga definition over the participants.
+pub(crate) fn definition(
+    p: &Participants,
+) -> Result<SagaDefinition<OrderSagaContext>, trellis_saga::SagaError> {
+    let order = Step::new(
+        "order",
+        step_fn!(p, |ctx, step| {
+            let saga_id = step.saga_id().to_string();
+            p.order(&ctx.order_id, OrderCommand::AttachSaga(saga_id))
+                .await
+                .map(drop)
+        }),
+    )
+    .compensate(step_fn!(p, |ctx, step| {
+        // Only the saga driving the order may end it.
+        let order = p.load(&ctx.order_id).await?;
+        if order.saga_id.as_deref() != Some(step.saga_id().to_string().as_str()) {
+            return Ok(());
+        }
+        p.order(
+            &ctx.order_id,
+            OrderCommand::Cancel {
+                fallback: "cancelled".to_owned(),
+            },
+        )
+        .await
+        .map(drop)
+    }))
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    let inventory = Step::new(
+        "inventory",
+        step_fn!(p, |ctx, step| {
+            p.check_cancel(&ctx.order_id).await?;
+            let request = ReserveRequest {
+                order_id: ctx.order_id.clone(),
+                lines: proto_lines(&ctx.lines),
+            };
+            match p.inventory.clone().reserve(request).await {
+                Ok(answer) if answer.get_ref().reserved => {
+                    p.record(&ctx.order_id, "inventory", "reserved").await
+                }
+                Ok(answer) => {
+                    let why = answer.into_inner().reason;
+                    p.record(&ctx.order_id, "inventory", &why).await?;
+                    Err(p.fail(&ctx.order_id, reason::OUT_OF_STOCK, why).await)
+                }
+                Err(status) if last_attempt(&step) => Err(p
+                    .fail(
+                        &ctx.order_id,
+                        "inventory_unavailable",
+                        status.message().to_owned(),
+                    )
+                    .await),
+                Err(status) => Err(transport("inventory", &status)),
+            }
+        }),
+    )
+    .compensate(step_fn!(p, |ctx, _step| {
+        let request = OrderRef {
+            order_id: ctx.order_id.clone(),
+        };
+        match p.inventory.clone().release(request).await {
+            Ok(answer) if answer.get_ref().state == "released" => {
+                p.record(&ctx.order_id, "inventory", "released").await
+            }
+            Ok(_) => Ok(()),
+            Err(status) => Err(transport("inventory", &status)),
+        }
+    }))
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    // Charging has no compensation of its own: a charge that failed for good may still have
+    // captured (its answer lost), and a failed step is not compensated. This guard step
+    // comes first, so whenever the saga compensates past it, Refund runs and reconciles with
+    // the provider by the order's key: no cancelled order keeps a charge.
+    let payment_guard = Step::new(
+        "payment-guard",
+        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
+    )
+    .compensate(step_fn!(p, |ctx, _step| {
+        let request = OrderRef {
+            order_id: ctx.order_id.clone(),
+        };
+        match p.payments.clone().refund(request).await {
+            Ok(answer) => match answer.get_ref().status.as_str() {
+                "refunded" => p.record(&ctx.order_id, "payment", "refunded").await,
+                "none" => Ok(()),
+                other => Err(StepError::retryable(format!("refund {other}"))),
+            },
+            Err(status) => Err(transport("payments", &status)),
+        }
+    }))
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    let payment = Step::new(
+        "payment",
+        step_fn!(p, |ctx, step| {
+            p.check_cancel(&ctx.order_id).await?;
+            let request = ChargeRequest {
+                order_id: ctx.order_id.clone(),
+                user_id: ctx.user_id.clone(),
+                amount_cents: ctx.total_cents,
+            };
+            match p.payments.clone().charge(request).await {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    match answer.status.as_str() {
+                        "captured" => p.record(&ctx.order_id, "payment", "captured").await,
+                        "declined" => {
+                            p.record(&ctx.order_id, "payment", "declined").await?;
+                            Err(p
+                                .fail(&ctx.order_id, reason::PAYMENT_DECLINED, answer.message)
+                                .await)
+                        }
+                        _ if last_attempt(&step) => {
+                            p.record(&ctx.order_id, "payment", "unavailable").await?;
+                            Err(p
+                                .fail(&ctx.order_id, reason::PAYMENT_UNAVAILABLE, answer.message)
+                                .await)
+                        }
+                        other => Err(StepError::retryable(format!(
+                            "payment {other}: {}",
+                            answer.message
+                        ))),
+                    }
+                }
+                Err(status) if last_attempt(&step) => Err(p
+                    .fail(
+                        &ctx.order_id,
+                        reason::PAYMENT_UNAVAILABLE,
+                        status.message().to_owned(),
+                    )
+                    .await),
+                Err(status) => Err(transport("payments", &status)),
+            }
+        }),
+    )
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    let shipping = Step::new(
+        "shipping",
+        step_fn!(p, |ctx, step| {
+            match p.order(&ctx.order_id, OrderCommand::StartShipping).await {
+                Err(_) if p.load(&ctx.order_id).await?.cancel_requested => {
+                    return Err(p
+                        .fail(
+                            &ctx.order_id,
+                            reason::CANCELLED_BY_USER,
+                            "the customer cancelled".into(),
+                        )
+                        .await);
+                }
+                other => other.map(drop)?,
+            }
+            let request = CreateShipmentRequest {
+                order_id: ctx.order_id.clone(),
+                user_id: ctx.user_id.clone(),
+                lines: proto_lines(&ctx.lines),
+            };
+            match p.shipping.clone().create_shipment(request).await {
+                Ok(answer) if answer.get_ref().status == "created" => {
+                    p.record(&ctx.order_id, "shipping", "created").await
+                }
+                Ok(answer) => Err(StepError::permanent(format!(
+                    "shipment is {}",
+                    answer.get_ref().status
+                ))),
+                Err(status) if last_attempt(&step) => {
+                    // The shipment may exist with its answer lost: cancel it (best effort)
+                    // before the order is compensated.
+                    let _ = p
+                        .shipping
+                        .clone()
+                        .cancel_shipment(OrderRef {
+                            order_id: ctx.order_id.clone(),
+                        })
+                        .await;
+                    Err(p
+                        .fail(
+                            &ctx.order_id,
+                            reason::SHIPPING_FAILED,
+                            status.message().to_owned(),
+                        )
+                        .await)
+                }
+                Err(status) => Err(transport("shipping", &status)),
+            }
+        }),
+    )
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    let commit = Step::new(
+        "commit-stock",
+        step_fn!(p, |ctx, _step| {
+            let request = OrderRef {
+                order_id: ctx.order_id.clone(),
+            };
+            match p.inventory.clone().commit(request).await {
+                Ok(_) => p.record(&ctx.order_id, "inventory", "committed").await,
+                Err(status) => Err(transport("inventory", &status)),
+            }
+        }),
+    )
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    let confirm = Step::new(
+        "confirm",
+        step_fn!(p, |ctx, _step| {
+            p.order(&ctx.order_id, OrderCommand::Confirm)
+                .await
+                .map(drop)
+        }),
+    )
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
+    SagaDefinition::builder(SAGA_NAME, SAGA_VERSION)
+        .step(order)
+        .step(inventory)
+        .step(payment_guard)
+        .step(payment)
+        .pivot_step(shipping)
+        .step(commit)
+        .step(confirm)
+        .build()
+}

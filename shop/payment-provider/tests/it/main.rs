@@ -1,0 +1,59 @@
+//! The payment provider simulator, driven through its router.
+
+mod admin;
+mod charges;
+mod faults;
+mod refunds;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// Sends one request to the router and answers the status and the JSON body.
+pub(crate) async fn call(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(uri);
+    let body = match body {
+        Some(json) => {
+            request = request.header("content-type", "application/json");
+            Body::from(json.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = router
+        .clone()
+        .oneshot(request.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON body")
+    };
+    (status, json)
+}
+
+/// Charges `amount` under `key`.
+pub(crate) async fn charge(router: &Router, key: &str, amount: i64) -> (StatusCode, Value) {
+    call(
+        router,
+        "POST",
+        "/v1/charges",
+        Some(serde_json::json!({"idempotency_key": key, "amount_cents": amount})),
+    )
+    .await
+}

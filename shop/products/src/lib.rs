@@ -1,0 +1,140 @@
+//! The reference shop's product catalogue.
+//!
+//! - `GET /api/products?limit=&cursor=&q=` lists products in creation order (ids are
+//!   UUIDv7), a page at a time behind an opaque cursor, optionally filtered by a
+//!   case-insensitive substring of the name; each item's `available` comes from the
+//!   inventory service in one `GetStock` call per page.
+//! - `GET /api/products/{id}` shows one product.
+//! - `POST /api/products` (admin) creates a product and sets its initial stock through the
+//!   inventory service's `SetStock`. With an `Idempotency-Key` header a retry of the same
+//!   body answers the same product (finishing the stock update if the first try could not),
+//!   and a different body under a used key is refused (422 `idempotency_key_reused`).
+//!   Without a key, a creation whose stock update fails (503) leaves the product listed with
+//!   nothing available; send a key to make the call safe to retry.
+//! - gRPC `Products.PriceItems` prices an order's products for the orders service.
+//!
+//! The service follows the shape every shop service has (see `shop/README.md`): [`app`]
+//! returns the router (REST, gRPC and `/openapi.json`) and the database for `/readyz`;
+//! [`openapi`] is its part of the public API document.
+//!
+//! # Example
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = shop_products::Config {
+//!     database_url: "sqlite://trellis-data/products.db".into(),
+//!     inventory_addr: "127.0.0.1:8103".into(),
+//! };
+//! let (router, db) = shop_products::app(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8102").await?;
+//! trellis_service::serve(listener, router, Some(db), None, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod catalogue;
+mod grpc;
+mod http;
+
+use axum::Router;
+use shop_contracts::proto::inventory_client::InventoryClient;
+use trellis_service::{Db, DbError, GrpcChannel, GrpcClientConfig, grpc_channel};
+
+/// Largest request body, bytes.
+pub const BODY_BYTES_MAX: usize = 16 * 1024;
+/// Longest `Idempotency-Key`, bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+/// Longest search string `q`, characters.
+pub const QUERY_CHARS_MAX: usize = 200;
+/// Most products one `PriceItems` call may ask about.
+pub const PRICE_ITEMS_IDS_MAX: usize = 1_000;
+
+/// What the service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+    /// The inventory service's gRPC address (`host:port` or `http://host:port`).
+    pub inventory_addr: String,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened.
+    #[error("cannot open {url}: {source}")]
+    Open {
+        /// The database URL, password removed.
+        url: String,
+        /// The cause.
+        source: DbError,
+    },
+    /// The schema could not be created.
+    #[error("cannot create the products schema: {0}")]
+    Schema(DbError),
+    /// The inventory address is not a gRPC address.
+    #[error("inventory_addr {addr:?}: {message}")]
+    InventoryAddr {
+        /// The address given.
+        addr: String,
+        /// Why it is refused.
+        message: String,
+    },
+}
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    pub(crate) db: Db,
+    pub(crate) inventory: InventoryClient<GrpcChannel>,
+}
+
+/// Opens the database, runs the schema, prepares the (lazily connecting) inventory client,
+/// and returns the router to serve plus the database (for `/readyz`).
+///
+/// # Errors
+/// [`Error::Open`] naming the URL when the database cannot be opened; [`Error::Schema`];
+/// [`Error::InventoryAddr`].
+pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    let channel =
+        grpc_channel(&config.inventory_addr, GrpcClientConfig::default()).map_err(|e| {
+            Error::InventoryAddr {
+                addr: config.inventory_addr.clone(),
+                message: e.message,
+            }
+        })?;
+    let db = Db::connect(&config.database_url)
+        .await
+        .map_err(|source| Error::Open {
+            url: redact(&config.database_url),
+            source,
+        })?;
+    db.run_schema(catalogue::SCHEMA)
+        .await
+        .map_err(Error::Schema)?;
+    let state = State {
+        db: db.clone(),
+        inventory: InventoryClient::new(channel),
+    };
+    let router = http::router(state.clone()).merge(grpc::router(state));
+    Ok((router, db))
+}
+
+/// The service's part of the public OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
+/// A database URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,266 @@
+//! REST handlers: registration, tokens, the caller's profile, the JWKS, `/openapi.json`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, State as AxumState};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use shop_contracts::api::{ErrorBody, RegisterUser, TokenRequest, TokenResponse, UserView};
+use trellis_service::{ApiError, ApiJson, Caller, ROLE_CUSTOMER};
+use utoipa::OpenApi;
+
+use crate::password::HashError;
+use crate::store::{self, InsertError, NewUser, User};
+use crate::{
+    BODY_BYTES_MAX, EMAIL_BYTES_MAX, NAME_CHARS_MAX, PASSWORD_CHARS_MAX, PASSWORD_CHARS_MIN, State,
+    TOKEN_LIFETIME_S,
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(register, token, me, jwks),
+    components(schemas(RegisterUser, UserView, TokenRequest, TokenResponse, ErrorBody))
+)]
+struct ApiDoc;
+
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+pub(crate) fn router(state: State) -> Router {
+    Router::new()
+        .route("/api/users", post(register))
+        .route("/api/auth/token", post(token))
+        .route("/api/users/me", get(me))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+/// Registration input once validated: email trimmed and lowercased, name trimmed.
+#[derive(Debug)]
+pub(crate) struct ValidRegistration {
+    pub(crate) email: String,
+    pub(crate) name: String,
+}
+
+/// Checks a registration; `Err((code, message))` names the first problem.
+pub(crate) fn validate_registration(
+    email: &str,
+    password: &str,
+    name: &str,
+) -> Result<ValidRegistration, (&'static str, String)> {
+    let email = email.trim().to_lowercase();
+    let valid_email = email.len() <= EMAIL_BYTES_MAX
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+        });
+    if !valid_email {
+        return Err((
+            "invalid_email",
+            format!(
+                "email must be an address like name@example.com, at most {EMAIL_BYTES_MAX} bytes"
+            ),
+        ));
+    }
+    let password_chars = password.chars().count();
+    if password_chars < PASSWORD_CHARS_MIN {
+        return Err((
+            "password_too_short",
+            format!("password must have at least {PASSWORD_CHARS_MIN} characters"),
+        ));
+    }
+    if password_chars > PASSWORD_CHARS_MAX {
+        return Err((
+            "password_too_long",
+            format!("password must have at most {PASSWORD_CHARS_MAX} characters"),
+        ));
+    }
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > NAME_CHARS_MAX {
+        return Err((
+            "invalid_name",
+            format!("name must have 1 to {NAME_CHARS_MAX} characters"),
+        ));
+    }
+    Ok(ValidRegistration {
+        email,
+        name: name.to_owned(),
+    })
+}
+
+fn view(user: &User) -> UserView {
+    UserView {
+        id: user.id.clone(),
+        email: user.email.clone(),
+        name: user.name.clone(),
+        role: user.role.clone(),
+    }
+}
+
+fn hash_error(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => ApiError::unavailable(
+            "busy",
+            "too many logins and registrations at once; retry shortly",
+        ),
+        HashError::Failed(e) => ApiError::internal(e),
+    }
+}
+
+/// Registers a customer.
+#[utoipa::path(
+    post, path = "/api/users", tag = "users",
+    request_body = RegisterUser,
+    responses(
+        (status = 201, description = "Registered", body = UserView),
+        (status = 400, description = "Bad email (`invalid_email`), password (`password_too_short`, `password_too_long`) or name (`invalid_name`)", body = ErrorBody),
+        (status = 409, description = "The email is taken (`email_taken`)", body = ErrorBody),
+    )
+)]
+async fn register(
+    AxumState(state): AxumState<State>,
+    ApiJson(body): ApiJson<RegisterUser>,
+) -> Result<(StatusCode, Json<UserView>), ApiError> {
+    let valid = validate_registration(&body.email, &body.password, &body.name)
+        .map_err(|(code, message)| ApiError::bad_request(code, message))?;
+    if store::find_by_email(&state.db, &valid.email)
+        .await?
+        .is_some()
+    {
+        return Err(email_taken());
+    }
+    let hash = state.hasher.hash(body.password).await.map_err(hash_error)?;
+    let user = NewUser {
+        email: valid.email,
+        name: valid.name,
+        role: ROLE_CUSTOMER,
+        password_hash: hash,
+    };
+    match store::insert(&state.db, &user).await {
+        Ok(user) => {
+            tracing::info!(user_id = %user.id, "user registered");
+            metrics::counter!("shop_users_registrations_total").increment(1);
+            Ok((StatusCode::CREATED, Json(view(&user))))
+        }
+        Err(InsertError::EmailTaken) => Err(email_taken()),
+        Err(InsertError::Db(e)) => Err(e.into()),
+    }
+}
+
+fn email_taken() -> ApiError {
+    ApiError::conflict("email_taken", "an account with this email exists")
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+        "wrong email or password",
+    )
+}
+
+/// Trades an email and password for a token.
+#[utoipa::path(
+    post, path = "/api/auth/token", tag = "users",
+    request_body = TokenRequest,
+    responses(
+        (status = 200, description = "A one-hour EdDSA JWT", body = TokenResponse),
+        (status = 401, description = "Wrong email or password (`invalid_credentials`)", body = ErrorBody),
+    )
+)]
+async fn token(
+    AxumState(state): AxumState<State>,
+    ApiJson(body): ApiJson<TokenRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    // Longer than any accepted password: refuse without hashing an attacker-sized input.
+    if body.password.chars().count() > PASSWORD_CHARS_MAX || body.email.len() > EMAIL_BYTES_MAX {
+        return Err(invalid_credentials());
+    }
+    let email = body.email.trim().to_lowercase();
+    let user = store::find_by_email(&state.db, &email).await?;
+    let hash = user.as_ref().map(|u| u.password_hash.clone());
+    let matches = state
+        .hasher
+        .verify(body.password, hash)
+        .await
+        .map_err(hash_error)?;
+    let Some(user) = user.filter(|_| matches) else {
+        metrics::counter!("shop_users_logins_total", "outcome" => "refused").increment(1);
+        return Err(invalid_credentials());
+    };
+    metrics::counter!("shop_users_logins_total", "outcome" => "ok").increment(1);
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let access_token = state.keys.issue(&user, now_s).map_err(ApiError::internal)?;
+    Ok(Json(TokenResponse {
+        access_token,
+        token_type: "Bearer".to_owned(),
+        expires_in: TOKEN_LIFETIME_S,
+    }))
+}
+
+/// The caller's profile.
+#[utoipa::path(
+    get, path = "/api/users/me", tag = "users",
+    responses(
+        (status = 200, description = "The caller", body = UserView),
+        (status = 401, description = "No token", body = ErrorBody),
+        (status = 404, description = "The account no longer exists", body = ErrorBody),
+    )
+)]
+async fn me(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+) -> Result<Json<UserView>, ApiError> {
+    let user = store::find_by_id(&state.db, &caller.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("this account no longer exists"))?;
+    Ok(Json(view(&user)))
+}
+
+/// The public keys tokens are signed with.
+#[utoipa::path(
+    get, path = "/.well-known/jwks.json", tag = "users",
+    responses((status = 200, description = "A JWK set of Ed25519 keys", body = Object))
+)]
+async fn jwks(AxumState(state): AxumState<State>) -> Json<serde_json::Value> {
+    Json(state.keys.jwks().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_and_lowercased() {
+        let v = validate_registration("  Ann@Example.COM ", "password1", " Ann ").unwrap();
+        assert_eq!(v.email, "ann@example.com");
+        assert_eq!(v.name, "Ann");
+    }
+
+    #[test]
+    fn malformed_emails_are_refused() {
+        for email in [
+            "",
+            "ann",
+            "@example.com",
+            "ann@",
+            "ann@example",
+            "a b@example.com",
+            "a@b@c.com",
+            "ann@.com",
+        ] {
+            let err = validate_registration(email, "password1", "Ann").unwrap_err();
+            assert_eq!(err.0, "invalid_email", "{email}");
+        }
+    }
+}

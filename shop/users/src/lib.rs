@@ -1,0 +1,201 @@
+//! The reference shop's users service: accounts, logins and the keys that sign the shop's
+//! tokens.
+//!
+//! - `POST /api/users` registers a customer (emails compared case-insensitively, passwords
+//!   hashed with Argon2id on the blocking pool); `POST /api/auth/token` trades an email and
+//!   password for a one-hour EdDSA JWT; `GET /api/users/me` shows the caller's profile.
+//! - `GET /.well-known/jwks.json` publishes the Ed25519 public keys the gateway verifies
+//!   tokens with. The signing key is generated on first start and kept in the service's
+//!   database, so a restart keeps issued tokens valid.
+//! - gRPC `Users.GetUser` lets other services look a user up.
+//! - [`ensure_admin`] creates the administrator account `trellis up` starts with.
+//!
+//! The service follows the shape every shop service has (see `shop/README.md`): [`app`]
+//! returns the router (REST, gRPC and `/openapi.json`) and the database for `/readyz`;
+//! [`openapi`] is its part of the public API document.
+//!
+//! # Example
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = shop_users::Config {
+//!     database_url: "sqlite://trellis-data/users.db".into(),
+//! };
+//! let (router, db) = shop_users::app(config).await?;
+//! shop_users::ensure_admin(&db, "admin@example.com", "a long password", "Admin").await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8101").await?;
+//! trellis_service::serve(listener, router, Some(db), None, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod grpc;
+mod http;
+mod keys;
+mod password;
+mod store;
+
+use std::sync::Arc;
+
+use axum::Router;
+use trellis_service::{Db, DbError};
+
+pub use keys::{AUDIENCE, ISSUER, TOKEN_LIFETIME_S};
+
+/// Shortest password accepted, in characters.
+pub const PASSWORD_CHARS_MIN: usize = 8;
+/// Longest password accepted, in characters.
+pub const PASSWORD_CHARS_MAX: usize = 128;
+/// Longest display name, in characters.
+pub const NAME_CHARS_MAX: usize = 100;
+/// Longest email address, in bytes (RFC 5321's path limit).
+pub const EMAIL_BYTES_MAX: usize = 254;
+/// Largest request body, bytes.
+pub const BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// What the service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+}
+
+/// Why the service could not start, or an account could not be ensured.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened.
+    #[error("cannot open {url}: {source}")]
+    Open {
+        /// The database URL, password removed.
+        url: String,
+        /// The cause.
+        source: DbError,
+    },
+    /// The schema could not be created.
+    #[error("cannot create the users schema: {0}")]
+    Schema(DbError),
+    /// A query failed.
+    #[error("{what}: {source}")]
+    Database {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: sqlx::Error,
+    },
+    /// The signing key could not be generated, stored or loaded.
+    #[error("signing key: {0}")]
+    SigningKey(String),
+    /// A password could not be hashed.
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    /// Input refused by validation (for example the admin account's email).
+    #[error("{code}: {message}")]
+    Invalid {
+        /// The validation code.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    pub(crate) db: Db,
+    pub(crate) keys: Arc<keys::KeyRing>,
+    pub(crate) hasher: Arc<password::Hasher>,
+}
+
+/// Opens the database, runs the schema, loads (or on first start generates) the signing key,
+/// and returns the router to serve plus the database (for `/readyz`).
+///
+/// # Errors
+/// [`Error::Open`] naming the URL when the database cannot be opened, [`Error::Schema`],
+/// [`Error::SigningKey`], or [`Error::Database`].
+pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    let db = Db::connect(&config.database_url)
+        .await
+        .map_err(|source| Error::Open {
+            url: redact(&config.database_url),
+            source,
+        })?;
+    db.run_schema(store::SCHEMA).await.map_err(Error::Schema)?;
+    let keys = keys::KeyRing::load_or_create(&db).await?;
+    let hasher = password::Hasher::new().await?;
+    let state = State {
+        db: db.clone(),
+        keys: Arc::new(keys),
+        hasher: Arc::new(hasher),
+    };
+    let router = http::router(state.clone()).merge(grpc::router(state));
+    Ok((router, db))
+}
+
+/// The service's part of the public OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
+/// Creates the administrator account (role `admin`) when no account has `email` (answers
+/// `true`), and leaves an existing account alone (answers `false`). `trellis up` calls it on
+/// first start.
+///
+/// # Errors
+/// [`Error::Invalid`] when the email, password or name would be refused at registration;
+/// [`Error::Hash`] or [`Error::Database`] when storing fails.
+pub async fn ensure_admin(db: &Db, email: &str, password: &str, name: &str) -> Result<bool, Error> {
+    let input = http::validate_registration(email, password, name).map_err(|e| Error::Invalid {
+        code: e.0,
+        message: e.1,
+    })?;
+    if store::find_by_email(db, &input.email)
+        .await
+        .map_err(|source| Error::Database {
+            what: "looking up the admin account",
+            source,
+        })?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    let hash = password::hash_blocking(password.to_owned()).await?;
+    let user = store::NewUser {
+        email: input.email,
+        name: input.name,
+        role: trellis_service::ROLE_ADMIN,
+        password_hash: hash,
+    };
+    match store::insert(db, &user).await {
+        Ok(_) => Ok(true),
+        Err(store::InsertError::EmailTaken) => Ok(false),
+        Err(store::InsertError::Db(source)) => Err(Error::Database {
+            what: "creating the admin account",
+            source,
+        }),
+    }
+}
+
+/// A database URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_passwords_are_not_shown_in_errors() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://data/users.db"), "sqlite://data/users.db");
+    }
+}

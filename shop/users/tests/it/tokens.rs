@@ -1,0 +1,101 @@
+//! Logins, the tokens they answer, the JWKS that verifies them, and the key's persistence.
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{Service, start};
+use crate::on_both;
+
+/// Verifies a token with the service's published JWKS, as a relying party would, and answers
+/// its claims.
+pub(crate) async fn verified_claims(service: &Service, token: &str) -> Value {
+    let jwks: JwkSet = serde_json::from_value(service.jwks().await).expect("a JWK set");
+    let header = jsonwebtoken::decode_header(token).expect("a JWT header");
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    let kid = header.kid.expect("tokens name their key");
+    let jwk = jwks.find(&kid).expect("the JWKS has the token's key");
+    let key = DecodingKey::from_jwk(jwk).expect("an Ed25519 key");
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.set_issuer(&["trellis-shop"]);
+    validation.set_audience(&["trellis-shop"]);
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .expect("the token verifies")
+        .claims
+}
+
+/// A login answers a one-hour Bearer token whose claims name the user; emails match in any
+/// case.
+async fn login_issues_verifiable_tokens(service: Service) {
+    let user = service
+        .register("eve@example.com", "password1", "Eve")
+        .await
+        .body;
+    let answer = service.login("EVE@example.com ", "password1").await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(answer.body["token_type"], "Bearer");
+    assert_eq!(answer.body["expires_in"], 3600);
+    let claims = verified_claims(&service, answer.body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["sub"], user["id"]);
+    assert_eq!(claims["email"], "eve@example.com");
+    assert_eq!(claims["role"], "customer");
+    assert_eq!(claims["iss"], "trellis-shop");
+    assert_eq!(claims["aud"], "trellis-shop");
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert_eq!(exp - iat, 3600);
+
+    let jwks = service.jwks().await;
+    let key = &jwks["keys"][0];
+    assert_eq!(key["kty"], "OKP");
+    assert_eq!(key["crv"], "Ed25519");
+    assert_eq!(key["alg"], "EdDSA");
+    assert_eq!(key["use"], "sig");
+    assert!(key["kid"].is_string() && key["x"].is_string());
+}
+on_both!(login_issues_verifiable_tokens);
+
+/// A wrong password and an unknown email get the same 401.
+async fn bad_credentials_are_indistinguishable(service: Service) {
+    service
+        .register("fay@example.com", "password1", "Fay")
+        .await;
+    let wrong = service.login("fay@example.com", "password2").await;
+    let unknown = service.login("nobody@example.com", "password1").await;
+    for answer in [&wrong, &unknown] {
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer.code(), "invalid_credentials");
+    }
+    assert_eq!(wrong.body, unknown.body);
+    let huge = service.login("fay@example.com", &"p".repeat(10_000)).await;
+    assert_eq!(huge.status, StatusCode::UNAUTHORIZED);
+}
+on_both!(bad_credentials_are_indistinguishable);
+
+/// The signing key lives in the database: after a restart the JWKS is the same and tokens
+/// issued before still verify.
+async fn restarts_keep_tokens_valid(service: Service) {
+    service
+        .register("gus@example.com", "password1", "Gus")
+        .await;
+    let token = service.login("gus@example.com", "password1").await.body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let jwks_before = service.jwks().await;
+    // A second instance on the same database (as after a restart) publishes the same key.
+    let (addr, _db, _stop) = start(&service.url).await;
+    let jwks_after: Value = reqwest::get(format!("http://{addr}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks_before, jwks_after);
+    assert_eq!(jwks_after["keys"].as_array().unwrap().len(), 1);
+    verified_claims(&service, &token).await;
+}
+on_both!(restarts_keep_tokens_valid);
