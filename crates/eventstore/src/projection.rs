@@ -55,6 +55,12 @@ pub enum ProjectionError {
 
 /// The SQL databases a read model can live in; implemented for SQLite and PostgreSQL.
 pub trait ReadModelDatabase: sqlx::Database {
+    /// The statement that opens the runner's transactions. A transaction that reads its
+    /// checkpoint and then writes must take SQLite's write lock up front (`BEGIN IMMEDIATE`):
+    /// a deferred one fails with `SQLITE_BUSY` when another connection writes the same file
+    /// in between, whatever the busy timeout.
+    const BEGIN_WRITE: &'static str;
+
     /// Creates the checkpoint tables if needed.
     fn create_checkpoint_tables(
         pool: &Pool<Self>,
@@ -86,8 +92,10 @@ pub trait ReadModelDatabase: sqlx::Database {
 }
 
 macro_rules! read_model_database {
-    ($db:ty, $int:literal) => {
+    ($db:ty, $int:literal, $begin:literal) => {
         impl ReadModelDatabase for $db {
+            const BEGIN_WRITE: &'static str = $begin;
+
             async fn create_checkpoint_tables(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
                 sqlx::raw_sql(concat!(
                     "CREATE TABLE IF NOT EXISTS projection_checkpoints (name TEXT NOT NULL, generation INTEGER NOT NULL, position ",
@@ -151,8 +159,8 @@ macro_rules! read_model_database {
     };
 }
 
-read_model_database!(Sqlite, "INTEGER");
-read_model_database!(Postgres, "BIGINT");
+read_model_database!(Sqlite, "INTEGER", "BEGIN IMMEDIATE");
+read_model_database!(Postgres, "BIGINT", "BEGIN");
 
 /// A read model fed by events.
 ///
@@ -243,7 +251,7 @@ where
             pool,
         };
         if DB::active_generation(&runner.pool, runner.projection.name()).await? == 0 {
-            let mut tx = runner.pool.begin().await?;
+            let mut tx = runner.pool.begin_with(DB::BEGIN_WRITE).await?;
             runner.projection.setup(&mut tx, 1).await?;
             runner.projection.activate(&mut tx, 1).await?;
             DB::set_active(&mut tx, runner.projection.name(), 1).await?;
@@ -293,7 +301,7 @@ where
         let Some(last) = events.last().map(|e| e.position) else {
             return Ok((checkpoint, 0));
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         for event in &events {
             self.projection
                 .apply(&mut tx, generation, event)
@@ -357,7 +365,7 @@ where
         let old = self.active_generation().await?;
         let new = old + 1;
         {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
             self.projection.teardown(&mut tx, new).await?;
             self.projection.setup(&mut tx, new).await?;
             DB::save_checkpoint(&mut tx, name, new, 0).await?;
@@ -375,13 +383,13 @@ where
                 break;
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         self.projection.activate(&mut tx, new).await?;
         DB::set_active(&mut tx, name, new).await?;
         tx.commit().await?;
         // Catch up anything that arrived between the last batch and the switch.
         self.catch_up().await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         self.projection.teardown(&mut tx, old).await?;
         tx.commit().await?;
         tracing::info!(

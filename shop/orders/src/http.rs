@@ -53,11 +53,12 @@ pub(crate) struct State {
 struct Inner {
     orders: Arc<Repository<Order, AnyStore>>,
     db: Db,
-    engine: Engine,
-    sagas: Arc<Semaphore>,
+    /// Orders waiting for a saga slot, in arrival order.
+    queue: tokio::sync::mpsc::Sender<OrderSagaContext>,
+    /// Orders queued or with a saga running in this process (the sweeper skips them).
+    active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     users: UsersClient<GrpcChannel>,
     products: ProductsClient<GrpcChannel>,
-    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for State {
@@ -76,47 +77,50 @@ impl State {
         products: ProductsClient<GrpcChannel>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let (queue, waiting) = tokio::sync::mpsc::channel(SAGA_QUEUE_MAX);
+        let active = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        tokio::spawn(dispatch(
+            waiting,
+            Arc::new(Semaphore::new(saga_concurrency.max(1))),
+            engine,
+            active.clone(),
+            stop,
+        ));
         Self {
             inner: Arc::new(Inner {
                 orders,
                 db,
-                engine,
-                sagas: Arc::new(Semaphore::new(saga_concurrency.max(1))),
+                queue,
+                active: active.clone(),
                 users,
                 products,
-                stop,
             }),
         }
     }
 
-    /// Starts the order's saga in the background when a slot is free; otherwise the
-    /// sweeper starts it later.
+    /// Queues the order's saga; it starts as soon as one of the `saga_concurrency` slots is
+    /// free. When the queue is full the sweeper starts it later.
     fn spawn_saga(&self, order_id: &str, order: &Order) {
-        let Ok(permit) = self.inner.sagas.clone().try_acquire_owned() else {
-            tracing::warn!(order = %order_id, "saga slots full; the sweeper will start it");
-            return;
-        };
+        {
+            let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+            if !active.insert(order_id.to_owned()) {
+                return; // already queued or running here
+            }
+        }
         let context = OrderSagaContext {
             order_id: order_id.to_owned(),
             user_id: order.user_id.clone(),
             lines: order.items.clone(),
             total_cents: order.total_cents,
         };
-        let engine = self.inner.engine.clone();
-        let mut stop = self.inner.stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // On shutdown the saga stops where it is, as in a crash: its log has every
-            // transition, and the next start's recovery finishes it.
-            tokio::select! {
-                result = engine.run(&context) => {
-                    if let Err(error) = result {
-                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
-                    }
-                }
-                _ = stop.wait_for(|s| *s) => {}
-            }
-        });
+        if self.inner.queue.try_send(context).is_err() {
+            self.inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(order_id);
+            tracing::warn!(order = %order_id, "saga queue full; the sweeper will start it");
+        }
     }
 
     /// Starts sagas for orders accepted without one (a crash between the order's creation
@@ -143,6 +147,15 @@ impl State {
             }
         };
         for id in ids {
+            if self
+                .inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+            {
+                continue;
+            }
             match self.inner.orders.load(&id).await {
                 Ok(loaded)
                     if loaded.state.saga_id.is_none()
@@ -155,6 +168,56 @@ impl State {
                 Err(error) => tracing::warn!(order = %id, %error, "sweep could not load the order"),
             }
         }
+    }
+}
+
+/// Orders that may wait for a saga slot before the queue refuses more (the sweeper then
+/// starts them).
+const SAGA_QUEUE_MAX: usize = 10_000;
+
+/// Starts queued sagas as slots free up, until the service stops.
+async fn dispatch(
+    mut waiting: tokio::sync::mpsc::Receiver<OrderSagaContext>,
+    slots: Arc<Semaphore>,
+    engine: Engine,
+    active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let context = tokio::select! {
+            next = waiting.recv() => match next {
+                Some(context) => context,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let engine = engine.clone();
+        let active = active.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // On shutdown the saga stops where it is, as in a crash: its log has every
+            // transition, and the next start's recovery finishes it.
+            tokio::select! {
+                result = engine.run(&context) => {
+                    if let Err(error) = result {
+                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&context.order_id);
+        });
     }
 }
 

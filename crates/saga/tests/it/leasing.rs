@@ -301,3 +301,15 @@ async fn an_engine_whose_lease_was_taken_abandons_its_step_at_the_next_renewal()
         SagaStatus::Running
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_on_one_sqlite_log_never_overlap_and_take_over_a_dead_one() {
+    // Goal: the same protocol on SQLite, where the two engines' concurrent transitions share
+    // group-commit transactions (the bulk create/append path with fencing refusals).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+    let store = trellis_saga::SqliteSagaStore::open(&url)
+        .await
+        .expect("open");
+    two_engines(store.clone(), store.clone(), store, 40).await;
+}
