@@ -66,6 +66,9 @@ pub(crate) struct UpArgs {
     /// How orders are driven.
     #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
     saga: SagaStyle,
+    /// The bus order events are relayed to (default: sqlite://DATA_DIR/bus.db).
+    #[arg(long, env = "TRELLIS_BUS")]
+    bus: Option<String>,
     #[command(flatten)]
     provider: ProviderArgs,
 }
@@ -81,6 +84,7 @@ impl UpArgs {
         let mut config = ShopConfig::new(&self.data_dir);
         config.gateway_port = self.port;
         config.provider = self.provider.config()?;
+        config.bus_url = self.bus.clone();
         let email = std::env::var("TRELLIS_ADMIN_EMAIL").ok();
         let password = std::env::var("TRELLIS_ADMIN_PASSWORD").ok();
         match (email, password) {
@@ -136,8 +140,8 @@ pub(crate) struct ServeArgs {
     /// sqlite://trellis-data/NAME.db).
     #[arg(long, env = "TRELLIS_DB")]
     db: Option<String>,
-    /// The event bus URL (nats://… or sqlite://…). The orchestrated order flow calls services
-    /// over gRPC and does not publish to a bus yet; the URL is checked and recorded.
+    /// The event bus (nats://…, sqlite://PATH or memory://) the orders service relays order
+    /// events to (order.created, order.confirmed, order.cancelled); other services ignore it.
     #[arg(long, env = "TRELLIS_BUS")]
     bus: Option<String>,
     /// Where another service listens, as NAME=HOST:PORT (repeatable; defaults to DESIGN.md's
@@ -162,9 +166,9 @@ impl ServeArgs {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let peers: BTreeMap<String, String> = self.peers.iter().cloned().collect();
         if let Some(bus) = &self.bus
-            && !(bus.starts_with("nats://") || bus.starts_with("sqlite:") || bus == "memory:")
+            && !(bus.starts_with("nats://") || bus.starts_with("sqlite://") || bus == "memory://")
         {
-            bail!("--bus {bus:?}: expected nats://…, sqlite://PATH or memory:");
+            bail!("--bus {bus:?}: expected nats://…, sqlite://PATH or memory://");
         }
         let port = if self.name == "gateway" {
             shop_contracts::ports::GATEWAY
@@ -223,6 +227,7 @@ impl ServeArgs {
             listen,
             db,
             &peers,
+            self.bus.clone(),
             self.provider.config()?,
             trellis_gateway::shutdown_signal(),
         )

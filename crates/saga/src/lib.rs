@@ -31,13 +31,19 @@
 //! operator actions: cancel (compensate now), retry a stuck or failed step, skip a step, purge
 //! old terminal sagas. [`http::router`] serves it as JSON endpoints; `trellis saga` is its CLI.
 //!
-//! How it fits: participants are called through `trellis-resilience` (HTTP/gRPC clients with
-//! circuit breakers and timeouts) from a step's `execute`; a step can publish a command with
-//! `trellis-bus`'s outbox; the saga log is its own store, separate from `trellis-eventstore`.
-//! Not built yet: asynchronous steps over the bus (a command and a wait for the correlated
-//! reply) and choreography helpers.
+//! Asynchronous steps ([`bus::command_step`]) publish a command on `trellis-bus` and wait for
+//! the reply correlated with the saga and step ([`bus::Replies`]), under the step's timeout.
+//! Choreographed sagas ([`choreography::Choreography`]) are event handlers (`on` an event
+//! type: a side effect and the next event; compensating handlers on `*.failed` events), each
+//! exactly once per message through the bus inbox and outbox; a flow's progress is rebuilt
+//! from its events per correlation id as the same [`SagaTimeline`] the inspector shows.
 //!
-//! Feature flags: `http` (default) adds [`http`], the inspector's axum router.
+//! How it fits: participants are called through `trellis-resilience` (HTTP/gRPC clients with
+//! circuit breakers and timeouts) from a step's `execute`, or over `trellis-bus`; the saga log
+//! is its own store, separate from `trellis-eventstore`.
+//!
+//! Feature flags (both default): `http` adds [`http`], the inspector's axum router; `bus` adds
+//! [`bus`] and [`choreography`] (trellis-bus).
 //!
 //! # Examples
 //! ```
@@ -74,6 +80,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+#[cfg(feature = "bus")]
+pub mod bus;
+#[cfg(feature = "bus")]
+pub mod choreography;
 mod definition;
 mod engine;
 mod error;

@@ -66,6 +66,10 @@ pub struct ShopConfig {
     pub provider: ProviderConfig,
     /// Serve `/metrics` from the process's Prometheus recorder.
     pub metrics: bool,
+    /// The bus order events are relayed to; `sqlite://DATA_DIR/bus.db` when `None`.
+    pub bus_url: Option<String>,
+    /// Prefix of NATS streams and subjects (`[a-z0-9_]`).
+    pub bus_prefix: String,
 }
 
 impl ShopConfig {
@@ -81,6 +85,8 @@ impl ShopConfig {
             seed_catalog: true,
             provider: ProviderConfig::default(),
             metrics: true,
+            bus_url: None,
+            bus_prefix: "shop".to_owned(),
         }
     }
 
@@ -92,6 +98,13 @@ impl ShopConfig {
             metrics: false,
             ..Self::new(data_dir)
         }
+    }
+
+    /// The bus URL in use.
+    pub fn bus_url(&self) -> String {
+        self.bus_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/bus.db", self.data_dir.display()))
     }
 
     fn database_url(&self, service: &str) -> String {
@@ -388,7 +401,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     );
 
     // orders
-    let orders = shop_orders::start(shop_orders::Config::new(
+    let mut orders_config = shop_orders::Config::new(
         config.database_url("orders"),
         [
             &addr("users"),
@@ -397,9 +410,12 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
             &addr("payments"),
             &addr("shipping"),
         ],
-    ))
-    .await
-    .map_err(|e| service_err("orders")(&e))?;
+    );
+    orders_config.bus_url = Some(config.bus_url());
+    orders_config.bus_prefix = config.bus_prefix.clone();
+    let orders = shop_orders::start(orders_config)
+        .await
+        .map_err(|e| service_err("orders")(&e))?;
     spawn_serve(
         &mut tasks,
         "orders",
@@ -553,6 +569,7 @@ pub async fn serve_one(
     listen: SocketAddr,
     database_url: String,
     peers: &BTreeMap<String, String>,
+    bus_url: Option<String>,
     provider: ProviderConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -622,7 +639,7 @@ pub async fn serve_one(
                 .map_err(serve_err)
         }
         "orders" => {
-            let orders = shop_orders::start(shop_orders::Config::new(
+            let mut config = shop_orders::Config::new(
                 database_url,
                 [
                     &peer("users"),
@@ -631,9 +648,11 @@ pub async fn serve_one(
                     &peer("payments"),
                     &peer("shipping"),
                 ],
-            ))
-            .await
-            .map_err(|e| service_err("orders")(&e))?;
+            );
+            config.bus_url = bus_url;
+            let orders = shop_orders::start(config)
+                .await
+                .map_err(|e| service_err("orders")(&e))?;
             let result = trellis_service::serve(
                 listener,
                 orders.router(),

@@ -13,6 +13,10 @@
 //! - `POST /api/orders` needs an `Idempotency-Key`: the same key and body answer the first
 //!   answer again, the same key with another body is a 422.
 //!
+//! - With a bus configured, order events (`order.created`, `order.confirmed`,
+//!   `order.cancelled`) are relayed from the event store's log to it, at least once from a
+//!   checkpoint, each with the event's id as the envelope id.
+//!
 //! Start-up runs saga recovery (sagas a previous process left are finished) and a sweeper
 //! starts the saga of any order accepted without one (a crash between the two writes).
 //!
@@ -34,6 +38,7 @@ pub mod aggregate;
 mod engine;
 mod http;
 pub mod projection;
+mod relay;
 pub mod saga;
 
 use std::sync::Arc;
@@ -79,6 +84,11 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Time between saga recovery passes (sagas of dead engines sharing a PostgreSQL log).
     pub recovery_interval: Duration,
+    /// The bus order events are relayed to (`nats://…`, `sqlite://…`, `memory://`); no relay
+    /// when `None`.
+    pub bus_url: Option<String>,
+    /// Prefix of the NATS streams and subjects (`[a-z0-9_]`).
+    pub bus_prefix: String,
 }
 
 impl Config {
@@ -96,6 +106,8 @@ impl Config {
             saga_concurrency: SAGA_CONCURRENCY_DEFAULT,
             sweep_interval: SWEEP_INTERVAL_DEFAULT,
             recovery_interval: Duration::from_secs(10),
+            bus_url: None,
+            bus_prefix: "shop".to_owned(),
         }
     }
 }
@@ -190,6 +202,9 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     db.run_schema(http::SCHEMA)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
+    db.run_schema(relay::SCHEMA)
+        .await
+        .map_err(|e| open_err(&read_url, &e))?;
     let repository = Arc::new(Repository::<Order, AnyStore>::new(store.clone()).with_snapshots(50));
 
     let channel = |addr: &str| {
@@ -239,7 +254,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     tasks.push(projection_task);
 
     let state = http::State::new(
-        repository,
+        repository.clone(),
         db.clone(),
         engine.clone(),
         config.saga_concurrency,
@@ -270,6 +285,20 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             sweeper.sweep().await;
         }
     }));
+
+    if let Some(url) = &config.bus_url {
+        let bus = trellis_bus::AnyBus::connect(url, &config.bus_prefix)
+            .await
+            .map_err(|e| open_err(url, &e))?;
+        let relay = relay::run(store.clone(), repository.clone(), db.clone(), bus);
+        let mut relay_stop = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = relay => {}
+                _ = relay_stop.wait_for(|s| *s) => {}
+            }
+        }));
+    }
 
     Ok(Orders {
         router: http::router(state),

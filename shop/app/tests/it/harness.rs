@@ -19,6 +19,8 @@ pub(crate) struct TestShop {
     pub(crate) base: String,
     pub(crate) dir: tempfile::TempDir,
     _databases: Vec<trellis_testkit::TestPostgres>,
+    /// The bus URL and prefix the orders service relays to.
+    pub(crate) bus: (String, String),
     admin_token: String,
 }
 
@@ -41,6 +43,12 @@ impl TestShop {
         config.admin = Some((ADMIN_EMAIL.into(), ADMIN_PASSWORD.into()));
         config.seed_catalog = false;
         let mut databases = Vec::new();
+        if backend == Backend::Postgres {
+            let nats = trellis_testkit::nats(test).await?;
+            config.bus_url = Some(nats.url.clone());
+            config.bus_prefix = nats.prefix.clone();
+        }
+        let bus = (config.bus_url(), config.bus_prefix.clone());
         if backend == Backend::Postgres {
             for service in [
                 "users",
@@ -69,6 +77,7 @@ impl TestShop {
             base,
             dir,
             _databases: databases,
+            bus,
             admin_token: String::new(),
         };
         this.admin_token = this.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The shop end to end on embedded backends: `trellis up` in a fresh data directory, stock raised
+# so no order runs out, then `trellis load` (orders only) at rising rates. Prints one line per
+# rate: confirmed orders/s, p50/p99/max latency of POST /api/orders, errors, invariants.
+#
+# Usage: bench/shop/run.sh [RATES...]   (default: 50 100 150 200 300)
+# Needs a release build: cargo build --release -p trellis
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${TRELLIS_BIN:-$here/target/release/trellis}
+rates=("$@"); [ ${#rates[@]} -gt 0 ] || rates=(50 100 150 200 300)
+port=${PORT:-18181}
+duration=${DURATION:-20s}
+work=$(mktemp -d)
+export TRELLIS_ADMIN_EMAIL=bench@trellis.local TRELLIS_ADMIN_PASSWORD=bench-password-1
+cleanup() { [ -n "${shop:-}" ] && kill -INT "$shop" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+restart() {
+  [ -n "${shop:-}" ] && { kill -INT "$shop"; wait "$shop" 2>/dev/null || true; }
+  rm -rf "$work/data"
+  RUST_LOG=warn "$bin" up --port "$port" --data-dir "$work/data" > "$work/up.log" 2>&1 &
+  shop=$!
+  for _ in $(seq 100); do curl -sf "localhost:$port/api/products" >/dev/null && break; sleep 0.1; done
+  token=$(curl -s -X POST "localhost:$port/api/auth/token" -H 'content-type: application/json' \
+    -d "{\"email\":\"$TRELLIS_ADMIN_EMAIL\",\"password\":\"$TRELLIS_ADMIN_PASSWORD\"}" |
+    sed 's/.*"access_token":"\([^"]*\)".*/\1/')
+  for id in $(curl -s "localhost:$port/api/products" | grep -o '"id":"[^"]*"' | cut -d'"' -f4); do
+    curl -s -X PUT "localhost:$port/api/inventory/$id" -H "authorization: Bearer $token" \
+      -H 'content-type: application/json' -d '{"total":10000000}' > /dev/null
+  done
+}
+for rate in "${rates[@]}"; do
+  restart   # each rate on a fresh shop, so one rate's backlog does not slow the next
+  out=$("$bin" load --target "http://127.0.0.1:$port" --rate "$rate" --duration "$duration" \
+    --mix order=1 --quiet --admin-email "$TRELLIS_ADMIN_EMAIL" \
+    --admin-password "$TRELLIS_ADMIN_PASSWORD" 2>&1 || true)
+  order=$(echo "$out" | awk '$1=="order"{print "p50 "$5" ms, p99 "$7" ms, max "$8" ms"}')
+  orders=$(echo "$out" | grep '^orders:' || true)
+  errs=$(echo "$out" | grep '^errors:' || true)
+  inv=$(echo "$out" | grep '^invariants:' | cut -c1-60 || true)
+  echo "rate $rate/s for $duration: $order | $orders | $errs | $inv"
+done
