@@ -304,3 +304,58 @@ fn saga_commands_list_show_skip_cancel_and_purge_a_sqlite_log() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no saga log"));
 }
+
+fn one_line_failure(out: &std::process::Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr was: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "stderr was: {stderr}");
+    assert!(stderr.contains(needle), "stderr was: {stderr}");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn up_says_the_choreographed_style_is_not_built() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let out = trellis(&[
+        "up",
+        "--saga",
+        "choreography",
+        "--port",
+        "0",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]);
+    one_line_failure(&out, 1, "choreography");
+    assert!(!data.exists(), "nothing was started or written");
+}
+
+#[test]
+fn serve_names_the_known_services_for_an_unknown_one() {
+    let out = trellis(&["serve", "warehouse"]);
+    one_line_failure(&out, 1, "payment-provider");
+    let out = trellis(&["serve", "orders", "--bus", "kafka://x"]);
+    one_line_failure(&out, 1, "--bus");
+}
+
+#[test]
+fn load_rejects_bad_settings_and_an_unreachable_target_in_one_line() {
+    let out = trellis(&["load", "--duration", "3 weeks"]);
+    one_line_failure(&out, 2, "duration");
+    let out = trellis(&[
+        "load",
+        "--target",
+        "http://127.0.0.1:9",
+        "--rate",
+        "5",
+        "--duration",
+        "1s",
+        "--users",
+        "1",
+        "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr was: {stderr}");
+    assert!(stderr.contains("127.0.0.1:9"), "stderr was: {stderr}");
+    assert!(!stderr.contains("panicked"));
+}
