@@ -3,11 +3,16 @@
 //! Actions (retry, cancel, skip) write a transition to the log; the engines running the
 //! saga's definition pick it up with their recovery loop. They fail while a live engine holds
 //! the saga's lease.
+//!
+//! `trellis saga choreography show CORRELATION_ID --db URL` shows a choreographed saga: its
+//! timeline rebuilt from the choreography log in the service's own database (`--db` names that
+//! database, where its bus inbox lives).
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use trellis_saga::choreography::{ChoreographyLog, Postgres, Sqlite};
 use trellis_saga::{
     Inspector, PostgresSagaStore, SagaFilter, SagaId, SagaStatus, SagaStore, SagaSummary,
     SqliteSagaStore,
@@ -17,9 +22,10 @@ use uuid::Uuid;
 /// The saga log and the action.
 #[derive(Debug, Args)]
 pub(crate) struct SagaArgs {
-    /// The saga log: `sqlite://PATH` or `postgres://USER@HOST/DB`.
-    #[arg(long, env = "TRELLIS_SAGA_DB")]
-    db: String,
+    /// The saga log: `sqlite://PATH` or `postgres://USER@HOST/DB` (for `choreography`: the
+    /// service's database holding the choreography log). Required.
+    #[arg(long, env = "TRELLIS_SAGA_DB", global = true)]
+    db: Option<String>,
     /// Who the log names as the operator of retry, cancel and skip (default `cli:$USER`).
     #[arg(long)]
     operator: Option<String>,
@@ -83,6 +89,20 @@ enum SagaCommand {
         #[arg(long)]
         older_than_days: u64,
     },
+    /// Choreographed sagas, from the choreography log in the service's database.
+    Choreography {
+        #[command(subcommand)]
+        command: ChoreographyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ChoreographyCommand {
+    /// Shows one flow's timeline (steps, outcome, compensation) as JSON.
+    Show {
+        /// The flow's correlation id.
+        correlation_id: Uuid,
+    },
 }
 
 impl SagaArgs {
@@ -93,27 +113,62 @@ impl SagaArgs {
                 std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
             )
         });
-        if let Some(rest) = self.db.strip_prefix("sqlite://") {
+        let db = self
+            .db
+            .context("--db (or TRELLIS_SAGA_DB) is required: sqlite://PATH or postgres://...")?;
+        if let SagaCommand::Choreography { command } = self.command {
+            return choreography(&db, command).await;
+        }
+        if let Some(rest) = db.strip_prefix("sqlite://") {
             let path = rest.split('?').next().unwrap_or(rest);
             if !std::path::Path::new(path).exists() {
                 bail!("no saga log at {path}");
             }
-            let store = SqliteSagaStore::open(&self.db)
+            let store = SqliteSagaStore::open(&db)
                 .await
-                .with_context(|| format!("saga log {}", self.db))?;
+                .with_context(|| format!("saga log {db}"))?;
             run(Inspector::new(store).with_operator(operator), self.command).await
-        } else if self.db.starts_with("postgres://") || self.db.starts_with("postgresql://") {
-            let store = PostgresSagaStore::connect(&self.db)
+        } else if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            let store = PostgresSagaStore::connect(&db)
                 .await
                 .context("saga log on PostgreSQL")?;
             run(Inspector::new(store).with_operator(operator), self.command).await
         } else {
-            bail!(
-                "--db must be sqlite://PATH or postgres://..., got {:?}",
-                self.db
-            )
+            bail!("--db must be sqlite://PATH or postgres://..., got {db:?}")
         }
     }
+}
+
+/// `trellis saga choreography ...` on the service database at `db`.
+async fn choreography(db: &str, command: ChoreographyCommand) -> anyhow::Result<()> {
+    let ChoreographyCommand::Show { correlation_id } = command;
+    let timeline = if let Some(rest) = db.strip_prefix("sqlite://") {
+        let path = rest.split('?').next().unwrap_or(rest);
+        if !std::path::Path::new(path).exists() {
+            bail!("no database at {path}");
+        }
+        ChoreographyLog::<Sqlite>::connect(db)
+            .await
+            .with_context(|| format!("choreography log in {db}"))?
+            .timeline(correlation_id)
+            .await
+    } else if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        ChoreographyLog::<Postgres>::connect(db)
+            .await
+            .context("choreography log on PostgreSQL")?
+            .timeline(correlation_id)
+            .await
+    } else {
+        bail!("--db must be sqlite://PATH or postgres://..., got {db:?}")
+    };
+    let timeline = match timeline {
+        Err(trellis_saga::SagaError::NotFound(_)) => {
+            bail!("no choreography recorded for correlation id {correlation_id}")
+        }
+        other => other?,
+    };
+    println!("{}", serde_json::to_string_pretty(&timeline)?);
+    Ok(())
 }
 
 async fn run<S: SagaStore>(inspector: Inspector<S>, command: SagaCommand) -> anyhow::Result<()> {
@@ -176,6 +231,7 @@ async fn run<S: SagaStore>(inspector: Inspector<S>, command: SagaCommand) -> any
             let purged = inspector.purge(age).await?;
             println!("purged {purged} saga(s)");
         }
+        SagaCommand::Choreography { .. } => bail!("choreography commands read no saga log"),
     }
     Ok(())
 }

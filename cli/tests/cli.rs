@@ -359,3 +359,76 @@ fn load_rejects_bad_settings_and_an_unreachable_target_in_one_line() {
     assert!(stderr.contains("127.0.0.1:9"), "stderr was: {stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+#[test]
+fn saga_choreography_show_prints_a_choreographed_flow_from_the_service_database() {
+    // Runs a two-step choreography's handlers on a SQLite inbox through trellis-saga (the
+    // second step declines), then `trellis saga choreography show ID --db URL` prints the
+    // timeline rebuilt from the choreography log; unknown ids and missing files are one line.
+    use trellis_bus::inbox::SqliteInbox;
+    use trellis_bus::outbox::SqliteOutbox;
+    use trellis_bus::{Envelope, Message};
+    use trellis_saga::choreography::{Choreography, ChoreographyLog, NextEvent, Sqlite};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("shop.db").display());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let correlation = uuid::Uuid::now_v7();
+    runtime.block_on(async {
+        let log = ChoreographyLog::<Sqlite>::connect(&url).await.expect("log");
+        let inbox = SqliteInbox::new(log.pool().clone()).await.expect("inbox");
+        SqliteOutbox::new(log.pool().clone()).await.expect("outbox");
+        let flow = Choreography::<Sqlite>::new("order-flow", "shop")
+            .step("order.placed", "reserve-stock", |_tx, _event| {
+                Box::pin(async {
+                    Ok(Some(NextEvent::new(
+                        "shop.events",
+                        "stock.reserved",
+                        serde_json::json!({}),
+                    )))
+                })
+            })
+            .step("stock.reserved", "charge", |_tx, _event| {
+                Box::pin(async {
+                    Ok(Some(NextEvent::new(
+                        "shop.events",
+                        "payment.failed",
+                        serde_json::json!({ "error": "card declined" }),
+                    )))
+                })
+            });
+        for kind in ["order.placed", "stock.reserved"] {
+            let mut envelope =
+                Envelope::new(kind, "test", correlation.to_string(), serde_json::json!({}));
+            envelope.correlation_id = Some(correlation);
+            let message = Message {
+                topic: "shop.events".to_owned(),
+                group: "shop".to_owned(),
+                envelope,
+            };
+            assert_eq!(flow.handle(&inbox, &message).await.expect("handle"), 1);
+        }
+    });
+    let db = url.trim_end_matches("?mode=rwc");
+    let id = correlation.to_string();
+
+    let out = trellis(&["saga", "choreography", "show", &id, "--db", db]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr was: {stderr}");
+    let timeline: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(timeline["id"], id.as_str(), "{timeline}");
+    assert_eq!(timeline["definition"], "order-flow", "{timeline}");
+    assert_eq!(timeline["steps"][0]["state"], "succeeded", "{timeline}");
+    assert_eq!(timeline["steps"][1]["step"], "charge", "{timeline}");
+    assert_eq!(timeline["steps"][1]["state"], "failed", "{timeline}");
+
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let out = trellis(&["saga", "--db", db, "choreography", "show", &unknown]);
+    one_line_failure(&out, 1, "no choreography recorded");
+    let missing = format!("sqlite://{}", dir.path().join("nope.db").display());
+    let out = trellis(&["saga", "choreography", "show", &id, "--db", &missing]);
+    one_line_failure(&out, 1, "no database at");
+}

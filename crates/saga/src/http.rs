@@ -9,6 +9,13 @@
 //! | `POST /sagas/{id}/skip` with `{"step": "..."}` | [`Inspector::skip`] |
 //! | `POST /sagas/purge` with `{"older_than_days": N}` | [`Inspector::purge`] |
 //!
+//! [`choreography_router`] (feature `bus`) serves choreographed sagas from a
+//! [`crate::choreography::ChoreographyLog`]; merge it with [`router`] to serve both:
+//!
+//! | method and path | does |
+//! | --- | --- |
+//! | `GET /choreographies/{correlation_id}` | [`crate::choreography::ChoreographyLog::timeline`] |
+//!
 //! Errors are `{"error": {"code": "...", "message": "..."}}`: 400 `bad_request`, 404
 //! `saga_not_found`, 409 `saga_leased` / `action_rejected` / `conflict`; a store fault is a 503
 //! `unavailable` or a 500 `internal` with an opaque message, logged once with its cause.
@@ -44,6 +51,35 @@ pub fn router<S: SagaStore>(inspector: Inspector<S>) -> Router {
         .route("/sagas/{id}/retry", post(retry::<S>))
         .route("/sagas/{id}/skip", post(skip::<S>))
         .with_state(Arc::new(inspector))
+}
+
+/// The choreography routes (paths above), with `log` as their state; 404
+/// `choreography_not_found` when nothing was recorded for the correlation id.
+#[cfg(feature = "bus")]
+pub fn choreography_router<D: crate::choreography::ChoreographyDb>(
+    log: crate::choreography::ChoreographyLog<D>,
+) -> Router {
+    Router::new()
+        .route("/choreographies/{correlation_id}", get(choreography::<D>))
+        .with_state(Arc::new(log))
+}
+
+#[cfg(feature = "bus")]
+async fn choreography<D: crate::choreography::ChoreographyDb>(
+    State(log): State<Arc<crate::choreography::ChoreographyLog<D>>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a correlation id (a UUID)")))?;
+    match log.timeline(id).await {
+        Ok(timeline) => Ok(Json(timeline).into_response()),
+        Err(SagaError::NotFound(_)) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "choreography_not_found",
+            message: format!("nothing recorded for correlation id {id}"),
+        }),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// An error response: status, stable code and message.

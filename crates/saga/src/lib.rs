@@ -35,8 +35,12 @@
 //! the reply correlated with the saga and step ([`bus::Replies`]), under the step's timeout.
 //! Choreographed sagas ([`choreography::Choreography`]) are event handlers (`on` an event
 //! type: a side effect and the next event; compensating handlers on `*.failed` events), each
-//! exactly once per message through the bus inbox and outbox; a flow's progress is rebuilt
-//! from its events per correlation id as the same [`SagaTimeline`] the inspector shows.
+//! exactly once per message through the bus inbox and outbox, on SQLite or PostgreSQL (the
+//! [`choreography::ChoreographyDb`] type parameter); a flow's progress is rebuilt per
+//! correlation id, from its events or from the choreography log each handler run writes with
+//! its inbox entry ([`choreography::ChoreographyLog`]), as the same [`SagaTimeline`] the
+//! inspector shows, also served by `http::choreography_router` and
+//! `trellis saga choreography show`.
 //!
 //! How it fits: participants are called through `trellis-resilience` (HTTP/gRPC clients with
 //! circuit breakers and timeouts) from a step's `execute`, or over `trellis-bus`; the saga log
