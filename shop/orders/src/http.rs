@@ -112,6 +112,7 @@ impl State {
             user_id: order.user_id.clone(),
             lines: order.items.clone(),
             total_cents: order.total_cents,
+            traceparent: trellis_telemetry::propagation::current_traceparent(),
         };
         if self.inner.queue.try_send(context).is_err() {
             self.inner
@@ -205,8 +206,18 @@ async fn dispatch(
             let _permit = permit;
             // On shutdown the saga stops where it is, as in a crash: its log has every
             // transition, and the next start's recovery finishes it.
+            // The saga continues the trace of the request that placed the order; its gRPC
+            // calls carry it to the participants.
+            let span = tracing::info_span!("order.saga", order = %context.order_id);
+            if let Some(traceparent) = &context.traceparent {
+                let carrier = std::collections::HashMap::from([(
+                    trellis_telemetry::propagation::TRACEPARENT.to_owned(),
+                    traceparent.clone(),
+                )]);
+                trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
+            }
             tokio::select! {
-                result = engine.run(&context) => {
+                result = tracing::Instrument::instrument(engine.run(&context), span) => {
                     if let Err(error) = result {
                         tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
                     }
@@ -428,6 +439,8 @@ async fn finish_placement(
         Some(items) => {
             let metadata = Metadata {
                 correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+                // The relay puts it on the bus message, so consumers continue the trace.
+                traceparent: trellis_telemetry::propagation::current_traceparent(),
                 ..Metadata::default()
             };
             let command = OrderCommand::Create {

@@ -46,6 +46,10 @@ pub struct OrderSagaContext {
     pub lines: Vec<Line>,
     /// Its total, cents.
     pub total_cents: i64,
+    /// The W3C trace context of the request that placed the order, so the saga's calls to
+    /// the participants continue that trace.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// Everything the steps call.

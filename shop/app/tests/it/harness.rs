@@ -313,3 +313,15 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// Installs the process's tracing with OpenTelemetry once, so spans carry W3C trace ids.
+pub(crate) fn telemetry() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let config = trellis_telemetry::TelemetryConfig::new("shop-e2e").with_filter("warn");
+        if let Ok(guard) = trellis_telemetry::init(config) {
+            // Kept for the whole test process: dropping it would shut the tracer down.
+            std::mem::forget(guard);
+        }
+    });
+}

@@ -395,3 +395,76 @@ async fn events_on_the_bus(shop: &TestShop) {
     assert!(seen.contains(&"order.confirmed".to_owned()), "{seen:?}");
 }
 on_both_backends!(order_events_are_relayed_to_the_bus, events_on_the_bus);
+
+async fn trace_to_the_bus(shop: &TestShop) {
+    use trellis_bus::Bus as _;
+    crate::harness::telemetry();
+    let kim = shop.customer("kim").await;
+    let product = shop.product("Lens", 900, 5).await;
+    // The client starts a trace; the gateway, the orders service and the bus message
+    // continue it.
+    let trace_id = format!(
+        "{:032x}",
+        u128::from(fastrand_u64()) << 64 | u128::from(fastrand_u64())
+    );
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let response = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&kim)
+        .header("idempotency-key", uuid::Uuid::now_v7().to_string())
+        .header("traceparent", &traceparent)
+        .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+        .send()
+        .await
+        .expect("place");
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(shop.settled(&kim, &id).await["status"], "CONFIRMED");
+    let (url, prefix) = &shop.bus;
+    let bus = trellis_bus::AnyBus::connect(url, prefix)
+        .await
+        .expect("bus");
+    let mut subscription = bus
+        .subscribe(
+            "order.created",
+            "e2e_trace",
+            trellis_bus::SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribe");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut carried = None;
+    while carried.is_none() && tokio::time::Instant::now() < deadline {
+        for delivery in subscription
+            .fetch(16, std::time::Duration::from_millis(500))
+            .await
+            .expect("fetch")
+        {
+            let envelope = delivery.envelope().clone();
+            if envelope.subject == id {
+                carried = Some(envelope.traceparent.clone());
+            }
+            delivery.ack().await.expect("ack");
+        }
+    }
+    let carried = carried
+        .expect("order.created reached the bus")
+        .expect("it has a traceparent");
+    assert!(
+        carried.contains(&trace_id),
+        "the bus message continues the client's trace {trace_id}: {carried}"
+    );
+}
+on_both_backends!(the_clients_trace_reaches_the_bus_message, trace_to_the_bus);
+
+fn fastrand_u64() -> u64 {
+    // A random-enough trace id from the clock and the process: unique per test run.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    (nanos as u64) ^ (u64::from(std::process::id()) << 32) | 1
+}
