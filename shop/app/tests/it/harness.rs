@@ -19,10 +19,14 @@ pub(crate) struct TestShop {
     pub(crate) base: String,
     pub(crate) dir: tempfile::TempDir,
     _databases: Vec<trellis_testkit::TestPostgres>,
+    /// Held while a PostgreSQL-backed shop runs (dropped after the databases).
+    _pg_turn: Option<tokio::sync::SemaphorePermit<'static>>,
     /// The bus URL and prefix the orders service relays to.
     pub(crate) bus: (String, String),
     admin_token: String,
 }
+
+static PG_SHOPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub(crate) const ADMIN_EMAIL: &str = "admin@test.local";
 pub(crate) const ADMIN_PASSWORD: &str = "admin-password-1";
@@ -43,6 +47,18 @@ impl TestShop {
         config.admin = Some((ADMIN_EMAIL.into(), ADMIN_PASSWORD.into()));
         config.seed_catalog = false;
         let mut databases = Vec::new();
+        // One PostgreSQL-backed shop at a time: each opens pools to six databases, and two at
+        // once can exhaust the server's default 100 connections.
+        let pg_turn = if backend == Backend::Postgres {
+            Some(
+                PG_SHOPS
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            )
+        } else {
+            None
+        };
         if backend == Backend::Postgres {
             let nats = trellis_testkit::nats(test).await?;
             config.bus_url = Some(nats.url.clone());
@@ -77,6 +93,7 @@ impl TestShop {
             base,
             dir,
             _databases: databases,
+            _pg_turn: pg_turn,
             bus,
             admin_token: String::new(),
         };
