@@ -342,3 +342,40 @@ pub(crate) fn telemetry() {
         }
     });
 }
+
+impl TestShop {
+    /// The bus messages about `subject` on topics matching `pattern`, read as consumer group
+    /// `group`, until `enough` holds for them or 15 s pass.
+    pub(crate) async fn bus_messages(
+        &self,
+        pattern: &str,
+        group: &str,
+        subject: &str,
+        enough: impl Fn(&[trellis_bus::Envelope]) -> bool,
+    ) -> Vec<trellis_bus::Envelope> {
+        use trellis_bus::Bus as _;
+        let (url, prefix) = &self.bus;
+        let bus = trellis_bus::AnyBus::connect(url, prefix)
+            .await
+            .expect("bus");
+        let mut subscription = bus
+            .subscribe(pattern, group, trellis_bus::SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::time::Instant::now() < deadline && !enough(&seen) {
+            for delivery in subscription
+                .fetch(16, Duration::from_millis(500))
+                .await
+                .expect("fetch")
+            {
+                if delivery.envelope().subject == subject {
+                    seen.push(delivery.envelope().clone());
+                }
+                delivery.ack().await.expect("ack");
+            }
+        }
+        seen
+    }
+}

@@ -352,52 +352,29 @@ async fn bad_input(shop: &TestShop) {
 on_both_backends!(bad_input_gets_a_4xx_json_error, bad_input);
 
 async fn events_on_the_bus(shop: &TestShop) {
-    use trellis_bus::Bus as _;
     let jo = shop.customer("jo").await;
     let product = shop.product("Bell", 800, 5).await;
     let id = shop.order(&jo, &product, 1).await;
     assert_eq!(shop.settled(&jo, &id).await["status"], "CONFIRMED");
-    let (url, prefix) = &shop.bus;
-    let bus = trellis_bus::AnyBus::connect(url, prefix)
-        .await
-        .expect("bus");
-    let mut subscription = bus
-        .subscribe(
-            "order.*",
-            "e2e_observer",
-            trellis_bus::SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribe");
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    while tokio::time::Instant::now() < deadline
-        && !(seen.contains(&"order.created".to_owned())
-            && seen.contains(&"order.confirmed".to_owned()))
-    {
-        let deliveries = subscription
-            .fetch(16, std::time::Duration::from_millis(500))
-            .await
-            .expect("fetch");
-        for delivery in deliveries {
-            let envelope = delivery.envelope().clone();
-            if envelope.subject == id {
-                assert_eq!(
-                    envelope.correlation_id.map(|c| c.to_string()),
-                    Some(id.clone())
-                );
-                seen.push(envelope.kind.clone());
-            }
-            delivery.ack().await.expect("ack");
-        }
+    let has = |seen: &[trellis_bus::Envelope], kind: &str| seen.iter().any(|e| e.kind == kind);
+    let messages = shop
+        .bus_messages("order.*", "e2e_observer", &id, |seen| {
+            has(seen, "order.created") && has(seen, "order.confirmed")
+        })
+        .await;
+    for envelope in &messages {
+        assert_eq!(
+            envelope.correlation_id.map(|c| c.to_string()),
+            Some(id.clone())
+        );
     }
+    let seen: Vec<String> = messages.iter().map(|e| e.kind.clone()).collect();
     assert!(seen.contains(&"order.created".to_owned()), "{seen:?}");
     assert!(seen.contains(&"order.confirmed".to_owned()), "{seen:?}");
 }
 on_both_backends!(order_events_are_relayed_to_the_bus, events_on_the_bus);
 
 async fn trace_to_the_bus(shop: &TestShop) {
-    use trellis_bus::Bus as _;
     crate::harness::telemetry();
     let kim = shop.customer("kim").await;
     let product = shop.product("Lens", 900, 5).await;
@@ -424,33 +401,10 @@ async fn trace_to_the_bus(shop: &TestShop) {
         .expect("id")
         .to_owned();
     assert_eq!(shop.settled(&kim, &id).await["status"], "CONFIRMED");
-    let (url, prefix) = &shop.bus;
-    let bus = trellis_bus::AnyBus::connect(url, prefix)
-        .await
-        .expect("bus");
-    let mut subscription = bus
-        .subscribe(
-            "order.created",
-            "e2e_trace",
-            trellis_bus::SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribe");
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    let mut carried = None;
-    while carried.is_none() && tokio::time::Instant::now() < deadline {
-        for delivery in subscription
-            .fetch(16, std::time::Duration::from_millis(500))
-            .await
-            .expect("fetch")
-        {
-            let envelope = delivery.envelope().clone();
-            if envelope.subject == id {
-                carried = Some(envelope.traceparent.clone());
-            }
-            delivery.ack().await.expect("ack");
-        }
-    }
+    let messages = shop
+        .bus_messages("order.created", "e2e_trace", &id, |seen| !seen.is_empty())
+        .await;
+    let carried = messages.first().map(|e| e.traceparent.clone());
     let carried = carried
         .expect("order.created reached the bus")
         .expect("it has a traceparent");
