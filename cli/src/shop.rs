@@ -13,8 +13,18 @@ use shop_app::{ProviderConfig, ShopConfig};
 pub(crate) enum SagaStyle {
     /// The orders service orchestrates reserve → charge → ship with compensation.
     Orchestrated,
-    /// Services react to each other's events (not built yet).
+    /// Inventory, payments, shipping and orders react to each other's events on the bus;
+    /// nothing drives the flow.
     Choreography,
+}
+
+impl From<SagaStyle> for shop_app::SagaStyle {
+    fn from(style: SagaStyle) -> Self {
+        match style {
+            SagaStyle::Orchestrated => Self::Orchestrated,
+            SagaStyle::Choreography => Self::Choreography,
+        }
+    }
 }
 
 /// Fault settings of the payment provider simulator.
@@ -75,13 +85,8 @@ pub(crate) struct UpArgs {
 
 impl UpArgs {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
-        if self.saga == SagaStyle::Choreography {
-            bail!(
-                "--saga choreography is not built yet: the shop runs orchestrated sagas only \
-                 (see CHANGELOG.md)"
-            );
-        }
         let mut config = ShopConfig::new(&self.data_dir);
+        config.saga = self.saga.into();
         config.gateway_port = self.port;
         config.provider = self.provider.config()?;
         config.bus_url = self.bus.clone();
@@ -96,7 +101,11 @@ impl UpArgs {
             format!("starting the shop with data in {}", self.data_dir.display())
         })?;
         let gateway = shop.gateway_url();
-        println!("trellis shop is up (data in {})", self.data_dir.display());
+        println!(
+            "trellis shop is up (data in {}, {} order saga)",
+            self.data_dir.display(),
+            shop_app::SagaStyle::from(self.saga).as_str()
+        );
         println!("  gateway        {gateway}   (public API; OpenAPI at {gateway}/openapi.json)");
         for (name, addr) in shop.addrs() {
             println!("  {name:<16} http://{addr}");
@@ -140,10 +149,17 @@ pub(crate) struct ServeArgs {
     /// sqlite://trellis-data/NAME.db).
     #[arg(long, env = "TRELLIS_DB")]
     db: Option<String>,
-    /// The event bus (nats://…, sqlite://PATH or memory://) the orders service relays order
-    /// events to (order.created, order.confirmed, order.cancelled); other services ignore it.
+    /// The event bus (nats://…, sqlite://PATH or memory://): the orders service relays order
+    /// events to it (order.created, order.confirmed, order.cancelled); with --saga
+    /// choreography, orders, inventory, payments and shipping run the order saga on it.
     #[arg(long, env = "TRELLIS_BUS")]
     bus: Option<String>,
+    /// Prefix of the NATS streams and subjects (`[a-z0-9_]`); the same for every service.
+    #[arg(long, env = "TRELLIS_BUS_PREFIX", default_value = "shop")]
+    bus_prefix: String,
+    /// How orders are driven; every service of one shop must use the same.
+    #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
+    saga: SagaStyle,
     /// Where another service listens, as NAME=HOST:PORT (repeatable; defaults to DESIGN.md's
     /// ports on 127.0.0.1).
     #[arg(long = "peer", value_parser = parse_peer)]
@@ -223,12 +239,16 @@ impl ServeArgs {
             .unwrap_or_else(|| format!("sqlite://trellis-data/{}.db", self.name));
         println!("{} listening on http://{listen} (database {db})", self.name);
         shop_app::serve_one(
-            &self.name,
-            listen,
-            db,
-            &peers,
-            self.bus.clone(),
-            self.provider.config()?,
+            shop_app::ServeConfig {
+                name: self.name.clone(),
+                listen,
+                database_url: db,
+                peers,
+                bus_url: self.bus.clone(),
+                bus_prefix: self.bus_prefix.clone(),
+                saga: self.saga.into(),
+                provider: self.provider.config()?,
+            },
             trellis_gateway::shutdown_signal(),
         )
         .await

@@ -5,6 +5,7 @@ use std::process::Command;
 fn trellis(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(args)
+        .env_remove("TRELLIS_BUS")
         .output()
         .expect("the trellis binary runs")
 }
@@ -314,20 +315,20 @@ fn one_line_failure(out: &std::process::Output, code: i32, needle: &str) {
 }
 
 #[test]
-fn up_says_the_choreographed_style_is_not_built() {
+fn a_choreographed_participant_without_a_bus_is_refused_in_one_line() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data");
+    let db = format!("sqlite://{}/inventory.db", dir.path().display());
     let out = trellis(&[
-        "up",
+        "serve",
+        "inventory",
         "--saga",
         "choreography",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().expect("utf-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &db,
     ]);
-    one_line_failure(&out, 1, "choreography");
-    assert!(!data.exists(), "nothing was started or written");
+    one_line_failure(&out, 1, "needs --bus");
 }
 
 #[test]

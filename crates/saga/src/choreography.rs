@@ -48,6 +48,20 @@ use crate::store::{SagaId, SagaInstance, SagaRecord, SagaStatus, Transition};
 /// The header marking an event emitted by a compensating handler.
 pub const COMPENSATION_HEADER: &str = "trellis-saga-compensation";
 
+/// The header through which [`Choreography::handle_prepared`] hands the outcome of the work
+/// done before the transaction to the effects (read it with [`prepared`]). It is set on the
+/// trigger as the effects see it, never on a published event.
+pub const PREPARED_HEADER: &str = "trellis-saga-prepared";
+
+/// The outcome [`Choreography::handle_prepared`] was given, as the effects see it on their
+/// trigger (`None` under [`Choreography::handle`]).
+pub fn prepared(trigger: &Envelope) -> Option<serde_json::Value> {
+    trigger
+        .headers
+        .get(PREPARED_HEADER)
+        .and_then(|text| serde_json::from_str(text).ok())
+}
+
 /// The event a handler emits: its type and data, published on `topic`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NextEvent {
@@ -519,6 +533,34 @@ impl<D: ChoreographyDb> Choreography<D> {
             .filter(|handler| !handler.compensating)
             .map(|handler| handler.step.clone())
             .collect()
+    }
+
+    /// [`Choreography::handle`] for a step whose side effect cannot run inside the inbox's
+    /// transaction: a call to another service or an external API, or work on the service's
+    /// own tables through code that opens its own transactions. The caller makes that call
+    /// first, idempotent by a business key (the order id), and passes its outcome as
+    /// `prepared`; the effects read it with [`prepared`] and return the event to emit, which
+    /// commits with the inbox record and the log entry as in [`Choreography::handle`].
+    ///
+    /// Exactly once still holds for both the effect and the event: a redelivery repeats the
+    /// call, which answers its first outcome without acting again (the key), and the inbox
+    /// lets the event out once. What this gives up is atomicity between the two, which the
+    /// idempotent call makes unnecessary.
+    ///
+    /// # Errors
+    /// As [`Choreography::handle`].
+    pub async fn handle_prepared(
+        &self,
+        inbox: &D::Inbox,
+        message: &Message,
+        prepared: &serde_json::Value,
+    ) -> Result<usize, HandlerError> {
+        let mut annotated = message.clone();
+        annotated
+            .envelope
+            .headers
+            .insert(PREPARED_HEADER.to_owned(), prepared.to_string());
+        self.handle(inbox, &annotated).await
     }
 
     /// Runs every handler declared for `message`'s event type, each once per message id and

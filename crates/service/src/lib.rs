@@ -21,6 +21,8 @@
 //!   trace context from each request, and drains on shutdown.
 //! - [`grpc_channel`] makes a lazily connecting tonic channel with connect and request
 //!   timeouts, wrapped so every call sends the current `traceparent`.
+//! - [`choreography::start`] runs a service's part in a choreographed saga on its own
+//!   database: the bus consumer, the inbox, the outbox relay and the choreography log.
 //!
 //! # Example
 //! ```
@@ -53,6 +55,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod choreography;
 mod db;
 mod grpc;
 mod http_api;

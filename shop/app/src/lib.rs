@@ -32,6 +32,7 @@ use trellis_service::Db;
 use trellis_telemetry::metrics::PrometheusHandle;
 
 pub use gateway::{OpenApiHook, RATE_PER_CLIENT, config_toml};
+pub use shop_contracts::events::SagaStyle;
 pub use shop_payment_provider::{ProviderConfig, ProviderHandle};
 
 /// The services, in start order.
@@ -70,6 +71,9 @@ pub struct ShopConfig {
     pub bus_url: Option<String>,
     /// Prefix of NATS streams and subjects (`[a-z0-9_]`).
     pub bus_prefix: String,
+    /// How the order saga runs: orchestrated by the orders service (default) or
+    /// choreographed on the bus.
+    pub saga: SagaStyle,
 }
 
 impl ShopConfig {
@@ -87,6 +91,7 @@ impl ShopConfig {
             metrics: true,
             bus_url: None,
             bus_prefix: "shop".to_owned(),
+            saga: SagaStyle::Orchestrated,
         }
     }
 
@@ -137,6 +142,17 @@ pub enum Error {
     /// The gateway could not start.
     #[error("the gateway could not start: {0}")]
     Gateway(String),
+    /// The bus could not be opened.
+    #[error("cannot open the bus {url}: {message}")]
+    Bus {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// A choreographed service was asked for without a bus.
+    #[error("the {0} service takes part in the choreographed saga and needs --bus")]
+    NoBus(String),
     /// An unknown service name.
     #[error(
         "no service named {0:?}; known: users, products, inventory, orders, payments, shipping, payment-provider"
@@ -330,11 +346,37 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         &stopped,
     );
 
+    // The participants of a choreographed saga share one bus connection.
+    let choreography_bus = match config.saga {
+        SagaStyle::Orchestrated => None,
+        SagaStyle::Choreography => {
+            let url = config.bus_url();
+            Some(
+                trellis_service::choreography::AnyBus::connect(&url, &config.bus_prefix)
+                    .await
+                    .map_err(|e| Error::Bus {
+                        url: url.clone(),
+                        message: e.to_string(),
+                    })?,
+            )
+        }
+    };
+
     // inventory
-    let (router, db) = shop_inventory::app(shop_inventory::Config {
+    let inventory_config = shop_inventory::Config {
         database_url: config.database_url("inventory"),
-    })
-    .await
+    };
+    let (router, db) = match &choreography_bus {
+        None => shop_inventory::app(inventory_config).await,
+        Some(bus) => {
+            shop_inventory::app_choreographed(inventory_config, bus.clone(), stopped.clone())
+                .await
+                .map(|(router, db, more)| {
+                    tasks.extend(more);
+                    (router, db)
+                })
+        }
+    }
     .map_err(|e| service_err("inventory")(&e))?;
     dbs.push(db.clone());
     spawn_serve(
@@ -366,11 +408,21 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     );
 
     // payments
-    let (router, db) = shop_payments::app(shop_payments::Config::new(
+    let payments_config = shop_payments::Config::new(
         config.database_url("payments"),
         format!("http://{}", addr("payment-provider")),
-    ))
-    .await
+    );
+    let (router, db) = match &choreography_bus {
+        None => shop_payments::app(payments_config).await,
+        Some(bus) => {
+            shop_payments::app_choreographed(payments_config, bus.clone(), stopped.clone())
+                .await
+                .map(|(router, db, more)| {
+                    tasks.extend(more);
+                    (router, db)
+                })
+        }
+    }
     .map_err(|e| service_err("payments")(&e))?;
     dbs.push(db.clone());
     spawn_serve(
@@ -384,10 +436,20 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     );
 
     // shipping
-    let (router, db) = shop_shipping::app(shop_shipping::Config {
+    let shipping_config = shop_shipping::Config {
         database_url: config.database_url("shipping"),
-    })
-    .await
+    };
+    let (router, db) = match &choreography_bus {
+        None => shop_shipping::app(shipping_config).await,
+        Some(bus) => {
+            shop_shipping::app_choreographed(shipping_config, bus.clone(), stopped.clone())
+                .await
+                .map(|(router, db, more)| {
+                    tasks.extend(more);
+                    (router, db)
+                })
+        }
+    }
     .map_err(|e| service_err("shipping")(&e))?;
     dbs.push(db.clone());
     spawn_serve(
@@ -413,6 +475,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     );
     orders_config.bus_url = Some(config.bus_url());
     orders_config.bus_prefix = config.bus_prefix.clone();
+    orders_config.saga = config.saga;
     let orders = shop_orders::start(orders_config)
         .await
         .map_err(|e| service_err("orders")(&e))?;
@@ -557,22 +620,51 @@ fn reqwest_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
-/// Runs one service until `shutdown` completes: what `trellis serve NAME` does.
-///
-/// `database_url` is the service's database; `peers` maps the service names it calls to
-/// their addresses (DESIGN.md's ports on loopback when absent).
+/// What [`serve_one`] runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The service's name (`orders`, `payment-provider`, …).
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its database.
+    pub database_url: String,
+    /// The service names it calls, mapped to their addresses (DESIGN.md's ports on loopback
+    /// when absent).
+    pub peers: BTreeMap<String, String>,
+    /// The bus: orders relays its events to it; the participants of a choreographed saga
+    /// need it.
+    pub bus_url: Option<String>,
+    /// Prefix of NATS streams and subjects.
+    pub bus_prefix: String,
+    /// How the order saga runs; the same for every service of one shop.
+    pub saga: SagaStyle,
+    /// The payment provider simulator's faults (for `payment-provider`).
+    pub provider: ProviderConfig,
+}
+
+/// Runs one service until `shutdown` completes: what `trellis serve NAME` does. With
+/// [`SagaStyle::Choreography`], orders, inventory, payments and shipping take part in the
+/// choreographed saga on the bus, which they then need.
 ///
 /// # Errors
 /// [`Error`] naming what could not start.
 pub async fn serve_one(
-    name: &str,
-    listen: SocketAddr,
-    database_url: String,
-    peers: &BTreeMap<String, String>,
-    bus_url: Option<String>,
-    provider: ProviderConfig,
+    config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let ServeConfig {
+        name,
+        listen,
+        database_url,
+        peers,
+        bus_url,
+        bus_prefix,
+        saga,
+        provider,
+    } = config;
+    let name = name.as_str();
+    let bus_prefix = bus_prefix.as_str();
     let metrics = trellis_telemetry::metrics::install_prometheus().ok();
     let peer = |service: &str| {
         peers
@@ -599,6 +691,52 @@ pub async fn serve_one(
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
+        }
+        "inventory" | "payments" | "shipping" if saga == SagaStyle::Choreography => {
+            let Some(url) = bus_url else {
+                return Err(Error::NoBus(name.to_owned()));
+            };
+            let bus = trellis_service::choreography::AnyBus::connect(&url, bus_prefix)
+                .await
+                .map_err(|e| Error::Bus {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
+            let (stop, stopped) = watch::channel(false);
+            let (router, db, tasks) = match name {
+                "inventory" => shop_inventory::app_choreographed(
+                    shop_inventory::Config { database_url },
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("inventory")(&e))?,
+                "payments" => shop_payments::app_choreographed(
+                    shop_payments::Config::new(
+                        database_url,
+                        format!("http://{}", peer("payment-provider")),
+                    ),
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("payments")(&e))?,
+                _ => shop_shipping::app_choreographed(
+                    shop_shipping::Config { database_url },
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("shipping")(&e))?,
+            };
+            let result = trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err);
+            let _ = stop.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
+            result
         }
         "inventory" => {
             let (router, db) = shop_inventory::app(shop_inventory::Config { database_url })
@@ -650,6 +788,8 @@ pub async fn serve_one(
                 ],
             );
             config.bus_url = bus_url;
+            config.bus_prefix = bus_prefix.to_owned();
+            config.saga = saga;
             let orders = shop_orders::start(config)
                 .await
                 .map_err(|e| service_err("orders")(&e))?;

@@ -11,6 +11,8 @@
 //!   released or refused one. `GetStock` (and the REST `GET`) shows zeros for a product
 //!   never stocked.
 //! - REST (admin, through the gateway): `GET` and `PUT /api/inventory/{product_id}`.
+//! - In the choreographed order saga ([`app_choreographed`]), the same operations run on bus
+//!   events instead of gRPC calls ([`choreography`]).
 //!
 //! Stock never goes negative and `reserved + available = total` always holds: the database
 //! checks `0 <= reserved <= total`, and reservations change stock with guarded updates inside
@@ -34,6 +36,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod choreography;
 mod grpc;
 mod http;
 mod stock;
@@ -67,6 +70,9 @@ pub enum Error {
     /// The schema could not be created.
     #[error("cannot create the inventory schema: {0}")]
     Schema(DbError),
+    /// The choreography participant could not start.
+    #[error("the inventory choreography could not start: {0}")]
+    Choreography(#[from] trellis_service::choreography::ChoreographyError),
 }
 
 /// Opens the database, runs the schema, and returns the router to serve plus the database
@@ -84,6 +90,23 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
     db.run_schema(stock::SCHEMA).await.map_err(Error::Schema)?;
     let router = http::router(db.clone()).merge(grpc::router(db.clone()));
     Ok((router, db))
+}
+
+/// [`app`], taking part in the choreographed order saga on `bus` too (see [`choreography`])
+/// until `stop` turns `true`; await the returned tasks after that.
+///
+/// # Errors
+/// As [`app`]; [`Error::Choreography`] when the bus subscription or the inbox, outbox and log
+/// tables cannot be set up.
+pub async fn app_choreographed(
+    config: Config,
+    bus: trellis_service::choreography::AnyBus,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Router, Db, Vec<tokio::task::JoinHandle<()>>), Error> {
+    let (router, db) = app(config).await?;
+    let participant = std::sync::Arc::new(choreography::InventoryParticipant { db: db.clone() });
+    let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
+    Ok((router, db, tasks))
 }
 
 /// The service's part of the public OpenAPI document.

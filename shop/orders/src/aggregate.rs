@@ -20,6 +20,9 @@ pub enum OrderEvent {
         total_cents: i64,
         /// RFC 3339.
         at: String,
+        /// Whether its saga is choreographed (events only) rather than orchestrated.
+        #[serde(default)]
+        choreographed: bool,
     },
     /// The saga driving the order.
     SagaAttached {
@@ -47,6 +50,12 @@ pub enum OrderEvent {
     },
     /// Shipping began: from here the order only goes forward.
     ShippingStarted,
+    /// The order's own step failed before shipping (choreography: the customer's cancel
+    /// reached the point of no return first); its compensations run, then it is cancelled.
+    Failed {
+        /// Why (the noted reason).
+        reason: String,
+    },
     /// Paid and shipped.
     Confirmed {
         /// RFC 3339.
@@ -72,6 +81,8 @@ pub enum OrderCommand {
         user_id: String,
         /// Priced lines.
         items: Vec<Line>,
+        /// Whether its saga is choreographed.
+        choreographed: bool,
     },
     /// Record the saga driving the order; refused when another saga drives it.
     AttachSaga(String),
@@ -88,6 +99,12 @@ pub enum OrderCommand {
     RequestCancel,
     /// Shipping begins; refused when a cancel was requested.
     StartShipping,
+    /// The order's own step fails with the noted reason, or `fallback` (a no-op when it
+    /// failed already); refused once shipping began or the order ended.
+    Fail {
+        /// The reason when none was noted.
+        fallback: String,
+    },
     /// The order is confirmed (a no-op when it is).
     Confirm,
     /// The order is cancelled with the noted reason, or `fallback` (a no-op when it ended).
@@ -138,6 +155,10 @@ pub struct Order {
     pub cancel_requested: bool,
     /// Whether shipping began.
     pub shipping_started: bool,
+    /// Whether its saga is choreographed.
+    pub choreographed: bool,
+    /// Whether its own step failed (choreography), so its compensations run.
+    pub failed: bool,
     /// What happened.
     pub timeline: Vec<TimelineEntry>,
 }
@@ -170,13 +191,18 @@ impl Aggregate for Order {
     fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, OrderError> {
         if !self.exists {
             return match command {
-                OrderCommand::Create { user_id, items } => {
+                OrderCommand::Create {
+                    user_id,
+                    items,
+                    choreographed,
+                } => {
                     let total_cents = items.iter().map(|l| l.price_cents * l.quantity).sum();
                     Ok(vec![OrderEvent::Created {
                         user_id,
                         items,
                         total_cents,
                         at: now(),
+                        choreographed,
                     }])
                 }
                 _ => Err(OrderError::NotFound),
@@ -232,6 +258,20 @@ impl Aggregate for Order {
                 }
                 Ok(vec![OrderEvent::ShippingStarted])
             }
+            OrderCommand::Fail { fallback } => {
+                if let Some(ended) = self.ended() {
+                    return Err(OrderError::Ended(ended));
+                }
+                if self.shipping_started {
+                    return Err(OrderError::NotCancellable("shipping has begun"));
+                }
+                if self.failed {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OrderEvent::Failed {
+                    reason: self.reason.clone().unwrap_or(fallback),
+                }])
+            }
             OrderCommand::Confirm => match self.status {
                 Some(OrderStatus::Confirmed) => Ok(vec![]),
                 Some(OrderStatus::Cancelled) => Err(OrderError::Ended("CANCELLED")),
@@ -255,8 +295,10 @@ impl Aggregate for Order {
                 items,
                 total_cents,
                 at,
+                choreographed,
             } => {
                 self.exists = true;
+                self.choreographed = *choreographed;
                 self.user_id.clone_from(user_id);
                 self.items.clone_from(items);
                 self.total_cents = *total_cents;
@@ -273,6 +315,7 @@ impl Aggregate for Order {
                 self.timeline.push(entry("order", "cancel_requested", at));
             }
             OrderEvent::ShippingStarted => self.shipping_started = true,
+            OrderEvent::Failed { .. } => self.failed = true,
             OrderEvent::Confirmed { at } => {
                 self.status = Some(OrderStatus::Confirmed);
                 self.timeline.push(entry("order", "confirmed", at));
@@ -314,6 +357,7 @@ mod tests {
             items: vec![line()],
             total_cents: 300,
             at: "t".into(),
+            choreographed: false,
         }
     }
 
@@ -330,6 +374,37 @@ mod tests {
         .when(OrderCommand::StartShipping)
         .then_expect_error();
         assert_eq!(err, OrderError::CancelRequested);
+    }
+
+    #[test]
+    fn a_failure_takes_the_noted_reason_once_and_never_after_shipping_began() {
+        AggregateTest::<Order>::given(vec![
+            created(),
+            OrderEvent::CancelRequested { at: "t".into() },
+            OrderEvent::FailureNoted {
+                reason: "cancelled_by_user".into(),
+            },
+        ])
+        .when(OrderCommand::Fail {
+            fallback: "other".into(),
+        })
+        .then_expect_events([OrderEvent::Failed {
+            reason: "cancelled_by_user".into(),
+        }]);
+        let mut order = Order::default();
+        for e in [created(), OrderEvent::Failed { reason: "x".into() }] {
+            order.apply(&e);
+        }
+        let again = order.handle(OrderCommand::Fail {
+            fallback: "y".into(),
+        });
+        assert_eq!(again, Ok(vec![]));
+        let err = AggregateTest::<Order>::given(vec![created(), OrderEvent::ShippingStarted])
+            .when(OrderCommand::Fail {
+                fallback: "x".into(),
+            })
+            .then_expect_error();
+        assert_eq!(err, OrderError::NotCancellable("shipping has begun"));
     }
 
     #[test]
@@ -371,7 +446,8 @@ mod tests {
             order
                 .handle(OrderCommand::Create {
                     user_id: "u".into(),
-                    items: vec![line()]
+                    items: vec![line()],
+                    choreographed: false,
                 })
                 .unwrap()
                 .is_empty()

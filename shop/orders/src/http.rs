@@ -53,8 +53,9 @@ pub(crate) struct State {
 struct Inner {
     orders: Arc<Repository<Order, AnyStore>>,
     db: Db,
-    /// Orders waiting for a saga slot, in arrival order.
-    queue: tokio::sync::mpsc::Sender<OrderSagaContext>,
+    /// Orders waiting for a saga slot, in arrival order; `None` when the saga is
+    /// choreographed (the participants react to `order.created`).
+    queue: Option<tokio::sync::mpsc::Sender<OrderSagaContext>>,
     /// Orders queued or with a saga running in this process (the sweeper skips them).
     active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     users: UsersClient<GrpcChannel>,
@@ -71,21 +72,23 @@ impl State {
     pub(crate) fn new(
         orders: Arc<Repository<Order, AnyStore>>,
         db: Db,
-        engine: Engine,
-        saga_concurrency: usize,
+        orchestrator: Option<(Engine, usize)>,
         users: UsersClient<GrpcChannel>,
         products: ProductsClient<GrpcChannel>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        let (queue, waiting) = tokio::sync::mpsc::channel(SAGA_QUEUE_MAX);
         let active = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-        tokio::spawn(dispatch(
-            waiting,
-            Arc::new(Semaphore::new(saga_concurrency.max(1))),
-            engine,
-            active.clone(),
-            stop,
-        ));
+        let queue = orchestrator.map(|(engine, saga_concurrency)| {
+            let (queue, waiting) = tokio::sync::mpsc::channel(SAGA_QUEUE_MAX);
+            tokio::spawn(dispatch(
+                waiting,
+                Arc::new(Semaphore::new(saga_concurrency.max(1))),
+                engine,
+                active.clone(),
+                stop,
+            ));
+            queue
+        });
         Self {
             inner: Arc::new(Inner {
                 orders,
@@ -101,6 +104,12 @@ impl State {
     /// Queues the order's saga; it starts as soon as one of the `saga_concurrency` slots is
     /// free. When the queue is full the sweeper starts it later.
     fn spawn_saga(&self, order_id: &str, order: &Order) {
+        let Some(queue) = &self.inner.queue else {
+            return;
+        };
+        if order.choreographed {
+            return;
+        }
         {
             let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
             if !active.insert(order_id.to_owned()) {
@@ -114,7 +123,7 @@ impl State {
             total_cents: order.total_cents,
             traceparent: trellis_telemetry::propagation::current_traceparent(),
         };
-        if self.inner.queue.try_send(context).is_err() {
+        if queue.try_send(context).is_err() {
             self.inner
                 .active
                 .lock()
@@ -127,6 +136,9 @@ impl State {
     /// Starts sagas for orders accepted without one (a crash between the order's creation
     /// and its saga's start).
     pub(crate) async fn sweep(&self) {
+        if self.inner.queue.is_none() {
+            return;
+        }
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -446,6 +458,7 @@ async fn finish_placement(
             let command = OrderCommand::Create {
                 user_id: caller.user_id.clone(),
                 items,
+                choreographed: state.inner.queue.is_none(),
             };
             let executed = state
                 .inner

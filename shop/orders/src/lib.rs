@@ -35,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod choreography;
 mod engine;
 mod http;
 pub mod projection;
@@ -45,6 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use shop_contracts::events::SagaStyle;
 use trellis_eventstore::{AnyStore, ProjectionRunner, Repository};
 use trellis_service::{Db, GrpcClientConfig, grpc_channel, on_db};
 
@@ -89,6 +91,8 @@ pub struct Config {
     pub bus_url: Option<String>,
     /// Prefix of the NATS streams and subjects (`[a-z0-9_]`).
     pub bus_prefix: String,
+    /// How the order saga runs; [`SagaStyle::Choreography`] needs `bus_url`.
+    pub saga: SagaStyle,
 }
 
 impl Config {
@@ -108,6 +112,7 @@ impl Config {
             recovery_interval: Duration::from_secs(10),
             bus_url: None,
             bus_prefix: "shop".to_owned(),
+            saga: SagaStyle::Orchestrated,
         }
     }
 }
@@ -129,6 +134,12 @@ pub enum Error {
     /// The saga definition is invalid (a bug).
     #[error(transparent)]
     Saga(#[from] trellis_saga::SagaError),
+    /// The choreographed saga was asked for without a bus.
+    #[error("the choreographed saga needs a bus (set bus_url)")]
+    NoBus,
+    /// The choreography participant could not start.
+    #[error("the orders choreography could not start: {0}")]
+    Choreography(#[from] trellis_service::choreography::ChoreographyError),
 }
 
 /// The running service: its router, its read-model database and its background tasks.
@@ -222,10 +233,20 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             &config.shipping_addr,
         )?),
     };
-    let definition = saga::definition(&participants)?;
-    let engine = Engine::open(&saga_url, definition)
-        .await
-        .map_err(|e| open_err(&saga_url, &e))?;
+    let choreographed = config.saga == SagaStyle::Choreography;
+    if choreographed && config.bus_url.is_none() {
+        return Err(Error::NoBus);
+    }
+    let engine = if choreographed {
+        None
+    } else {
+        let definition = saga::definition(&participants)?;
+        Some(
+            Engine::open(&saga_url, definition)
+                .await
+                .map_err(|e| open_err(&saga_url, &e))?,
+        )
+    };
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -256,8 +277,9 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     let state = http::State::new(
         repository.clone(),
         db.clone(),
-        engine.clone(),
-        config.saga_concurrency,
+        engine
+            .clone()
+            .map(|engine| (engine, config.saga_concurrency)),
         shop_contracts::proto::users_client::UsersClient::new(channel(&config.users_addr)?),
         shop_contracts::proto::products_client::ProductsClient::new(channel(
             &config.products_addr,
@@ -266,15 +288,16 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     );
 
     // Recovery, then the loops.
-    let recovery_engine = engine.clone();
-    let interval = config.recovery_interval;
-    let mut recovery_stop = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        tokio::select! {
-            () = recovery_engine.run_recovery(interval) => {}
-            _ = recovery_stop.wait_for(|s| *s) => {}
-        }
-    }));
+    if let Some(recovery_engine) = engine {
+        let interval = config.recovery_interval;
+        let mut recovery_stop = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = recovery_engine.run_recovery(interval) => {}
+                _ = recovery_stop.wait_for(|s| *s) => {}
+            }
+        }));
+    }
     let sweeper = state.clone();
     let sweep_interval = config.sweep_interval;
     tasks.push(tokio::spawn(async move {
@@ -290,6 +313,20 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         let bus = trellis_bus::AnyBus::connect(url, &config.bus_prefix)
             .await
             .map_err(|e| open_err(url, &e))?;
+        if choreographed {
+            let participant = Arc::new(choreography::OrdersParticipant {
+                orders: repository.clone(),
+            });
+            tasks.extend(
+                trellis_service::choreography::start(
+                    &db,
+                    bus.clone(),
+                    participant,
+                    stopped.clone(),
+                )
+                .await?,
+            );
+        }
         let relay = relay::run(store.clone(), repository.clone(), db.clone(), bus);
         let mut relay_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {

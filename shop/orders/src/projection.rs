@@ -87,6 +87,7 @@ macro_rules! order_view_projection {
                     items,
                     total_cents,
                     at: created_at,
+                    ..
                 } = &decoded
                 {
                     let timeline = timeline_push("[]", "order", "created", created_at)?;
@@ -119,7 +120,10 @@ macro_rules! order_view_projection {
                     return Err(format!("order {id}: {} before Created", event.event_type));
                 };
                 let (sql, binds): (String, Vec<String>) = match &decoded {
-                    OrderEvent::Created { .. } | OrderEvent::FailureNoted { .. } | OrderEvent::ShippingStarted => {
+                    OrderEvent::Created { .. }
+                    | OrderEvent::FailureNoted { .. }
+                    | OrderEvent::ShippingStarted
+                    | OrderEvent::Failed { .. } => {
                         return Ok(());
                     }
                     OrderEvent::SagaAttached { saga_id } => (

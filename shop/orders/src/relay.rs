@@ -1,5 +1,6 @@
 //! Relays order lifecycle events from the event store's global log onto the bus:
-//! `order.created`, `order.confirmed` and `order.cancelled`, each with the order id as
+//! `order.created`, `order.confirmed` and `order.cancelled` (and, for choreographed orders,
+//! `order.shipping_started` and `order.failed`), each with the order id as
 //! `subject` and `correlation_id`, and the event's own id as the envelope id, so a message
 //! relayed twice (after a crash before the checkpoint was saved) is deduplicated by the
 //! consumers' inbox. Publishing is never "write then publish": the event is durable first and
@@ -8,7 +9,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use shop_contracts::events::{self, OrderCreated, OrderEnded};
+use shop_contracts::events::{self, OrderCreated, OrderEnded, ShippingStarted, StepFailed};
 use trellis_bus::{AnyBus, Bus, Envelope};
 use trellis_eventstore::{AnyStore, RecordedEvent, Repository, Upcasters, decode, subscribe_all};
 use trellis_service::{Db, on_db};
@@ -74,6 +75,7 @@ async fn envelope_for(
             user_id,
             items,
             total_cents,
+            choreographed,
             ..
         } => (
             events::ORDER_CREATED,
@@ -88,8 +90,45 @@ async fn envelope_for(
                     })
                     .collect(),
                 total_cents,
+                choreographed,
             }),
         ),
+        // The choreographed flow's own events: only its orders have participants waiting.
+        OrderEvent::ShippingStarted | OrderEvent::Failed { .. } => {
+            let order = orders
+                .load(&order_id)
+                .await
+                .map_err(|e| e.to_string())?
+                .state;
+            if !order.choreographed {
+                return Ok(None);
+            }
+            match decoded {
+                OrderEvent::Failed { reason } => (
+                    events::ORDER_FAILED,
+                    serde_json::to_value(StepFailed {
+                        order_id: order_id.clone(),
+                        error: format!("the order failed before shipping: {reason}"),
+                        reason,
+                    }),
+                ),
+                _ => (
+                    events::ORDER_SHIPPING_STARTED,
+                    serde_json::to_value(ShippingStarted {
+                        order_id: order_id.clone(),
+                        user_id: order.user_id,
+                        items: order
+                            .items
+                            .into_iter()
+                            .map(|l| shop_contracts::api::OrderItem {
+                                product_id: l.product_id,
+                                quantity: l.quantity,
+                            })
+                            .collect(),
+                    }),
+                ),
+            }
+        }
         OrderEvent::Confirmed { .. } | OrderEvent::Cancelled { .. } => {
             let user_id = orders
                 .load(&order_id)

@@ -40,7 +40,9 @@
 //!
 //! # API
 //! gRPC `trellis.shop.v1.Payments` (`Charge`, `Refund`, `GetPayment`), and REST (admin)
-//! `GET /api/payments/{order_id}` and `/openapi.json`, on one router.
+//! `GET /api/payments/{order_id}` and `/openapi.json`, on one router. In the choreographed
+//! order saga ([`app_choreographed`]) the same charges and refunds run on bus events
+//! ([`choreography`]).
 //!
 //! Metrics: `shop_payments_charges_total{outcome}` (`captured`, `declined`, `unavailable`)
 //! and `shop_payments_refunds_total{outcome}` (`refunded`, `none`, `unavailable`).
@@ -61,6 +63,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod choreography;
 mod locks;
 mod provider;
 mod rest;
@@ -164,6 +167,9 @@ pub enum Error {
     /// A setting is invalid.
     #[error("invalid payments configuration: {0}")]
     Config(String),
+    /// The choreography participant could not start.
+    #[error("the payments choreography could not start: {0}")]
+    Choreography(#[from] trellis_service::choreography::ChoreographyError),
 }
 
 /// Opens the database, applies the schema, and returns the router (gRPC `Payments` and the
@@ -173,18 +179,42 @@ pub enum Error {
 /// [`Error::Db`] when the database cannot be opened, [`Error::Config`] for a bad provider URL
 /// or resilience setting.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    let (router, db, _) = build(config).await?;
+    Ok((router, db))
+}
+
+/// [`app`], taking part in the choreographed order saga on `bus` too (see [`choreography`])
+/// until `stop` turns `true`; await the returned tasks after that. The charges it makes
+/// share the gRPC service's per-order locks, breaker and retry budget.
+///
+/// # Errors
+/// As [`app`]; [`Error::Choreography`] when the bus subscription or the inbox, outbox and log
+/// tables cannot be set up.
+pub async fn app_choreographed(
+    config: Config,
+    bus: trellis_service::choreography::AnyBus,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Router, Db, Vec<tokio::task::JoinHandle<()>>), Error> {
+    let (router, db, service) = build(config).await?;
+    let participant = std::sync::Arc::new(choreography::PaymentsParticipant { service });
+    let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
+    Ok((router, db, tasks))
+}
+
+async fn build(config: Config) -> Result<(Router, Db, service::PaymentsService), Error> {
     let provider = provider::ProviderClient::new(&config.provider_url, &config.resilience)?;
     let db = Db::connect(&config.database_url).await?;
     db.run_schema(store::SCHEMA).await?;
-    let grpc = PaymentsServer::new(service::PaymentsService {
+    let service = service::PaymentsService {
         db: db.clone(),
         provider,
         locks: locks::OrderLocks::default(),
-    })
-    .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    };
+    let grpc =
+        PaymentsServer::new(service.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let router =
         rest::router(db.clone()).merge(tonic::service::Routes::new(grpc).into_axum_router());
-    Ok((router, db))
+    Ok((router, db, service))
 }
 
 #[derive(OpenApi)]

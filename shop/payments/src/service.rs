@@ -75,7 +75,10 @@ impl PaymentsService {
             })
     }
 
-    async fn charge_order(&self, request: ChargeRequest) -> Result<ChargeResponse, Status> {
+    pub(crate) async fn charge_order(
+        &self,
+        request: ChargeRequest,
+    ) -> Result<ChargeResponse, Status> {
         check_id("order_id", &request.order_id)?;
         check_id("user_id", &request.user_id)?;
         if !(1..=AMOUNT_CENTS_MAX).contains(&request.amount_cents) {
@@ -212,7 +215,7 @@ impl PaymentsService {
         }
     }
 
-    async fn refund_order(&self, order_id: &str) -> Result<RefundResponse, Status> {
+    pub(crate) async fn refund_order(&self, order_id: &str) -> Result<RefundResponse, Status> {
         check_id("order_id", order_id)?;
         let _guard = self.lock(order_id).await?;
         let Some(payment) = store::get(&self.db, order_id).await.map_err(db_error)? else {

@@ -13,6 +13,8 @@
 //! - Table `shipments(order_id PK, id, user_id, lines JSON, status created|cancelled,
 //!   created_at, updated_at)` on SQLite or PostgreSQL.
 //! - Metrics: `shop_shipping_shipments_total{outcome}` (`created`, `cancelled`).
+//! - In the choreographed order saga ([`app_choreographed`]), `order.shipping_started` on the
+//!   bus creates the shipment ([`choreography`]).
 //!
 //! # Example
 //! ```no_run
@@ -29,6 +31,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod choreography;
 mod rest;
 mod service;
 mod store;
@@ -57,6 +60,9 @@ pub enum Error {
     /// The database could not be opened or its schema applied.
     #[error("shipping database: {0}")]
     Db(#[from] DbError),
+    /// The choreography participant could not start.
+    #[error("the shipping choreography could not start: {0}")]
+    Choreography(#[from] trellis_service::choreography::ChoreographyError),
 }
 
 /// Opens the database, applies the schema, and returns the router (gRPC `Shipping` and the
@@ -72,6 +78,25 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
     let router =
         rest::router(db.clone()).merge(tonic::service::Routes::new(grpc).into_axum_router());
     Ok((router, db))
+}
+
+/// [`app`], taking part in the choreographed order saga on `bus` too (see [`choreography`])
+/// until `stop` turns `true`; await the returned tasks after that.
+///
+/// # Errors
+/// As [`app`]; [`Error::Choreography`] when the bus subscription or the inbox, outbox and log
+/// tables cannot be set up.
+pub async fn app_choreographed(
+    config: Config,
+    bus: trellis_service::choreography::AnyBus,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Router, Db, Vec<tokio::task::JoinHandle<()>>), Error> {
+    let (router, db) = app(config).await?;
+    let participant = std::sync::Arc::new(choreography::ShippingParticipant {
+        service: service::ShippingService { db: db.clone() },
+    });
+    let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
+    Ok((router, db, tasks))
 }
 
 #[derive(OpenApi)]

@@ -400,3 +400,65 @@ async fn a_charged_order_completes_on_postgres() {
     };
     charged(shop, "shop-charged").await;
 }
+
+/// A step whose work ran before the transaction: its outcome reaches the effect, the event
+/// goes out once however often the trigger is delivered, and the outcome header stays on the
+/// trigger, never on the emitted event.
+#[tokio::test]
+async fn a_prepared_outcome_reaches_the_effect_and_its_event_goes_out_once() {
+    use trellis_saga::choreography::{PREPARED_HEADER, prepared};
+    let shop = SqliteShop::new().await;
+    let flow = Choreography::<Sqlite>::new("prepared-flow", "shop").step(
+        "order.placed",
+        "charge",
+        |_tx, event| {
+            Box::pin(async move {
+                let outcome = prepared(event).unwrap_or_default();
+                let kind = if outcome["captured"] == true {
+                    "payment.completed"
+                } else {
+                    "payment.failed"
+                };
+                Ok(Some(NextEvent::new("shop.events", kind, outcome)))
+            })
+        },
+    );
+    let bus = InMemoryBus::new();
+    let mut subscription = bus
+        .subscribe("shop.events", "observer", SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let placed = Envelope::new("order.placed", "orders", "o-1", serde_json::json!({}));
+    let message = Message {
+        topic: "shop.orders".to_owned(),
+        group: "payments".to_owned(),
+        envelope: placed,
+    };
+    let outcome = serde_json::json!({ "captured": true, "payment_id": "p-1" });
+    assert_eq!(
+        flow.handle_prepared(&shop.inbox, &message, &outcome)
+            .await
+            .expect("handle"),
+        1
+    );
+    // Delivered again (the work before it answered the same): nothing more goes out.
+    assert_eq!(
+        flow.handle_prepared(&shop.inbox, &message, &outcome)
+            .await
+            .expect("handle"),
+        0
+    );
+    assert_eq!(shop.relay(&bus).await, 1);
+    let deliveries = subscription
+        .fetch(10, Duration::from_millis(100))
+        .await
+        .expect("fetch");
+    assert_eq!(deliveries.len(), 1);
+    let event = deliveries[0].envelope();
+    assert_eq!(event.kind, "payment.completed");
+    assert_eq!(event.data, outcome);
+    assert_eq!(event.causation_id, Some(message.envelope.id));
+    assert!(!event.headers.contains_key(PREPARED_HEADER), "{event:?}");
+    // Without a prepared outcome the effect sees none.
+    assert_eq!(prepared(&message.envelope), None);
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shop_app::{Shop, ShopConfig};
+use shop_app::{SagaStyle, Shop, ShopConfig};
 
 /// Which backends a test shop uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +34,17 @@ pub(crate) const ADMIN_PASSWORD: &str = "admin-password-1";
 impl TestShop {
     /// Starts a shop, or `None` when PostgreSQL is wanted and unreachable outside CI.
     pub(crate) async fn start(backend: Backend, test: &str) -> Option<Self> {
+        Self::start_styled(backend, SagaStyle::Orchestrated, test).await
+    }
+
+    /// Starts a shop whose order saga runs in `style`.
+    pub(crate) async fn start_styled(
+        backend: Backend,
+        style: SagaStyle,
+        test: &str,
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
-        Self::start_in(backend, test, dir).await
+        Self::start_in_styled(backend, style, test, dir).await
     }
 
     pub(crate) async fn start_in(
@@ -43,7 +52,17 @@ impl TestShop {
         test: &str,
         dir: tempfile::TempDir,
     ) -> Option<Self> {
+        Self::start_in_styled(backend, SagaStyle::Orchestrated, test, dir).await
+    }
+
+    pub(crate) async fn start_in_styled(
+        backend: Backend,
+        style: SagaStyle,
+        test: &str,
+        dir: tempfile::TempDir,
+    ) -> Option<Self> {
         let mut config = ShopConfig::ephemeral(dir.path());
+        config.saga = style;
         config.admin = Some((ADMIN_EMAIL.into(), ADMIN_PASSWORD.into()));
         config.seed_catalog = false;
         let mut databases = Vec::new();
@@ -295,6 +314,32 @@ pub(crate) async fn stock_ok(shop: &TestShop, product: &str) -> (i64, i64, i64) 
     (total, reserved, available)
 }
 
+/// One end-to-end test: a shop on `$backend` with `$style` sagas, `$body(shop)`, a clean stop.
+/// A PostgreSQL test returns early (skipped) when the server is unreachable outside CI.
+#[macro_export]
+macro_rules! shop_test {
+    ($fn_name:ident, $backend:ident, $style:ident, $test:expr, $body:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $fn_name() {
+            let Some(shop) = $crate::harness::TestShop::start_styled(
+                $crate::harness::Backend::$backend,
+                shop_app::SagaStyle::$style,
+                $test,
+            )
+            .await
+            else {
+                assert!(
+                    $crate::harness::Backend::$backend != $crate::harness::Backend::Sqlite,
+                    "sqlite needs no server"
+                );
+                return;
+            };
+            $body(&shop).await;
+            shop.stop().await;
+        }
+    };
+}
+
 /// Defines `$name` for SQLite and PostgreSQL, calling `$body(shop)`.
 #[macro_export]
 macro_rules! on_both_backends {
@@ -302,31 +347,36 @@ macro_rules! on_both_backends {
         mod $name {
             use super::*;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                let shop = $crate::harness::TestShop::start(
-                    $crate::harness::Backend::Sqlite,
-                    stringify!($name),
-                )
-                .await
-                .expect("sqlite needs no server");
-                $body(&shop).await;
-                shop.stop().await;
-            }
+            $crate::shop_test!(sqlite, Sqlite, Orchestrated, stringify!($name), $body);
+            $crate::shop_test!(postgres, Postgres, Orchestrated, stringify!($name), $body);
+        }
+    };
+}
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                let Some(shop) = $crate::harness::TestShop::start(
-                    $crate::harness::Backend::Postgres,
-                    stringify!($name),
-                )
-                .await
-                else {
-                    return;
-                };
-                $body(&shop).await;
-                shop.stop().await;
-            }
+/// Defines `$name` for each saga style, on SQLite and on PostgreSQL, calling `$body(shop)`:
+/// the same business outcome and invariants whichever style runs the order saga.
+#[macro_export]
+macro_rules! on_every_style {
+    ($name:ident, $body:path) => {
+        mod $name {
+            use super::*;
+
+            $crate::shop_test!(sqlite, Sqlite, Orchestrated, stringify!($name), $body);
+            $crate::shop_test!(postgres, Postgres, Orchestrated, stringify!($name), $body);
+            $crate::shop_test!(
+                choreography_sqlite,
+                Sqlite,
+                Choreography,
+                concat!(stringify!($name), "_ch"),
+                $body
+            );
+            $crate::shop_test!(
+                choreography_postgres,
+                Postgres,
+                Choreography,
+                concat!(stringify!($name), "_ch"),
+                $body
+            );
         }
     };
 }

@@ -4,7 +4,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{TestShop, stock_ok};
-use crate::on_both_backends;
+use crate::{on_both_backends, on_every_style};
 
 fn timeline_has(order: &Value, step: &str, outcome: &str) -> bool {
     order["timeline"].as_array().is_some_and(|t| {
@@ -79,7 +79,7 @@ async fn happy_path(shop: &TestShop) {
     }
     assert!(found, "the read model never listed the order");
 }
-on_both_backends!(an_order_is_confirmed_paid_and_shipped, happy_path);
+on_every_style!(an_order_is_confirmed_paid_and_shipped, happy_path);
 
 async fn out_of_stock(shop: &TestShop) {
     let bob = shop.customer("bob").await;
@@ -92,7 +92,7 @@ async fn out_of_stock(shop: &TestShop) {
     assert_eq!(shop.shipment(&id).await, "none");
     assert_eq!(stock_ok(shop, &product).await, (1, 0, 1));
 }
-on_both_backends!(
+on_every_style!(
     an_order_beyond_the_stock_is_cancelled_out_of_stock,
     out_of_stock
 );
@@ -110,7 +110,7 @@ async fn declined(shop: &TestShop) {
     assert_eq!(shop.shipment(&id).await, "none");
     assert_eq!(stock_ok(shop, &product).await, (3, 0, 3));
 }
-on_both_backends!(a_declined_payment_releases_the_stock, declined);
+on_every_style!(a_declined_payment_releases_the_stock, declined);
 
 async fn outage(shop: &TestShop) {
     let dave = shop.customer("dave").await;
@@ -136,7 +136,7 @@ async fn outage(shop: &TestShop) {
     }
     assert!(confirmed, "no order confirmed after the provider recovered");
 }
-on_both_backends!(a_provider_outage_cancels_and_recovery_confirms, outage);
+on_every_style!(a_provider_outage_cancels_and_recovery_confirms, outage);
 
 async fn user_cancel(shop: &TestShop) {
     let erin = shop.customer("erin").await;
@@ -176,7 +176,7 @@ async fn user_cancel(shop: &TestShop) {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "not_cancellable");
 }
-on_both_backends!(a_customer_cancel_refunds_and_releases, user_cancel);
+on_every_style!(a_customer_cancel_refunds_and_releases, user_cancel);
 
 async fn idempotency(shop: &TestShop) {
     let frank = shop.customer("frank").await;
@@ -204,7 +204,7 @@ async fn idempotency(shop: &TestShop) {
     // One order, one unit sold.
     assert_eq!(stock_ok(shop, &product).await, (9, 0, 9));
 }
-on_both_backends!(a_repeated_post_with_one_key_places_one_order, idempotency);
+on_every_style!(a_repeated_post_with_one_key_places_one_order, idempotency);
 
 async fn contention(shop: &TestShop) {
     let product = shop.product("Limited", 500, 10).await;
@@ -250,7 +250,7 @@ async fn contention(shop: &TestShop) {
     assert_eq!((confirmed, cancelled), (10, 40));
     assert_eq!(stock_ok(shop, &product).await, (0, 0, 0));
 }
-on_both_backends!(fifty_orders_for_ten_units_confirm_exactly_ten, contention);
+on_every_style!(fifty_orders_for_ten_units_confirm_exactly_ten, contention);
 
 async fn ownership(shop: &TestShop) {
     let alice = shop.customer("alice").await;
