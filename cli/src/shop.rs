@@ -76,7 +76,8 @@ pub(crate) struct UpArgs {
     /// How orders are driven.
     #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
     saga: SagaStyle,
-    /// The bus order events are relayed to (default: sqlite://DATA_DIR/bus.db).
+    /// The bus order events are relayed to, and the choreographed saga runs on (default:
+    /// sqlite://DATA_DIR/bus.db).
     #[arg(long, env = "TRELLIS_BUS")]
     bus: Option<String>,
     #[command(flatten)]

@@ -317,18 +317,20 @@ fn one_line_failure(out: &std::process::Output, code: i32, needle: &str) {
 #[test]
 fn a_choreographed_participant_without_a_bus_is_refused_in_one_line() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = format!("sqlite://{}/inventory.db", dir.path().display());
-    let out = trellis(&[
-        "serve",
-        "inventory",
-        "--saga",
-        "choreography",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        &db,
-    ]);
-    one_line_failure(&out, 1, "needs --bus");
+    for service in ["inventory", "orders"] {
+        let db = format!("sqlite://{}/{service}.db", dir.path().display());
+        let out = trellis(&[
+            "serve",
+            service,
+            "--saga",
+            "choreography",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+        ]);
+        one_line_failure(&out, 1, "needs --bus");
+    }
 }
 
 #[test]

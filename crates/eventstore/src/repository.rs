@@ -1,8 +1,10 @@
 //! Repositories: load an aggregate (snapshot plus newer events), run a command, append its
-//! events with the expected version, retry on a conflict, snapshot by policy.
+//! events with the expected version, retry on a conflict, snapshot by policy; optionally keep
+//! recently used aggregates in memory ([`Repository::with_cache`]).
 
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::aggregate::{Aggregate, decode, encode};
 use crate::error::EventStoreError;
@@ -69,6 +71,70 @@ impl<E: std::error::Error + 'static> RepositoryError<E> {
     }
 }
 
+/// Recently used aggregates: state and version per stream, evicted oldest-inserted first.
+struct StateCache<A> {
+    capacity: usize,
+    copy: fn(&A) -> A,
+    entries: Mutex<CacheEntries<A>>,
+}
+
+struct CacheEntries<A> {
+    states: HashMap<StreamId, (A, u64)>,
+    order: VecDeque<StreamId>,
+}
+
+impl<A> StateCache<A> {
+    fn get(&self, stream: &StreamId) -> Option<(A, u64)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .states
+            .get(stream)
+            .map(|(state, version)| ((self.copy)(state), *version))
+    }
+
+    /// Keeps `state` at `version` unless a newer version is cached already.
+    fn put(&self, stream: &StreamId, state: &A, version: u64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.states.get_mut(stream) {
+            Some(entry) if entry.1 >= version => {}
+            Some(entry) => *entry = ((self.copy)(state), version),
+            None => {
+                entries
+                    .states
+                    .insert(stream.clone(), ((self.copy)(state), version));
+                entries.order.push_back(stream.clone());
+                while entries.states.len() > self.capacity {
+                    let Some(oldest) = entries.order.pop_front() else {
+                        break;
+                    };
+                    entries.states.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn forget(&self, stream: &StreamId) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.states.remove(stream);
+        // Its key stays in `order` until it reaches the front; removing a missing key then is
+        // a no-op, and `order` never holds more than twice the capacity.
+        if entries.order.len() > self.capacity.saturating_mul(2) {
+            let CacheEntries { states, order } = &mut *entries;
+            order.retain(|key| states.contains_key(key));
+        }
+    }
+}
+
+impl<A> std::fmt::Debug for StateCache<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("StateCache")
+            .field("capacity", &self.capacity)
+            .field("len", &entries.states.len())
+            .finish()
+    }
+}
+
 /// Loads and changes aggregates of type `A` in store `S`.
 #[derive(Debug)]
 pub struct Repository<A, S> {
@@ -76,6 +142,7 @@ pub struct Repository<A, S> {
     upcasters: Arc<Upcasters>,
     snapshot_every: Option<u64>,
     conflict_retries: u32,
+    cache: Option<Arc<StateCache<A>>>,
     aggregate: PhantomData<fn() -> A>,
 }
 
@@ -86,8 +153,34 @@ impl<A, S: Clone> Clone for Repository<A, S> {
             upcasters: self.upcasters.clone(),
             snapshot_every: self.snapshot_every,
             conflict_retries: self.conflict_retries,
+            cache: self.cache.clone(),
             aggregate: PhantomData,
         }
+    }
+}
+
+impl<A: Aggregate + Clone, S: EventStore> Repository<A, S> {
+    /// Keeps the state and version of up to `capacity` recently used aggregates in memory
+    /// (shared by the repository's clones; 0 turns it off).
+    ///
+    /// [`execute`](Self::execute) then reads nothing before appending: the command runs on
+    /// the cached state and the append expects the cached version, so a write from elsewhere
+    /// (another process) shows as a version conflict, which drops the entry and reloads. A
+    /// refusal or a no-op decided on a cached state is checked against a fresh load before it
+    /// is answered. [`load`](Self::load) reads only the events after the cached version.
+    #[must_use]
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = (capacity > 0).then(|| {
+            Arc::new(StateCache {
+                capacity,
+                copy: A::clone,
+                entries: Mutex::new(CacheEntries {
+                    states: HashMap::new(),
+                    order: VecDeque::new(),
+                }),
+            })
+        });
+        self
     }
 }
 
@@ -100,6 +193,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             upcasters: Arc::new(Upcasters::new()),
             snapshot_every: None,
             conflict_retries: CONFLICT_RETRIES_DEFAULT,
+            cache: None,
             aggregate: PhantomData,
         }
     }
@@ -149,8 +243,14 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// A store error, including [`EventStoreError::Decode`] for an event that cannot be read.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, EventStoreError> {
         let stream = Self::stream_id(id)?;
-        let loaded = self.load_stream(&stream).await?;
+        let cached = self.cache.as_ref().and_then(|cache| cache.get(&stream));
+        let from_cache = cached.is_some();
+        let loaded = self.load_stream(&stream, cached).await?;
+        if let Some(cache) = &self.cache {
+            cache.put(&stream, &loaded.state, loaded.version);
+        }
         if let Some(every) = self.snapshot_every
+            && !from_cache
             && loaded.snapshot_version.is_none()
             && loaded.version >= every
         {
@@ -160,14 +260,54 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         Ok(loaded)
     }
 
-    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>, EventStoreError> {
+    /// The stream's current state: from the cache and the events after it, or from the
+    /// store; the cache keeps the result.
+    async fn load_fresh(&self, stream: &StreamId) -> Result<Loaded<A>, EventStoreError> {
+        let cached = self.cache.as_ref().and_then(|cache| cache.get(stream));
+        let loaded = self.load_stream(stream, cached).await?;
+        if let Some(cache) = &self.cache {
+            cache.put(stream, &loaded.state, loaded.version);
+        }
+        Ok(loaded)
+    }
+
+    /// The cached state of aggregate `id` when the repository has one (it may miss writes
+    /// made elsewhere since: use it for hints and for what never changes), otherwise a
+    /// [`load`](Self::load).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub async fn load_cached(&self, id: &str) -> Result<Loaded<A>, EventStoreError> {
+        let stream = Self::stream_id(id)?;
+        if let Some((state, version)) = self.cache.as_ref().and_then(|cache| cache.get(&stream)) {
+            return Ok(Loaded {
+                state,
+                version,
+                events_read: 0,
+                snapshot_version: None,
+            });
+        }
+        self.load(id).await
+    }
+
+    /// Rebuilds the state from `start` (a cached state and its version) or from the latest
+    /// snapshot, then the events after it.
+    async fn load_stream(
+        &self,
+        stream: &StreamId,
+        start: Option<(A, u64)>,
+    ) -> Result<Loaded<A>, EventStoreError> {
         let mut state = A::default();
         let mut version = 0;
         let mut snapshot_version = None;
-        let snapshot = match self.snapshot_every {
-            Some(_) => self.store.load_snapshot(stream).await?,
-            None => None,
+        let snapshot = match (&start, self.snapshot_every) {
+            (None, Some(_)) => self.store.load_snapshot(stream).await?,
+            _ => None,
         };
+        if let Some((cached, cached_version)) = start {
+            state = cached;
+            version = cached_version;
+        }
         if let Some(snapshot) = snapshot {
             if snapshot.schema_version == A::SNAPSHOT_SCHEMA {
                 match serde_json::from_value::<A>(snapshot.state) {
@@ -247,12 +387,31 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         let stream = Self::stream_id(id)?;
         let attempts_max = self.conflict_retries + 1;
         for attempt in 1..=attempts_max {
-            let Loaded {
-                mut state, version, ..
-            } = self.load_stream(&stream).await?;
-            let events = state
-                .handle(command.clone())
-                .map_err(RepositoryError::Domain)?;
+            // The first attempt trusts the cache; a refusal or a no-op on a cached state is
+            // decided again on a fresh load, so a stale entry never answers for the stream.
+            let cached = match (&self.cache, attempt) {
+                (Some(cache), 1) => cache.get(&stream),
+                _ => None,
+            };
+            let (mut state, version, decided) = match cached {
+                Some((state, version)) => match state.handle(command.clone()) {
+                    Ok(events) if !events.is_empty() => (state, version, Some(events)),
+                    _ => {
+                        let loaded = self.load_fresh(&stream).await?;
+                        (loaded.state, loaded.version, None)
+                    }
+                },
+                None => {
+                    let loaded = self.load_fresh(&stream).await?;
+                    (loaded.state, loaded.version, None)
+                }
+            };
+            let events = match decided {
+                Some(events) => events,
+                None => state
+                    .handle(command.clone())
+                    .map_err(RepositoryError::Domain)?,
+            };
             if events.is_empty() {
                 return Ok(Executed {
                     events,
@@ -275,6 +434,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     for event in &events {
                         state.apply(event);
                     }
+                    if let Some(cache) = &self.cache {
+                        cache.put(&stream, &state, result.next_version);
+                    }
                     if let Some(every) = self.snapshot_every
                         && result.next_version / every > version / every
                     {
@@ -289,6 +451,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     });
                 }
                 Err(error) if error.is_conflict() => {
+                    if let Some(cache) = &self.cache {
+                        cache.forget(&stream);
+                    }
                     tracing::debug!(%stream, attempt, "version conflict; reloading and retrying the command");
                 }
                 Err(error) => return Err(error.into()),

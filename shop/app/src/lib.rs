@@ -665,6 +665,10 @@ pub async fn serve_one(
     } = config;
     let name = name.as_str();
     let bus_prefix = bus_prefix.as_str();
+    let participant = matches!(name, "orders" | "inventory" | "payments" | "shipping");
+    if saga == SagaStyle::Choreography && participant && bus_url.is_none() {
+        return Err(Error::NoBus(name.to_owned()));
+    }
     let metrics = trellis_telemetry::metrics::install_prometheus().ok();
     let peer = |service: &str| {
         peers

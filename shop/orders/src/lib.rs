@@ -7,18 +7,25 @@
 //!   `ProjectionRunner`. It is eventually consistent; an order the projection has not reached
 //!   yet is read from its stream instead, so a client never sees a 404 for an order it just
 //!   placed.
-//! - The order saga ([`saga`]) runs on trellis-saga: reserve stock, charge, create the
-//!   shipment (the pivot), commit the stock, confirm; a failure before the pivot refunds,
+//! - The order saga runs in one of two styles ([`Config::saga`]). Orchestrated (default,
+//!   [`saga`]): trellis-saga's engine reserves stock, charges, creates the shipment (the
+//!   pivot), commits the stock and confirms over gRPC; a failure before the pivot refunds,
 //!   releases and cancels the order with the reason noted by the failing step.
+//!   Choreographed ([`choreography`]): the participants react to each other's events on the
+//!   bus, and this service only reacts too: it records their progress, decides between a
+//!   customer's cancel and shipping, and confirms or cancels the order last.
 //! - `POST /api/orders` needs an `Idempotency-Key`: the same key and body answer the first
 //!   answer again, the same key with another body is a 422.
 //!
 //! - With a bus configured, order events (`order.created`, `order.confirmed`,
-//!   `order.cancelled`) are relayed from the event store's log to it, at least once from a
+//!   `order.cancelled`, and for choreographed orders `order.shipping_started` and
+//!   `order.failed`) are relayed from the event store's log to it, at least once from a
 //!   checkpoint, each with the event's id as the envelope id.
 //!
-//! Start-up runs saga recovery (sagas a previous process left are finished) and a sweeper
-//! starts the saga of any order accepted without one (a crash between the two writes).
+//! Orchestrated, start-up runs saga recovery (sagas a previous process left are finished)
+//! and a sweeper starts the saga of any order accepted without one (a crash between the two
+//! writes). Choreographed, there is no saga log: the bus and the participants' inboxes and
+//! outboxes carry an order's progress across restarts.
 //!
 //! # Example
 //! ```no_run
@@ -57,6 +64,8 @@ use crate::saga::Participants;
 
 pub use http::{IDEMPOTENCY_KEY_MAX, openapi};
 
+/// Orders whose state is kept in memory (about 1 KB each).
+pub const ORDER_CACHE_ENTRIES: usize = 20_000;
 /// Default number of sagas running at once in one process.
 pub const SAGA_CONCURRENCY_DEFAULT: usize = 512;
 /// Default time between sweeps for orders accepted without a saga.
@@ -216,7 +225,13 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     db.run_schema(relay::SCHEMA)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
-    let repository = Arc::new(Repository::<Order, AnyStore>::new(store.clone()).with_snapshots(50));
+    // Orders in progress stay in memory: a saga step's command appends without reading the
+    // stream first (another writer shows as a version conflict, and the command reruns).
+    let repository = Arc::new(
+        Repository::<Order, AnyStore>::new(store.clone())
+            .with_snapshots(50)
+            .with_cache(ORDER_CACHE_ENTRIES),
+    );
 
     let channel = |addr: &str| {
         grpc_channel(addr, GrpcClientConfig::default()).map_err(|e| Error::Address(e.message))

@@ -37,7 +37,7 @@ fn timeline_push(timeline: &str, step: &str, outcome: &str, at: &str) -> Result<
 }
 
 macro_rules! order_view_projection {
-    ($db:ty) => {
+    ($db:ty, $append:expr) => {
         impl Projection<$db> for OrderView {
             fn name(&self) -> &str {
                 PROJECTION_NAME
@@ -110,14 +110,15 @@ macro_rules! order_view_projection {
                         .map_err(err)?;
                     return Ok(());
                 }
-                let select = format!("SELECT timeline FROM order_view_g{generation} WHERE id = $1");
-                let timeline: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(select))
-                    .bind(id)
-                    .fetch_optional(&mut **tx)
-                    .await
-                    .map_err(err)?;
-                let Some(timeline) = timeline else {
-                    return Err(format!("order {id}: {} before Created", event.event_type));
+                // Timeline entries are appended in SQL: no read of the row per event.
+                let append = $append;
+                let entry = |step: &str, outcome: &str, when: &str| {
+                    serde_json::to_string(&TimelineEntry {
+                        step: step.to_owned(),
+                        outcome: outcome.to_owned(),
+                        at: when.to_owned(),
+                    })
+                    .map_err(|e| e.to_string())
                 };
                 let (sql, binds): (String, Vec<String>) = match &decoded {
                     OrderEvent::Created { .. }
@@ -131,26 +132,26 @@ macro_rules! order_view_projection {
                         vec![saga_id.clone(), at],
                     ),
                     OrderEvent::Progress { step, outcome, at: when } => (
-                        format!("UPDATE order_view_g{generation} SET timeline = $2, updated_at = $3 WHERE id = $1"),
-                        vec![timeline_push(&timeline, step, outcome, when)?, at],
+                        format!("UPDATE order_view_g{generation} SET timeline = {}, updated_at = $3 WHERE id = $1", append(2)),
+                        vec![entry(step, outcome, when)?, at],
                     ),
                     OrderEvent::CancelRequested { at: when } => (
-                        format!("UPDATE order_view_g{generation} SET timeline = $2, updated_at = $3 WHERE id = $1"),
-                        vec![timeline_push(&timeline, "order", "cancel_requested", when)?, at],
+                        format!("UPDATE order_view_g{generation} SET timeline = {}, updated_at = $3 WHERE id = $1", append(2)),
+                        vec![entry("order", "cancel_requested", when)?, at],
                     ),
                     OrderEvent::Confirmed { at: when } => (
-                        format!("UPDATE order_view_g{generation} SET status = $2, timeline = $3, updated_at = $4 WHERE id = $1"),
+                        format!("UPDATE order_view_g{generation} SET status = $2, timeline = {}, updated_at = $4 WHERE id = $1", append(3)),
                         vec![
                             OrderStatus::Confirmed.as_str().to_owned(),
-                            timeline_push(&timeline, "order", "confirmed", when)?,
+                            entry("order", "confirmed", when)?,
                             at,
                         ],
                     ),
                     OrderEvent::Cancelled { reason, at: when } => (
-                        format!("UPDATE order_view_g{generation} SET status = $2, timeline = $3, updated_at = $4, reason = $5 WHERE id = $1"),
+                        format!("UPDATE order_view_g{generation} SET status = $2, timeline = {}, updated_at = $4, reason = $5 WHERE id = $1", append(3)),
                         vec![
                             OrderStatus::Cancelled.as_str().to_owned(),
-                            timeline_push(&timeline, "order", &format!("cancelled: {reason}"), when)?,
+                            entry("order", &format!("cancelled: {reason}"), when)?,
                             at,
                             reason.clone(),
                         ],
@@ -160,7 +161,10 @@ macro_rules! order_view_projection {
                 for value in binds {
                     query = query.bind(value);
                 }
-                query.execute(&mut **tx).await.map_err(err)?;
+                let changed = query.execute(&mut **tx).await.map_err(err)?.rows_affected();
+                if changed == 0 {
+                    return Err(format!("order {id}: {} before Created", event.event_type));
+                }
                 Ok(())
             }
 
@@ -188,5 +192,10 @@ macro_rules! order_view_projection {
     };
 }
 
-order_view_projection!(Sqlite);
-order_view_projection!(Postgres);
+// The SQL that appends the JSON entry bound as parameter `n` to the row's timeline array.
+order_view_projection!(Sqlite, |n: usize| format!(
+    "json_insert(timeline, '$[#]', json(${n}))"
+));
+order_view_projection!(Postgres, |n: usize| format!(
+    "(timeline::jsonb || jsonb_build_array(${n}::jsonb))::text"
+));

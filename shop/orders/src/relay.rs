@@ -96,7 +96,7 @@ async fn envelope_for(
         // The choreographed flow's own events: only its orders have participants waiting.
         OrderEvent::ShippingStarted | OrderEvent::Failed { .. } => {
             let order = orders
-                .load(&order_id)
+                .load_cached(&order_id)
                 .await
                 .map_err(|e| e.to_string())?
                 .state;
@@ -130,8 +130,9 @@ async fn envelope_for(
             }
         }
         OrderEvent::Confirmed { .. } | OrderEvent::Cancelled { .. } => {
+            // The owner never changes: the cached order is enough.
             let user_id = orders
-                .load(&order_id)
+                .load_cached(&order_id)
                 .await
                 .map_err(|e| e.to_string())?
                 .state

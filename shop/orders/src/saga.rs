@@ -112,9 +112,16 @@ impl Participants {
         StepError::permanent(message)
     }
 
-    /// Fails for good when the customer asked to cancel.
+    /// Fails for good when the customer asked to cancel. The cached order may miss a cancel
+    /// taken by another orders process; `StartShipping` (a versioned append) still sees it.
     async fn check_cancel(&self, order_id: &str) -> Result<(), StepError> {
-        if self.load(order_id).await?.cancel_requested {
+        let order = self
+            .orders
+            .load_cached(order_id)
+            .await
+            .map_err(|e| StepError::retryable(format!("event store: {e}")))?
+            .state;
+        if order.cancel_requested {
             return Err(self
                 .fail(
                     order_id,

@@ -99,10 +99,22 @@ impl PaymentsService {
         )
         .await
         .map_err(db_error)?;
-        let payment = store::get(&self.db, order_id)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Status::internal("the payment row vanished"))?;
+        // A new row is what was just written; an existing one is read.
+        let payment = if created {
+            store::Payment {
+                order_id: order_id.to_owned(),
+                user_id: request.user_id.clone(),
+                amount_cents: request.amount_cents,
+                status: Recorded::Pending,
+                provider_charge_id: None,
+                updated_at: String::new(),
+            }
+        } else {
+            store::get(&self.db, order_id)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| Status::internal("the payment row vanished"))?
+        };
         match payment.status {
             Recorded::Captured => {
                 return Ok(charge_answer(

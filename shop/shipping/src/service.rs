@@ -94,6 +94,13 @@ impl Shipping for ShippingService {
         if inserted {
             metrics::counter!("shop_shipping_shipments_total", "outcome" => CREATED).increment(1);
         }
+        if inserted {
+            return Ok(Response::new(Shipment {
+                id,
+                order_id: request.order_id,
+                status: CREATED.to_owned(),
+            }));
+        }
         // A repeat answers what is recorded: the first shipment, or its cancellation.
         let row = store::get(&self.db, &request.order_id)
             .await

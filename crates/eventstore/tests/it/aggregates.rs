@@ -330,3 +330,94 @@ async fn malformed_stored_json_is_an_error_naming_the_event() {
         other => panic!("expected a decode error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_cached_repository_sees_writes_made_elsewhere() {
+    let store = MemoryStore::new();
+    let cached = repo(store.clone()).with_cache(16);
+    // Another process writing to the same store.
+    let elsewhere = repo(store.clone());
+    let run = |repository: &Repository<Account, MemoryStore>, command| {
+        let repository = repository.clone();
+        async move {
+            repository
+                .execute("a1", command, Metadata::default())
+                .await
+                .expect("accepted")
+        }
+    };
+    run(
+        &cached,
+        AccountCommand::Open {
+            owner: "ada".into(),
+        },
+    )
+    .await;
+    run(&cached, AccountCommand::Deposit { amount_cents: 100 }).await;
+    run(&elsewhere, AccountCommand::Deposit { amount_cents: 400 }).await;
+    // The cached balance (100) would refuse this; the refusal is checked on a fresh load.
+    let withdrew = run(&cached, AccountCommand::Withdraw { amount_cents: 300 }).await;
+    assert_eq!(withdrew.state.balance_cents, 200);
+    assert_eq!(withdrew.version, 4);
+    // A write elsewhere makes the cached version stale: the append conflicts, the command
+    // runs again on the fresh state.
+    run(&elsewhere, AccountCommand::Deposit { amount_cents: 50 }).await;
+    let deposited = run(&cached, AccountCommand::Deposit { amount_cents: 1 }).await;
+    assert_eq!(deposited.attempts, 2);
+    assert_eq!((deposited.state.balance_cents, deposited.version), (251, 6));
+    // A load reads only what the cache has not seen.
+    run(&elsewhere, AccountCommand::Withdraw { amount_cents: 51 }).await;
+    let loaded = cached.load("a1").await.expect("load");
+    assert_eq!((loaded.state.balance_cents, loaded.version), (200, 7));
+    assert_eq!(loaded.events_read, 1);
+    // The cached state answers at once, even when it is behind.
+    run(&elsewhere, AccountCommand::Deposit { amount_cents: 5 }).await;
+    let hint = cached.load_cached("a1").await.expect("cached");
+    assert_eq!((hint.state.balance_cents, hint.version), (200, 7));
+    assert_eq!(cached.load("a1").await.expect("load").version, 8);
+    // A real refusal is still a refusal.
+    let refused = cached
+        .execute(
+            "a1",
+            AccountCommand::Withdraw {
+                amount_cents: 1_000,
+            },
+            Metadata::default(),
+        )
+        .await;
+    assert!(matches!(
+        refused,
+        Err(RepositoryError::Domain(
+            AccountError::InsufficientFunds { .. }
+        ))
+    ));
+    // A cache of one entry serves two aggregates correctly (it only evicts).
+    let small = repo(store.clone()).with_cache(1);
+    for (id, amount) in [("b1", 10), ("b2", 20), ("b1", 30), ("b2", 40)] {
+        if small.load(id).await.expect("load").version == 0 {
+            small
+                .execute(
+                    id,
+                    AccountCommand::Open { owner: id.into() },
+                    Metadata::default(),
+                )
+                .await
+                .expect("open");
+        }
+        small
+            .execute(
+                id,
+                AccountCommand::Deposit {
+                    amount_cents: amount,
+                },
+                Metadata::default(),
+            )
+            .await
+            .expect("deposit");
+    }
+    assert_eq!(small.load("b1").await.expect("b1").state.balance_cents, 40);
+    // Without a cache, load_cached is a load.
+    let plain = repo(store.clone());
+    assert_eq!(plain.load_cached("a1").await.expect("load").version, 8);
+    assert_eq!(small.load("b2").await.expect("b2").state.balance_cents, 60);
+}
