@@ -96,14 +96,16 @@ pub use any::AnyStore;
 pub use error::EventStoreError;
 pub use memory::MemoryStore;
 pub use projection::{
-    PROJECTION_BATCH, Projection, ProjectionError, ProjectionRunner, ReadModelDatabase,
-    RebuildProgress,
+    PROJECTION_BATCH, PROJECTION_LINGER, Projection, ProjectionError, ProjectionRunner,
+    ReadModelDatabase, RebuildProgress,
 };
 pub use repository::{CONFLICT_RETRIES_DEFAULT, Executed, Loaded, Repository, RepositoryError};
 pub use sql::postgres::PostgresStore;
 pub use sql::sqlite::SqliteStore;
 pub use store::EventStore;
-pub use subscription::{SUBSCRIPTION_BATCH, SUBSCRIPTION_POLL, subscribe_all, subscribe_stream};
+pub use subscription::{
+    SUBSCRIPTION_BATCH, SUBSCRIPTION_LINGER, SUBSCRIPTION_POLL, subscribe_all, subscribe_stream,
+};
 pub use testing::{AggregateOutcome, AggregateTest};
 pub use types::{
     APPEND_EVENTS_MAX, AppendResult, Direction, EVENT_BYTES_MAX, EVENT_TYPE_BYTES_MAX,

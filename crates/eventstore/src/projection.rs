@@ -28,6 +28,9 @@ use crate::types::RecordedEvent;
 pub const PROJECTION_BATCH: usize = 500;
 /// The longest a caught-up runner waits before checking for new events without a wake-up.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How long a woken runner lets more events arrive before it reads a batch, so one
+/// transaction carries the events of many writers.
+pub const PROJECTION_LINGER: Duration = Duration::from_millis(2);
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -327,8 +330,12 @@ where
         loop {
             let generation = self.active_generation().await?;
             let (checkpoint, applied) = self.step(generation).await?;
-            if applied == 0 {
-                let _ = self.lag().await;
+            // A short batch reached the head as it was when read: done, without reading an
+            // empty batch to find out.
+            if applied < PROJECTION_BATCH {
+                let head = *self.store.watch_head().borrow();
+                metrics::gauge!("trellis_projection_lag", "projection" => self.projection.name().to_owned())
+                    .set(head.saturating_sub(checkpoint) as f64);
                 return Ok(checkpoint);
             }
         }
@@ -346,7 +353,11 @@ where
             self.catch_up().await?;
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                _ = tokio::time::timeout(IDLE_POLL, head.changed()) => {}
+                woken = tokio::time::timeout(IDLE_POLL, head.changed()) => {
+                    if woken.is_ok() {
+                        tokio::time::sleep(PROJECTION_LINGER).await;
+                    }
+                }
             }
         }
     }

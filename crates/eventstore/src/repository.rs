@@ -371,6 +371,55 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             .await
     }
 
+    /// [`execute`](Self::execute) for an aggregate whose id was just made (a fresh UUID):
+    /// the command runs on the empty state and its events are appended expecting no stream,
+    /// without reading the store first. If the stream exists after all (the append
+    /// conflicts), or the empty state refuses the command or has nothing to do, this falls
+    /// back to [`execute`](Self::execute).
+    ///
+    /// # Errors
+    /// As [`execute`](Self::execute).
+    pub async fn execute_on_new(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
+        let stream = Self::stream_id(id)?;
+        let mut state = A::default();
+        // A refusal or a no-op on the empty state is decided again on the stored one.
+        let events = state.handle(command.clone()).unwrap_or_default();
+        if !events.is_empty() {
+            let new_events = events
+                .iter()
+                .map(|event| encode(event).map(|e| e.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            match self
+                .store
+                .append(&stream, ExpectedVersion::NoStream, new_events)
+                .await
+            {
+                Ok(result) => {
+                    for event in &events {
+                        state.apply(event);
+                    }
+                    if let Some(cache) = &self.cache {
+                        cache.put(&stream, &state, result.next_version);
+                    }
+                    return Ok(Executed {
+                        events,
+                        state,
+                        version: result.next_version,
+                        attempts: 1,
+                    });
+                }
+                Err(error) if error.is_conflict() => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.execute(id, command, metadata).await
+    }
+
     /// Runs `command` against aggregate `id` and appends the events it produces, expecting
     /// the version it loaded; on a version conflict it reloads and runs the command again, up
     /// to the retry limit.

@@ -21,6 +21,9 @@ pub const SUBSCRIPTION_BATCH: usize = 512;
 /// The longest a caught-up subscription waits before reading again without a wake-up (covers
 /// appends by other processes when the backend cannot notify).
 pub const SUBSCRIPTION_POLL: Duration = Duration::from_millis(250);
+/// How long a subscription that was woken lets more appends arrive before it reads, so one
+/// read carries the events of many writers (fewer queries when appends are frequent).
+pub const SUBSCRIPTION_LINGER: Duration = Duration::from_millis(2);
 
 enum Source {
     All,
@@ -33,6 +36,8 @@ struct State<S> {
     next: u64,
     buffer: VecDeque<RecordedEvent>,
     head: tokio::sync::watch::Receiver<u64>,
+    /// The last read returned less than a batch: nothing more until the head moves.
+    caught_up: bool,
     failed: bool,
 }
 
@@ -66,6 +71,7 @@ fn subscribe<S: EventStore>(
         next: from,
         buffer: VecDeque::new(),
         head,
+        caught_up: false,
         failed: false,
     };
     futures_util::stream::unfold(state, |mut state| async move {
@@ -79,6 +85,17 @@ fn subscribe<S: EventStore>(
                     Source::Stream(_) => event.version + 1,
                 };
                 return Some((Ok(event), state));
+            }
+            if state.caught_up {
+                // The last read reached the head as it was marked below: wait for it to move
+                // (at once if it moved meanwhile) instead of reading an empty batch.
+                state.caught_up = false;
+                if tokio::time::timeout(SUBSCRIPTION_POLL, state.head.changed())
+                    .await
+                    .is_ok()
+                {
+                    tokio::time::sleep(SUBSCRIPTION_LINGER).await;
+                }
             }
             // Mark what we have seen before reading, so a head change during the read wakes us.
             state.head.borrow_and_update();
@@ -96,7 +113,10 @@ fn subscribe<S: EventStore>(
                     // Caught up: wait for the head to move, or poll.
                     let _ = tokio::time::timeout(SUBSCRIPTION_POLL, state.head.changed()).await;
                 }
-                Ok(events) => state.buffer.extend(events),
+                Ok(events) => {
+                    state.caught_up = events.len() < SUBSCRIPTION_BATCH;
+                    state.buffer.extend(events);
+                }
                 Err(error) => {
                     state.failed = true;
                     return Some((Err(error), state));

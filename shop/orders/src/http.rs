@@ -460,10 +460,11 @@ async fn finish_placement(
                 items,
                 choreographed: state.inner.queue.is_none(),
             };
+            // The id was made for this request: nothing to read before the append.
             let executed = state
                 .inner
                 .orders
-                .execute(order_id, command, metadata)
+                .execute_on_new(order_id, command, metadata)
                 .await
                 .map_err(ApiError::internal)?;
             metrics::counter!("shop_orders_placed_total").increment(1);

@@ -421,3 +421,53 @@ async fn a_cached_repository_sees_writes_made_elsewhere() {
     assert_eq!(plain.load_cached("a1").await.expect("load").version, 8);
     assert_eq!(small.load("b2").await.expect("b2").state.balance_cents, 60);
 }
+
+#[tokio::test]
+async fn a_command_on_a_new_id_appends_without_reading_and_an_existing_stream_falls_back() {
+    let store = MemoryStore::new();
+    let repository = repo(store.clone()).with_cache(8);
+    let opened = repository
+        .execute_on_new(
+            "n1",
+            AccountCommand::Open {
+                owner: "ada".into(),
+            },
+            Metadata::default(),
+        )
+        .await
+        .expect("opened");
+    assert_eq!((opened.version, opened.events.len()), (1, 1));
+    // The id was not new after all: the rules run on the stored state.
+    let again = repository
+        .execute_on_new(
+            "n1",
+            AccountCommand::Open {
+                owner: "bob".into(),
+            },
+            Metadata::default(),
+        )
+        .await;
+    assert!(matches!(
+        again,
+        Err(RepositoryError::Domain(AccountError::AlreadyOpen))
+    ));
+    let deposited = repo(store.clone())
+        .execute_on_new(
+            "n1",
+            AccountCommand::Deposit { amount_cents: 7 },
+            Metadata::default(),
+        )
+        .await
+        .expect("falls back to the stored state");
+    assert_eq!((deposited.state.balance_cents, deposited.version), (7, 2));
+    assert_eq!(
+        repository
+            .load("n1")
+            .await
+            .expect("load")
+            .state
+            .owner
+            .as_deref(),
+        Some("ada")
+    );
+}
