@@ -59,8 +59,16 @@ struct Inner {
     /// Orders queued or with a saga running in this process (the sweeper skips them).
     active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     users: UsersClient<GrpcChannel>,
+    /// Callers whose account the users service confirmed recently (accounts are never
+    /// deleted; the gateway already verified the caller's token).
+    known_users: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     products: ProductsClient<GrpcChannel>,
 }
+
+/// How long a confirmed account is trusted without asking the users service again.
+const KNOWN_USER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most accounts remembered; the memory is cleared when it is full.
+const KNOWN_USERS_MAX: usize = 100_000;
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,9 +104,34 @@ impl State {
                 queue,
                 active: active.clone(),
                 users,
+                known_users: std::sync::Mutex::new(HashMap::new()),
                 products,
             }),
         }
+    }
+
+    /// Whether the users service confirmed `user_id`'s account within [`KNOWN_USER_TTL`].
+    fn known_user(&self, user_id: &str) -> bool {
+        let known = self
+            .inner
+            .known_users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        known
+            .get(user_id)
+            .is_some_and(|at| at.elapsed() < KNOWN_USER_TTL)
+    }
+
+    fn remember_user(&self, user_id: &str) {
+        let mut known = self
+            .inner
+            .known_users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if known.len() >= KNOWN_USERS_MAX {
+            known.clear();
+        }
+        known.insert(user_id.to_owned(), std::time::Instant::now());
     }
 
     /// Queues the order's saga; it starts as soon as one of the `saga_concurrency` slots is
@@ -347,17 +380,20 @@ async fn place_order(
         return finish_placement(&state, &caller, &order_id, None).await;
     }
 
-    let mut users = state.inner.users.clone();
-    if let Err(status) = users
-        .get_user(GetUserRequest {
-            id: caller.user_id.clone(),
-        })
-        .await
-    {
-        return Err(match status.code() {
-            tonic::Code::NotFound => ApiError::forbidden("the caller's account does not exist"),
-            _ => status_to_api_error("users", &status),
-        });
+    if !state.known_user(&caller.user_id) {
+        let mut users = state.inner.users.clone();
+        if let Err(status) = users
+            .get_user(GetUserRequest {
+                id: caller.user_id.clone(),
+            })
+            .await
+        {
+            return Err(match status.code() {
+                tonic::Code::NotFound => ApiError::forbidden("the caller's account does not exist"),
+                _ => status_to_api_error("users", &status),
+            });
+        }
+        state.remember_user(&caller.user_id);
     }
     let mut products = state.inner.products.clone();
     let prices = products
