@@ -4,6 +4,7 @@
 # rate: confirmed orders/s, p50/p99/max latency of POST /api/orders, errors, invariants.
 #
 # Usage: bench/shop/run.sh [RATES...]   (default: 50 100 150 200 300)
+#        SAGA=choreography bench/shop/run.sh ...   (the choreographed order saga)
 # Needs a release build: cargo build --release -p trellis
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,6 +12,7 @@ bin=${TRELLIS_BIN:-$here/target/release/trellis}
 rates=("$@"); [ ${#rates[@]} -gt 0 ] || rates=(50 100 150 200 300)
 port=${PORT:-18181}
 duration=${DURATION:-20s}
+saga=${SAGA:-orchestrated}
 work=$(mktemp -d)
 export TRELLIS_ADMIN_EMAIL=bench@trellis.local TRELLIS_ADMIN_PASSWORD=bench-password-1
 cleanup() { [ -n "${shop:-}" ] && kill -INT "$shop" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
@@ -18,9 +20,10 @@ trap cleanup EXIT
 restart() {
   [ -n "${shop:-}" ] && { kill -INT "$shop"; wait "$shop" 2>/dev/null || true; }
   rm -rf "$work/data"
-  RUST_LOG=warn "$bin" up --port "$port" --data-dir "$work/data" > "$work/up.log" 2>&1 &
+  RUST_LOG=warn "$bin" up --saga "$saga" --port "$port" --data-dir "$work/data" > "$work/up.log" 2>&1 &
   shop=$!
   for _ in $(seq 100); do curl -sf "localhost:$port/api/products" >/dev/null && break; sleep 0.1; done
+  sleep 1   # let `up` install its Ctrl-C handler (a background job starts with SIGINT ignored)
   token=$(curl -s -X POST "localhost:$port/api/auth/token" -H 'content-type: application/json' \
     -d "{\"email\":\"$TRELLIS_ADMIN_EMAIL\",\"password\":\"$TRELLIS_ADMIN_PASSWORD\"}" |
     sed 's/.*"access_token":"\([^"]*\)".*/\1/')
@@ -38,5 +41,5 @@ for rate in "${rates[@]}"; do
   orders=$(echo "$out" | grep '^orders:' || true)
   errs=$(echo "$out" | grep '^errors:' || true)
   inv=$(echo "$out" | grep '^invariants:' | cut -c1-60 || true)
-  echo "rate $rate/s for $duration: $order | $orders | $errs | $inv"
+  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv"
 done

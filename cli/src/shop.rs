@@ -86,6 +86,9 @@ pub(crate) struct UpArgs {
 
 impl UpArgs {
     pub(crate) async fn run(self) -> anyhow::Result<()> {
+        // Listen for Ctrl-C before anything starts, so one sent during start-up stops the shop
+        // as soon as it is up instead of being lost.
+        let stop_signal = tokio::spawn(trellis_gateway::shutdown_signal());
         let mut config = ShopConfig::new(&self.data_dir);
         config.saga = self.saga.into();
         config.gateway_port = self.port;
@@ -130,7 +133,7 @@ impl UpArgs {
             admin.email
         );
         println!("Ctrl-C stops it.");
-        trellis_gateway::shutdown_signal().await;
+        let _ = stop_signal.await;
         println!("stopping: draining in-flight requests");
         shop.shutdown().await;
         Ok(())

@@ -7,8 +7,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-/// Most connections a pool opens.
+/// Most connections a PostgreSQL pool opens.
 pub const POOL_CONNECTIONS_MAX: u32 = 16;
+/// Most connections a SQLite pool opens. Each one is a thread that sqlx hands every
+/// statement to; SQLite takes one writer at a time, and a few readers keep two cores busy, so
+/// more connections only spread statements over more threads to wake.
+pub const SQLITE_CONNECTIONS_MAX: u32 = 4;
 /// How long SQLite waits for a lock held by another connection before failing.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a free pooled connection.
@@ -84,7 +88,7 @@ impl Db {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             // One connection for an in-memory database: each connection would see its own.
-            .max_connections(if memory { 1 } else { POOL_CONNECTIONS_MAX })
+            .max_connections(if memory { 1 } else { SQLITE_CONNECTIONS_MAX })
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;

@@ -61,7 +61,9 @@ mod grpc;
 mod http_api;
 mod server;
 
-pub use db::{ACQUIRE_TIMEOUT, Db, DbError, POOL_CONNECTIONS_MAX, SQLITE_BUSY_TIMEOUT};
+pub use db::{
+    ACQUIRE_TIMEOUT, Db, DbError, POOL_CONNECTIONS_MAX, SQLITE_BUSY_TIMEOUT, SQLITE_CONNECTIONS_MAX,
+};
 pub use grpc::{GrpcChannel, GrpcClientConfig, grpc_channel, status_to_api_error};
 pub use http_api::{
     ApiError, ApiJson, Caller, ROLE_ADMIN, ROLE_CUSTOMER, USER_ID_HEADER, USER_ROLE_HEADER,
