@@ -1,8 +1,8 @@
 //! A service's part in a choreographed saga: consume the bus, act, emit the next event.
 //!
 //! A [`Participant`] names its consumer group, declares its handlers as a
-//! [`trellis_saga::choreography::Choreography`] (one per engine, usually from one generic
-//! function) and does the work for each delivery in [`Participant::prepare`]: a call that is
+//! [`trellis_saga::choreography::Choreography`] on either engine (one generic method) and
+//! does the work for each delivery in [`Participant::prepare`]: a call that is
 //! idempotent by the order id and opens its own transactions (the service's existing rules),
 //! or that leaves the process (a payment provider). [`start`] wires the rest on the service's
 //! own [`Db`]:
@@ -25,8 +25,8 @@
 //! use std::sync::Arc;
 //! use trellis_service::Db;
 //! use trellis_service::choreography::{
-//!     AnyBus, Choreography, ChoreographyDb, Message, NextEvent, Participant, Postgres,
-//!     PrepareFuture, Sqlite, prepared,
+//!     AnyBus, Choreography, ChoreographyDb, Message, NextEvent, Participant, PrepareFuture,
+//!     prepared,
 //! };
 //!
 //! struct Shipping;
@@ -48,10 +48,7 @@
 //!     fn group(&self) -> &str {
 //!         "shipping"
 //!     }
-//!     fn sqlite(&self) -> Choreography<Sqlite> {
-//!         flow()
-//!     }
-//!     fn postgres(&self) -> Choreography<Postgres> {
+//!     fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
 //!         flow()
 //!     }
 //!     fn prepare<'a>(&'a self, message: &'a Message) -> PrepareFuture<'a> {
@@ -137,11 +134,9 @@ pub trait Participant: Send + Sync + 'static {
     /// The consumer group: the service's name.
     fn group(&self) -> &str;
 
-    /// The handlers on SQLite.
-    fn sqlite(&self) -> Choreography<Sqlite>;
-
-    /// The same handlers on PostgreSQL.
-    fn postgres(&self) -> Choreography<Postgres>;
+    /// The handlers, on either engine (`Sqlite` or `Postgres`): one generic function whose
+    /// effects do not touch the connection, as [`emit_prepared`] does.
+    fn choreography<D: ChoreographyDb>(&self) -> Choreography<D>;
 
     /// The work for `message` before its inbox transaction, idempotent by the order id; its
     /// outcome reaches the handlers' effects through
@@ -177,57 +172,36 @@ pub async fn start<P: Participant>(
     let options = SubscribeOptions::default().with_retry(RetryPolicy::new(DELIVERIES_MAX)?);
     let subscription = bus.subscribe(">", participant.group(), options).await?;
     let mut tasks = Vec::new();
+    // The same wiring on each engine, with its own inbox, outbox and log types.
+    macro_rules! wire {
+        ($engine:ty, $pool:expr, $inbox:ty, $outbox:ty) => {{
+            trellis_saga::choreography::ChoreographyLog::<$engine>::new($pool.clone()).await?;
+            let inbox = Arc::new(<$inbox>::new($pool.clone()).await?);
+            let outbox = <$outbox>::new($pool.clone()).await?;
+            let flow = Arc::new(participant.choreography::<$engine>());
+            tasks.push(consume(
+                subscription,
+                flow,
+                inbox.clone(),
+                participant,
+                &stop,
+            ));
+            let relay_stop = stopped(&stop);
+            tasks.push(tokio::spawn(async move {
+                outbox.run(&bus, relay_stop).await;
+            }));
+            tasks.push(purge(
+                move || {
+                    let inbox = inbox.clone();
+                    async move { inbox.purge_older_than(INBOX_RETENTION).await }
+                },
+                &stop,
+            ));
+        }};
+    }
     match db {
-        Db::Sqlite(pool) => {
-            trellis_saga::choreography::ChoreographyLog::<Sqlite>::new(pool.clone()).await?;
-            let inbox = Arc::new(SqliteInbox::new(pool.clone()).await?);
-            let outbox = SqliteOutbox::new(pool.clone()).await?;
-            let flow = Arc::new(participant.sqlite());
-            tasks.push(consume(
-                subscription,
-                flow,
-                inbox.clone(),
-                participant,
-                &stop,
-            ));
-            let relay_bus = bus.clone();
-            let relay_stop = stopped(&stop);
-            tasks.push(tokio::spawn(async move {
-                outbox.run(&relay_bus, relay_stop).await;
-            }));
-            tasks.push(purge(
-                move || {
-                    let inbox = inbox.clone();
-                    async move { inbox.purge_older_than(INBOX_RETENTION).await }
-                },
-                &stop,
-            ));
-        }
-        Db::Postgres(pool) => {
-            trellis_saga::choreography::ChoreographyLog::<Postgres>::new(pool.clone()).await?;
-            let inbox = Arc::new(PgInbox::new(pool.clone()).await?);
-            let outbox = PgOutbox::new(pool.clone()).await?;
-            let flow = Arc::new(participant.postgres());
-            tasks.push(consume(
-                subscription,
-                flow,
-                inbox.clone(),
-                participant,
-                &stop,
-            ));
-            let relay_bus = bus.clone();
-            let relay_stop = stopped(&stop);
-            tasks.push(tokio::spawn(async move {
-                outbox.run(&relay_bus, relay_stop).await;
-            }));
-            tasks.push(purge(
-                move || {
-                    let inbox = inbox.clone();
-                    async move { inbox.purge_older_than(INBOX_RETENTION).await }
-                },
-                &stop,
-            ));
-        }
+        Db::Sqlite(pool) => wire!(Sqlite, pool, SqliteInbox, SqliteOutbox),
+        Db::Postgres(pool) => wire!(Postgres, pool, PgInbox, PgOutbox),
     }
     Ok(tasks)
 }

@@ -14,8 +14,8 @@ use shop_contracts::api::reason;
 use shop_contracts::events::{self, OrderCreated, OrderProgress, StepDone, StepFailed};
 use trellis_service::Db;
 use trellis_service::choreography::{
-    Choreography, ChoreographyDb, HandlerError, Message, Participant, Postgres, PrepareFuture,
-    Sqlite, emit_prepared, next,
+    Choreography, ChoreographyDb, HandlerError, Message, Participant, PrepareFuture, emit_prepared,
+    next,
 };
 
 use crate::stock::{self, Reserved, StockError};
@@ -121,11 +121,7 @@ impl Participant for InventoryParticipant {
         "inventory"
     }
 
-    fn sqlite(&self) -> Choreography<Sqlite> {
-        flow()
-    }
-
-    fn postgres(&self) -> Choreography<Postgres> {
+    fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
         flow()
     }
 

@@ -26,7 +26,7 @@ use shop_contracts::events::{self, StepDone, StepFailed};
 use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
 use trellis_service::choreography::{
     Choreography, ChoreographyDb, EffectFuture, Envelope, HandlerError, Message, NextEvent,
-    Participant, Postgres, PrepareFuture, Sqlite,
+    Participant, PrepareFuture,
 };
 
 use crate::aggregate::{Order, OrderCommand, OrderError};
@@ -212,11 +212,7 @@ impl Participant for OrdersParticipant {
         "orders"
     }
 
-    fn sqlite(&self) -> Choreography<Sqlite> {
-        flow()
-    }
-
-    fn postgres(&self) -> Choreography<Postgres> {
+    fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
         flow()
     }
 

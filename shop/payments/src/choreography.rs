@@ -17,8 +17,8 @@ use shop_contracts::events::{self, OrderEnded, OrderProgress, StepDone, StepFail
 use shop_contracts::proto::ChargeRequest;
 use tonic::Code;
 use trellis_service::choreography::{
-    Choreography, ChoreographyDb, HandlerError, Message, Participant, Postgres, PrepareFuture,
-    Sqlite, emit_prepared, next,
+    Choreography, ChoreographyDb, HandlerError, Message, Participant, PrepareFuture, emit_prepared,
+    next,
 };
 
 use crate::service::PaymentsService;
@@ -140,11 +140,7 @@ impl Participant for PaymentsParticipant {
         "payments"
     }
 
-    fn sqlite(&self) -> Choreography<Sqlite> {
-        flow()
-    }
-
-    fn postgres(&self) -> Choreography<Postgres> {
+    fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
         flow()
     }
 

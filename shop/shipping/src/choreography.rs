@@ -11,8 +11,8 @@ use shop_contracts::proto::shipping_server::Shipping as _;
 use shop_contracts::proto::{CreateShipmentRequest, Line};
 use tonic::Code;
 use trellis_service::choreography::{
-    Choreography, ChoreographyDb, HandlerError, Message, Participant, Postgres, PrepareFuture,
-    Sqlite, emit_prepared, next,
+    Choreography, ChoreographyDb, HandlerError, Message, Participant, PrepareFuture, emit_prepared,
+    next,
 };
 
 use crate::service::ShippingService;
@@ -95,11 +95,7 @@ impl Participant for ShippingParticipant {
         "shipping"
     }
 
-    fn sqlite(&self) -> Choreography<Sqlite> {
-        flow()
-    }
-
-    fn postgres(&self) -> Choreography<Postgres> {
+    fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
         flow()
     }
 
