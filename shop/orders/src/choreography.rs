@@ -73,15 +73,18 @@ fn decode<T: serde::de::DeserializeOwned>(message: &Message) -> Result<T, Handle
 
 impl OrdersParticipant {
     /// Runs `command`; `Ok(None)` when the order refuses it (the refusal is the answer).
+    /// The order is the trigger's subject; the events it appends name the trigger as their
+    /// cause, which the relay puts on the bus.
     async fn run(
         &self,
-        order_id: &str,
+        trigger: &Envelope,
         command: OrderCommand,
     ) -> Result<Result<Order, OrderError>, HandlerError> {
+        let order_id = trigger.subject.as_str();
         let metadata = Metadata {
             correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+            causation_id: Some(trigger.id),
             traceparent: trellis_telemetry::propagation::current_traceparent(),
-            ..Metadata::default()
         };
         match self.orders.execute(order_id, command, metadata).await {
             Ok(executed) => Ok(Ok(executed.state)),
@@ -92,7 +95,7 @@ impl OrdersParticipant {
 
     async fn record(
         &self,
-        order_id: &str,
+        trigger: &Envelope,
         step: &str,
         outcome: &str,
     ) -> Result<Order, HandlerError> {
@@ -100,7 +103,7 @@ impl OrdersParticipant {
             step: step.to_owned(),
             outcome: outcome.to_owned(),
         };
-        match self.run(order_id, command).await? {
+        match self.run(trigger, command).await? {
             Ok(order) => Ok(order),
             // Not an order of this service (or not yet): nothing to do but say so.
             Err(error) => Err(HandlerError::permanent("unknown_order", error)),
@@ -108,23 +111,23 @@ impl OrdersParticipant {
     }
 
     /// Notes why the order fails: the customer's cancel wins over a later failure.
-    async fn note(&self, order_id: &str, order: &Order, why: &str) -> Result<(), HandlerError> {
+    async fn note(&self, trigger: &Envelope, order: &Order, why: &str) -> Result<(), HandlerError> {
         let why = if order.cancel_requested {
             reason::CANCELLED_BY_USER
         } else {
             why
         };
-        self.run(order_id, OrderCommand::NoteFailure(why.to_owned()))
+        self.run(trigger, OrderCommand::NoteFailure(why.to_owned()))
             .await?
             .map(drop)
             .or(Ok(()))
     }
 
-    async fn cancel(&self, order_id: &str) -> Result<(), HandlerError> {
+    async fn cancel(&self, trigger: &Envelope) -> Result<(), HandlerError> {
         // Refused only when the order is confirmed already, which a cancel cannot change.
         let _ = self
             .run(
-                order_id,
+                trigger,
                 OrderCommand::Cancel {
                     fallback: "cancelled".to_owned(),
                 },
@@ -134,34 +137,34 @@ impl OrdersParticipant {
     }
 
     async fn act(&self, message: &Message) -> Result<bool, HandlerError> {
-        let order_id = message.envelope.subject.as_str();
+        let trigger = &message.envelope;
         match message.envelope.kind.as_str() {
             events::INVENTORY_RESERVED => {
-                self.record(order_id, "inventory", "reserved").await?;
+                self.record(trigger, "inventory", "reserved").await?;
             }
             events::INVENTORY_FAILED => {
                 let failed: StepFailed = decode(message)?;
-                let order = self.record(order_id, "inventory", &failed.reason).await?;
-                self.note(order_id, &order, &failed.reason).await?;
-                self.cancel(order_id).await?;
+                let order = self.record(trigger, "inventory", &failed.reason).await?;
+                self.note(trigger, &order, &failed.reason).await?;
+                self.cancel(trigger).await?;
             }
             events::PAYMENT_COMPLETED => {
-                let order = self.record(order_id, "payment", "captured").await?;
+                let order = self.record(trigger, "payment", "captured").await?;
                 if order
                     .status
                     .is_some_and(|s| s != shop_contracts::api::OrderStatus::Pending)
                 {
                     return Ok(true);
                 }
-                match self.run(order_id, OrderCommand::StartShipping).await? {
+                match self.run(trigger, OrderCommand::StartShipping).await? {
                     Ok(_) => {}
                     Err(OrderError::CancelRequested) => {
-                        self.note(order_id, &order, reason::CANCELLED_BY_USER)
+                        self.note(trigger, &order, reason::CANCELLED_BY_USER)
                             .await?;
                         let fail = OrderCommand::Fail {
                             fallback: reason::CANCELLED_BY_USER.to_owned(),
                         };
-                        let _ = self.run(order_id, fail).await?;
+                        let _ = self.run(trigger, fail).await?;
                     }
                     Err(_) => {}
                 }
@@ -173,33 +176,33 @@ impl OrdersParticipant {
                 } else {
                     "unavailable"
                 };
-                let order = self.record(order_id, "payment", outcome).await?;
-                self.note(order_id, &order, &failed.reason).await?;
+                let order = self.record(trigger, "payment", outcome).await?;
+                self.note(trigger, &order, &failed.reason).await?;
             }
             events::PAYMENT_REFUNDED => {
                 let done: StepDone = decode(message)?;
                 if done.state == "refunded" {
-                    self.record(order_id, "payment", "refunded").await?;
+                    self.record(trigger, "payment", "refunded").await?;
                 }
             }
             events::SHIPMENT_CREATED => {
-                self.record(order_id, "shipping", "created").await?;
+                self.record(trigger, "shipping", "created").await?;
             }
             events::SHIPMENT_FAILED => {
                 let failed: StepFailed = decode(message)?;
-                let order = self.record(order_id, "shipping", "failed").await?;
-                self.note(order_id, &order, &failed.reason).await?;
+                let order = self.record(trigger, "shipping", "failed").await?;
+                self.note(trigger, &order, &failed.reason).await?;
             }
             events::INVENTORY_RELEASED => {
                 let done: StepDone = decode(message)?;
                 if done.state == "released" {
-                    self.record(order_id, "inventory", "released").await?;
+                    self.record(trigger, "inventory", "released").await?;
                 }
-                self.cancel(order_id).await?;
+                self.cancel(trigger).await?;
             }
             events::INVENTORY_COMMITTED => {
-                self.record(order_id, "inventory", "committed").await?;
-                let _ = self.run(order_id, OrderCommand::Confirm).await?;
+                self.record(trigger, "inventory", "committed").await?;
+                let _ = self.run(trigger, OrderCommand::Confirm).await?;
             }
             _ => return Ok(false),
         }

@@ -162,6 +162,8 @@ async fn envelope_for(
     if let Ok(id) = uuid::Uuid::parse_str(&order_id) {
         envelope = envelope.with_correlation_id(id);
     }
+    // For a choreographed order: the participant's event that led to this one.
+    envelope.causation_id = event.metadata.causation_id;
     if let Some(traceparent) = &event.metadata.traceparent {
         envelope = envelope.with_traceparent(traceparent.clone());
     }

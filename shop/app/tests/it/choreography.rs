@@ -41,8 +41,8 @@ async fn chain_on_the_bus(backend: Backend, test: &str) {
             "{envelope:?}"
         );
     }
-    // Each participant's event is caused by the event it reacted to.
-    for (cause, effect) in [(0, 1), (1, 2), (3, 4), (4, 5)] {
+    // Each event is caused by the event its service reacted to.
+    for (cause, effect) in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
         assert_eq!(
             messages[effect].causation_id,
             Some(messages[cause].id),
