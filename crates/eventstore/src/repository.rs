@@ -385,39 +385,8 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         command: A::Command,
         metadata: Metadata,
     ) -> Result<Executed<A>, RepositoryError<A::Error>> {
-        let stream = Self::stream_id(id)?;
-        let mut state = A::default();
-        // A refusal or a no-op on the empty state is decided again on the stored one.
-        let events = state.handle(command.clone()).unwrap_or_default();
-        if !events.is_empty() {
-            let new_events = events
-                .iter()
-                .map(|event| encode(event).map(|e| e.with_metadata(metadata.clone())))
-                .collect::<Result<Vec<_>, _>>()?;
-            match self
-                .store
-                .append(&stream, ExpectedVersion::NoStream, new_events)
-                .await
-            {
-                Ok(result) => {
-                    for event in &events {
-                        state.apply(event);
-                    }
-                    if let Some(cache) = &self.cache {
-                        cache.put(&stream, &state, result.next_version);
-                    }
-                    return Ok(Executed {
-                        events,
-                        state,
-                        version: result.next_version,
-                        attempts: 1,
-                    });
-                }
-                Err(error) if error.is_conflict() => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        self.execute(id, command, metadata).await
+        self.execute_from(id, command, metadata, Some((A::default(), 0)))
+            .await
     }
 
     /// Runs `command` against aggregate `id` and appends the events it produces, expecting
@@ -434,15 +403,25 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         metadata: Metadata,
     ) -> Result<Executed<A>, RepositoryError<A::Error>> {
         let stream = Self::stream_id(id)?;
+        let cached = self.cache.as_ref().and_then(|cache| cache.get(&stream));
+        self.execute_from(id, command, metadata, cached).await
+    }
+
+    /// [`execute`](Self::execute) whose first attempt starts from `start` (a state and its
+    /// version believed current) instead of a load. A refusal or a no-op on it is decided
+    /// again on a fresh load, and a stale start shows as a version conflict, so a wrong guess
+    /// never answers for the stream.
+    async fn execute_from(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: Metadata,
+        mut start: Option<(A, u64)>,
+    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
+        let stream = Self::stream_id(id)?;
         let attempts_max = self.conflict_retries + 1;
         for attempt in 1..=attempts_max {
-            // The first attempt trusts the cache; a refusal or a no-op on a cached state is
-            // decided again on a fresh load, so a stale entry never answers for the stream.
-            let cached = match (&self.cache, attempt) {
-                (Some(cache), 1) => cache.get(&stream),
-                _ => None,
-            };
-            let (mut state, version, decided) = match cached {
+            let (mut state, version, decided) = match start.take() {
                 Some((state, version)) => match state.handle(command.clone()) {
                     Ok(events) if !events.is_empty() => (state, version, Some(events)),
                     _ => {
