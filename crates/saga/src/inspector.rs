@@ -80,8 +80,21 @@ impl<S: SagaStore> Inspector<S> {
     /// # Errors
     /// [`SagaError::NotFound`] or a store error.
     pub async fn show(&self, id: SagaId) -> Result<SagaTimeline, SagaError> {
-        let instance = self.store.load(id).await?.ok_or(SagaError::NotFound(id))?;
+        let instance = self.load(id).await?;
         Ok(SagaTimeline::from_instance(&instance))
+    }
+
+    /// Loads a saga, refusing an empty log: every saga starts with its `Started` record, so
+    /// a store returning none is broken, and the inspector says so rather than guess.
+    async fn load(&self, id: SagaId) -> Result<SagaInstance, SagaError> {
+        let instance = self.store.load(id).await?.ok_or(SagaError::NotFound(id))?;
+        if instance.records.is_empty() {
+            return Err(SagaError::CorruptLog {
+                id,
+                reason: "empty log".to_owned(),
+            });
+        }
+        Ok(instance)
     }
 
     /// Cancels a running saga: compensates now, in reverse order, every step up to the one
@@ -165,7 +178,7 @@ impl<S: SagaStore> Inspector<S> {
         lease: &Lease,
         decide: impl FnOnce(&SagaInstance) -> Result<Transition, String>,
     ) -> Result<Transition, SagaError> {
-        let instance = self.store.load(id).await?.ok_or(SagaError::NotFound(id))?;
+        let instance = self.load(id).await?;
         let transition = decide(&instance).map_err(|reason| SagaError::Rejected { id, reason })?;
         let last = instance.last();
         let record = SagaRecord {
@@ -387,8 +400,27 @@ pub struct TimelineEntry {
 
 impl SagaTimeline {
     /// Builds the timeline of `instance` from its log.
+    ///
+    /// An instance with an empty log (no store returns one; [`Inspector::show`] refuses it
+    /// with [`SagaError::CorruptLog`]) gives a timeline with no steps and no log, dated at the
+    /// Unix epoch, and a null context.
     pub fn from_instance(instance: &SagaInstance) -> Self {
-        let mut steps: Vec<StepTimeline> = match &instance.records[0].transition {
+        let (Some(first), Some(last)) = (instance.records.first(), instance.records.last()) else {
+            return Self {
+                id: instance.id,
+                definition: instance.definition.clone(),
+                version: instance.version,
+                status: instance.status,
+                started_at: DateTime::<Utc>::UNIX_EPOCH,
+                updated_at: DateTime::<Utc>::UNIX_EPOCH,
+                pivot: None,
+                steps: Vec::new(),
+                outcome: None,
+                context: serde_json::Value::Null,
+                log: Vec::new(),
+            };
+        };
+        let mut steps: Vec<StepTimeline> = match &first.transition {
             Transition::Started { steps, .. } => steps.iter().map(|step| pending(step)).collect(),
             _ => Vec::new(),
         };
@@ -462,13 +494,12 @@ impl SagaTimeline {
         if instance.status.is_active() {
             outcome = None;
         }
-        let last = instance.last();
         Self {
             id: instance.id,
             definition: instance.definition.clone(),
             version: instance.version,
             status: instance.status,
-            started_at: instance.records[0].at,
+            started_at: first.at,
             updated_at: last.at,
             pivot: pivot(instance).map(str::to_owned),
             steps,

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 use trellis_saga::{
-    AttemptOutcome, InMemorySagaStore, Inspector, LEASE_DEFAULT, SagaDefinition, SagaEngine,
-    SagaError, SagaFilter, SagaStatus, Step, StepContext, StepError, StepState, Transition,
+    AttemptOutcome, InMemorySagaStore, Inspector, LEASE_DEFAULT, Lease, SagaDefinition, SagaEngine,
+    SagaError, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore, SagaSummary,
+    SagaTimeline, Step, StepContext, StepError, StepState, Transition,
 };
 
 use crate::support::{
@@ -347,4 +349,117 @@ async fn the_http_endpoints_list_show_act_and_explain_bad_input_as_json() {
     );
     let (status, body) = call(&router, "POST", "/sagas/purge", "{\"older_than_days\": 1}").await;
     assert_eq!((status, body["purged"].as_u64()), (200, Some(0)), "{body}");
+}
+
+/// A store whose `load` returns every saga with an empty log (as a broken or third-party store
+/// might), over an in-memory store for everything else.
+#[derive(Debug, Clone, Default)]
+struct HollowStore(InMemorySagaStore);
+
+impl SagaStore for HollowStore {
+    async fn create(
+        &self,
+        id: SagaId,
+        definition: &str,
+        version: u32,
+        first: &SagaRecord,
+        lease: &Lease,
+    ) -> Result<(), SagaError> {
+        self.0.create(id, definition, version, first, lease).await
+    }
+
+    async fn append(
+        &self,
+        id: SagaId,
+        record: &SagaRecord,
+        lease: &Lease,
+    ) -> Result<(), SagaError> {
+        self.0.append(id, record, lease).await
+    }
+
+    async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
+        Ok(self.0.load(id).await?.map(|mut instance| {
+            instance.records.clear();
+            instance
+        }))
+    }
+
+    async fn list_active(&self, limit: usize) -> Result<Vec<SagaId>, SagaError> {
+        self.0.list_active(limit).await
+    }
+
+    async fn claim_next(
+        &self,
+        lease: &Lease,
+        after: Option<SagaId>,
+    ) -> Result<Option<SagaId>, SagaError> {
+        self.0.claim_next(lease, after).await
+    }
+
+    async fn claim(&self, id: SagaId, lease: &Lease) -> Result<(), SagaError> {
+        self.0.claim(id, lease).await
+    }
+
+    async fn renew(&self, id: SagaId, lease: &Lease) -> Result<bool, SagaError> {
+        self.0.renew(id, lease).await
+    }
+
+    async fn release(&self, id: SagaId, owner: &str) -> Result<(), SagaError> {
+        self.0.release(id, owner).await
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaSummary>, SagaError> {
+        self.0.list(filter).await
+    }
+
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64, SagaError> {
+        self.0.purge(before).await
+    }
+}
+
+#[tokio::test]
+async fn the_inspector_answers_an_empty_saga_log_without_panicking() {
+    // Goal: a saga whose log comes back empty is answered with an error (show, cancel, the
+    // HTTP endpoint) or an empty timeline (from_instance), never a panic; method: a store
+    // that drops every record on load.
+    let store = HollowStore::default();
+    let id = SagaId::new();
+    let first = SagaRecord {
+        seq: 1,
+        transition: Transition::Started {
+            steps: vec!["flight".to_owned()],
+            pivot: None,
+        },
+        context: serde_json::json!(null),
+        at: Utc::now(),
+    };
+    store
+        .create(id, "book-trip", 1, &first, &Lease::new(NODE, LEASE_DEFAULT))
+        .await
+        .expect("create");
+    store.release(id, NODE).await.expect("release");
+    let empty = store.load(id).await.expect("load").expect("exists");
+    assert!(empty.records.is_empty());
+
+    let timeline = SagaTimeline::from_instance(&empty);
+    assert!(timeline.steps.is_empty() && timeline.log.is_empty());
+
+    let inspector = Inspector::new(store.clone());
+    assert!(matches!(
+        inspector.show(id).await,
+        Err(SagaError::CorruptLog { .. })
+    ));
+    assert!(matches!(
+        inspector.cancel(id, "why").await,
+        Err(SagaError::CorruptLog { .. })
+    ));
+    let response = trellis_saga::http::router(Inspector::new(store))
+        .oneshot(
+            axum::http::Request::get(format!("/sagas/{id}"))
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("answered");
+    assert!(response.status().is_server_error(), "{}", response.status());
 }
