@@ -21,8 +21,9 @@
 //!   their schema differs. [`Upcasters`] turn stored old event shapes into today's on read and
 //!   are checked for gaps at start-up. [`AggregateTest`] gives given/when/then tests.
 //! - [`ProjectionRunner`]: feeds a [`Projection`] with the log, committing its checkpoint in
-//!   the read model's own transaction (exactly once), rebuilds into a new generation while the
-//!   old one serves, and reports lag.
+//!   the read model's own transaction under a lock on the checkpoint (exactly once, even with
+//!   several runners on one read model), rebuilds into a new generation while the old one
+//!   serves, and reports lag.
 //!
 //! # Ordering: `read_all` never skips
 //! Positions are assigned in commit order by every backend, so a reader that continues from

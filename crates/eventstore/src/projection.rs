@@ -6,6 +6,16 @@
 //! batch's writes *and* its checkpoint, so the batch is applied again; a crash after it keeps
 //! both. No event is applied twice and none is skipped.
 //!
+//! # Several runners on one read model
+//! Two runners may feed one generation at once: two processes sharing a PostgreSQL read model,
+//! or [`ProjectionRunner::rebuild`]'s final catch-up beside the live runner. Each batch's
+//! transaction therefore reads the checkpoint again *under a lock* before applying anything
+//! (PostgreSQL: `SELECT … FOR UPDATE` on the checkpoint row, created first if missing;
+//! SQLite: `BEGIN IMMEDIATE` already holds the file's only write lock) and skips the events
+//! at or below it. The events themselves are read before the transaction, from the checkpoint
+//! seen without the lock, so the lock is held only while the batch is applied; a runner that
+//! lost the race reads the batch in vain and applies nothing of it.
+//!
 //! # Rebuilds without downtime
 //! Read models are versioned by *generation*: the projection keeps one set of tables per
 //! generation (for example `order_summaries_g1`), and [`Projection::activate`] points readers
@@ -79,6 +89,15 @@ pub trait ReadModelDatabase: sqlx::Database {
         projection: &str,
         generation: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+    /// The position after which `generation` has applied nothing yet, read inside the batch's
+    /// transaction and locked until it ends: a second runner's batch waits here until this
+    /// one commits, then sees the checkpoint it wrote. Creates the checkpoint (at 0) if
+    /// missing, so there is a row to lock.
+    fn lock_checkpoint(
+        tx: &mut Transaction<'static, Self>,
+        projection: &str,
+        generation: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
     /// Records `position` as applied for `generation`, inside the batch's transaction.
     fn save_checkpoint(
         tx: &mut Transaction<'static, Self>,
@@ -95,7 +114,7 @@ pub trait ReadModelDatabase: sqlx::Database {
 }
 
 macro_rules! read_model_database {
-    ($db:ty, $int:literal, $begin:literal) => {
+    ($db:ty, $int:literal, $begin:literal, $lock:literal) => {
         impl ReadModelDatabase for $db {
             const BEGIN_WRITE: &'static str = $begin;
 
@@ -127,6 +146,31 @@ macro_rules! read_model_database {
                         .fetch_optional(pool)
                         .await?;
                 Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+            }
+
+            async fn lock_checkpoint(
+                tx: &mut Transaction<'static, Self>,
+                projection: &str,
+                generation: u32,
+            ) -> Result<u64, sqlx::Error> {
+                let generation = i32::try_from(generation).unwrap_or(i32::MAX);
+                sqlx::query(
+                    "INSERT INTO projection_checkpoints (name, generation, position) VALUES ($1, $2, 0)
+                     ON CONFLICT (name, generation) DO NOTHING",
+                )
+                .bind(projection)
+                .bind(generation)
+                .execute(&mut **tx)
+                .await?;
+                let position: i64 = sqlx::query_scalar(concat!(
+                    "SELECT position FROM projection_checkpoints WHERE name = $1 AND generation = $2",
+                    $lock
+                ))
+                .bind(projection)
+                .bind(generation)
+                .fetch_one(&mut **tx)
+                .await?;
+                Ok(u64::try_from(position).unwrap_or(0))
             }
 
             async fn save_checkpoint(
@@ -162,8 +206,10 @@ macro_rules! read_model_database {
     };
 }
 
-read_model_database!(Sqlite, "INTEGER", "BEGIN IMMEDIATE");
-read_model_database!(Postgres, "BIGINT", "BEGIN");
+// SQLite needs no row lock: `BEGIN IMMEDIATE` holds the file's write lock for the whole
+// transaction, so a second runner's batch cannot even start until this one commits.
+read_model_database!(Sqlite, "INTEGER", "BEGIN IMMEDIATE", "");
+read_model_database!(Postgres, "BIGINT", "BEGIN", " FOR UPDATE");
 
 /// A read model fed by events.
 ///
@@ -293,19 +339,24 @@ where
     }
 
     /// Applies one batch to `generation` (events after its checkpoint), committing the
-    /// checkpoint with it. Returns the new checkpoint and the number of events applied.
+    /// checkpoint with it. Returns the new checkpoint and the number of events read from the
+    /// log (some may have been skipped, applied meanwhile by another runner).
     async fn step(&self, generation: u32) -> Result<(u64, usize), ProjectionError> {
         let name = self.projection.name();
-        let checkpoint = DB::checkpoint(&self.pool, name, generation).await?;
-        let events = self
-            .store
-            .read_all(checkpoint + 1, PROJECTION_BATCH)
-            .await?;
+        // Unlocked: only chooses what to read. The locked read below decides what to apply.
+        let seen = DB::checkpoint(&self.pool, name, generation).await?;
+        let events = self.store.read_all(seen + 1, PROJECTION_BATCH).await?;
         let Some(last) = events.last().map(|e| e.position) else {
-            return Ok((checkpoint, 0));
+            return Ok((seen, 0));
         };
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
-        for event in &events {
+        let checkpoint = DB::lock_checkpoint(&mut tx, name, generation).await?;
+        if checkpoint >= last {
+            // Another runner applied the whole batch while this one read it.
+            tx.rollback().await?;
+            return Ok((checkpoint, events.len()));
+        }
+        for event in events.iter().filter(|e| e.position > checkpoint) {
             self.projection
                 .apply(&mut tx, generation, event)
                 .await
@@ -329,10 +380,10 @@ where
     pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
         loop {
             let generation = self.active_generation().await?;
-            let (checkpoint, applied) = self.step(generation).await?;
+            let (checkpoint, read) = self.step(generation).await?;
             // A short batch reached the head as it was when read: done, without reading an
             // empty batch to find out.
-            if applied < PROJECTION_BATCH {
+            if read < PROJECTION_BATCH {
                 let head = *self.store.watch_head().borrow();
                 metrics::gauge!("trellis_projection_lag", "projection" => self.projection.name().to_owned())
                     .set(head.saturating_sub(checkpoint) as f64);
@@ -384,13 +435,13 @@ where
         }
         loop {
             let head = self.store.head().await?;
-            let (position, applied) = self.step(new).await?;
+            let (position, read) = self.step(new).await?;
             progress(RebuildProgress {
                 generation: new,
                 position,
                 head,
             });
-            if applied == 0 {
+            if read == 0 {
                 break;
             }
         }

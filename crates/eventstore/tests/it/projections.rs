@@ -197,6 +197,56 @@ where
     );
 }
 
+/// Two runners (as two processes would run) feed one read model from one log at once, each
+/// from its own pool, until both reach the head; every event must count once.
+async fn two_runners_apply_each_event_once<DB>(first: Pool<DB>, second: Pool<DB>)
+where
+    DB: ReadModelDatabase,
+    Balances: Projection<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'r> (String, i64, i64): sqlx::FromRow<'r, DB::Row>,
+    <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    const EVENTS: usize = 5_000;
+    let store = MemoryStore::new();
+    let mut runners = Vec::new();
+    for pool in [first.clone(), second] {
+        runners.push(
+            ProjectionRunner::new(Balances::default(), store.clone(), pool)
+                .await
+                .expect("runner"),
+        );
+    }
+    // Both runners follow the log while it grows, so they race over every batch.
+    let tasks: Vec<_> = runners
+        .into_iter()
+        .map(|runner| {
+            tokio::spawn(async move {
+                loop {
+                    let checkpoint = runner.catch_up().await.expect("catch up");
+                    if checkpoint == EVENTS as u64 {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..EVENTS / 100 {
+        deposit(&store, "acct-a", 1, 100).await;
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        task.await.expect("runner task");
+    }
+    assert_eq!(
+        balances(&first).await,
+        [("acct-a".to_owned(), EVENTS as i64, EVENTS as i64)],
+        "each deposit is counted once"
+    );
+}
+
 mod sqlite {
     use super::*;
 
@@ -218,6 +268,15 @@ mod sqlite {
         // Replaying into a new generation leaves the active one readable until the swap.
         let (pool, _dir) = pool().await;
         rebuild_while_serving(pool).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_projection_runners_on_sqlite_apply_each_event_once() {
+        // Two runners with their own pools on one read-model file race over a growing log.
+        let (first, dir) = pool().await;
+        let url = format!("sqlite://{}", dir.path().join("read.db").display());
+        let second = sqlx::SqlitePool::connect(&url).await.expect("open");
+        two_runners_apply_each_event_once(first, second).await;
     }
 }
 
@@ -244,5 +303,19 @@ mod postgres {
         let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
         rebuild_while_serving(pool.clone()).await;
         pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_projection_runners_on_postgres_apply_each_event_once() {
+        // Two runners with their own pools on one PostgreSQL read model race over a growing
+        // log; the checkpoint row's lock must let only one apply each batch.
+        let Some(db) = trellis_testkit::postgres("projection_two_runners").await else {
+            return;
+        };
+        let first = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        let second = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        two_runners_apply_each_event_once(first.clone(), second.clone()).await;
+        first.close().await;
+        second.close().await;
     }
 }
