@@ -8,14 +8,28 @@
 //! The lag (age of the oldest unsent row) is reported and recorded as the gauge
 //! `trellis_bus_outbox_lag_seconds`.
 //!
-//! Several relays may run. On SQLite each round holds the database's write lock
-//! (`BEGIN IMMEDIATE`), so rounds take turns. On PostgreSQL each relay takes a transaction-level
-//! advisory lock per subject (`pg_try_advisory_xact_lock`) and skips subjects another relay
-//! holds, the per-subject equivalent of `FOR UPDATE SKIP LOCKED`: relays share the work by
-//! subject and never reorder one subject's messages.
+//! No relay holds a lock the service's own writes need while it waits for the bus, because a
+//! publish can take seconds (a slow or unreachable broker) and the outbox lives in the
+//! service's database:
+//!
+//! - On SQLite, a round reads its rows without a write transaction, publishes them, and only
+//!   then deletes the confirmed ones in a short `BEGIN IMMEDIATE` transaction. SQLite has one
+//!   write lock per database; holding it across the publish (as this relay once did) stalled
+//!   every write of the service for as long as the bus took. Rounds of one [`SqliteOutbox`]
+//!   take turns. Relays in several processes on one file may publish a row twice (both read
+//!   it before either deleted it), which the inbox absorbs; they never publish a subject's
+//!   row before its predecessor was published, since each relay starts a subject at its
+//!   oldest undeleted row and a row is deleted only after the bus confirmed it.
+//! - On PostgreSQL each relay takes a transaction-level advisory lock per subject
+//!   (`pg_try_advisory_xact_lock`) and skips subjects another relay holds, the per-subject
+//!   equivalent of `FOR UPDATE SKIP LOCKED`: relays share the work by subject and never
+//!   reorder one subject's messages. The transaction stays open across the publish, but it
+//!   holds no row locks until its final `DELETE` (advisory locks block only other relays),
+//!   so the service's inserts and updates are not delayed.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -144,6 +158,8 @@ where
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
     pool: sqlx::SqlitePool,
+    /// Serialises this outbox's rounds, so one process never publishes a row twice at once.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteOutbox {
@@ -153,7 +169,10 @@ impl SqliteOutbox {
     /// The table cannot be created.
     pub async fn new(pool: sqlx::SqlitePool) -> Result<Self, BusError> {
         sqlx::query(SQLITE_SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            turn: Arc::default(),
+        })
     }
 
     /// Writes `envelope` for `topic` in the caller's transaction (fills `traceparent` from
@@ -179,8 +198,13 @@ impl SqliteOutbox {
         Ok(())
     }
 
-    /// Publishes up to `batch_max` (capped at [`RELAY_BATCH_MAX`]) unsent rows and removes
-    /// them, holding the write lock for the round.
+    /// Publishes up to `batch_max` (capped at [`RELAY_BATCH_MAX`]) unsent rows, then removes
+    /// the ones the bus confirmed in a short write transaction.
+    ///
+    /// The rows are read and published outside any write transaction: a publish may wait
+    /// on the network for seconds, and holding SQLite's single write lock meanwhile would
+    /// stall every write of the service. Rounds of one `SqliteOutbox` (and its clones) take
+    /// turns.
     ///
     /// # Errors
     /// Database errors; publish failures leave rows for the next round and are not errors.
@@ -189,12 +213,12 @@ impl SqliteOutbox {
         bus: &B,
         batch_max: i64,
     ) -> Result<RelayReport, BusError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let _turn = self.turn.lock().await;
         let rows = sqlx::query(
             "SELECT id, topic, subject, envelope, created_ms FROM bus_outbox ORDER BY id LIMIT ?",
         )
         .bind(batch_max.clamp(1, RELAY_BATCH_MAX))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
         let lag = match rows.first() {
             Some(row) => {
@@ -205,6 +229,9 @@ impl SqliteOutbox {
             None => None,
         };
         record_lag(lag);
+        if rows.is_empty() {
+            return Ok(RelayReport::default());
+        }
         let mut decoded = Vec::with_capacity(rows.len());
         for row in &rows {
             decoded.push((
@@ -215,13 +242,15 @@ impl SqliteOutbox {
             ));
         }
         let sent = publish_in_order(bus, decoded).await;
-        for id in &sent {
-            sqlx::query("DELETE FROM bus_outbox WHERE id = ?")
-                .bind(id)
+        if !sent.is_empty() {
+            let ids = serde_json::to_string(&sent).map_err(BusError::corrupt)?;
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::query("DELETE FROM bus_outbox WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(ids)
                 .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
         }
-        tx.commit().await?;
         Ok(RelayReport {
             published: sent.len(),
             lag,

@@ -7,5 +7,6 @@ mod exactly_once;
 mod helpers;
 mod memory;
 mod nats;
+mod outbox;
 mod sqlite;
 mod trace;
