@@ -28,7 +28,8 @@ impl RouteMatchers {
         Ok(Self { matchers })
     }
 
-    /// The index of the first matching route, and the rewritten path's length.
+    /// The index of the first matching route, and the rewritten path's length. The path is
+    /// normalised first, as the proxy does; `None` when it is refused.
     pub fn find(
         &self,
         method: &Method,
@@ -36,6 +37,8 @@ impl RouteMatchers {
         path: &str,
         headers: &HeaderMap,
     ) -> Option<(usize, usize)> {
+        let path = crate::path::normalize(path).ok()?;
+        let path = path.as_ref();
         self.matchers
             .iter()
             .position(|m| m.matches(method, host, path, headers))

@@ -410,7 +410,9 @@ pub struct RouteConfig {
     /// `Host` to match (without port); `*.example.com` matches subdomains. Any when absent.
     #[serde(default)]
     pub host: Option<String>,
-    /// Exact path.
+    /// Exact path. Route paths and request paths are compared in canonical form (escapes of
+    /// unreserved characters decoded, `//` merged, dot segments resolved; see the crate docs)
+    /// and case-sensitively; a path that cannot be normalised is refused at start-up.
     #[serde(default)]
     pub path_exact: Option<String>,
     /// Path prefix, on segment boundaries (`/api` matches `/api` and `/api/x`, not `/apix`).
@@ -869,6 +871,15 @@ impl Config {
                     && !v.starts_with('/')
                 {
                     return Err(invalid(&format!("{key}.{field}"), "must start with /"));
+                }
+                if field != "path_template"
+                    && let Some(v) = value
+                    && let Err(e) = crate::path::normalize(v)
+                {
+                    return Err(invalid(
+                        &format!("{key}.{field}"),
+                        &format!("cannot be normalised: {}", e.0),
+                    ));
                 }
             }
             if let Some(t) = &r.path_template {

@@ -74,6 +74,10 @@ pub enum ProxyError {
     /// The request's target or headers cannot be forwarded.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request path is ambiguous (an encoded slash, an escaped dot segment, a backslash,
+    /// a `..` above the root...) and cannot be normalised safely; see the crate docs.
+    #[error("invalid path: {0}")]
+    InvalidPath(&'static str),
     /// The body is larger than the route allows.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge {
@@ -142,6 +146,7 @@ impl ProxyError {
         match self {
             Self::NoRoute
             | Self::BadRequest(_)
+            | Self::InvalidPath(_)
             | Self::BodyTooLarge { .. }
             | Self::Unauthenticated { .. }
             | Self::Forbidden(_)
@@ -170,7 +175,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -187,6 +192,7 @@ impl ProxyError {
         match self {
             Self::NoRoute => "no_route",
             Self::BadRequest(_) => "bad_request",
+            Self::InvalidPath(_) => "invalid_path",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Unauthenticated { .. } => "unauthenticated",
             Self::Forbidden(_) => "forbidden",

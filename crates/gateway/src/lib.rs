@@ -9,8 +9,9 @@
 //! requests to upstream clusters with hyper's pooled client. Both sides speak HTTP/1.1 and
 //! HTTP/2 over cleartext (h2c); bodies stream through without buffering.
 //!
-//! Per request, in order: the admin endpoints (`/healthz`, `/readyz`, `/metrics`), routing
-//! (host, path exact/prefix/template, method, headers), [`GatewayHooks::request_filter`], the
+//! Per request, in order: path normalisation (see below; 400 `invalid_path` for a path that
+//! cannot be normalised safely), the admin endpoints (`/healthz`, `/readyz`, `/metrics`),
+//! routing (host, path exact/prefix/template, method, headers), [`GatewayHooks::request_filter`], the
 //! declared body size (413), authentication (401 with `WWW-Authenticate`, 403 for a missing
 //! scope or role), rate limiting (GCRA per client key, optionally shared across replicas through
 //! Redis; 429 with `Retry-After` and `RateLimit-*`), then the upstream
@@ -26,6 +27,18 @@
 //! each with its own upstream connection pool, sharing the routing table, breakers, rate
 //! limiters and token caches. [`Gateway::reload`] swaps the whole table; requests in flight
 //! finish on the one they started with. [`GatewayHooks`] is the extension point.
+//!
+//! # Paths
+//!
+//! Routes match the canonical form of the request path, and that form (not the bytes the
+//! client sent) is what the upstream receives, with the query unchanged: escapes of
+//! unreserved characters decoded (`%61` is `a`), other escapes in upper case, `//` merged,
+//! `.` and `..` resolved. So `/public/../admin` and `//admin` are `/admin`, and need what the
+//! `/admin` route needs. Spellings an upstream could read in more than one way are refused
+//! with 400 `invalid_path`: `%2F`, `%5C`, `\`, an escaped dot segment (`%2e%2e`), a double
+//! escape (`%252e`), a `;` (send `%3B`), control characters, malformed escapes, and `..`
+//! above the root. Matching is case-sensitive (`/ADMIN` is not `/admin`); an upstream that
+//! routes case-insensitively must not share a catch-all route with a protected prefix.
 //!
 //! Design notes: docs/decisions/0005-gateway-design.md; figures: docs/BENCHMARKS.md.
 //!
@@ -76,6 +89,7 @@ mod body;
 pub mod config;
 mod error;
 mod hooks;
+mod path;
 mod proxy;
 mod ratelimit;
 mod route;

@@ -310,13 +310,25 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Response<GatewayBody> {
     let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    // Everything after this line (admin endpoints, routing, hooks, the upstream request) sees
+    // the canonical path only, so what matched is what is forwarded.
+    if let Err(error) = normalize_target(&mut parts) {
+        let mut response = error.to_response();
+        finish_response(&mut response, &request_id(&parts.headers), None);
+        shared
+            .table
+            .load()
+            .unrouted
+            .record(response.status(), started.elapsed());
+        return response;
+    }
     if shared.admin_endpoints
-        && let Some(response) = admin(&shared, &request)
+        && let Some(response) = admin(&shared, &parts)
     {
         return response;
     }
     let table = shared.table.load_full();
-    let (mut parts, body) = request.into_parts();
     let request_id = request_id(&parts.headers);
 
     let Some(route) = table.find(&parts) else {
@@ -388,11 +400,36 @@ fn finish_response(
     }
 }
 
-fn admin(shared: &Shared, request: &Request<Incoming>) -> Option<Response<GatewayBody>> {
-    if request.method() != Method::GET {
+/// Replaces the request's path with its canonical form ([`crate::path::normalize`]), keeping
+/// the query exactly as sent.
+fn normalize_target(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    let path = match crate::path::normalize(parts.uri.path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(path)) => path,
+        Err(crate::path::InvalidPath(why)) => return Err(ProxyError::InvalidPath(why)),
+    };
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    // Cannot fail: the path is printable ASCII without `?` or `#`, and the query was accepted
+    // once already.
+    uri.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| ProxyError::InvalidPath("the normalised target is not a valid URI"))?,
+    );
+    parts.uri = http::Uri::from_parts(uri)
+        .map_err(|_| ProxyError::InvalidPath("the normalised target is not a valid URI"))?;
+    Ok(())
+}
+
+fn admin(shared: &Shared, request: &http::request::Parts) -> Option<Response<GatewayBody>> {
+    if request.method != Method::GET {
         return None;
     }
-    let (status, content_type, body) = match request.uri().path() {
+    let (status, content_type, body) = match request.uri.path() {
         "/healthz" => (
             StatusCode::OK,
             "application/json",

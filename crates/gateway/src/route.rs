@@ -1,4 +1,7 @@
 //! Request matching (host, path, method, headers) and path rewriting. Pure: no I/O.
+//!
+//! Matching runs on the canonical path ([`crate::path::normalize`]); route paths from the
+//! configuration are brought to the same form when a route is compiled.
 
 use std::borrow::Cow;
 
@@ -48,8 +51,17 @@ impl PathTemplate {
                 return Err(format!(
                     "segment `{segment}`: a parameter must be a whole segment"
                 ));
+            } else if segment.is_empty() {
+                segments.push(Some(String::new()));
             } else {
-                segments.push(Some(segment.to_owned()));
+                // Request paths are matched in canonical form, so literals are too.
+                if segment == "." || segment == ".." {
+                    return Err(format!("segment `{segment}` is a dot segment"));
+                }
+                let slashed = format!("/{segment}");
+                let canonical = crate::path::normalize(&slashed)
+                    .map_err(|e| format!("segment `{segment}`: {}", e.0))?;
+                segments.push(Some(canonical[1..].to_owned()));
             }
         }
         Ok(Self { segments })
@@ -111,12 +123,19 @@ pub(crate) struct Matcher {
 }
 
 impl Matcher {
-    /// Compiles a validated route's match section.
+    /// Compiles a validated route's match section. Paths are brought to the canonical form
+    /// request paths are matched in (see [`crate::path`]), so `/café` in the file matches a
+    /// request for `/caf%C3%A9`.
     pub(crate) fn from_config(route: &RouteConfig) -> Result<Self, String> {
+        let canonical = |p: &str| {
+            crate::path::normalize(p)
+                .map(Cow::into_owned)
+                .map_err(|e| format!("`{p}` cannot be normalised: {}", e.0))
+        };
         let path = if let Some(p) = &route.path_exact {
-            PathMatch::Exact(p.clone())
+            PathMatch::Exact(canonical(p)?)
         } else if let Some(p) = &route.path_prefix {
-            PathMatch::Prefix(p.trim_end_matches('/').to_owned())
+            PathMatch::Prefix(canonical(p)?.trim_end_matches('/').to_owned())
         } else if let Some(t) = &route.path_template {
             PathMatch::Template(PathTemplate::parse(t)?)
         } else {
@@ -144,11 +163,15 @@ impl Matcher {
             headers,
             strip_prefix: route
                 .strip_prefix
-                .as_ref()
+                .as_deref()
+                .map(canonical)
+                .transpose()?
                 .map(|p| p.trim_end_matches('/').to_owned()),
             add_prefix: route
                 .add_prefix
-                .as_ref()
+                .as_deref()
+                .map(canonical)
+                .transpose()?
                 .map(|p| p.trim_end_matches('/').to_owned()),
         })
     }

@@ -6,4 +6,5 @@ mod balancing;
 mod config_reload;
 mod helpers;
 mod limits;
+mod paths;
 mod routing;
