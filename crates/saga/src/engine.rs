@@ -240,8 +240,9 @@ impl<S: SagaStore> SagaEngine<S> {
 
     /// Claims every active saga whose lease is free, expired or this engine's, one after the
     /// other, oldest first (at most [`LIST_ACTIVE_MAX`] per call), and runs each until it is
-    /// terminal: a step that was executing runs again (with the same idempotency key), a
-    /// compensation in progress continues. Sagas another live engine holds are left to it.
+    /// terminal. An attempt (of a step or a compensation) that was in flight is recorded as
+    /// a retryable failure and counts against the step's attempts; the next attempt, if the
+    /// budget allows one, carries the same idempotency key. Sagas another live engine holds are left to it.
     /// Call it at start-up, and keep calling it ([`run_recovery`](Self::run_recovery)) when
     /// several engines share a log, so sagas of an engine that died are taken over.
     ///
@@ -635,6 +636,42 @@ fn next<C>(
     })
 }
 
+/// The error recorded for an attempt whose engine stopped during it.
+pub(crate) const INTERRUPTED: &str =
+    "interrupted: the engine stopped during this attempt (crash, shutdown or lost lease)";
+
+/// Turns the attempt a drive inherited in flight (its `StepExecuting` or `StepCompensating`
+/// is the log's last record: the engine that logged it crashed, stopped or lost its lease
+/// during it) into a retryable failure of that attempt, so it counts against the step's
+/// budget. Re-running it under the same number would let a step that kills its engine every
+/// time run forever; counted, it fails for good once its attempts are spent (compensation
+/// before the pivot, `Stuck` after it, `Stuck` for a compensation). Whether the attempt had
+/// its effect is unknown, as after a timeout: the next attempt carries the same idempotency
+/// key.
+fn count_interrupted<C>(definition: &SagaDefinition<C>, next: Next) -> Next {
+    match next {
+        Next::Execute { step, attempt } => {
+            tracing::warn!(step = %definition.steps[step].name, attempt, "saga step attempt interrupted; counted as failed");
+            write(Transition::StepFailed {
+                step: definition.steps[step].name.clone(),
+                attempt,
+                retryable: true,
+                error: INTERRUPTED.to_owned(),
+            })
+        }
+        Next::Compensate { step, attempt } => {
+            tracing::warn!(step = %definition.steps[step].name, attempt, "saga compensation attempt interrupted; counted as failed");
+            write(Transition::CompensationFailed {
+                step: definition.steps[step].name.clone(),
+                attempt,
+                retryable: true,
+                error: INTERRUPTED.to_owned(),
+            })
+        }
+        other => other,
+    }
+}
+
 /// Runs a saga from wherever its log stands until it is terminal.
 async fn drive<S: SagaStore, C: SagaContext>(
     definition: &SagaDefinition<C>,
@@ -653,8 +690,14 @@ async fn drive<S: SagaStore, C: SagaContext>(
             .context
             .clone(),
     )?;
+    // The log this drive starts from may end in an attempt another drive logged and never
+    // finished; later iterations only see attempts this drive logged itself.
+    let mut inherited = true;
     loop {
-        let next = next(definition, id, &records)?;
+        let mut next = next(definition, id, &records)?;
+        if std::mem::take(&mut inherited) {
+            next = count_interrupted(definition, next);
+        }
         let transition = match next {
             Next::Done(status) => return Ok(status),
             Next::Write { transition, after } => {
@@ -789,7 +832,7 @@ mod tests {
     use chrono::Utc;
     use trellis_resilience::Backoff;
 
-    use super::{Next, next, write};
+    use super::{INTERRUPTED, Next, count_interrupted, next, write};
     use crate::definition::{SagaDefinition, Step, StepRetry};
     use crate::store::{SagaId, SagaRecord, SagaStatus, Transition};
 
@@ -839,8 +882,8 @@ mod tests {
     }
 
     #[test]
-    fn a_log_ending_in_an_executing_step_runs_that_attempt_again() {
-        // Goal: recovery re-runs the interrupted attempt rather than skipping or restarting it.
+    fn a_log_ending_in_an_executing_step_runs_that_attempt() {
+        // Goal: the attempt a drive has just logged is the one it runs next.
         let executing = Transition::StepExecuting {
             step: "b".to_owned(),
             attempt: 2,
@@ -851,6 +894,46 @@ mod tests {
                 step: 1,
                 attempt: 2
             }
+        );
+    }
+
+    #[test]
+    fn an_attempt_inherited_in_flight_is_logged_as_a_retryable_failure() {
+        // Goal: a drive that starts on an attempt another drive left in flight writes that
+        // attempt's failure (so it counts) instead of running it again; other moves pass.
+        assert_eq!(
+            count_interrupted(
+                &definition(),
+                Next::Execute {
+                    step: 1,
+                    attempt: 2
+                }
+            ),
+            write(Transition::StepFailed {
+                step: "b".to_owned(),
+                attempt: 2,
+                retryable: true,
+                error: INTERRUPTED.to_owned(),
+            })
+        );
+        assert_eq!(
+            count_interrupted(
+                &definition(),
+                Next::Compensate {
+                    step: 0,
+                    attempt: 1
+                }
+            ),
+            write(Transition::CompensationFailed {
+                step: "a".to_owned(),
+                attempt: 1,
+                retryable: true,
+                error: INTERRUPTED.to_owned(),
+            })
+        );
+        assert_eq!(
+            count_interrupted(&definition(), Next::Done(SagaStatus::Completed)),
+            Next::Done(SagaStatus::Completed)
         );
     }
 

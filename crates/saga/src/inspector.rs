@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::INTERRUPTED;
 use crate::error::SagaError;
 use crate::store::{
     Lease, PURGE_BATCH_MAX, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore,
@@ -383,7 +384,9 @@ pub enum AttemptOutcome {
     Succeeded,
     /// Failed (or timed out).
     Failed,
-    /// Its engine died during it; the same attempt ran again.
+    /// Its engine stopped (crashed, shut down or lost its lease) during it. It counts against
+    /// the step's attempts; the engine that resumed the saga recorded it as failed with the
+    /// error `interrupted: …`. (In logs from before that, the same attempt ran again.)
     Interrupted,
 }
 
@@ -441,7 +444,7 @@ impl SagaTimeline {
                 }
                 Transition::StepFailed { step, error, .. } => {
                     let entry = entry(&mut steps, step);
-                    end(&mut entry.attempts, at, AttemptOutcome::Failed, Some(error));
+                    end(&mut entry.attempts, at, failed(error), Some(error));
                     entry.state = StepState::Failed;
                 }
                 Transition::StepCompensating { step, attempt } => {
@@ -457,12 +460,7 @@ impl SagaTimeline {
                 }
                 Transition::CompensationFailed { step, error, .. } => {
                     let entry = entry(&mut steps, step);
-                    end(
-                        &mut entry.compensation,
-                        at,
-                        AttemptOutcome::Failed,
-                        Some(error),
-                    );
+                    end(&mut entry.compensation, at, failed(error), Some(error));
                     entry.state = StepState::CompensationFailed;
                 }
                 Transition::Skipped {
@@ -551,7 +549,18 @@ fn started(attempt: u32, at: DateTime<Utc>) -> Attempt {
     }
 }
 
-/// A new attempt begins while the previous one never ended: its engine died during it.
+/// How a failed attempt ended: `Interrupted` when the engine recorded that it stopped during
+/// it (the failure an engine resuming the saga writes), otherwise `Failed`.
+fn failed(error: &str) -> AttemptOutcome {
+    if error == INTERRUPTED {
+        AttemptOutcome::Interrupted
+    } else {
+        AttemptOutcome::Failed
+    }
+}
+
+/// A new attempt begins while the previous one never ended: its engine died during it (logs
+/// written before interrupted attempts were recorded as failures).
 fn interrupt(attempts: &mut [Attempt]) {
     if let Some(last) = attempts.last_mut()
         && last.outcome == AttemptOutcome::Running

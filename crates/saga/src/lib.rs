@@ -12,9 +12,14 @@
 //!
 //! Every transition is appended to a [`SagaStore`] with a snapshot of the context *before*
 //! the engine acts on it, and the engine decides its next move from the log alone, so
-//! [`SagaEngine::recover`] resumes every active saga after a crash: a step that was executing
-//! runs again, a compensation in progress continues. Steps must therefore be idempotent:
-//! hand [`StepContext::idempotency_key`] (`{saga_id}:{step}`) to the participant.
+//! [`SagaEngine::recover`] resumes every active saga after a crash. An attempt is logged
+//! (`StepExecuting`, `StepCompensating`) before it runs, so an attempt that was in flight when
+//! its engine died is known: the resuming engine records it as a retryable failure
+//! (`interrupted: …`) and it counts against the step's attempts. The next attempt runs after
+//! the backoff, and a step that kills its engine every time fails for good once its budget is
+//! spent (compensation, or `Stuck` after the pivot) instead of running forever. Whether an
+//! interrupted attempt had its effect is unknown, so steps must be idempotent: hand
+//! [`StepContext::idempotency_key`] (`{saga_id}:{step}`) to the participant.
 //!
 //! Stores: [`InMemorySagaStore`] (tests), [`SqliteSagaStore`] (WAL, `synchronous = FULL`,
 //! `BEGIN IMMEDIATE`, group commit: many sagas' transitions share one transaction, each caller

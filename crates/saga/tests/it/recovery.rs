@@ -2,7 +2,9 @@
 
 use trellis_saga::{InMemorySagaStore, SagaStatus};
 
-use crate::support::{Behaviour, crash_at_every_boundary, trip, trip_with_pivot};
+use crate::support::{
+    Behaviour, crash_at_every_boundary, crash_every_attempt, trip, trip_with_pivot,
+};
 
 #[tokio::test(start_paused = true)]
 async fn a_completed_saga_survives_a_crash_at_every_boundary() {
@@ -56,4 +58,12 @@ async fn a_stuck_saga_after_the_pivot_survives_a_crash_at_every_boundary() {
         &[],
     )
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_crashes_the_engine_every_time_exhausts_its_budget() {
+    // Goal: a step whose every attempt kills its engine ends the saga compensated once its
+    // three attempts are spent; method: abort the engine's task as each attempt starts and
+    // recover with a fresh engine, on the in-memory store.
+    crash_every_attempt(InMemorySagaStore::new()).await;
 }

@@ -2,7 +2,7 @@
 
 use trellis_saga::{PostgresSagaStore, SagaStatus, SqliteSagaStore};
 
-use crate::support::{Behaviour, crash_at_every_boundary, trip};
+use crate::support::{Behaviour, crash_at_every_boundary, crash_every_attempt, trip};
 
 #[tokio::test]
 async fn a_compensated_saga_survives_a_crash_at_every_boundary_on_sqlite() {
@@ -55,4 +55,25 @@ async fn a_compensated_saga_survives_a_crash_at_every_boundary_on_postgres() {
         &[],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_step_that_crashes_the_engine_every_time_exhausts_its_budget_on_sqlite() {
+    // Goal: interrupted attempts count against the budget on a SQLite log; method: the crash
+    // loop of `crash_every_attempt` on a fresh file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+    let store = SqliteSagaStore::open(&url).await.expect("open");
+    crash_every_attempt(store).await;
+}
+
+#[tokio::test]
+async fn a_step_that_crashes_the_engine_every_time_exhausts_its_budget_on_postgres() {
+    // Goal: interrupted attempts count against the budget on a PostgreSQL log; method: the
+    // crash loop of `crash_every_attempt` on a fresh database from the testkit.
+    let Some(db) = trellis_testkit::postgres("saga_crash_loop").await else {
+        return;
+    };
+    let store = PostgresSagaStore::connect(&db.url).await.expect("connect");
+    crash_every_attempt(store).await;
 }

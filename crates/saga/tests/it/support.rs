@@ -412,3 +412,99 @@ pub(crate) async fn crash_at_every_boundary<S, F>(
         }
     }
 }
+
+/// The attempts a crash loop is allowed before the step fails for good.
+const CRASH_LOOP_ATTEMPTS_MAX: u32 = 3;
+/// How many times the crash loop restarts the engine at most (well past the budget, so a
+/// step that never exhausts it shows as a loop that did not end).
+const CRASH_LOOP_RESTARTS_MAX: u32 = 10;
+
+/// `book-trip` v1: flight (compensable), then `hotel`, whose every attempt reports its number
+/// on `entered` and never ends: whoever runs it dies during it.
+fn crash_loop(
+    ledger: &Ledger,
+    entered: tokio::sync::mpsc::UnboundedSender<u32>,
+) -> SagaDefinition<Trip> {
+    let hotel = Step::new("hotel", move |_: &mut Trip, context: StepContext| {
+        let entered = entered.clone();
+        Box::pin(async move {
+            let _ = entered.send(context.attempt());
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    })
+    .timeout(STEP_TIMEOUT_NEVER)
+    .retry(quick_retry(CRASH_LOOP_ATTEMPTS_MAX));
+    SagaDefinition::builder("book-trip", 1)
+        .step(step(ledger, "flight", Behaviour::Succeeds, true, false))
+        .step(hotel)
+        .build()
+        .expect("valid definition")
+}
+
+/// A step timeout no crash-loop attempt reaches: the engine dies first.
+pub(crate) const STEP_TIMEOUT_NEVER: Duration = Duration::from_secs(3600);
+
+/// Runs a saga whose second step kills its engine on every attempt (the engine's task is
+/// aborted as soon as the attempt starts), restarting a fresh engine on `store` each time,
+/// and checks the interrupted attempts count against the step's budget: attempts 1, 2 and 3
+/// run once each, then the saga compensates `flight` and ends `Failed`.
+pub(crate) async fn crash_every_attempt<S: SagaStore + Clone>(store: S) {
+    use trellis_saga::{SagaEngine, SagaStatus};
+
+    let ledger = Ledger::default();
+    let (entered, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+    let engine = || {
+        SagaEngine::new(store.clone())
+            .with_owner(NODE)
+            .register(crash_loop(&ledger, entered.clone()))
+    };
+    let trip = Trip {
+        customer: "ada".to_owned(),
+        done: Vec::new(),
+    };
+    let first = engine();
+    let mut run = tokio::spawn(async move { first.start("book-trip", &trip).await.map(|_| ()) });
+    let mut seen = Vec::new();
+    let mut finished = false;
+    for _ in 0..=CRASH_LOOP_RESTARTS_MAX {
+        tokio::select! {
+            attempt = attempts.recv() => {
+                seen.push(attempt.expect("the sender lives in this function"));
+                run.abort(); // the crash: the engine and its step vanish mid-attempt
+                let _ = (&mut run).await;
+            }
+            outcome = &mut run => {
+                outcome.expect("the engine's task did not panic").expect("recovered");
+                finished = true;
+                break;
+            }
+        }
+        let restarted = engine();
+        run = tokio::spawn(async move { restarted.recover().await.map(|_| ()) });
+    }
+    assert!(
+        finished,
+        "the saga still runs after {CRASH_LOOP_RESTARTS_MAX} crashes; attempts seen: {seen:?}"
+    );
+    assert_eq!(seen, (1..=CRASH_LOOP_ATTEMPTS_MAX).collect::<Vec<_>>());
+    let sagas = store.list(&SagaFilter::new()).await.expect("list");
+    assert_eq!(sagas.len(), 1);
+    assert_eq!(sagas[0].status, SagaStatus::Failed);
+    let outcome = Outcome::read(&ledger, Some(SagaStatus::Failed));
+    assert_eq!(outcome.compensation_order, ["flight"]);
+    let timeline = trellis_saga::Inspector::new(store)
+        .show(sagas[0].id)
+        .await
+        .expect("show");
+    let hotel: Vec<_> = timeline.steps[1]
+        .attempts
+        .iter()
+        .map(|attempt| (attempt.attempt, attempt.outcome))
+        .collect();
+    let interrupted = trellis_saga::AttemptOutcome::Interrupted;
+    assert_eq!(
+        hotel,
+        [(1, interrupted), (2, interrupted), (3, interrupted)]
+    );
+}
