@@ -1,4 +1,15 @@
 //! The REST API: place, read, list and cancel orders.
+//!
+//! # Placing an order twice
+//! `POST /api/orders` records its `Idempotency-Key` with the order id it chose and the body
+//! (`order_requests`, in the read-model database), then appends the order's `Created` event to
+//! the event store. The two are different databases (SQLite files, or at least different
+//! connections), so they cannot be one transaction; instead a retry completes what the first
+//! attempt left. A retry whose key is recorded but whose order has no events (the first
+//! attempt crashed, or is still between the two writes) prices the body again and creates the
+//! order under the recorded id. Pricing again is right: the first attempt never answered, so
+//! no price was promised. Creating an existing order is a no-op, so when the first attempt
+//! was only slow, whichever append comes first decides the order and both answer its id.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -369,16 +380,16 @@ async fn place_order(
         .map_err(|(code, message)| ApiError::bad_request(code, message))?;
     let request = serde_json::to_string(&body).map_err(ApiError::internal)?;
 
-    // Replays answer before any other work.
-    if let Some((order_id, first)) = find_request(&state.inner.db, &caller.user_id, &key).await? {
-        if first != request {
-            return Err(ApiError::unprocessable(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another body",
-            ));
-        }
-        return finish_placement(&state, &caller, &order_id, None).await;
-    }
+    // Replays answer before any other work, unless the first attempt recorded its key and
+    // stopped before creating the order (a crash between the two writes): then this attempt
+    // completes it, under the order id the first one chose.
+    let recorded = match find_request(&state.inner.db, &caller.user_id, &key).await? {
+        Some(recorded) => match replay(&state, &request, &recorded).await? {
+            Replay::Answered(response) => return Ok(response),
+            Replay::Incomplete => Some(recorded.order_id),
+        },
+        None => None,
+    };
 
     if !state.known_user(&caller.user_id) {
         let mut users = state.inner.users.clone();
@@ -426,8 +437,11 @@ async fn place_order(
         });
     }
 
+    if let Some(order_id) = recorded {
+        return create_order(&state, &caller, &order_id, items).await;
+    }
     let candidate = uuid::Uuid::now_v7().hyphenated().to_string();
-    let order_id = on_db!(&state.inner.db, |pool| {
+    let inserted = on_db!(&state.inner.db, |pool| {
         sqlx::query(
             "INSERT INTO order_requests (user_id, idem_key, request, order_id, created_at)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idem_key) DO NOTHING",
@@ -441,29 +455,66 @@ async fn place_order(
         .await
         .map(|r| r.rows_affected())
     })?;
-    if order_id == 0 {
-        // A concurrent request with the same key won: answer as it does.
-        let Some((order_id, first)) = find_request(&state.inner.db, &caller.user_id, &key).await?
-        else {
+    if inserted == 0 {
+        // A concurrent request with the same key won: answer as it does, or, if it has not
+        // created its order (yet, or ever), create it: `Create` on an existing order is a
+        // no-op, so whichever of the two appends first decides the order.
+        let Some(recorded) = find_request(&state.inner.db, &caller.user_id, &key).await? else {
             return Err(ApiError::internal("idempotency row vanished"));
         };
-        if first != request {
-            return Err(ApiError::unprocessable(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another body",
-            ));
-        }
-        return finish_placement(&state, &caller, &order_id, None).await;
+        return match replay(&state, &request, &recorded).await? {
+            Replay::Answered(response) => Ok(response),
+            Replay::Incomplete => create_order(&state, &caller, &recorded.order_id, items).await,
+        };
     }
-    finish_placement(&state, &caller, &candidate, Some(items)).await
+    create_order(&state, &caller, &candidate, items).await
 }
 
-async fn find_request(
-    db: &Db,
-    user_id: &str,
-    key: &str,
-) -> Result<Option<(String, String)>, ApiError> {
-    let row: Option<(String, String)> = on_db!(db, |pool| {
+/// An `Idempotency-Key` recorded by an earlier attempt.
+#[derive(Debug)]
+struct Recorded {
+    /// The order id that attempt chose.
+    order_id: String,
+    /// Its body, as JSON.
+    request: String,
+}
+
+/// What an earlier attempt with the same key left.
+enum Replay {
+    /// Its answer, given again (or the 422 for another body).
+    Answered(Response),
+    /// Its key without its order: this attempt must create it.
+    Incomplete,
+}
+
+/// Checks a recorded attempt against this one's body and answers as it did, when its order
+/// exists.
+async fn replay(state: &State, request: &str, recorded: &Recorded) -> Result<Replay, ApiError> {
+    if recorded.request != request {
+        return Err(ApiError::unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with another body",
+        ));
+    }
+    let order = state
+        .inner
+        .orders
+        .load(&recorded.order_id)
+        .await
+        .map_err(ApiError::internal)?
+        .state;
+    if !order.exists {
+        return Ok(Replay::Incomplete);
+    }
+    Ok(Replay::Answered(accept_placement(
+        state,
+        &recorded.order_id,
+        &order,
+    )))
+}
+
+async fn find_request(db: &Db, user_id: &str, key: &str) -> Result<Option<Recorded>, ApiError> {
+    let row: Option<Recorded> = on_db!(db, |pool| {
         sqlx::query(
             "SELECT order_id, request FROM order_requests WHERE user_id = $1 AND idem_key = $2",
         )
@@ -471,64 +522,56 @@ async fn find_request(
         .bind(key)
         .fetch_optional(pool)
         .await
-        .map(|row| row.map(|r| (r.get("order_id"), r.get("request"))))
+        .map(|row| {
+            row.map(|r| Recorded {
+                order_id: r.get("order_id"),
+                request: r.get("request"),
+            })
+        })
     })?;
     Ok(row)
 }
 
-/// Makes sure the order exists (creating it with `items` when given) and its saga runs.
-async fn finish_placement(
+/// Creates order `order_id` from `items` (a no-op when it exists), then answers as
+/// [`accept_placement`] does.
+async fn create_order(
     state: &State,
     caller: &Caller,
     order_id: &str,
-    items: Option<Vec<OrderLineView>>,
+    items: Vec<OrderLineView>,
 ) -> Result<Response, ApiError> {
-    let order = match items {
-        Some(items) => {
-            let metadata = Metadata {
-                correlation_id: uuid::Uuid::parse_str(order_id).ok(),
-                // The relay puts it on the bus message, so consumers continue the trace.
-                traceparent: trellis_telemetry::propagation::current_traceparent(),
-                ..Metadata::default()
-            };
-            let command = OrderCommand::Create {
-                user_id: caller.user_id.clone(),
-                items,
-                choreographed: state.inner.queue.is_none(),
-            };
-            // The id was made for this request: nothing to read before the append.
-            let executed = state
-                .inner
-                .orders
-                .execute_on_new(order_id, command, metadata)
-                .await
-                .map_err(ApiError::internal)?;
-            metrics::counter!("shop_orders_placed_total").increment(1);
-            executed.state
-        }
-        None => {
-            state
-                .inner
-                .orders
-                .load(order_id)
-                .await
-                .map_err(ApiError::internal)?
-                .state
-        }
+    let metadata = Metadata {
+        correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+        // The relay puts it on the bus message, so consumers continue the trace.
+        traceparent: trellis_telemetry::propagation::current_traceparent(),
+        ..Metadata::default()
     };
-    if !order.exists {
-        // The first request recorded its key and stopped before creating the order
-        // (a crash): this replay cannot price it again without the first body's prices, so
-        // it says so rather than guess.
-        return Err(ApiError::unavailable(
-            "order_incomplete",
-            "the first request with this Idempotency-Key did not finish; use a new key",
-        ));
+    let command = OrderCommand::Create {
+        user_id: caller.user_id.clone(),
+        items,
+        choreographed: state.inner.queue.is_none(),
+    };
+    // The id was made for this request (or by the attempt this one completes): nothing to
+    // read before the append; if the stream exists after all, `Create` does nothing.
+    let executed = state
+        .inner
+        .orders
+        .execute_on_new(order_id, command, metadata)
+        .await
+        .map_err(ApiError::internal)?;
+    if !executed.events.is_empty() {
+        metrics::counter!("shop_orders_placed_total").increment(1);
     }
+    Ok(accept_placement(state, order_id, &executed.state))
+}
+
+/// Makes sure the saga of `order` (which exists) runs, and answers 202.
+fn accept_placement(state: &State, order_id: &str, order: &Order) -> Response {
+    debug_assert!(order.exists, "only an existing order is accepted");
     if order.saga_id.is_none() && order.status() == OrderStatus::Pending {
-        state.spawn_saga(order_id, &order);
+        state.spawn_saga(order_id, order);
     }
-    Ok(accepted(order_id))
+    accepted(order_id)
 }
 
 fn view_of(id: &str, order: &Order) -> OrderView {
