@@ -150,7 +150,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// The service's database: sqlite://PATH or postgres://… (default
-    /// sqlite://trellis-data/NAME.db).
+    /// sqlite://DATA_DIR/NAME.db).
     #[arg(long, env = "TRELLIS_DB")]
     db: Option<String>,
     /// The event bus (nats://…, sqlite://PATH or memory://): the orders service relays order
@@ -168,6 +168,11 @@ pub(crate) struct ServeArgs {
     /// ports on 127.0.0.1).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, String)>,
+    /// Where the service key lives when TRELLIS_SERVICE_KEY is unset: DATA_DIR/service.key,
+    /// created by the first process that needs it. The gateway and every service of one shop
+    /// must share it (copy the file, or set the variable, on every machine).
+    #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "trellis-data")]
+    data_dir: PathBuf,
     #[command(flatten)]
     provider: ProviderArgs,
 }
@@ -208,6 +213,8 @@ impl ServeArgs {
         let listen = self
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)));
+        let service_key = trellis_service::auth::ServiceKey::from_env_or_file(&self.data_dir)
+            .context("the service key the gateway and the services share")?;
         if self.name == "gateway" {
             let mut addrs = BTreeMap::new();
             for (name, default_port) in shop_contracts::ports::SERVICES {
@@ -226,7 +233,7 @@ impl ServeArgs {
             let gateway = trellis_gateway::Gateway::from_config(config)
                 .await
                 .context("starting the gateway")?
-                .with_hooks(std::sync::Arc::new(shop_app::OpenApiHook::new()));
+                .with_hooks(std::sync::Arc::new(shop_app::ShopHooks::new(&service_key)));
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -240,7 +247,7 @@ impl ServeArgs {
         let db = self
             .db
             .clone()
-            .unwrap_or_else(|| format!("sqlite://trellis-data/{}.db", self.name));
+            .unwrap_or_else(|| format!("sqlite://{}/{}.db", self.data_dir.display(), self.name));
         println!("{} listening on http://{listen} (database {db})", self.name);
         shop_app::serve_one(
             shop_app::ServeConfig {
@@ -252,6 +259,7 @@ impl ServeArgs {
                 bus_prefix: self.bus_prefix.clone(),
                 saga: self.saga.into(),
                 provider: self.provider.config()?,
+                service_key,
             },
             trellis_gateway::shutdown_signal(),
         )

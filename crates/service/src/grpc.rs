@@ -7,10 +7,12 @@ use tonic::transport::{Channel, Endpoint};
 use trellis_telemetry::http::TraceContextClient;
 
 use crate::ApiError;
+use crate::auth::{ServiceIdentity, ServiceIdentityClient};
 
-/// A tonic channel that sends the current W3C trace context with every call. Generated
-/// clients take it as their transport: `UsersClient::new(channel)`.
-pub type GrpcChannel = TraceContextClient<Channel>;
+/// A tonic channel that sends the calling service's identity token and the current W3C trace
+/// context with every call. Generated clients take it as their transport:
+/// `UsersClient::new(channel)`.
+pub type GrpcChannel = ServiceIdentityClient<TraceContextClient<Channel>>;
 
 /// Timeouts for a gRPC client.
 #[derive(Debug, Clone, Copy)]
@@ -31,8 +33,13 @@ impl Default for GrpcClientConfig {
 }
 
 /// A channel to `addr` (`host:port` or `http://host:port`) that connects on first use and
-/// reconnects after failures, so services can start in any order.
-pub fn grpc_channel(addr: &str, config: GrpcClientConfig) -> Result<GrpcChannel, ApiError> {
+/// reconnects after failures, so services can start in any order. Every call carries
+/// `identity` (the callee refuses calls without one, see [`crate::auth::protect`]).
+pub fn grpc_channel(
+    addr: &str,
+    config: GrpcClientConfig,
+    identity: ServiceIdentity,
+) -> Result<GrpcChannel, ApiError> {
     let uri = if addr.starts_with("http://") {
         addr.to_owned()
     } else {
@@ -50,7 +57,10 @@ pub fn grpc_channel(addr: &str, config: GrpcClientConfig) -> Result<GrpcChannel,
         .timeout(config.request_timeout)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(TraceContextClient::new(channel))
+    Ok(ServiceIdentityClient::new(
+        TraceContextClient::new(channel),
+        identity,
+    ))
 }
 
 /// Maps a gRPC status from another service to the error this service answers with:

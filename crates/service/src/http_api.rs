@@ -7,9 +7,10 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
-/// Header the gateway puts the verified user id (`sub` claim) in.
+/// Header the gateway puts the verified user id (`sub` claim) in for upstreams that trust
+/// it; trellis services never read it (they strip it and check an identity token instead).
 pub const USER_ID_HEADER: &str = "x-user-id";
-/// Header the gateway puts the verified role claim in.
+/// Header the gateway puts the verified role claim in; never read by trellis services.
 pub const USER_ROLE_HEADER: &str = "x-user-role";
 /// The role of shop administrators.
 pub const ROLE_ADMIN: &str = "admin";
@@ -152,13 +153,14 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
-/// The authenticated caller, as the gateway forwarded it. Extracting it from a request
-/// without `x-user-id` answers 401.
+/// The authenticated caller: who a verified identity token (see [`crate::auth`]) names.
+/// Extracting it from a request that carried no valid token answers 401; identity headers
+/// such as `x-user-id` are never read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The user id (`sub`).
+    /// The user id (`sub`), or `service:NAME` for a service.
     pub user_id: String,
-    /// The role (`customer` or `admin`); `customer` when the header is absent.
+    /// The role: `customer`, `admin`, or `service`.
     pub role: String,
 }
 
@@ -182,18 +184,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_owned)
-        };
-        let user_id = header(USER_ID_HEADER)
-            .ok_or_else(|| ApiError::unauthenticated("this call needs a bearer token"))?;
-        let role = header(USER_ROLE_HEADER).unwrap_or_else(|| ROLE_CUSTOMER.to_owned());
-        Ok(Self { user_id, role })
+        parts
+            .extensions
+            .get::<Self>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthenticated("this call needs a bearer token"))
     }
 }

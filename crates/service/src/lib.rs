@@ -11,22 +11,25 @@
 //! - [`ApiError`] is the error body every service answers with:
 //!   `{"error":{"code":"snake_case","message":"…"}}`. [`ApiJson`] is axum's `Json` extractor
 //!   whose rejections become such errors (400 `invalid_json`, 415, 413) instead of text.
-//! - [`Caller`] reads the identity the gateway verified and forwarded (`x-user-id`,
-//!   `x-user-role`; the gateway strips client-sent copies). A service behind the gateway
-//!   trusts these headers only because its listener is not public: bind it to loopback or a
-//!   private network.
+//! - [`Caller`] is who called, as a verified identity token names it: [`auth::protect`] wraps
+//!   a service's router so it believes only tokens signed with the shop's [`auth::ServiceKey`]
+//!   (the gateway signs one for the user it authenticated, a service one for itself);
+//!   identity headers such as `x-user-id` are never read, so a process that reaches a
+//!   service's port directly gets 401, not admin.
 //! - [`serve`] runs an axum router (REST, and tonic services merged with
 //!   [`tonic::service::Routes::into_axum_router`]) on one listener speaking HTTP/1.1 and h2c,
 //!   adds `/healthz`, `/readyz` (which pings the database) and `/metrics`, continues the W3C
 //!   trace context from each request, and drains on shutdown.
 //! - [`grpc_channel`] makes a lazily connecting tonic channel with connect and request
-//!   timeouts, wrapped so every call sends the current `traceparent`.
+//!   timeouts, wrapped so every call sends the calling service's identity and the current
+//!   `traceparent`.
 //! - [`choreography::start`] runs a service's part in a choreographed saga on its own
 //!   database: the bus consumer, the inbox, the outbox relay and the choreography log.
 //!
 //! # Example
 //! ```
 //! use axum::{Router, routing::get};
+//! use trellis_service::auth::{IDENTITY_HEADER, ServiceKey, protect};
 //! use trellis_service::{ApiError, Caller, Db, on_db};
 //!
 //! async fn whoami(caller: Caller) -> Result<String, ApiError> {
@@ -47,7 +50,11 @@
 //!         .await
 //!         .map(|r| r.rows_affected())
 //! })?;
-//! let app: Router = Router::new().route("/whoami", get(whoami));
+//! // Only callers with a token signed by the shop's key reach `whoami`.
+//! let key = ServiceKey::generate()?;
+//! let app: Router = protect(Router::new().route("/whoami", get(whoami)), &key);
+//! let _token = key.signer("gateway").token("user-1", "customer")?; // sent in IDENTITY_HEADER
+//! # let _ = IDENTITY_HEADER;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! // Serves until the shutdown future completes (here: at once).
 //! trellis_service::serve(listener, app, Some(db), None, async {}).await?;
@@ -55,6 +62,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod choreography;
 mod db;
 mod grpc;

@@ -1,5 +1,5 @@
-//! The gateway's configuration for the shop, and the hook that serves the merged OpenAPI
-//! document.
+//! The gateway's configuration for the shop, and its hooks: the merged OpenAPI document,
+//! and the identity token the services believe (see [`trellis_service::auth`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use trellis_gateway::{GatewayBody, GatewayHooks, HookDecision, RequestCtx};
+use trellis_service::auth::{IDENTITY_HEADER, ServiceKey, Signer};
+use trellis_service::{ROLE_CUSTOMER, USER_ID_HEADER, USER_ROLE_HEADER};
 
 /// Requests per second one user (or, for unauthenticated calls, one IP) may make.
 pub const RATE_PER_CLIENT: u32 = 500;
@@ -134,30 +136,58 @@ required_roles = ["admin"]"#,
     toml
 }
 
-/// Answers `GET /openapi.json` at the gateway with the whole public API: the services'
-/// documents merged.
+/// The shop's gateway hooks.
+///
+/// - `GET /openapi.json` is answered with the whole public API: the services' documents
+///   merged.
+/// - Every request sent upstream carries, in [`IDENTITY_HEADER`], a token signed with the
+///   shop's [`ServiceKey`] naming the user the gateway authenticated (from the identity
+///   headers the gateway set after verifying the user's JWT; it always strips client-sent
+///   copies of those), or no token at all for an anonymous request. A client-sent token is
+///   always removed. The services believe only that token.
 #[derive(Debug)]
-pub struct OpenApiHook {
+pub struct ShopHooks {
     document: Arc<Bytes>,
+    signer: Signer,
 }
 
-impl OpenApiHook {
-    /// The hook serving the merged document.
-    pub fn new() -> Self {
+impl ShopHooks {
+    /// The hooks, signing with `service_key`.
+    pub fn new(service_key: &ServiceKey) -> Self {
         let document = serde_json::to_vec_pretty(&crate::openapi()).unwrap_or_default();
         Self {
             document: Arc::new(Bytes::from(document)),
+            signer: service_key.signer("gateway"),
         }
     }
 }
 
-impl Default for OpenApiHook {
-    fn default() -> Self {
-        Self::new()
+impl GatewayHooks for ShopHooks {
+    fn upstream_request_filter(&self, ctx: &RequestCtx, request: &mut http::request::Parts) {
+        request.headers.remove(IDENTITY_HEADER);
+        if ctx.subject.is_none() {
+            return;
+        }
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(user_id) = header(USER_ID_HEADER) else {
+            return;
+        };
+        let role = header(USER_ROLE_HEADER).unwrap_or(ROLE_CUSTOMER);
+        match self.signer.token(user_id, role) {
+            Ok(token) => {
+                request.headers.insert(IDENTITY_HEADER, token);
+            }
+            // Cannot happen with the claims it signs; the service then answers 401.
+            Err(error) => tracing::error!(%error, "cannot sign the caller's identity"),
+        }
     }
-}
 
-impl GatewayHooks for OpenApiHook {
     fn request_filter(
         &self,
         ctx: &mut RequestCtx,

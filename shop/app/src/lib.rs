@@ -29,9 +29,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trellis_service::Db;
+use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 use trellis_telemetry::metrics::PrometheusHandle;
 
-pub use gateway::{OpenApiHook, RATE_PER_CLIENT, config_toml};
+pub use gateway::{RATE_PER_CLIENT, ShopHooks, config_toml};
 pub use shop_contracts::events::SagaStyle;
 pub use shop_payment_provider::{ProviderConfig, ProviderHandle};
 
@@ -142,6 +143,9 @@ pub enum Error {
     /// The gateway could not start.
     #[error("the gateway could not start: {0}")]
     Gateway(String),
+    /// No service key: the services could not check who calls them.
+    #[error("no service key: {0}")]
+    ServiceKey(#[from] trellis_service::auth::AuthError),
     /// The bus could not be opened.
     #[error("cannot open the bus {url}: {message}")]
     Bus {
@@ -189,6 +193,7 @@ pub struct Shop {
     tasks: Vec<JoinHandle<()>>,
     orders: Option<shop_orders::Orders>,
     dbs: Vec<Db>,
+    service_key: ServiceKey,
 }
 
 impl Shop {
@@ -210,6 +215,13 @@ impl Shop {
     /// The payment provider simulator's fault switches.
     pub fn provider(&self) -> &ProviderHandle {
         &self.provider
+    }
+
+    /// The key this shop's gateway and services sign identity tokens with (made afresh by
+    /// every [`up`]; it never leaves the process unless asked for here, e.g. by a test that
+    /// calls a service directly).
+    pub fn service_key(&self) -> &ServiceKey {
+        &self.service_key
     }
 
     /// Stops accepting, lets in-flight requests finish, stops background work and closes
@@ -310,13 +322,15 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         listeners.insert(service, listener);
     }
     let addr = |name: &str| addrs[name].to_string();
+    // One process: a key per start, never written anywhere (tokens live a minute).
+    let service_key = ServiceKey::generate()?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut dbs = Vec::new();
     let mut take = |name: &str| listeners.remove(name).expect("bound above");
 
     // payment provider
-    let (router, provider) = shop_payment_provider::app(config.provider.clone());
+    let (router, provider) = shop_payment_provider::app(config.provider.clone(), &service_key);
     spawn_serve(
         &mut tasks,
         "payment-provider",
@@ -331,6 +345,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     let users_db_url = config.database_url("users");
     let (router, users_db) = shop_users::app(shop_users::Config {
         database_url: users_db_url,
+        service_key: service_key.clone(),
     })
     .await
     .map_err(|e| service_err("users")(&e))?;
@@ -365,6 +380,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     // inventory
     let inventory_config = shop_inventory::Config {
         database_url: config.database_url("inventory"),
+        service_key: service_key.clone(),
     };
     let (router, db) = match &choreography_bus {
         None => shop_inventory::app(inventory_config).await,
@@ -393,6 +409,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     let (router, db) = shop_products::app(shop_products::Config {
         database_url: config.database_url("products"),
         inventory_addr: addr("inventory"),
+        service_key: service_key.clone(),
     })
     .await
     .map_err(|e| service_err("products")(&e))?;
@@ -411,6 +428,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     let payments_config = shop_payments::Config::new(
         config.database_url("payments"),
         format!("http://{}", addr("payment-provider")),
+        service_key.clone(),
     );
     let (router, db) = match &choreography_bus {
         None => shop_payments::app(payments_config).await,
@@ -438,6 +456,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     // shipping
     let shipping_config = shop_shipping::Config {
         database_url: config.database_url("shipping"),
+        service_key: service_key.clone(),
     };
     let (router, db) = match &choreography_bus {
         None => shop_shipping::app(shipping_config).await,
@@ -472,6 +491,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
             &addr("payments"),
             &addr("shipping"),
         ],
+        service_key.clone(),
     );
     orders_config.bus_url = Some(config.bus_url());
     orders_config.bus_prefix = config.bus_prefix.clone();
@@ -503,7 +523,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     let mut gateway = trellis_gateway::Gateway::from_config(gateway_config)
         .await
         .map_err(|e| Error::Gateway(e.to_string()))?
-        .with_hooks(std::sync::Arc::new(OpenApiHook::new()));
+        .with_hooks(std::sync::Arc::new(ShopHooks::new(&service_key)));
     if let Some(handle) = metrics.clone() {
         gateway = gateway.with_metrics(handle);
     }
@@ -526,6 +546,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         tasks,
         orders: Some(orders),
         dbs,
+        service_key,
     };
     if config.seed_catalog {
         seed_catalog(&shop).await?;
@@ -577,6 +598,11 @@ async fn seed_catalog(shop: &Shop) -> Result<(), Error> {
         message: format!("seeding the catalog: {e}"),
     };
     let products = format!("http://{}", shop.addrs["products"]);
+    let admin_token = shop
+        .service_key
+        .signer("trellis-up")
+        .token("trellis-up", trellis_service::ROLE_ADMIN)
+        .map_err(|e| err(&e))?;
     let client = reqwest_client().map_err(|e| err(&e))?;
     let page: serde_json::Value = client
         .get(format!("{products}/api/products?limit=1"))
@@ -595,11 +621,7 @@ async fn seed_catalog(shop: &Shop) -> Result<(), Error> {
     for (i, (name, price_cents, stock)) in CATALOG.iter().enumerate() {
         let response = client
             .post(format!("{products}/api/products"))
-            .header(trellis_service::USER_ID_HEADER, "trellis-up")
-            .header(
-                trellis_service::USER_ROLE_HEADER,
-                trellis_service::ROLE_ADMIN,
-            )
+            .header(IDENTITY_HEADER, admin_token.clone())
             .header("idempotency-key", format!("seed-catalog-{i}"))
             .json(&serde_json::json!({"name": name, "price_cents": price_cents, "stock": stock}))
             .send()
@@ -641,6 +663,9 @@ pub struct ServeConfig {
     pub saga: SagaStyle,
     /// The payment provider simulator's faults (for `payment-provider`).
     pub provider: ProviderConfig,
+    /// The key the gateway and every service of this shop share (see
+    /// [`trellis_service::auth`]): `ServiceKey::from_env_or_file` in `trellis serve`.
+    pub service_key: ServiceKey,
 }
 
 /// Runs one service until `shutdown` completes: what `trellis serve NAME` does. With
@@ -662,6 +687,7 @@ pub async fn serve_one(
         bus_prefix,
         saga,
         provider,
+        service_key,
     } = config;
     let name = name.as_str();
     let bus_prefix = bus_prefix.as_str();
@@ -683,15 +709,18 @@ pub async fn serve_one(
     };
     match name {
         "payment-provider" => {
-            let (router, _handle) = shop_payment_provider::app(provider);
+            let (router, _handle) = shop_payment_provider::app(provider, &service_key);
             trellis_service::serve(listener, router, None, metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
         "users" => {
-            let (router, db) = shop_users::app(shop_users::Config { database_url })
-                .await
-                .map_err(|e| service_err("users")(&e))?;
+            let (router, db) = shop_users::app(shop_users::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("users")(&e))?;
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
@@ -709,7 +738,10 @@ pub async fn serve_one(
             let (stop, stopped) = watch::channel(false);
             let (router, db, tasks) = match name {
                 "inventory" => shop_inventory::app_choreographed(
-                    shop_inventory::Config { database_url },
+                    shop_inventory::Config {
+                        database_url,
+                        service_key,
+                    },
                     bus,
                     stopped,
                 )
@@ -719,6 +751,7 @@ pub async fn serve_one(
                     shop_payments::Config::new(
                         database_url,
                         format!("http://{}", peer("payment-provider")),
+                        service_key,
                     ),
                     bus,
                     stopped,
@@ -726,7 +759,10 @@ pub async fn serve_one(
                 .await
                 .map_err(|e| service_err("payments")(&e))?,
                 _ => shop_shipping::app_choreographed(
-                    shop_shipping::Config { database_url },
+                    shop_shipping::Config {
+                        database_url,
+                        service_key,
+                    },
                     bus,
                     stopped,
                 )
@@ -743,9 +779,12 @@ pub async fn serve_one(
             result
         }
         "inventory" => {
-            let (router, db) = shop_inventory::app(shop_inventory::Config { database_url })
-                .await
-                .map_err(|e| service_err("inventory")(&e))?;
+            let (router, db) = shop_inventory::app(shop_inventory::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("inventory")(&e))?;
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
@@ -754,6 +793,7 @@ pub async fn serve_one(
             let (router, db) = shop_products::app(shop_products::Config {
                 database_url,
                 inventory_addr: peer("inventory"),
+                service_key,
             })
             .await
             .map_err(|e| service_err("products")(&e))?;
@@ -765,6 +805,7 @@ pub async fn serve_one(
             let (router, db) = shop_payments::app(shop_payments::Config::new(
                 database_url,
                 format!("http://{}", peer("payment-provider")),
+                service_key,
             ))
             .await
             .map_err(|e| service_err("payments")(&e))?;
@@ -773,9 +814,12 @@ pub async fn serve_one(
                 .map_err(serve_err)
         }
         "shipping" => {
-            let (router, db) = shop_shipping::app(shop_shipping::Config { database_url })
-                .await
-                .map_err(|e| service_err("shipping")(&e))?;
+            let (router, db) = shop_shipping::app(shop_shipping::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("shipping")(&e))?;
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
@@ -790,6 +834,7 @@ pub async fn serve_one(
                     &peer("payments"),
                     &peer("shipping"),
                 ],
+                service_key,
             );
             config.bus_url = bus_url;
             config.bus_prefix = bus_prefix.to_owned();

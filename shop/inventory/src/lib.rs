@@ -26,8 +26,11 @@
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The key the gateway and the other services of this shop share.
+//! let service_key = trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?;
 //! let config = shop_inventory::Config {
 //!     database_url: "sqlite://trellis-data/inventory.db".into(),
+//!     service_key,
 //! };
 //! let (router, db) = shop_inventory::app(config).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8103").await?;
@@ -54,6 +57,8 @@ pub const BODY_BYTES_MAX: usize = 4 * 1024;
 pub struct Config {
     /// `sqlite://PATH` or `postgres://…`.
     pub database_url: String,
+    /// The shop's key: the service believes only callers whose identity token it signed.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 /// Why the service could not start.
@@ -89,6 +94,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         })?;
     db.run_schema(stock::SCHEMA).await.map_err(Error::Schema)?;
     let router = http::router(db.clone()).merge(grpc::router(db.clone()));
+    let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 

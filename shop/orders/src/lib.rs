@@ -30,9 +30,10 @@
 //! # Example
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let service_key = trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?;
 //! let config = shop_orders::Config::new("sqlite://trellis-data/orders.db", [
 //!     "127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103", "127.0.0.1:8105", "127.0.0.1:8106",
-//! ]);
+//! ], service_key);
 //! let orders = shop_orders::start(config).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8104").await?;
 //! trellis_service::serve(listener, orders.router(), Some(orders.db()), None, async {}).await?;
@@ -102,12 +103,19 @@ pub struct Config {
     pub bus_prefix: String,
     /// How the order saga runs; [`SagaStyle::Choreography`] needs `bus_url`.
     pub saga: SagaStyle,
+    /// The shop's key: the service believes only callers whose identity token it signed, and
+    /// signs its own calls to the other services with it.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 impl Config {
     /// A configuration with defaults; `addrs` are users, products, inventory, payments,
     /// shipping.
-    pub fn new(database_url: impl Into<String>, addrs: [&str; 5]) -> Self {
+    pub fn new(
+        database_url: impl Into<String>,
+        addrs: [&str; 5],
+        service_key: trellis_service::auth::ServiceKey,
+    ) -> Self {
         let [users, products, inventory, payments, shipping] = addrs;
         Self {
             database_url: database_url.into(),
@@ -122,6 +130,7 @@ impl Config {
             bus_url: None,
             bus_prefix: "shop".to_owned(),
             saga: SagaStyle::Orchestrated,
+            service_key,
         }
     }
 }
@@ -233,8 +242,10 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             .with_cache(ORDER_CACHE_ENTRIES),
     );
 
+    let identity = config.service_key.service_identity("orders");
     let channel = |addr: &str| {
-        grpc_channel(addr, GrpcClientConfig::default()).map_err(|e| Error::Address(e.message))
+        grpc_channel(addr, GrpcClientConfig::default(), identity.clone())
+            .map_err(|e| Error::Address(e.message))
     };
     let participants = Participants {
         orders: repository.clone(),
@@ -353,7 +364,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     }
 
     Ok(Orders {
-        router: http::router(state),
+        router: trellis_service::auth::protect(http::router(state), &config.service_key),
         db,
         stop,
         tasks,

@@ -36,9 +36,11 @@
 //! - **4xx**: a final answer; the call did what the error says (402: declined, and the key
 //!   stays declined; 409/422: refused; 400/404: bad input or unknown id).
 //!
-//! The admin routes check no identity: the simulator stands in for a vendor's dashboard, and
-//! the shop's gateway only exposes it (as `/api/admin/provider`) to administrators. Do not
-//! expose its listener publicly.
+//! The admin routes answer only an administrator: a request whose identity token (signed with
+//! the shop's [`ServiceKey`](trellis_service::auth::ServiceKey), see [`trellis_service::auth`])
+//! names the admin role; 401 without one, 403 for anyone else. The shop's gateway exposes them
+//! as `/api/admin/provider` to administrators and signs that token. The `/v1` routes stand in
+//! for a vendor's public API and check no identity.
 //!
 //! # Memory
 //! State lives in memory and is lost on restart. At most [`CHARGES_KEPT_MAX`] (1,000,000)
@@ -51,7 +53,8 @@
 //! use shop_payment_provider::{ProviderConfig, app};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let (router, handle) = app(ProviderConfig::default());
+//! let key = trellis_service::auth::ServiceKey::generate()?;
+//! let (router, handle) = app(ProviderConfig::default(), &key);
 //! // Chaos: the next calls fail as during an outage.
 //! handle.set_config(ProviderConfig { outage: true, ..handle.config() })?;
 //! assert!(handle.config().outage);
@@ -67,6 +70,8 @@ mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use trellis_service::auth::ServiceKey;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -184,8 +189,8 @@ impl ProviderHandle {
 ///
 /// A setting out of range is brought into range ([`ProviderConfig::clamped`]) with a warning
 /// in the log; check user input with [`ProviderConfig::validate`] first to refuse it instead.
-pub fn app(config: ProviderConfig) -> (Router, ProviderHandle) {
-    app_with_capacity(config, CHARGES_KEPT_MAX)
+pub fn app(config: ProviderConfig, service_key: &ServiceKey) -> (Router, ProviderHandle) {
+    app_with_capacity(config, CHARGES_KEPT_MAX, service_key)
 }
 
 /// As [`app`], keeping at most `charges_kept_max` charges (1 to [`CHARGES_KEPT_MAX`]; tests use
@@ -193,6 +198,7 @@ pub fn app(config: ProviderConfig) -> (Router, ProviderHandle) {
 pub fn app_with_capacity(
     config: ProviderConfig,
     charges_kept_max: usize,
+    service_key: &ServiceKey,
 ) -> (Router, ProviderHandle) {
     let config = match config.validate() {
         Ok(()) => config,
@@ -227,7 +233,7 @@ pub fn app_with_capacity(
         .route("/openapi.json", get(|| async { axum::Json(openapi()) }))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(handle.clone());
-    (router, handle)
+    (trellis_service::auth::protect(router, service_key), handle)
 }
 
 #[derive(OpenApi)]

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shop_contracts::api::ErrorBody;
-use trellis_service::{ApiError, ApiJson};
+use trellis_service::{ApiError, ApiJson, Caller};
 use utoipa::ToSchema;
 
 use crate::config::{ProviderConfig, ProviderConfigUpdate};
@@ -325,10 +325,18 @@ pub(crate) async fn stats(State(handle): State<ProviderHandle>) -> Json<Provider
 #[utoipa::path(
     get,
     path = "/admin/config",
-    responses((status = 200, description = "Settings", body = ProviderConfig))
+    responses(
+        (status = 200, description = "Settings", body = ProviderConfig),
+        (status = 401, description = "No valid identity token", body = ErrorBody),
+        (status = 403, description = "The caller is not an administrator", body = ErrorBody),
+    )
 )]
-pub(crate) async fn get_config(State(handle): State<ProviderHandle>) -> Json<ProviderConfig> {
-    Json(handle.config())
+pub(crate) async fn get_config(
+    caller: Caller,
+    State(handle): State<ProviderHandle>,
+) -> Result<Json<ProviderConfig>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(handle.config()))
 }
 
 /// Changes some settings; absent fields keep their value.
@@ -339,12 +347,16 @@ pub(crate) async fn get_config(State(handle): State<ProviderHandle>) -> Json<Pro
     responses(
         (status = 200, description = "The settings now in force", body = ProviderConfig),
         (status = 400, description = "A setting out of range (`invalid_<field>`) or an unknown field", body = ErrorBody),
+        (status = 401, description = "No valid identity token", body = ErrorBody),
+        (status = 403, description = "The caller is not an administrator", body = ErrorBody),
     )
 )]
 pub(crate) async fn put_config(
+    caller: Caller,
     State(handle): State<ProviderHandle>,
     ApiJson(update): ApiJson<ProviderConfigUpdate>,
 ) -> Result<Json<ProviderConfig>, ApiError> {
+    caller.require_admin()?;
     handle
         .update_config(&update)
         .map(Json)

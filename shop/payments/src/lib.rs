@@ -52,7 +52,13 @@
 //! use shop_payments::{Config, app};
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config::new("sqlite://trellis-data/payments.db", "http://127.0.0.1:8190");
+//! // The key the gateway and the other services of this shop share.
+//! let service_key = trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?;
+//! let config = Config::new(
+//!     "sqlite://trellis-data/payments.db",
+//!     "http://127.0.0.1:8190",
+//!     service_key,
+//! );
 //! let (router, db) = app(config).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8105").await?;
 //! trellis_service::serve(listener, router, Some(db), None, async {
@@ -93,15 +99,22 @@ pub struct Config {
     pub provider_url: String,
     /// How the provider is called.
     pub resilience: ResilienceConfig,
+    /// The shop's key: the service believes only callers whose identity token it signed.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 impl Config {
     /// A configuration with the default [`ResilienceConfig`].
-    pub fn new(database_url: impl Into<String>, provider_url: impl Into<String>) -> Self {
+    pub fn new(
+        database_url: impl Into<String>,
+        provider_url: impl Into<String>,
+        service_key: trellis_service::auth::ServiceKey,
+    ) -> Self {
         Self {
             database_url: database_url.into(),
             provider_url: provider_url.into(),
             resilience: ResilienceConfig::default(),
+            service_key,
         }
     }
 }
@@ -214,6 +227,7 @@ async fn build(config: Config) -> Result<(Router, Db, service::PaymentsService),
         PaymentsServer::new(service.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let router =
         rest::router(db.clone()).merge(tonic::service::Routes::new(grpc).into_axum_router());
+    let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db, service))
 }
 

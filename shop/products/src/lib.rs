@@ -24,6 +24,7 @@
 //! let config = shop_products::Config {
 //!     database_url: "sqlite://trellis-data/products.db".into(),
 //!     inventory_addr: "127.0.0.1:8103".into(),
+//!     service_key: trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?,
 //! };
 //! let (router, db) = shop_products::app(config).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8102").await?;
@@ -56,6 +57,8 @@ pub struct Config {
     pub database_url: String,
     /// The inventory service's gRPC address (`host:port` or `http://host:port`).
     pub inventory_addr: String,
+    /// The shop's key: the service believes only callers whose identity token it signed.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 /// Why the service could not start.
@@ -96,13 +99,15 @@ pub(crate) struct State {
 /// [`Error::Open`] naming the URL when the database cannot be opened; [`Error::Schema`];
 /// [`Error::InventoryAddr`].
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
-    let channel =
-        grpc_channel(&config.inventory_addr, GrpcClientConfig::default()).map_err(|e| {
-            Error::InventoryAddr {
-                addr: config.inventory_addr.clone(),
-                message: e.message,
-            }
-        })?;
+    let channel = grpc_channel(
+        &config.inventory_addr,
+        GrpcClientConfig::default(),
+        config.service_key.service_identity("products"),
+    )
+    .map_err(|e| Error::InventoryAddr {
+        addr: config.inventory_addr.clone(),
+        message: e.message,
+    })?;
     let db = Db::connect(&config.database_url)
         .await
         .map_err(|source| Error::Open {
@@ -117,6 +122,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         inventory: InventoryClient::new(channel),
     };
     let router = http::router(state.clone()).merge(grpc::router(state));
+    let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 

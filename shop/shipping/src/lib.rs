@@ -21,7 +21,13 @@
 //! use shop_shipping::{Config, app};
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let (router, db) = app(Config { database_url: "sqlite://trellis-data/shipping.db".into() }).await?;
+//! // The key the gateway and the other services of this shop share.
+//! let service_key = trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?;
+//! let (router, db) = app(Config {
+//!     database_url: "sqlite://trellis-data/shipping.db".into(),
+//!     service_key,
+//! })
+//! .await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8106").await?;
 //! trellis_service::serve(listener, router, Some(db), None, async {
 //!     let _ = tokio::signal::ctrl_c().await;
@@ -52,6 +58,8 @@ pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 pub struct Config {
     /// `sqlite://PATH` or `postgres://…`.
     pub database_url: String,
+    /// The shop's key: the service believes only callers whose identity token it signed.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 /// Why the service could not start.
@@ -77,6 +85,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let router =
         rest::router(db.clone()).merge(tonic::service::Routes::new(grpc).into_axum_router());
+    let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 

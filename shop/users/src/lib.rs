@@ -18,8 +18,11 @@
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The key the gateway and the other services of this shop share.
+//! let service_key = trellis_service::auth::ServiceKey::from_env_or_file("trellis-data".as_ref())?;
 //! let config = shop_users::Config {
 //!     database_url: "sqlite://trellis-data/users.db".into(),
+//!     service_key,
 //! };
 //! let (router, db) = shop_users::app(config).await?;
 //! shop_users::ensure_admin(&db, "admin@example.com", "a long password", "Admin").await?;
@@ -58,6 +61,8 @@ pub const BODY_BYTES_MAX: usize = 16 * 1024;
 pub struct Config {
     /// `sqlite://PATH` or `postgres://…`.
     pub database_url: String,
+    /// The shop's key: the service believes only callers whose identity token it signed.
+    pub service_key: trellis_service::auth::ServiceKey,
 }
 
 /// Why the service could not start, or an account could not be ensured.
@@ -128,6 +133,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         hasher: Arc::new(hasher),
     };
     let router = http::router(state.clone()).merge(grpc::router(state));
+    let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 

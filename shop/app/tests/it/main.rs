@@ -5,3 +5,4 @@ mod choreography;
 mod harness;
 mod orders;
 mod platform;
+mod trust;

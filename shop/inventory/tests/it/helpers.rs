@@ -6,6 +6,23 @@ use shop_contracts::proto::inventory_client::InventoryClient;
 use shop_contracts::proto::{GetStockRequest, Line, OrderRef, ReserveRequest, SetStockRequest};
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
+use trellis_service::auth::{ServiceIdentityClient, ServiceKey};
+
+/// A gRPC channel that calls as a service of the shop under test.
+pub(crate) type Grpc = ServiceIdentityClient<Channel>;
+
+/// The key the services under test trust (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
+
+/// An identity token for `user_id` with `role`, as the shop's gateway signs one.
+pub(crate) fn identity(user_id: &str, role: &str) -> reqwest::header::HeaderValue {
+    let token = key().signer("gateway").token(user_id, role).expect("signs");
+    reqwest::header::HeaderValue::from_bytes(token.as_bytes()).expect("a header value")
+}
 
 /// A running inventory service and what keeps its database alive.
 pub(crate) struct Service {
@@ -27,6 +44,7 @@ impl Drop for Service {
 async fn start(url: &str) -> (SocketAddr, oneshot::Sender<()>) {
     let (router, db) = shop_inventory::app(shop_inventory::Config {
         database_url: url.to_owned(),
+        service_key: key(),
     })
     .await
     .expect("the service starts");
@@ -75,11 +93,14 @@ pub(crate) async fn postgres(test_name: &str) -> Option<Service> {
 }
 
 impl Service {
-    pub(crate) fn grpc(&self) -> InventoryClient<Channel> {
+    pub(crate) fn grpc(&self) -> InventoryClient<Grpc> {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect_lazy();
-        InventoryClient::new(channel)
+        InventoryClient::new(ServiceIdentityClient::new(
+            channel,
+            key().service_identity("orders"),
+        ))
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -87,7 +108,7 @@ impl Service {
     }
 }
 
-pub(crate) async fn set_stock(client: &mut InventoryClient<Channel>, product_id: &str, total: i64) {
+pub(crate) async fn set_stock(client: &mut InventoryClient<Grpc>, product_id: &str, total: i64) {
     client
         .set_stock(SetStockRequest {
             product_id: product_id.to_owned(),
@@ -98,10 +119,7 @@ pub(crate) async fn set_stock(client: &mut InventoryClient<Channel>, product_id:
 }
 
 /// `(total, reserved, available)` of a product.
-pub(crate) async fn level(
-    client: &mut InventoryClient<Channel>,
-    product_id: &str,
-) -> (i64, i64, i64) {
+pub(crate) async fn level(client: &mut InventoryClient<Grpc>, product_id: &str) -> (i64, i64, i64) {
     let stock = client
         .get_stock(GetStockRequest {
             product_ids: vec![product_id.to_owned()],

@@ -9,7 +9,6 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use shop_contracts::proto::inventory_client::InventoryClient;
 use shop_contracts::proto::{GetStockRequest, SetStockRequest};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::helpers::{Service, order, reserve_request};
 
@@ -63,7 +62,7 @@ fn fail(message: String) -> TestCaseError {
 
 /// Runs one sequence with ids unique to `case`, checking each answer and the stock after it.
 async fn run(
-    client: &mut InventoryClient<Channel>,
+    client: &mut InventoryClient<crate::helpers::Grpc>,
     case: usize,
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {

@@ -3,13 +3,13 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Service, reserve_request, set_stock};
+use trellis_service::auth::IDENTITY_HEADER;
+
+use crate::helpers::{Service, identity, reserve_request, set_stock};
 use crate::on_both;
 
 fn admin(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    request
-        .header("x-user-id", "admin-1")
-        .header("x-user-role", "admin")
+    request.header(IDENTITY_HEADER, identity("admin-1", "admin"))
 }
 
 /// PUT sets the total and answers the stock; below what is reserved is 409; bad totals 400;
@@ -81,8 +81,7 @@ async fn only_admins_touch_stock(service: Service) {
     let customer = service
         .http
         .put(service.url("/api/inventory/p"))
-        .header("x-user-id", "u1")
-        .header("x-user-role", "customer")
+        .header(IDENTITY_HEADER, identity("u1", "customer"))
         .json(&json!({"total": 0}))
         .send()
         .await
@@ -127,6 +126,7 @@ async fn openapi_is_served() {
 async fn a_bad_database_url_names_itself() {
     let err = shop_inventory::app(shop_inventory::Config {
         database_url: "mysql://nowhere/db".into(),
+        service_key: crate::helpers::key(),
     })
     .await
     .unwrap_err();

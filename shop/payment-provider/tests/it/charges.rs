@@ -4,12 +4,12 @@ use axum::http::StatusCode;
 use serde_json::json;
 use shop_payment_provider::{ProviderConfig, app, app_with_capacity};
 
-use crate::{call, charge};
+use crate::{call, charge, key};
 
 #[tokio::test]
 async fn the_same_key_answers_the_same_charge_and_captures_once() {
     // A repeat of a key must never capture again; it answers the first charge with 200.
-    let (router, handle) = app(ProviderConfig::default());
+    let (router, handle) = app(ProviderConfig::default(), &key());
     let (status, first) = charge(&router, "order-1", 2_500).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(first["status"], "captured");
@@ -26,7 +26,7 @@ async fn the_same_key_answers_the_same_charge_and_captures_once() {
 #[tokio::test]
 async fn concurrent_repeats_of_a_key_capture_once() {
     // Many callers racing with one key: exactly one capture, one charge id.
-    let (router, handle) = app(ProviderConfig::default());
+    let (router, handle) = app(ProviderConfig::default(), &key());
     let calls = (0..20).map(|_| {
         let router = router.clone();
         tokio::spawn(async move { charge(&router, "race", 100).await })
@@ -44,7 +44,7 @@ async fn concurrent_repeats_of_a_key_capture_once() {
 
 #[tokio::test]
 async fn a_key_reused_with_another_amount_is_refused() {
-    let (router, handle) = app(ProviderConfig::default());
+    let (router, handle) = app(ProviderConfig::default(), &key());
     charge(&router, "k", 100).await;
     let (status, body) = charge(&router, "k", 101).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -54,10 +54,13 @@ async fn a_key_reused_with_another_amount_is_refused() {
 
 #[tokio::test]
 async fn charges_above_the_card_limit_are_declined_and_stay_declined() {
-    let (router, handle) = app(ProviderConfig {
-        card_limit_cents: 1_000,
-        ..ProviderConfig::default()
-    });
+    let (router, handle) = app(
+        ProviderConfig {
+            card_limit_cents: 1_000,
+            ..ProviderConfig::default()
+        },
+        &key(),
+    );
     let (status, body) = charge(&router, "big", 1_001).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(body["error"]["code"], "card_declined");
@@ -77,10 +80,13 @@ async fn charges_above_the_card_limit_are_declined_and_stay_declined() {
 
 #[tokio::test]
 async fn a_decline_rate_of_one_declines_every_new_charge() {
-    let (router, handle) = app(ProviderConfig {
-        decline_rate: 1.0,
-        ..ProviderConfig::default()
-    });
+    let (router, handle) = app(
+        ProviderConfig {
+            decline_rate: 1.0,
+            ..ProviderConfig::default()
+        },
+        &key(),
+    );
     for n in 0..5 {
         let (status, _) = charge(&router, &format!("k{n}"), 10).await;
         assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
@@ -91,7 +97,7 @@ async fn a_decline_rate_of_one_declines_every_new_charge() {
 
 #[tokio::test]
 async fn bad_charges_are_refused_with_the_problem_named() {
-    let (router, _) = app(ProviderConfig::default());
+    let (router, _) = app(ProviderConfig::default(), &key());
     let cases = [
         (
             json!({"idempotency_key": "", "amount_cents": 1}),
@@ -132,7 +138,7 @@ async fn bad_charges_are_refused_with_the_problem_named() {
 
 #[tokio::test]
 async fn charges_are_found_by_key_and_by_id() {
-    let (router, _) = app(ProviderConfig::default());
+    let (router, _) = app(ProviderConfig::default(), &key());
     let (_, created) = charge(&router, "order-9", 700).await;
     let (status, list) = call(&router, "GET", "/v1/charges?idempotency_key=order-9", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -152,7 +158,7 @@ async fn charges_are_found_by_key_and_by_id() {
 
 #[tokio::test]
 async fn memory_is_bounded_and_the_oldest_charge_goes_first() {
-    let (router, handle) = app_with_capacity(ProviderConfig::default(), 3);
+    let (router, handle) = app_with_capacity(ProviderConfig::default(), 3, &key());
     for n in 0..5 {
         charge(&router, &format!("k{n}"), 10).await;
     }

@@ -11,15 +11,46 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
+use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 
-/// Sends one request to the router and answers the status and the JSON body.
+/// The key the simulator under test trusts (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
+
+/// An identity token for an administrator, as the shop's gateway signs one.
+pub(crate) fn admin_token() -> axum::http::HeaderValue {
+    key()
+        .signer("gateway")
+        .token("admin-1", trellis_service::ROLE_ADMIN)
+        .expect("signs")
+}
+
+/// Sends one request to the router as an administrator and answers the status and the JSON
+/// body.
 pub(crate) async fn call(
     router: &Router,
     method: &str,
     uri: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    call_as(router, Some(admin_token()), method, uri, body).await
+}
+
+/// Sends one request with `identity` (or none) and answers the status and the JSON body.
+pub(crate) async fn call_as(
+    router: &Router,
+    identity: Option<axum::http::HeaderValue>,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = identity {
+        request = request.header(IDENTITY_HEADER, token);
+    }
     let body = match body {
         Some(json) => {
             request = request.header("content-type", "application/json");

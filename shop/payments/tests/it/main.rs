@@ -15,7 +15,15 @@ use shop_contracts::proto::{ChargeRequest, ChargeResponse, OrderRef};
 use shop_payment_provider::{ProviderConfig, ProviderHandle};
 use shop_payments::{Config, ResilienceConfig};
 use trellis_resilience::{Clock, SharedClock};
+use trellis_service::auth::ServiceKey;
 use trellis_service::{GrpcChannel, GrpcClientConfig, grpc_channel};
+
+/// The key the services under test trust (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy)]
@@ -157,7 +165,7 @@ pub(crate) async fn start_behind(
             (db.url.clone(), Keep::Postgres(db))
         }
     };
-    let (provider_router, provider) = shop_payment_provider::app(provider_config);
+    let (provider_router, provider) = shop_payment_provider::app(provider_config, &key());
     let provider_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -186,6 +194,7 @@ pub(crate) async fn start_behind(
         database_url,
         provider_url,
         resilience,
+        service_key: key(),
     })
     .await
     .expect("payments app");
@@ -200,7 +209,12 @@ pub(crate) async fn start_behind(
         None,
         std::future::pending(),
     ));
-    let channel = grpc_channel(&addr.to_string(), GrpcClientConfig::default()).expect("channel");
+    let channel = grpc_channel(
+        &addr.to_string(),
+        GrpcClientConfig::default(),
+        key().service_identity("orders"),
+    )
+    .expect("channel");
     Some(Harness {
         client: PaymentsClient::new(channel),
         http_base: format!("http://{addr}"),

@@ -80,8 +80,10 @@ async fn bad_products_and_callers_are_refused() {
             service
                 .http
                 .post(service.endpoint("/api/products"))
-                .header("x-user-id", "u1")
-                .header("x-user-role", "customer")
+                .header(
+                    trellis_service::auth::IDENTITY_HEADER,
+                    crate::helpers::identity("u1", "customer"),
+                )
                 .json(&body),
         )
         .await;
@@ -127,8 +129,10 @@ async fn idempotency_keys_make_creation_safe_to_retry(service: Service) {
         let request = service
             .http
             .post(service.endpoint("/api/products"))
-            .header("x-user-role", "admin")
-            .header("x-user-id", "admin-1")
+            .header(
+                trellis_service::auth::IDENTITY_HEADER,
+                crate::helpers::identity("admin-1", "admin"),
+            )
             .header("idempotency-key", "key-2")
             .json(&json!({"name": "Cup", "price_cents": 300, "stock": 9}));
         tasks.push(tokio::spawn(async move {
@@ -190,6 +194,7 @@ async fn openapi_and_start_up_errors() {
     let err = shop_products::app(shop_products::Config {
         database_url: "sqlite::memory:".into(),
         inventory_addr: "not a uri\n".into(),
+        service_key: crate::helpers::key(),
     })
     .await
     .unwrap_err();
@@ -197,6 +202,7 @@ async fn openapi_and_start_up_errors() {
     let err = shop_products::app(shop_products::Config {
         database_url: "oracle://x".into(),
         inventory_addr: "127.0.0.1:8103".into(),
+        service_key: crate::helpers::key(),
     })
     .await
     .unwrap_err();

@@ -15,6 +15,19 @@ use shop_contracts::proto::{
 };
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
+use trellis_service::auth::{ServiceIdentityClient, ServiceKey};
+
+/// The key the service under test trusts (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
+
+/// An identity token for `user_id` with `role`, as the shop's gateway signs one.
+pub(crate) fn identity(user_id: &str, role: &str) -> reqwest::header::HeaderValue {
+    key().signer("gateway").token(user_id, role).expect("signs")
+}
 use tonic::{Request, Response, Status};
 
 /// An inventory that keeps totals in memory, counts calls, and answers UNAVAILABLE while
@@ -147,6 +160,7 @@ async fn start(
     let (router, db) = shop_products::app(shop_products::Config {
         database_url: database_url.to_owned(),
         inventory_addr: inventory_addr.map_or_else(|| inventory_at.to_string(), str::to_owned),
+        service_key: key(),
     })
     .await
     .expect("the service starts");
@@ -201,11 +215,14 @@ impl Service {
         format!("http://{}{path}", self.addr)
     }
 
-    pub(crate) fn grpc(&self) -> ProductsClient<Channel> {
+    pub(crate) fn grpc(&self) -> ProductsClient<ServiceIdentityClient<Channel>> {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect_lazy();
-        ProductsClient::new(channel)
+        ProductsClient::new(ServiceIdentityClient::new(
+            channel,
+            key().service_identity("orders"),
+        ))
     }
 
     pub(crate) async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
@@ -224,8 +241,10 @@ impl Service {
         let mut request = self
             .http
             .post(self.endpoint("/api/products"))
-            .header("x-user-id", "admin-1")
-            .header("x-user-role", "admin")
+            .header(
+                trellis_service::auth::IDENTITY_HEADER,
+                identity("admin-1", "admin"),
+            )
             .json(&body);
         if let Some(key) = key {
             request = request.header("idempotency-key", key);

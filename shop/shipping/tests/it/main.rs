@@ -5,7 +5,15 @@ mod shipments;
 
 use shop_contracts::proto::shipping_client::ShippingClient;
 use shop_contracts::proto::{CreateShipmentRequest, Line, OrderRef, Shipment};
+use trellis_service::auth::ServiceKey;
 use trellis_service::{GrpcChannel, GrpcClientConfig, grpc_channel};
+
+/// The key the service under test trusts (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy)]
@@ -59,9 +67,12 @@ pub(crate) async fn start(backend: Backend, test: &str) -> Option<Harness> {
             (db.url.clone(), Keep::Postgres(db))
         }
     };
-    let (router, db) = shop_shipping::app(shop_shipping::Config { database_url })
-        .await
-        .expect("shipping app");
+    let (router, db) = shop_shipping::app(shop_shipping::Config {
+        database_url,
+        service_key: key(),
+    })
+    .await
+    .expect("shipping app");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -73,7 +84,12 @@ pub(crate) async fn start(backend: Backend, test: &str) -> Option<Harness> {
         None,
         std::future::pending(),
     ));
-    let channel = grpc_channel(&addr.to_string(), GrpcClientConfig::default()).expect("channel");
+    let channel = grpc_channel(
+        &addr.to_string(),
+        GrpcClientConfig::default(),
+        key().service_identity("orders"),
+    )
+    .expect("channel");
     Some(Harness {
         client: ShippingClient::new(channel),
         http_base: format!("http://{addr}"),

@@ -121,9 +121,11 @@ async fn bad_shipments_are_refused(backend: Backend) {
 async fn get_json(url: &str, role: Option<&str>) -> (u16, Value) {
     let mut request = reqwest::Client::new().get(url);
     if let Some(role) = role {
-        request = request
-            .header("x-user-id", "u1")
-            .header("x-user-role", role);
+        let token = crate::key()
+            .signer("gateway")
+            .token("u1", role)
+            .expect("signs");
+        request = request.header(trellis_service::auth::IDENTITY_HEADER, token);
     }
     let response = request.send().await.expect("http");
     let status = response.status().as_u16();

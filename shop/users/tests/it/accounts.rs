@@ -79,12 +79,10 @@ async fn me_shows_the_caller(service: Service) {
         .body;
     let id = created["id"].as_str().unwrap();
     let me = service
-        .send(
-            service
-                .http
-                .get(service.endpoint("/api/users/me"))
-                .header("x-user-id", id),
-        )
+        .send(service.http.get(service.endpoint("/api/users/me")).header(
+            trellis_service::auth::IDENTITY_HEADER,
+            crate::helpers::identity(id, "customer"),
+        ))
         .await;
     assert_eq!(me.status, StatusCode::OK);
     assert_eq!(me.body, created);
@@ -93,12 +91,10 @@ async fn me_shows_the_caller(service: Service) {
         .await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     let gone = service
-        .send(
-            service
-                .http
-                .get(service.endpoint("/api/users/me"))
-                .header("x-user-id", uuid::Uuid::now_v7().to_string()),
-        )
+        .send(service.http.get(service.endpoint("/api/users/me")).header(
+            trellis_service::auth::IDENTITY_HEADER,
+            crate::helpers::identity(&uuid::Uuid::now_v7().to_string(), "customer"),
+        ))
         .await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
 }
@@ -229,6 +225,7 @@ async fn a_bad_database_url_names_itself() {
     let url = format!("sqlite://{}/sub/users.db", file.display());
     let err = shop_users::app(shop_users::Config {
         database_url: url.clone(),
+        service_key: crate::helpers::key(),
     })
     .await
     .unwrap_err();

@@ -4,9 +4,35 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use serde_json::Value;
-use trellis_gateway::{Config, Gateway};
+use trellis_gateway::{Config, Gateway, GatewayHooks, HookDecision, RequestCtx};
+use trellis_service::auth::{IDENTITY_HEADER, Signer};
 
 use crate::helpers::sqlite;
+
+/// What the shop's gateway hooks do for the users service: sign the identity the gateway
+/// verified, so the service (which reads no identity header) knows its caller.
+#[derive(Debug)]
+struct SignIdentity(Signer);
+
+impl GatewayHooks for SignIdentity {
+    fn request_filter(
+        &self,
+        _ctx: &mut RequestCtx,
+        _request: &mut axum::http::request::Parts,
+    ) -> HookDecision {
+        HookDecision::Continue
+    }
+
+    fn upstream_request_filter(&self, ctx: &RequestCtx, request: &mut axum::http::request::Parts) {
+        request.headers.remove(IDENTITY_HEADER);
+        let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
+        if let (Some(_), Some(id)) = (&ctx.subject, header("x-user-id")) {
+            let role = header("x-user-role").unwrap_or("customer");
+            let token = self.0.token(id, role).expect("signs");
+            request.headers.insert(IDENTITY_HEADER, token);
+        }
+    }
+}
 
 /// A token from `/api/auth/token` passes a gateway route that requires a JWT (the gateway
 /// fetched the key from `/.well-known/jwks.json` and forwards the caller's id and role); a
@@ -46,7 +72,12 @@ async fn the_gateway_accepts_issued_tokens_and_refuses_tampered_ones() {
         addr = users.addr,
     ))
     .expect("gateway config");
-    let gateway = Gateway::from_config(config).await.expect("gateway");
+    let gateway = Gateway::from_config(config)
+        .await
+        .expect("gateway")
+        .with_hooks(std::sync::Arc::new(SignIdentity(
+            crate::helpers::key().signer("gateway"),
+        )));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway_addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -7,6 +7,19 @@ use serde_json::{Value, json};
 use shop_contracts::proto::users_client::UsersClient;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
+use trellis_service::auth::{ServiceIdentityClient, ServiceKey};
+
+/// The key the service under test trusts (one per test binary).
+pub(crate) fn key() -> ServiceKey {
+    static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
+        .clone()
+}
+
+/// An identity token for `user_id` with `role`, as the shop's gateway signs one.
+pub(crate) fn identity(user_id: &str, role: &str) -> reqwest::header::HeaderValue {
+    key().signer("gateway").token(user_id, role).expect("signs")
+}
 
 /// A running users service and what keeps its database alive.
 pub(crate) struct Service {
@@ -33,6 +46,7 @@ pub(crate) async fn start(
 ) -> (SocketAddr, trellis_service::Db, oneshot::Sender<()>) {
     let (router, db) = shop_users::app(shop_users::Config {
         database_url: database_url.to_owned(),
+        service_key: key(),
     })
     .await
     .expect("the service starts");
@@ -102,11 +116,14 @@ impl Service {
         format!("http://{}{path}", self.addr)
     }
 
-    pub(crate) fn grpc(&self) -> UsersClient<Channel> {
+    pub(crate) fn grpc(&self) -> UsersClient<ServiceIdentityClient<Channel>> {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect_lazy();
-        UsersClient::new(channel)
+        UsersClient::new(ServiceIdentityClient::new(
+            channel,
+            key().service_identity("orders"),
+        ))
     }
 
     pub(crate) async fn send(&self, request: reqwest::RequestBuilder) -> Answer {

@@ -1,0 +1,206 @@
+//! The services believe no one on their word: a process that reaches a service's port
+//! directly, with forged identity headers or a token it signed itself, is refused.
+
+use reqwest::Method;
+use serde_json::json;
+use shop_contracts::proto::inventory_client::InventoryClient;
+use shop_contracts::proto::payments_client::PaymentsClient;
+use shop_contracts::proto::users_client::UsersClient;
+use shop_contracts::proto::{ChargeRequest, GetUserRequest, SetStockRequest};
+use tonic::transport::{Channel, Endpoint};
+use trellis_service::auth::{IDENTITY_HEADER, ServiceIdentityClient, ServiceKey};
+
+use crate::harness::{Backend, TestShop};
+
+fn direct(shop: &TestShop, service: &str, path: &str) -> String {
+    format!("http://{}{path}", shop.shop.addrs()[service])
+}
+
+fn channel(shop: &TestShop, service: &str) -> Channel {
+    Endpoint::from_shared(format!("http://{}", shop.shop.addrs()[service]))
+        .expect("uri")
+        .connect_lazy()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_identity_headers_are_refused() {
+    // Goal: `x-user-id` / `x-user-role: admin` sent straight to a service's port make no one
+    // an admin. Method: call every service's protected REST routes directly, with forged
+    // headers and with a well-formed token signed by a key that is not the shop's; each must
+    // answer 401 and change nothing, while the same calls through the gateway work.
+    let shop = TestShop::start(Backend::Sqlite, "forged-headers")
+        .await
+        .expect("sqlite");
+    let product = shop.product("Lamp", 1_500, 4).await;
+    let stranger = ServiceKey::generate()
+        .expect("randomness")
+        .signer("gateway")
+        .token("intruder", "admin")
+        .expect("signs");
+    let calls = [
+        (
+            Method::POST,
+            "products",
+            "/api/products".to_owned(),
+            Some(json!({"name": "Free", "price_cents": 1, "stock": 1})),
+        ),
+        (
+            Method::PUT,
+            "inventory",
+            format!("/api/inventory/{product}"),
+            Some(json!({"total": 0})),
+        ),
+        (Method::GET, "users", "/api/users/me".to_owned(), None),
+        (Method::GET, "orders", "/api/orders".to_owned(), None),
+        (
+            Method::POST,
+            "orders",
+            "/api/orders".to_owned(),
+            Some(json!({"items": [{"product_id": product, "quantity": 1}]})),
+        ),
+        (
+            Method::GET,
+            "payments",
+            format!("/api/payments/{}", uuid::Uuid::now_v7()),
+            None,
+        ),
+        (
+            Method::GET,
+            "shipping",
+            format!("/api/shipments/{}", uuid::Uuid::now_v7()),
+            None,
+        ),
+        (
+            Method::PUT,
+            "payment-provider",
+            "/admin/config".to_owned(),
+            Some(json!({"outage": true})),
+        ),
+    ];
+    for (method, service, path, body) in calls {
+        for forged in [false, true] {
+            let mut request = shop
+                .http
+                .request(method.clone(), direct(&shop, service, &path))
+                .header("x-user-id", "intruder")
+                .header("x-user-role", "admin")
+                .header("idempotency-key", uuid::Uuid::now_v7().to_string());
+            if forged {
+                request = request.header(IDENTITY_HEADER, stranger.clone());
+            }
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            let response = request.send().await.expect("the service answers");
+            let status = response.status().as_u16();
+            let answer: serde_json::Value = response.json().await.unwrap_or_default();
+            assert_eq!(
+                status, 401,
+                "{method} {service}{path} (foreign token: {forged}) answered {answer}"
+            );
+            assert_eq!(answer["error"]["code"], "unauthenticated", "{answer}");
+        }
+    }
+    // Nothing changed: the stock, the provider's settings, the catalog.
+    assert_eq!(shop.stock(&product).await["total"], 4);
+    assert!(!shop.shop.provider().config().outage);
+    let (_, page) = shop
+        .call(Method::GET, "/api/products?q=Free", None, None)
+        .await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(0), "{page}");
+    // Through the gateway, the admin's own token still works.
+    let (status, _) = shop
+        .call(
+            Method::PUT,
+            &format!("/api/inventory/{product}"),
+            Some(shop.admin()),
+            Some(json!({"total": 5})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_calls_need_a_service_identity() {
+    // Goal: the services' gRPC methods (charge, reserve, set stock, read a user) answer only
+    // another service of the shop. Method: call them on the service ports with no identity,
+    // with a user's identity (even an admin's) and with a service identity signed by a foreign
+    // key; then once with the shop's own service identity, which must work.
+    let shop = TestShop::start(Backend::Sqlite, "grpc-identity")
+        .await
+        .expect("sqlite");
+    let product = shop.product("Desk", 9_000, 2).await;
+    let foreign = ServiceKey::generate().expect("randomness");
+
+    let mut payments = PaymentsClient::new(channel(&shop, "payments"));
+    let charge = ChargeRequest {
+        order_id: uuid::Uuid::now_v7().to_string(),
+        user_id: "intruder".to_owned(),
+        amount_cents: 100,
+    };
+    let status = payments.charge(charge.clone()).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    let mut as_foreign = PaymentsClient::new(ServiceIdentityClient::new(
+        channel(&shop, "payments"),
+        foreign.service_identity("orders"),
+    ));
+    let status = as_foreign
+        .charge(charge.clone())
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    let mut request = tonic::Request::new(SetStockRequest {
+        product_id: product.clone(),
+        total: 0,
+    });
+    let admin = shop
+        .shop
+        .service_key()
+        .signer("gateway")
+        .token("someone", "admin")
+        .expect("signs");
+    request.metadata_mut().insert(
+        "x-trellis-identity",
+        admin.to_str().expect("ascii").parse().expect("metadata"),
+    );
+    let mut inventory = InventoryClient::new(channel(&shop, "inventory"));
+    let status = inventory.set_stock(request).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let mut users = UsersClient::new(channel(&shop, "users"));
+    let status = users
+        .get_user(GetUserRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    assert_eq!(
+        shop.stock(&product).await["total"],
+        2,
+        "the stock is unchanged"
+    );
+    assert_eq!(
+        shop.shop.provider().stats().captures,
+        0,
+        "nothing was charged"
+    );
+
+    // The shop's own service identity passes.
+    let mut as_orders = InventoryClient::new(ServiceIdentityClient::new(
+        channel(&shop, "inventory"),
+        shop.shop.service_key().service_identity("orders"),
+    ));
+    let stock = as_orders
+        .get_stock(shop_contracts::proto::GetStockRequest {
+            product_ids: vec![product.clone()],
+        })
+        .await
+        .expect("a service may read the stock");
+    assert_eq!(stock.into_inner().stock.len(), 1);
+    shop.stop().await;
+}
