@@ -49,7 +49,8 @@ pub const POOL_IDLE_TIMEOUT_MS_DEFAULT: u64 = 90_000;
 pub const ENDPOINTS_MAX: usize = 1024;
 /// Most retry attempts a route may ask for (first attempt included).
 pub const RETRY_ATTEMPTS_MAX: u32 = 5;
-/// Default number of keys a rate limiter tracks before it evicts idle ones.
+/// Default number of keys a rate limiter tracks; beyond it, unknown keys share one overflow
+/// bucket.
 pub const RATE_LIMIT_KEYS_MAX_DEFAULT: usize = 100_000;
 /// Default longest wait for the shared rate-limit store per request, in milliseconds.
 pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 20;
@@ -381,7 +382,11 @@ pub struct RateLimitConfig {
     pub requests_per_second: u32,
     /// Burst size, requests.
     pub burst: u32,
-    /// Keys tracked before idle ones are evicted.
+    /// Most keys tracked. A full table forgets keys whose bucket has refilled (nothing is
+    /// lost: they would start full anyway); until that frees room, keys it does not know
+    /// share one overflow bucket with this policy's rate and burst, so a flood of new keys
+    /// never hands out fresh bursts (`trellis_gateway_rate_limit_overflow_total` counts
+    /// requests charged to that bucket).
     #[serde(default = "default_keys_max")]
     pub keys_max: usize,
     /// Share the limit across gateway replicas through this Redis (`redis://host:port/db`).

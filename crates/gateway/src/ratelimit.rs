@@ -8,14 +8,18 @@
 //! [`REDIS_RETRY_AFTER_FAILURE`], and `trellis_gateway_rate_limit_backend_errors_total` counts
 //! the failure. See docs/decisions/0005-gateway-design.md.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName};
 
@@ -23,8 +27,7 @@ use crate::auth::Identity;
 use crate::config::RateLimitConfig;
 use crate::error::ConfigError;
 
-type Keyed =
-    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Keyed = RateLimiter<String, KeyTable, DefaultClock, StateInformationMiddleware>;
 
 /// Time Redis is not asked after it failed, so a dead Redis costs one timeout per this
 /// period rather than one per request.
@@ -166,19 +169,107 @@ pub(crate) enum KeySource {
 #[derive(Debug)]
 pub(crate) struct RouteLimiter {
     source: KeySource,
-    limiter: ArcSwap<Keyed>,
-    quota: Quota,
+    limiter: Keyed,
+    table: Arc<KeyTableState>,
     burst: u32,
     emission: Duration,
     keys_max: usize,
-    /// Checks since the key table's size was last looked at.
-    checks: std::sync::atomic::AtomicU32,
+    /// When a full table was last swept of replenished keys.
+    last_sweep: Mutex<Instant>,
     shared: Option<Shared>,
 }
 
-/// The key table's size (which takes its lock) is checked once per this many requests: the
-/// table may overshoot `keys_max` by at most this many keys.
-const KEY_TABLE_CHECK_EVERY: u32 = 64;
+/// Least time between two sweeps of a full key table (each walks the whole table under its
+/// lock), so a flood of new keys costs one sweep per this period, not one per request.
+const KEY_TABLE_SWEEP_INTERVAL_MIN: Duration = Duration::from_secs(1);
+
+/// The per-key GCRA states of one route, bounded to `keys_max` keys.
+///
+/// Why not start a fresh table when it is full (as this limiter once did): every key in it
+/// would get a fresh burst, so a client that floods distinct keys (spoofed header values,
+/// rotating addresses) would reset everybody's limit, its own included, as often as it
+/// likes. Instead a full table makes room only by forgetting keys whose bucket has refilled
+/// (governor's `retain_recent`): such a key, seen again, starts with the full bucket it had
+/// anyway, so forgetting it loses nothing. Until room frees up, keys the table does not know
+/// share one overflow bucket with the route's quota: during a flood, new clients are limited
+/// together (they may see 429s a known client would not) while known clients keep exactly
+/// their own state. That is failing closed for unknown keys, the opposite of the Redis
+/// fallback above; here failing open would be the attack itself, and memory stays bounded
+/// either way.
+#[derive(Debug)]
+struct KeyTable(Arc<KeyTableState>);
+
+#[derive(Debug)]
+struct KeyTableState {
+    keys: Mutex<HashMap<String, InMemoryState>>,
+    keys_max: usize,
+    overflow: InMemoryState,
+    /// Set when a request went to the overflow bucket; the next check sweeps the table.
+    full: AtomicBool,
+    overflowed: metrics::Counter,
+}
+
+impl KeyTableState {
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, InMemoryState>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl StateStore for KeyTable {
+    type Key = String;
+
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let table = &self.0;
+        {
+            let mut keys = table.keys();
+            if let Some(state) = keys.get(key) {
+                return state.measure_and_replace(&NotKeyed::NonKey, f);
+            }
+            if keys.len() < table.keys_max {
+                return keys
+                    .entry(key.clone())
+                    .or_default()
+                    .measure_and_replace(&NotKeyed::NonKey, f);
+            }
+        }
+        table.full.store(true, Ordering::Relaxed);
+        table.overflowed.increment(1);
+        table.overflow.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<String> for KeyTable {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0
+            .keys()
+            .retain(|_, state| theoretical_arrival(state).is_some_and(|tat| tat > drop_below));
+    }
+
+    fn shrink_to_fit(&self) {
+        self.0.keys().shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.keys().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.keys().is_empty()
+    }
+}
+
+/// A state's theoretical arrival time (GCRA's TAT), `None` when it was never used; read
+/// through `measure_and_replace` with a closure that declines to replace (governor keeps its
+/// own reader crate-private).
+fn theoretical_arrival(state: &InMemoryState) -> Option<Nanos> {
+    state
+        .measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>)
+        .err()
+        .flatten()
+}
 
 /// The verdict for one request.
 #[derive(Debug)]
@@ -242,16 +333,22 @@ impl RouteLimiter {
             }
             None => None,
         };
+        let table = Arc::new(KeyTableState {
+            keys: Mutex::new(HashMap::new()),
+            keys_max: config.keys_max,
+            overflow: InMemoryState::default(),
+            full: AtomicBool::new(false),
+            overflowed: metrics::counter!("trellis_gateway_rate_limit_overflow_total", "policy" => name.to_owned()),
+        });
+        let limiter = Keyed::new(quota, KeyTable(Arc::clone(&table)), DefaultClock::default());
         Ok(Self {
             source,
-            limiter: ArcSwap::from_pointee(
-                RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
-            ),
-            quota,
+            limiter,
+            table,
             burst: config.burst,
             emission,
             keys_max: config.keys_max,
-            checks: std::sync::atomic::AtomicU32::new(0),
+            last_sweep: Mutex::new(Instant::now()),
             shared,
         })
     }
@@ -289,8 +386,7 @@ impl RouteLimiter {
     }
 
     fn check_local(&self, key: String) -> Verdict {
-        let limiter = self.limiter.load();
-        let verdict = match limiter.check_key(&key) {
+        let verdict = match self.limiter.check_key(&key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let used = self.burst.saturating_sub(remaining);
@@ -306,31 +402,39 @@ impl RouteLimiter {
                 limit: self.burst,
             },
         };
-        let checks = self
-            .checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if checks.is_multiple_of(KEY_TABLE_CHECK_EVERY) && limiter.len() > self.keys_max {
-            // Forget keys whose bucket has refilled (idle keys); if the table is still over
-            // its bound (a flood of distinct live keys), start a fresh table rather than grow
-            // without limit: those clients get a fresh burst, memory stays bounded.
-            limiter.retain_recent();
-            if limiter.len() > self.keys_max {
-                tracing::warn!(
-                    keys = limiter.len(),
-                    bound = self.keys_max,
-                    "rate-limit key table full; resetting it"
-                );
-                self.limiter.store(std::sync::Arc::new(
-                    RateLimiter::keyed(self.quota).with_middleware::<StateInformationMiddleware>(),
-                ));
-            }
+        if self.table.full.swap(false, Ordering::Relaxed) {
+            self.sweep_full_table();
         }
         verdict
     }
 
+    /// Makes room in a full table by forgetting replenished keys, at most once per
+    /// [`KEY_TABLE_SWEEP_INTERVAL_MIN`].
+    fn sweep_full_table(&self) {
+        {
+            let mut last = self
+                .last_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() < KEY_TABLE_SWEEP_INTERVAL_MIN {
+                return;
+            }
+            *last = Instant::now();
+        }
+        self.limiter.retain_recent();
+        let keys = self.limiter.len();
+        if keys >= self.keys_max {
+            tracing::warn!(
+                keys,
+                bound = self.keys_max,
+                "rate-limit key table full of active keys; new keys share one overflow bucket"
+            );
+        }
+    }
+
     /// Evicts idle keys; called periodically.
     pub(crate) fn evict_idle(&self) {
-        self.limiter.load().retain_recent();
+        self.limiter.retain_recent();
     }
 }
 
@@ -343,11 +447,79 @@ mod tests {
     use super::*;
 
     fn limiter(keys_max: usize) -> RouteLimiter {
+        limiter_with_burst(keys_max, 2)
+    }
+
+    fn limiter_with_burst(keys_max: usize, burst: u32) -> RouteLimiter {
         let config: RateLimitConfig = toml::from_str(&format!(
-            "key = \"header:x-tenant\"\nrequests_per_second = 1\nburst = 2\nkeys_max = {keys_max}"
+            "key = \"header:x-tenant\"\nrequests_per_second = 1\nburst = {burst}\nkeys_max = {keys_max}"
         ))
         .expect("config");
         RouteLimiter::new("t", "route", &config).expect("limiter")
+    }
+
+    fn tenant(name: impl std::fmt::Display) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-tenant",
+            HeaderValue::from_str(&name.to_string()).expect("header value"),
+        );
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_flooded_key_table_does_not_hand_out_fresh_bursts() {
+        // Goal: a client that has spent its burst gets no new one when a flood of distinct
+        // keys overfills the table, and the flood gets no burst per key beyond the table's
+        // room. Method: burst 10 at 1 request/s; whatever a bucket regains during the test
+        // is bounded by the whole seconds elapsed (an invariant of the rate, not a timing).
+        let keys_max = 100;
+        let burst = 10;
+        let l = limiter_with_burst(keys_max, burst);
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let started = std::time::Instant::now();
+        let spender = tenant("spender");
+        for _ in 0..burst {
+            assert!(matches!(
+                l.check(peer, None, &spender).await,
+                Verdict::Allowed { .. }
+            ));
+        }
+        assert!(matches!(
+            l.check(peer, None, &spender).await,
+            Verdict::Limited { .. }
+        ));
+
+        let mut flood_allowed: u64 = 0;
+        for i in 0..5_000 {
+            if let Verdict::Allowed { .. } = l.check(peer, None, &tenant(i)).await {
+                flood_allowed += 1;
+            }
+        }
+
+        // The periodic eviction forgets only replenished keys: the spender stays.
+        l.evict_idle();
+        assert!(
+            l.table.keys().contains_key("spender"),
+            "the spender's state was evicted"
+        );
+
+        // A bucket regains at most one request per started second.
+        let regained_max = started.elapsed().as_secs() + 1;
+        let per_bucket = u64::from(burst) + regained_max;
+        match l.check(peer, None, &spender).await {
+            Verdict::Limited { .. } => {}
+            Verdict::Allowed { remaining, .. } => assert!(
+                u64::from(remaining) < regained_max,
+                "the spender got a fresh burst: {remaining} requests left"
+            ),
+        }
+        // Every key the table had room for, plus one shared bucket for the rest.
+        let bound = (keys_max as u64 + 1) * per_bucket;
+        assert!(
+            flood_allowed <= bound,
+            "the flood was admitted {flood_allowed} times (bound {bound})"
+        );
     }
 
     #[tokio::test]
@@ -358,7 +530,7 @@ mod tests {
             let mut headers = HeaderMap::new();
             headers.insert("x-tenant", HeaderValue::from(i));
             let _ = l.check(peer, None, &headers).await;
-            assert!(l.limiter.load().len() <= 100 + KEY_TABLE_CHECK_EVERY as usize + 1);
+            assert!(l.limiter.len() <= 100);
         }
     }
 
