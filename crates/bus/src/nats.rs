@@ -19,6 +19,23 @@
 //!   `<prefix>.dlq.action`. A redrive republishes to the bus stream with a
 //!   `Trellis-Only-Group` header; other groups ack such a message without handling it.
 //!
+//! # Retention: why limits, and why no age limit by default
+//!
+//! The bus stream uses limits retention with **no age limit** by default, discard policy
+//! `new`, and an optional size bound ([`NatsBusConfig::with_max_bytes`]). Interest retention
+//! (keep a message until every consumer has acked it) does not fit how groups are declared:
+//! a group's durable consumers are created by its first `subscribe`, which happens when that
+//! service starts, and the [`Bus`] contract promises a group every retained message,
+//! including those published before it first subscribed. Under interest retention a message
+//! published while no consumer's filter matches it is deleted at once, so the first messages
+//! of a new deployment (the publisher started before the consumer) would vanish. A 7-day age
+//! limit, the old default, had the same flaw later: a group that was down for a week lost
+//! what it had not consumed, silently. Now a stream that fills up refuses publishes (counted
+//! in `trellis_bus_publish_refused_total{reason="stream_full"}`) instead of dropping
+//! anything; the price is that the stream grows until someone sets limits or purges it.
+//! [`NatsBus::connect`] brings an existing stream (made by an older version) to the
+//! configured limits.
+//!
 //! Each subscription keeps one pull stream open per partition (background tasks, aborted when
 //! the subscription is dropped); messages it had buffered are redelivered after the ack wait.
 
@@ -53,8 +70,10 @@ pub const PARTITIONS_MAX: u32 = 256;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most DLQ stream messages one list or lookup scans.
 pub const DLQ_SCAN_MAX: u64 = 10_000;
-/// Default age after which the bus stream drops messages (7 days).
-pub const MAX_AGE_DEFAULT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// Default age limit of the bus stream: none ([`Duration::ZERO`]). The stream uses limits
+/// retention, so an age limit drops a message after that age whether or not every group has
+/// consumed it; see [`NatsBusConfig::with_max_age`].
+pub const MAX_AGE_DEFAULT: Duration = Duration::ZERO;
 /// The header marking a redriven message as meant for one group only.
 pub const ONLY_GROUP_HEADER: &str = "Trellis-Only-Group";
 /// Most remembered first-failure times (for dead letters); cleared when exceeded.
@@ -68,6 +87,7 @@ pub struct NatsBusConfig {
     partitions: u32,
     message_bytes_max: usize,
     max_age: Duration,
+    max_bytes: Option<u64>,
 }
 
 impl NatsBusConfig {
@@ -81,6 +101,7 @@ impl NatsBusConfig {
             partitions: PARTITIONS_DEFAULT,
             message_bytes_max: MESSAGE_BYTES_MAX_DEFAULT,
             max_age: MAX_AGE_DEFAULT,
+            max_bytes: None,
         }
     }
 
@@ -98,10 +119,26 @@ impl NatsBusConfig {
         self
     }
 
-    /// Sets how long the bus stream keeps messages.
+    /// Sets how long the bus stream keeps messages ([`Duration::ZERO`], the default: no age
+    /// limit).
+    ///
+    /// The stream uses limits retention, so the server drops a message at this age **even if
+    /// a group has not consumed it yet** (a group that was down, or declared later). Only set
+    /// it when losing such messages is acceptable; connecting with an age limit logs a
+    /// warning and sets the gauge `trellis_bus_stream_max_age_seconds`.
     #[must_use]
     pub fn with_max_age(mut self, max_age: Duration) -> Self {
         self.max_age = max_age;
+        self
+    }
+
+    /// Bounds the bus stream at `bytes` (default: no bound of its own, only the server's
+    /// JetStream storage limit). When the stream is full, publishes fail (discard policy
+    /// `new`) rather than the server dropping the oldest messages; each refusal is counted
+    /// in `trellis_bus_publish_refused_total{reason="stream_full"}` and logged.
+    #[must_use]
+    pub fn with_max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
         self
     }
 }
@@ -134,6 +171,14 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// Whether a publish error is JetStream refusing a message because the stream (discard
+/// `new`) or the server's storage is at its limit.
+fn is_stream_full(error: &str) -> bool {
+    error.contains("maximum bytes exceeded")
+        || error.contains("maximum messages exceeded")
+        || error.contains("insufficient resources")
+}
+
 /// FNV-1a: stable across processes and versions, unlike `std`'s hasher.
 fn partition_of(subject: &str, partitions: u32) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -144,8 +189,55 @@ fn partition_of(subject: &str, partitions: u32) -> u32 {
     hash % partitions
 }
 
+/// Creates the bus stream with `wanted`'s limits, or brings an existing one (made by an older
+/// version or another configuration) to them: a stream left with an old age limit would keep
+/// dropping unconsumed messages.
+async fn ensure_limits(
+    context: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<stream::Stream, BusError> {
+    let mut stream = bounded(context.get_or_create_stream(wanted.clone())).await?;
+    let existing = stream.cached_info().config.clone();
+    let differs = existing.max_age != wanted.max_age
+        || existing.max_bytes != wanted.max_bytes
+        || existing.discard != wanted.discard
+        || existing.max_message_size != wanted.max_message_size;
+    if differs {
+        tracing::warn!(
+            stream = %wanted.name,
+            old_max_age = ?existing.max_age,
+            new_max_age = ?wanted.max_age,
+            old_max_bytes = existing.max_bytes,
+            new_max_bytes = wanted.max_bytes,
+            "updating the bus stream's limits"
+        );
+        let updated = stream::Config {
+            max_age: wanted.max_age,
+            max_bytes: wanted.max_bytes,
+            discard: wanted.discard,
+            max_message_size: wanted.max_message_size,
+            ..existing
+        };
+        bounded(context.update_stream(&updated))
+            .await
+            .map_err(|error| {
+                BusError::InvalidConfig(format!(
+                    "the stream {} exists with other limits and could not be updated \
+                     (update or recreate it by hand): {error}",
+                    wanted.name
+                ))
+            })?;
+        bounded(stream.info()).await?;
+    }
+    Ok(stream)
+}
+
 impl NatsBus {
     /// Connects and creates (or reuses) the bus and DLQ streams.
+    ///
+    /// An existing bus stream whose age limit, size limit or discard policy differ from
+    /// `config` is updated to them (logged as a warning); when the server refuses, this is
+    /// [`BusError::InvalidConfig`] naming the stream.
     ///
     /// # Errors
     /// [`BusError::InvalidConfig`] for a bad prefix or partition count; the server is
@@ -178,15 +270,29 @@ impl NatsBus {
         let upper = config.prefix.to_ascii_uppercase();
         let max_message_size =
             i32::try_from(config.message_bytes_max.saturating_add(4096)).unwrap_or(i32::MAX);
-        let bus_stream = bounded(context.get_or_create_stream(stream::Config {
+        let bus_config = stream::Config {
             name: format!("{upper}_BUS"),
             subjects: vec![format!("{}.bus.>", config.prefix)],
             storage: stream::StorageType::File,
             max_message_size,
             max_age: config.max_age,
+            max_bytes: config
+                .max_bytes
+                .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
-        }))
-        .await?;
+        };
+        let bus_stream = ensure_limits(&context, bus_config).await?;
+        if config.max_age.is_zero() {
+            tracing::debug!(stream = %format!("{upper}_BUS"), "bus stream without an age limit");
+        } else {
+            tracing::warn!(
+                stream = %format!("{upper}_BUS"),
+                max_age = ?config.max_age,
+                "the bus stream drops messages at this age even if a group has not consumed them"
+            );
+        }
+        metrics::gauge!("trellis_bus_stream_max_age_seconds").set(config.max_age.as_secs_f64());
         let dlq_stream = bounded(context.get_or_create_stream(stream::Config {
             name: format!("{upper}_DLQ"),
             subjects: vec![format!("{}.dlq.>", config.prefix)],
@@ -235,8 +341,18 @@ impl NatsBus {
                 .await?
             }
         };
-        bounded(std::future::IntoFuture::into_future(ack)).await?;
-        Ok(())
+        match bounded(std::future::IntoFuture::into_future(ack)).await {
+            Err(BusError::Nats(text)) if is_stream_full(&text) => {
+                metrics::counter!("trellis_bus_publish_refused_total", "reason" => "stream_full")
+                    .increment(1);
+                tracing::warn!(error = %text, topic, "the bus stream is full; publish refused");
+                Err(BusError::Nats(format!(
+                    "the bus stream is full, nothing was dropped to make room (raise its limits or \
+                     its consumers' pace): {text}"
+                )))
+            }
+            other => other.map(drop),
+        }
     }
 
     async fn publish_dlq(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
