@@ -27,6 +27,9 @@ impl From<StockError> for Status {
             }
             e @ StockError::UnknownOrder(_) => Status::not_found(e.to_string()),
             e @ StockError::WrongState { .. } => Status::failed_precondition(e.to_string()),
+            e @ StockError::Mismatch { .. } => {
+                Status::already_exists(format!("reservation_mismatch: {e}"))
+            }
             StockError::Db(e) => {
                 tracing::error!(error = %e, "inventory database error");
                 Status::unavailable("the inventory database did not answer")

@@ -38,6 +38,9 @@ impl From<StockError> for ApiError {
             }
             e @ StockError::UnknownOrder(_) => ApiError::not_found(e.to_string()),
             e @ StockError::WrongState { .. } => ApiError::conflict("wrong_state", e.to_string()),
+            e @ StockError::Mismatch { .. } => {
+                ApiError::conflict("reservation_mismatch", e.to_string())
+            }
             StockError::Db(e) => ApiError::internal(e),
         }
     }

@@ -68,6 +68,9 @@ pub(crate) enum StockError {
     /// The reservation is in a state the operation cannot leave.
     #[error("the reservation of order {order_id} is {state}")]
     WrongState { order_id: String, state: String },
+    /// A reservation for the order exists with other lines: the order id is taken.
+    #[error("order {order_id} already has a reservation with other lines")]
+    Mismatch { order_id: String },
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -157,9 +160,12 @@ pub(crate) fn check_lines(order_id: &str, lines: &mut [(String, i64)]) -> Result
     Ok(())
 }
 
-/// Holds every line for `order_id`, or none. A repeat answers as the first call did and
-/// holds nothing more; a refused reservation is recorded (`rejected`) so its repeats are
-/// refused too.
+/// Holds every line for `order_id`, or none. A repeat with the same lines answers as the
+/// first call did and holds nothing more: `Yes` while the stock is held or once it was sold
+/// (`committed`), `OutOfStock` for a refusal (recorded as `rejected`, so more stock later does
+/// not change the answer). A repeat after the reservation was released is
+/// [`StockError::WrongState`]: its stock is no longer held, and a caller told "yes" would go on
+/// as if it were. A repeat with other lines is [`StockError::Mismatch`].
 pub(crate) async fn reserve(
     db: &Db,
     order_id: &str,
@@ -187,11 +193,26 @@ pub(crate) async fn reserve(
                     .fetch_one(&mut *tx)
                     .await?
                     .get("state");
+            let mut recorded: Vec<(String, i64)> = sqlx::query(
+                "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| (row.get("product_id"), row.get("quantity")))
+            .collect();
             tx.commit().await?;
-            if existing == state::REJECTED {
-                Reserved::OutOfStock
+            // Sorted here, not by SQL: the database's collation may order ids differently.
+            recorded.sort();
+            if recorded != lines {
+                Repeat::Mismatch
             } else {
-                Reserved::Yes
+                match existing.as_str() {
+                    state::REJECTED => Repeat::Answer(Reserved::OutOfStock),
+                    state::RELEASED => Repeat::Released,
+                    _ => Repeat::Answer(Reserved::Yes),
+                }
             }
         } else {
             let mut held = 0;
@@ -239,13 +260,29 @@ pub(crate) async fn reserve(
             }
             tx.commit().await?;
             if fits {
-                Reserved::Yes
+                Repeat::Answer(Reserved::Yes)
             } else {
-                Reserved::OutOfStock
+                Repeat::Answer(Reserved::OutOfStock)
             }
         }
     });
-    Ok(answer)
+    match answer {
+        Repeat::Answer(reserved) => Ok(reserved),
+        Repeat::Released => Err(StockError::WrongState {
+            order_id: order_id.to_owned(),
+            state: state::RELEASED.to_owned(),
+        }),
+        Repeat::Mismatch => Err(StockError::Mismatch {
+            order_id: order_id.to_owned(),
+        }),
+    }
+}
+
+/// What a reservation call found, before it becomes an answer or an error.
+enum Repeat {
+    Answer(Reserved),
+    Released,
+    Mismatch,
 }
 
 /// Moves a reservation from `reserved` to `to` and applies `stock_sql` (binding product id

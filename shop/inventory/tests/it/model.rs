@@ -81,11 +81,15 @@ async fn run(
                     .collect();
                 let answer = client
                     .reserve(reserve_request(&order_id(*o), &pairs))
-                    .await
-                    .map_err(|e| fail(format!("{context}: {e}")))?
-                    .into_inner();
-                let expected = match model.orders.get(o) {
-                    Some((state, _)) => *state != "rejected",
+                    .await;
+                // Ok(reserved?) or the gRPC code of a refusal.
+                let expected: Result<bool, Code> = match model.orders.get(o) {
+                    Some((_, recorded)) if recorded != lines => Err(Code::AlreadyExists),
+                    Some((state, _)) => match *state {
+                        "rejected" => Ok(false),
+                        "released" => Err(Code::FailedPrecondition),
+                        _ => Ok(true),
+                    },
                     None => {
                         let fits = lines
                             .iter()
@@ -99,10 +103,13 @@ async fn run(
                             *o,
                             (if fits { "reserved" } else { "rejected" }, lines.clone()),
                         );
-                        fits
+                        Ok(fits)
                     }
                 };
-                prop_assert_eq!(answer.reserved, expected, "{}", context);
+                let answer = answer
+                    .map(|a| a.into_inner().reserved)
+                    .map_err(|status| status.code());
+                prop_assert_eq!(answer, expected, "{}", context);
             }
             Op::Release(o) => {
                 let state = client

@@ -80,15 +80,12 @@ async fn repeats_are_no_ops(service: Service) {
         assert_eq!(state, "released");
     }
     assert_eq!(level(&mut client, "p").await, (20, 0, 20));
-    // A released order stays released: a repeat of its Reserve holds nothing.
-    assert!(
-        client
-            .reserve(reserve_request("o1", &[("p", 2)]))
-            .await
-            .unwrap()
-            .into_inner()
-            .reserved
-    );
+    // A released order stays released: a repeat of its Reserve holds nothing, and says so.
+    let err = client
+        .reserve(reserve_request("o1", &[("p", 2)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(level(&mut client, "p").await, (20, 0, 20));
 
     assert!(
@@ -222,3 +219,68 @@ async fn bad_reservations_are_invalid_arguments(service: Service) {
     );
 }
 on_both!(bad_reservations_are_invalid_arguments);
+
+/// A repeated Reserve of a released order must not answer "reserved": its stock is no longer
+/// held, and a caller told yes would charge for goods nobody holds. Method: reserve, release,
+/// repeat the same Reserve; the answer is FAILED_PRECONDITION and the stock stays free.
+async fn a_repeated_reserve_of_a_released_order_is_refused(service: Service) {
+    let mut client = service.grpc();
+    set_stock(&mut client, "p", 4).await;
+    let first = client
+        .reserve(reserve_request("o-r", &[("p", 3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.reserved);
+    client.release(order("o-r")).await.unwrap();
+    let err = client
+        .reserve(reserve_request("o-r", &[("p", 3)]))
+        .await
+        .expect_err("a released reservation is not held");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("released"), "{}", err.message());
+    assert_eq!(level(&mut client, "p").await, (4, 0, 4));
+}
+on_both!(a_repeated_reserve_of_a_released_order_is_refused);
+
+/// A Reserve that reuses an order id with other lines is a conflict, not the first call's
+/// answer. Method: reserve lines A, then the same order id with a different quantity, another
+/// product, and an extra line; each is ALREADY_EXISTS, and only the first lines are held. The
+/// same request repeated still answers yes.
+async fn a_repeated_reserve_with_other_lines_is_a_conflict(service: Service) {
+    let mut client = service.grpc();
+    set_stock(&mut client, "a", 10).await;
+    set_stock(&mut client, "b", 10).await;
+    let first = client
+        .reserve(reserve_request("o-m", &[("a", 2), ("b", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.reserved);
+    for other in [
+        reserve_request("o-m", &[("a", 5), ("b", 1)]),
+        reserve_request("o-m", &[("a", 2)]),
+        reserve_request("o-m", &[("a", 2), ("b", 1), ("c", 1)]),
+    ] {
+        let err = client
+            .reserve(other.clone())
+            .await
+            .expect_err("other lines under a used order id");
+        assert_eq!(err.code(), Code::AlreadyExists, "{other:?}: {err:?}");
+        assert!(
+            err.message().contains("reservation_mismatch"),
+            "{}",
+            err.message()
+        );
+    }
+    // The same lines in another order are the same request.
+    let again = client
+        .reserve(reserve_request("o-m", &[("b", 1), ("a", 2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.reserved);
+    assert_eq!(level(&mut client, "a").await, (10, 2, 8));
+    assert_eq!(level(&mut client, "b").await, (10, 1, 9));
+}
+on_both!(a_repeated_reserve_with_other_lines_is_a_conflict);
