@@ -23,6 +23,25 @@
 //! causation, and the handler's step name in [`STEP_HEADER`] ([`COMPENSATION_HEADER`] for an
 //! undo). [`Choreography::timeline`] rebuilds one flow's progress from its events (all events
 //! with one correlation id) as the same [`SagaTimeline`] the orchestrator's inspector shows.
+//!
+//! # Local and remote effects: what holds where
+//!
+//! - **Local effect**, exactly once by transaction. The effect writes to the service's own
+//!   tables in the database the inbox is in, on the connection the effect gets (in a function
+//!   generic over the database: [`ChoreographyDb::tx`] gives it as a [`Tx`], and
+//!   [`on_tx!`](crate::on_tx) writes the SQL once for both). The inbox record, the effect's
+//!   writes, the log entry and the next event (an outbox row) commit in one transaction. An
+//!   error or a crash anywhere before the commit rolls all of them back, and the redelivery
+//!   runs the effect again on the state as it was; a delivery after the commit is a
+//!   duplicate and runs nothing. The effect needs no idempotency of its own.
+//! - **Remote effect**, at least once, made idempotent at the remote side; its outcome
+//!   recorded once. A call to another service or a provider (or work in code that opens its
+//!   own transactions) cannot join the transaction: the caller makes it first, with a
+//!   business key (the order id) the remote side deduplicates on, and hands its outcome to
+//!   [`Choreography::handle_prepared`]. A crash between the call and the commit makes the
+//!   redelivery call again: the call is at least once, and only the key at the remote side
+//!   keeps its effect to one. The outcome, the log entry and the next event commit with the
+//!   inbox record exactly once, as for a local effect.
 
 use std::fmt;
 use std::future::Future;
@@ -60,6 +79,68 @@ pub fn prepared(trigger: &Envelope) -> Option<serde_json::Value> {
         .headers
         .get(PREPARED_HEADER)
         .and_then(|text| serde_json::from_str(text).ok())
+}
+
+/// The inbox transaction's connection on either database, as [`ChoreographyDb::tx`] gives
+/// it to an effect declared once for both (in a function generic over `D: ChoreographyDb`).
+/// Write the effect's SQL once with [`on_tx!`](crate::on_tx), which compiles it for each
+/// arm, using `$1` placeholders and the SQL both engines accept.
+#[derive(Debug)]
+pub enum Tx<'t> {
+    /// A SQLite connection, inside the inbox's `BEGIN IMMEDIATE` transaction.
+    Sqlite(&'t mut SqliteConnection),
+    /// A PostgreSQL connection, inside the inbox's transaction.
+    Postgres(&'t mut PgConnection),
+}
+
+impl Tx<'_> {
+    /// The same connection for a shorter borrow, to pass it to several helpers in turn.
+    pub fn reborrow(&mut self) -> Tx<'_> {
+        match self {
+            Self::Sqlite(connection) => Tx::Sqlite(connection),
+            Self::Postgres(connection) => Tx::Postgres(connection),
+        }
+    }
+}
+
+/// Runs `body` with `$connection` bound to the connection inside a [`Tx`], compiled once per
+/// database (as `trellis_service::on_db!` does for pools); both arms must give one type.
+///
+/// # Examples
+/// ```
+/// use trellis_saga::choreography::{Choreography, ChoreographyDb, NextEvent};
+/// use trellis_saga::on_tx;
+///
+/// /// On `order.placed`, hold the order's stock in the inbox's transaction.
+/// fn flow<D: ChoreographyDb>() -> Choreography<D> {
+///     Choreography::new("place-order", "shop.inventory").step(
+///         "order.placed",
+///         "reserve",
+///         |connection, trigger| {
+///             let tx = D::tx(connection);
+///             Box::pin(async move {
+///                 on_tx!(tx, |connection| {
+///                     sqlx::query("INSERT INTO holds (order_id) VALUES ($1)")
+///                         .bind(&trigger.subject)
+///                         .execute(&mut *connection)
+///                         .await?
+///                         .rows_affected()
+///                 });
+///                 Ok(Some(NextEvent::new("shop.events", "stock.reserved", trigger.data.clone())))
+///             })
+///         },
+///     )
+/// }
+/// # let _ = flow::<sqlx::Sqlite>();
+/// ```
+#[macro_export]
+macro_rules! on_tx {
+    ($tx:expr, |$connection:ident| $body:expr) => {
+        match $tx {
+            $crate::choreography::Tx::Sqlite($connection) => $body,
+            $crate::choreography::Tx::Postgres($connection) => $body,
+        }
+    };
 }
 
 /// The event a handler emits: its type and data, published on `topic`.
@@ -121,6 +202,10 @@ mod sealed {
 pub trait ChoreographyDb: sqlx::Database + sealed::Sealed {
     /// The bus inbox on this database, which [`Choreography::handle`] takes.
     type Inbox: fmt::Debug + Send + Sync;
+
+    /// The connection an effect gets (inside the inbox's transaction) as a [`Tx`], so an
+    /// effect declared in a function generic over `D` writes its SQL once for both databases.
+    fn tx(connection: &mut Self::Connection) -> Tx<'_>;
 
     /// Runs `run` once per message id and consumer group in the inbox's transaction.
     #[doc(hidden)]
@@ -198,6 +283,10 @@ const UPSERT_DEFINITION: &str = "INSERT INTO saga_choreographies (name, steps) V
 
 impl ChoreographyDb for Sqlite {
     type Inbox = SqliteInbox;
+
+    fn tx(connection: &mut SqliteConnection) -> Tx<'_> {
+        Tx::Sqlite(connection)
+    }
 
     fn handle_once<'a>(
         inbox: &'a SqliteInbox,
@@ -302,6 +391,10 @@ impl ChoreographyDb for Sqlite {
 
 impl ChoreographyDb for Postgres {
     type Inbox = PgInbox;
+
+    fn tx(connection: &mut PgConnection) -> Tx<'_> {
+        Tx::Postgres(connection)
+    }
 
     fn handle_once<'a>(
         inbox: &'a PgInbox,
@@ -479,7 +572,10 @@ impl<D: ChoreographyDb> Choreography<D> {
     }
 
     /// Declares step `step`: on events of type `on`, run `effect` in the inbox's transaction
-    /// and emit the event it returns. Steps appear in the timeline in declaration order.
+    /// and emit the event it returns. Steps appear in the timeline in declaration order. The
+    /// effect's writes on its connection commit with the inbox record, or roll back with it
+    /// (in a function generic over `D`, take the connection as a [`Tx`] with
+    /// [`ChoreographyDb::tx`]).
     #[must_use]
     pub fn step<F>(mut self, on: impl Into<String>, step: impl Into<String>, effect: F) -> Self
     where
@@ -535,17 +631,20 @@ impl<D: ChoreographyDb> Choreography<D> {
             .collect()
     }
 
-    /// [`Choreography::handle`] for a step whose side effect cannot run inside the inbox's
-    /// transaction: a call to another service or an external API, or work on the service's
-    /// own tables through code that opens its own transactions. The caller makes that call
-    /// first, idempotent by a business key (the order id), and passes its outcome as
-    /// `prepared`; the effects read it with [`prepared`] and return the event to emit, which
-    /// commits with the inbox record and the log entry as in [`Choreography::handle`].
+    /// [`Choreography::handle`] for a step whose side effect is remote, so it cannot run
+    /// inside the inbox's transaction: a call to another service or an external API (or work
+    /// through code that opens its own transactions). The caller makes that call first,
+    /// idempotent by a business key (the order id) at the remote side, and passes its outcome
+    /// as `prepared`; the effects read it with [`prepared`] and return the event to emit,
+    /// which commits with the inbox record and the log entry as in [`Choreography::handle`].
+    /// Work on the service's own tables belongs in the effect instead, in the transaction
+    /// (see the module's "Local and remote effects").
     ///
-    /// Exactly once still holds for both the effect and the event: a redelivery repeats the
-    /// call, which answers its first outcome without acting again (the key), and the inbox
-    /// lets the event out once. What this gives up is atomicity between the two, which the
-    /// idempotent call makes unnecessary.
+    /// What holds: the call is at least once (a process that stops between the call and the
+    /// commit repeats it on redelivery), and the remote side's deduplication by the key keeps
+    /// its effect to one, answering the first outcome again. The outcome and the next event
+    /// are recorded exactly once (the inbox). Call and event are not atomic: without the key
+    /// at the remote side, a redelivery acts twice.
     ///
     /// # Errors
     /// As [`Choreography::handle`].

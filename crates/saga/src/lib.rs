@@ -41,7 +41,10 @@
 //! Choreographed sagas ([`choreography::Choreography`]) are event handlers (`on` an event
 //! type: a side effect and the next event; compensating handlers on `*.failed` events), each
 //! exactly once per message through the bus inbox and outbox, on SQLite or PostgreSQL (the
-//! [`choreography::ChoreographyDb`] type parameter); a flow's progress is rebuilt per
+//! [`choreography::ChoreographyDb`] type parameter; an effect on the service's own tables is
+//! written once for both with [`choreography::Tx`] and [`on_tx!`], and commits with the inbox
+//! record; a remote call goes before, through `handle_prepared`, idempotent by key at the
+//! remote side); a flow's progress is rebuilt per
 //! correlation id, from its events or from the choreography log each handler run writes with
 //! its inbox entry ([`choreography::ChoreographyLog`]), as the same [`SagaTimeline`] the
 //! inspector shows, also served by `http::choreography_router` and

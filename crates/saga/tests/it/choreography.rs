@@ -2,6 +2,8 @@
 //! outbox; a redelivered event has no second effect; the flow's progress rebuilt from its
 //! events, and from the choreography log (Rust API and HTTP endpoint).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
@@ -9,8 +11,9 @@ use sqlx::{Postgres, Sqlite};
 use tower::ServiceExt as _;
 use trellis_bus::inbox::{PgInbox, SqliteInbox};
 use trellis_bus::outbox::{PgOutbox, SqliteOutbox};
-use trellis_bus::{Bus, Envelope, InMemoryBus, Message, SubscribeOptions};
+use trellis_bus::{Bus, Envelope, HandlerError, InMemoryBus, Message, SubscribeOptions};
 use trellis_saga::choreography::{Choreography, ChoreographyDb, ChoreographyLog, NextEvent};
+use trellis_saga::on_tx;
 use trellis_saga::{SagaError, SagaStatus, SagaTimeline, StepState};
 use uuid::Uuid;
 
@@ -461,4 +464,95 @@ async fn a_prepared_outcome_reaches_the_effect_and_its_event_goes_out_once() {
     assert!(!event.headers.contains_key(PREPARED_HEADER), "{event:?}");
     // Without a prepared outcome the effect sees none.
     assert_eq!(prepared(&message.envelope), None);
+}
+
+/// `stock.reserve`, written once for both databases: inserts a `reserve` effect row in the
+/// inbox's transaction through [`ChoreographyDb::tx`], then fails (a transient error: the
+/// process "crashing" before the inbox record commits) while `crash` is set, clearing it.
+fn local_flow<D: ChoreographyDb>(crash: Arc<AtomicBool>) -> Choreography<D> {
+    Choreography::<D>::new("local-flow", "shop").step(
+        "order.placed",
+        "reserve-stock",
+        move |connection, event| {
+            let tx = D::tx(connection);
+            let crash = crash.clone();
+            Box::pin(async move {
+                on_tx!(tx, |connection| {
+                    sqlx::query("INSERT INTO effects (kind, subject) VALUES ('reserve', $1)")
+                        .bind(&event.subject)
+                        .execute(&mut *connection)
+                        .await?
+                        .rows_affected()
+                });
+                if crash.swap(false, AtomicOrdering::SeqCst) {
+                    return Err(HandlerError::transient("crash", "after the effect"));
+                }
+                Ok(Some(NextEvent::new(
+                    "shop.events",
+                    "stock.reserved",
+                    serde_json::json!({}),
+                )))
+            })
+        },
+    )
+}
+
+/// A local effect crashes after its write and before the inbox record commits, then the
+/// trigger is delivered twice more: the crashed run leaves no effect, no event and no log
+/// entry; the next applies everything once; the last is a duplicate.
+async fn local_effect_commits_with_its_inbox_record<S: Shop>(shop: S) {
+    let crash = Arc::new(AtomicBool::new(true));
+    let flow = local_flow::<S::Db>(crash.clone());
+    let placed = Envelope::new("order.placed", "orders", "o-1", serde_json::json!({}));
+    let message = Message {
+        topic: "shop.orders".to_owned(),
+        group: "inventory".to_owned(),
+        envelope: placed.clone(),
+    };
+    let bus = InMemoryBus::new();
+    let error = flow
+        .handle(shop.inbox(), &message)
+        .await
+        .expect_err("the injected crash");
+    assert!(error.is_retryable(), "{error}");
+    assert!(!crash.load(AtomicOrdering::SeqCst), "the effect ran first");
+    assert!(shop.effects().await.is_empty(), "the effect rolled back");
+    assert_eq!(shop.relay(&bus).await, 0, "no event left the crashed run");
+    let log = ChoreographyLog::<S::Db>::new(shop.pool())
+        .await
+        .expect("log");
+    assert!(log.entries(placed.id).await.expect("entries").is_empty());
+
+    assert_eq!(
+        flow.handle(shop.inbox(), &message)
+            .await
+            .expect("redelivery"),
+        1
+    );
+    assert_eq!(
+        flow.handle(shop.inbox(), &message)
+            .await
+            .expect("duplicate"),
+        0
+    );
+    assert_eq!(shop.effects().await, ["reserve"]);
+    assert_eq!(shop.relay(&bus).await, 1);
+    assert_eq!(log.entries(placed.id).await.expect("entries").len(), 1);
+}
+
+#[tokio::test]
+async fn a_local_effect_and_its_inbox_record_commit_together() {
+    // Goal: an effect on the service's own tables is exactly once by transaction; method: a
+    // handler written once for both databases, crashing once after its write, on SQLite.
+    local_effect_commits_with_its_inbox_record(SqliteShop::new().await).await;
+}
+
+#[tokio::test]
+async fn a_local_effect_and_its_inbox_record_commit_together_on_postgres() {
+    // Goal: the same handler code holds the same guarantee on PostgreSQL; method: as above,
+    // on a fresh database from the testkit.
+    let Some(shop) = PgShop::new("saga_choreography_local").await else {
+        return;
+    };
+    local_effect_commits_with_its_inbox_record(shop).await;
 }
