@@ -35,6 +35,11 @@ pub const ROUTE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const TIMEOUT_MS_CEILING: u64 = 3_600_000;
 /// Default time in-flight requests get to finish on shutdown, in milliseconds.
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
+/// Default most client connections open at once (every worker thread and listener of one
+/// gateway together).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+/// Ceiling on `server.max_connections`.
+pub const CONNECTIONS_MAX_CEILING: usize = 1_000_000;
 /// Default HTTP/2 concurrent streams per client connection.
 pub const H2_STREAMS_MAX_DEFAULT: u32 = 256;
 /// Most worker threads.
@@ -104,6 +109,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Most concurrent HTTP/2 streams per client connection.
     pub h2_streams_max: u32,
+    /// Most client connections open at once, across every worker thread. At the limit the
+    /// gateway stops accepting: new connections wait in the kernel's listen backlog (which
+    /// refuses them once it is full) and are served as open ones close.
+    /// `trellis_gateway_connections_open` shows the count and
+    /// `trellis_gateway_connection_limit_reached_total` how often accepting had to wait.
+    pub max_connections: usize,
     /// Serve `/healthz`, `/readyz` and `/metrics` on the proxy listener.
     pub admin_endpoints: bool,
     /// Worker threads of [`run`](crate::run), each with its own single-threaded runtime and
@@ -122,6 +133,7 @@ impl Default for ServerConfig {
             timeout_ms: ROUTE_TIMEOUT_MS_DEFAULT,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS_DEFAULT,
             h2_streams_max: H2_STREAMS_MAX_DEFAULT,
+            max_connections: CONNECTIONS_MAX_DEFAULT,
             admin_endpoints: true,
             worker_threads: 0,
         }
@@ -556,6 +568,12 @@ impl Config {
             u64::from(s.h2_streams_max),
             1,
             10_000,
+        )?;
+        range(
+            "server.max_connections",
+            s.max_connections as u64,
+            1,
+            CONNECTIONS_MAX_CEILING as u64,
         )?;
         range(
             "server.worker_threads",

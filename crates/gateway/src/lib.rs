@@ -22,6 +22,10 @@
 //! cause. Every answer carries `x-request-id`; `traceparent` is continued through
 //! trellis-telemetry.
 //!
+//! Client-side limits: `server.max_connections` connections open at once (beyond it the
+//! gateway stops accepting until one closes; the kernel's backlog holds or refuses the rest),
+//! `header_read_timeout_ms` for slow clients, header size and count, body size per route.
+//!
 //! [`Gateway::serve`] runs on the caller's tokio runtime (tests, embedding);
 //! [`Gateway::serve_threads`] (what [`run`] uses) runs one single-threaded runtime per core,
 //! each with its own upstream connection pool, sharing the routing table, breakers, rate

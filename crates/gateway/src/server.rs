@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service as _;
 use trellis_telemetry::http::TraceContextServer;
 use trellis_telemetry::metrics::PrometheusHandle;
@@ -56,6 +56,9 @@ impl GatewayError {
 pub struct Gateway {
     shared: Arc<Shared>,
     server: Arc<ServerConfig>,
+    /// One permit per open client connection (`server.max_connections`), shared by every
+    /// clone, so worker threads and listeners count together.
+    connections: Arc<Semaphore>,
 }
 
 impl Gateway {
@@ -75,6 +78,7 @@ impl Gateway {
                 metrics: None,
                 admin_endpoints: config.server.admin_endpoints,
             }),
+            connections: Arc::new(Semaphore::new(config.server.max_connections)),
             server: Arc::new(config.server),
         })
     }
@@ -110,6 +114,7 @@ impl Gateway {
         Self {
             shared: Arc::new(shared),
             server: self.server,
+            connections: self.connections,
         }
     }
 
@@ -176,8 +181,30 @@ impl Gateway {
             .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
         let builder = Arc::new(builder);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let limit_reached = metrics::counter!("trellis_gateway_connection_limit_reached_total");
         tokio::pin!(shutdown);
         loop {
+            // A slot first, then a connection: at the limit the gateway stops accepting, so
+            // the kernel's backlog holds new clients (and refuses them once full) instead of
+            // the gateway holding unbounded sockets, tasks and buffers.
+            let permit = match Arc::clone(&self.connections).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    limit_reached.increment(1);
+                    tracing::debug!(
+                        max = self.server.max_connections,
+                        "connection limit reached; accepting again once a connection closes"
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        permit = Arc::clone(&self.connections).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            // Never closed; stay total anyway.
+                            Err(_closed) => break,
+                        },
+                    }
+                }
+            };
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
@@ -190,6 +217,7 @@ impl Gateway {
                             Arc::clone(&builder),
                             header_read_timeout,
                             stop_rx.clone(),
+                            ConnectionSlot::new(permit),
                         ));
                     }
                     Err(error) => {
@@ -278,6 +306,31 @@ impl Gateway {
     }
 }
 
+/// An open client connection's place under `server.max_connections`: freed, and the open
+/// connection gauge lowered, when the connection's task ends.
+#[derive(Debug)]
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        let open = metrics::gauge!("trellis_gateway_connections_open");
+        open.increment(1.0);
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -285,6 +338,7 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
     mut stop: watch::Receiver<bool>,
+    _slot: ConnectionSlot,
 ) {
     let started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&started);

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Method, StatusCode};
+use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -306,4 +308,65 @@ async fn an_unreachable_redis_falls_back_to_the_local_limiter() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Opens an HTTP/1.1 connection to `addr`; the returned task drives it (abort it to close).
+async fn open_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, driver)
+}
+
+fn plain_get() -> http::Request<Full<Bytes>> {
+    http::Request::get("/echo")
+        .header("host", "gw.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_connection_beyond_max_connections_is_served_once_another_closes() {
+    // Goal: with max_connections = 2 and two connections open, a third is not served, and it
+    // is served as soon as one of the two closes. Real sockets: "not served" is observed over
+    // a short window, and the final wait is bounded by WAIT.
+    let up = Upstream::start("app").await;
+    let gw = gateway(&up, "max_connections = 2").await;
+    let (mut first, first_driver) = open_connection(gw.addr).await;
+    let answer = first.send_request(plain_get()).await.expect("first served");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let (mut second, _second_driver) = open_connection(gw.addr).await;
+    let answer = second
+        .send_request(plain_get())
+        .await
+        .expect("second served");
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    let (mut third, _third_driver) = open_connection(gw.addr).await;
+    let mut pending =
+        tokio::spawn(async move { third.send_request(plain_get()).await.map(|r| r.status()) });
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut pending).await;
+    assert!(
+        early.is_err(),
+        "the third connection was served while two were open: {early:?}"
+    );
+
+    drop(first);
+    first_driver.abort();
+    let status = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the third connection is served once one closes")
+        .expect("task")
+        .expect("answer");
+    assert_eq!(status, StatusCode::OK);
 }
