@@ -1,24 +1,40 @@
 //! A service's part in a choreographed saga: consume the bus, act, emit the next event.
 //!
 //! A [`Participant`] names its consumer group, declares its handlers as a
-//! [`trellis_saga::choreography::Choreography`] on either engine (one generic method) and
-//! does the work for each delivery in [`Participant::prepare`]: a call that is
-//! idempotent by the order id and opens its own transactions (the service's existing rules),
-//! or that leaves the process (a payment provider). [`start`] wires the rest on the service's
+//! [`trellis_saga::choreography::Choreography`] on either engine (one generic method), and
+//! decides in [`Participant::prepare`] whether a delivery is for it, doing there any work
+//! that cannot run in the database transaction. [`start`] wires the rest on the service's
 //! own [`Db`]:
 //!
 //! - one subscription to every topic (`>`) for the group, in per-subject order, so one
 //!   order's events reach the service one at a time and in order;
-//! - for each delivery: `prepare`, then [`Choreography::handle_prepared`], which commits the
-//!   inbox record, the log entry and the next event (in the outbox) in one transaction;
+//! - for each delivery: `prepare`, then [`Choreography::handle_prepared`], which runs the
+//!   handlers' effects and commits their writes, the inbox record, the log entry and the next
+//!   event (in the outbox) in one transaction;
 //! - the outbox relay to the bus, and an hourly purge of inbox records older than
 //!   [`INBOX_RETENTION`].
 //!
-//! Why the work runs before the transaction instead of inside it: the services' rules
-//! (reservations, charges, shipments) already run in their own transactions and are
-//! idempotent by order id, and a charge calls an external provider, which must not hold a
-//! SQLite write lock. A redelivery repeats the call, which answers its first outcome, and the
-//! inbox lets the event out once: effects and events stay exactly once.
+//! # Local and remote effects: what holds where
+//!
+//! - **Local effect** (a write to the service's own database): exactly once by transaction.
+//!   `prepare` only says the delivery is for the service ([`local`]); the handler's effect
+//!   does the work on the connection it gets, inside the inbox's transaction, written once
+//!   for both engines with [`ChoreographyDb::tx`] and [`on_tx!`](crate::choreography::on_tx). A failure
+//!   or a crash before the commit rolls the work back with the inbox record, and the
+//!   redelivery does it again from the state as it was; after the commit a redelivery is a
+//!   duplicate and does nothing. The work needs no idempotency of its own.
+//! - **Remote effect** (a call to another service or a provider, such as payments calling
+//!   the payment provider, which must not hold a SQLite write lock): `prepare` makes the
+//!   call, with the order id as the key the remote side deduplicates on, and returns its
+//!   outcome; the effect reads it with [`prepared`] ([`emit_prepared`] emits what [`next`]
+//!   built). The call is at least once: a process that stops between the call and the commit
+//!   repeats it on redelivery, and only the remote side's deduplication keeps its effect to
+//!   one. The outcome, the log entry and the next event are recorded exactly once.
+//!
+//! Work on the service's own tables that still runs in `prepare` through code opening its own
+//! transactions (the shop's inventory and shipping participants today) is in the second
+//! case: at least once, kept to one by its idempotency by order id, and not atomic with the
+//! inbox record.
 //!
 //! # Example
 //! ```no_run
@@ -89,8 +105,17 @@ use trellis_saga::SagaError;
 
 pub use trellis_bus::{AnyBus, Envelope, HandlerError, Message};
 pub use trellis_saga::choreography::{
-    Choreography, ChoreographyDb, EffectFuture, NextEvent, Postgres, Sqlite, prepared,
+    Choreography, ChoreographyDb, EffectFuture, NextEvent, Postgres, Sqlite, Tx, prepared,
 };
+/// Writes a local effect's SQL once for both engines (re-exported from trellis-saga).
+pub use trellis_saga::on_tx;
+
+/// What [`Participant::prepare`] returns for a delivery whose work is all local: nothing to
+/// do before the transaction (the outcome is `null`); the handlers' effects do the work in
+/// the inbox's transaction.
+pub fn local() -> serde_json::Value {
+    serde_json::Value::Null
+}
 
 /// The effect most participants need: emit the event [`Participant::prepare`] decided,
 /// given to it as [`next`] built (`{"kind", "data"}`, published on the topic named like the
@@ -134,15 +159,19 @@ pub trait Participant: Send + Sync + 'static {
     /// The consumer group: the service's name.
     fn group(&self) -> &str;
 
-    /// The handlers, on either engine (`Sqlite` or `Postgres`): one generic function whose
-    /// effects do not touch the connection, as [`emit_prepared`] does.
+    /// The handlers, on either engine (`Sqlite` or `Postgres`): one generic function. An
+    /// effect either does local work on the connection it gets, in the inbox's transaction
+    /// (take it as a [`Tx`] with [`ChoreographyDb::tx`] and write the SQL with
+    /// [`on_tx!`](crate::choreography::on_tx)), or only turns `prepare`'s outcome into the next event, as
+    /// [`emit_prepared`] does. An effect's error rolls back its writes with the inbox record.
     fn choreography<D: ChoreographyDb>(&self) -> Choreography<D>;
 
-    /// The work for `message` before its inbox transaction, idempotent by the order id; its
-    /// outcome reaches the handlers' effects through
-    /// [`trellis_saga::choreography::prepared`]. `Ok(None)`: the message is not for this
-    /// service (acknowledged, nothing recorded). A retryable error has the bus deliver it
-    /// again with backoff, up to [`DELIVERIES_MAX`] times, then dead-letters it.
+    /// Decides whether `message` is for this service, and does the work that cannot run in
+    /// the transaction: a remote call, idempotent by the order id at the remote side. Its
+    /// outcome reaches the handlers' effects through [`prepared`]; return [`local`] when the
+    /// effects do all the work. `Ok(None)`: the message is not for this service
+    /// (acknowledged, nothing recorded). A retryable error has the bus deliver it again with
+    /// backoff, up to [`DELIVERIES_MAX`] times, then dead-letters it.
     fn prepare<'a>(&'a self, message: &'a Message) -> PrepareFuture<'a>;
 }
 
@@ -232,20 +261,32 @@ where
             let flow = flow.clone();
             let inbox = inbox.clone();
             let participant = participant.clone();
-            async move {
-                match participant.prepare(&message).await? {
-                    None => Ok(()),
-                    Some(outcome) => flow
-                        .handle_prepared(&inbox, &message, &outcome)
-                        .await
-                        .map(drop),
-                }
-            }
+            async move { deliver(&flow, &inbox, &*participant, &message).await }
         };
         if let Err(error) = subscription.run(handler, shutdown).await {
             tracing::error!(%error, group, "choreography consumer stopped");
         }
     })
+}
+
+/// One delivery: `prepare`, then the handlers in the inbox's transaction with its outcome.
+async fn deliver<D, P>(
+    flow: &Choreography<D>,
+    inbox: &D::Inbox,
+    participant: &P,
+    message: &Message,
+) -> Result<(), HandlerError>
+where
+    D: ChoreographyDb,
+    P: Participant,
+{
+    match participant.prepare(message).await? {
+        None => Ok(()),
+        Some(outcome) => flow
+            .handle_prepared(inbox, message, &outcome)
+            .await
+            .map(drop),
+    }
 }
 
 fn purge<F, Fut>(run: F, stop: &watch::Receiver<bool>) -> JoinHandle<()>
@@ -269,4 +310,144 @@ where
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use trellis_bus::InMemoryBus;
+    use trellis_bus::inbox::SqliteInbox;
+    use trellis_bus::outbox::SqliteOutbox;
+    use trellis_saga::choreography::ChoreographyLog;
+
+    use super::{
+        Choreography, ChoreographyDb, Envelope, HandlerError, Message, NextEvent, Participant,
+        PrepareFuture, Sqlite, deliver, local, on_tx,
+    };
+    use crate::Db;
+
+    /// Holds stock for `order.created` by adding a row to its own `holds` table (not
+    /// idempotent by itself: a second run adds a second row), in the inbox's transaction;
+    /// while `crash` is set the effect fails once after its write.
+    struct Holds {
+        crash: Arc<AtomicBool>,
+    }
+
+    impl Participant for Holds {
+        fn group(&self) -> &str {
+            "inventory"
+        }
+
+        fn choreography<D: ChoreographyDb>(&self) -> Choreography<D> {
+            let crash = self.crash.clone();
+            Choreography::new("place-order", "shop.inventory").step(
+                "order.created",
+                "inventory",
+                move |connection, trigger| {
+                    let tx = D::tx(connection);
+                    let crash = crash.clone();
+                    Box::pin(async move {
+                        on_tx!(tx, |connection| {
+                            sqlx::query("INSERT INTO holds (order_id) VALUES ($1)")
+                                .bind(&trigger.subject)
+                                .execute(&mut *connection)
+                                .await?
+                                .rows_affected()
+                        });
+                        if crash.swap(false, Ordering::SeqCst) {
+                            return Err(HandlerError::transient("crash", "after the effect"));
+                        }
+                        Ok(Some(NextEvent::new(
+                            "inventory.reserved",
+                            "inventory.reserved",
+                            serde_json::json!({}),
+                        )))
+                    })
+                },
+            )
+        }
+
+        fn prepare<'a>(&'a self, message: &'a Message) -> PrepareFuture<'a> {
+            Box::pin(async move {
+                if message.envelope.kind == "order.created" {
+                    Ok(Some(local()))
+                } else {
+                    Ok(None)
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_participants_local_effect_commits_with_its_inbox_record() {
+        // Goal: a participant's effect on its own tables is exactly once by transaction;
+        // method: the runner's per-delivery path on a SQLite `Db`, the effect failing once
+        // after its write, then the trigger delivered twice more.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::connect(&format!("sqlite://{}/inventory.db", dir.path().display()))
+            .await
+            .expect("db");
+        db.run_schema("CREATE TABLE holds (order_id TEXT NOT NULL)")
+            .await
+            .expect("schema");
+        let Db::Sqlite(pool) = &db else {
+            unreachable!("a sqlite:// URL opens SQLite")
+        };
+        ChoreographyLog::<Sqlite>::new(pool.clone())
+            .await
+            .expect("log");
+        let inbox = SqliteInbox::new(pool.clone()).await.expect("inbox");
+        let outbox = SqliteOutbox::new(pool.clone()).await.expect("outbox");
+        let crash = Arc::new(AtomicBool::new(true));
+        let participant = Holds {
+            crash: crash.clone(),
+        };
+        let flow = participant.choreography::<Sqlite>();
+        let message = |kind: &str| Message {
+            topic: "orders".to_owned(),
+            group: "inventory".to_owned(),
+            envelope: Envelope::new(kind, "orders", "o-1", serde_json::json!({})),
+        };
+        let holds = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM holds")
+                .fetch_one(pool)
+                .await
+                .expect("count")
+        };
+        let bus = InMemoryBus::new();
+        let relayed = || async { outbox.relay_once(&bus, 100).await.expect("relay").published };
+
+        let created = message("order.created");
+        let error = deliver(&flow, &inbox, &participant, &created)
+            .await
+            .expect_err("the injected crash");
+        assert!(error.is_retryable(), "{error}");
+        assert!(
+            !crash.load(Ordering::SeqCst),
+            "the effect ran before the crash"
+        );
+        assert_eq!(
+            holds().await,
+            0,
+            "the effect rolled back with the inbox record"
+        );
+        assert_eq!(relayed().await, 0);
+
+        deliver(&flow, &inbox, &participant, &created)
+            .await
+            .expect("redelivery");
+        deliver(&flow, &inbox, &participant, &created)
+            .await
+            .expect("duplicate");
+        assert_eq!(holds().await, 1, "applied exactly once");
+        assert_eq!(relayed().await, 1);
+
+        // A message the participant does not take part in records nothing.
+        deliver(&flow, &inbox, &participant, &message("order.cancelled"))
+            .await
+            .expect("ignored");
+        assert_eq!(holds().await, 1);
+    }
 }
