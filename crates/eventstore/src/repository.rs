@@ -212,6 +212,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         self
     }
 
+    /// The upcasters this repository reads with, shared: other readers of the same events (a
+    /// relay, a projection) decode with these, so an upcaster registered here reaches them too.
+    pub fn upcasters(&self) -> Arc<Upcasters> {
+        self.upcasters.clone()
+    }
+
     /// Uses `upcasters` on read, after checking their chains against `A::Event`.
     ///
     /// # Errors

@@ -279,7 +279,8 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
 
     // The read model.
     let projection_task = on_db!(&db, |pool| {
-        let runner = ProjectionRunner::new(OrderView::default(), store.clone(), pool.clone())
+        let view = OrderView::with_upcasters(repository.upcasters());
+        let runner = ProjectionRunner::new(view, store.clone(), pool.clone())
             .await
             .map_err(|e| open_err(&read_url, &e))?;
         let mut stopped = stopped.clone();

@@ -2,6 +2,8 @@
 //! `order_view` view, fed from the event store's log by trellis-eventstore's
 //! `ProjectionRunner` (checkpoint committed with the rows: exactly once).
 
+use std::sync::Arc;
+
 use shop_contracts::api::{OrderStatus, TimelineEntry};
 use sqlx::{Postgres, Sqlite, Transaction};
 use trellis_eventstore::{Aggregate, Projection, RecordedEvent, Upcasters, decode};
@@ -14,7 +16,15 @@ pub const PROJECTION_NAME: &str = "order_view";
 /// Keeps `order_view` equal to the replay of the order streams.
 #[derive(Debug, Default)]
 pub struct OrderView {
-    upcasters: Upcasters,
+    upcasters: Arc<Upcasters>,
+}
+
+impl OrderView {
+    /// A read model that decodes with `upcasters`: the order repository's, so an upcaster
+    /// registered for the service reaches the read model too.
+    pub fn with_upcasters(upcasters: Arc<Upcasters>) -> Self {
+        Self { upcasters }
+    }
 }
 
 fn order_id(event: &RecordedEvent) -> Option<&str> {

@@ -5,7 +5,21 @@
 //! relayed twice (after a crash before the checkpoint was saved) is deduplicated by the
 //! consumers' inbox. Publishing is never "write then publish": the event is durable first and
 //! the relay follows the log at least once from a checkpoint in the read-model database.
+//!
+//! # Decoding, and events that cannot be decoded
+//! The relay decodes with the order repository's upcasters (the same `Arc`), so an upcaster
+//! registered for the service reaches the relay too. An event it still cannot decode (or turn
+//! into a message) can never be relayed, and retrying it from the checkpoint would stop every
+//! order event behind it for good. Such an event goes to `relay_dead_letters` (position,
+//! stream, event id and type, reason, time) in the read-model database, the counter
+//! `trellis_orders_relay_dead_letters_total` is incremented, an error is logged, and the relay
+//! moves on. A table rather than the bus's dead-letter queue: that queue holds messages a
+//! consumer failed to handle, and here there is no message to hold, only an event that stays
+//! in the log; the table sits beside the relay's checkpoint, and its primary key (the
+//! position) keeps a re-relay after a crash from recording an event twice. Failures that may
+//! pass (reading an order, publishing, saving the checkpoint) still resume from the checkpoint.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -27,7 +41,50 @@ pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS bus_relay_checkpoints (
     name TEXT PRIMARY KEY,
     position BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relay_dead_letters (
+    position BIGINT PRIMARY KEY,
+    relay TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
 )";
+
+/// Why one event was not relayed.
+#[derive(Debug)]
+enum RelayError {
+    /// The event can never become a message (its data does not decode, even upcast): it is
+    /// dead-lettered and the relay moves on.
+    Undecodable(String),
+    /// Something that may pass (reading the order): the relay resumes from its checkpoint.
+    Transient(String),
+}
+
+/// Records `event` as one the relay skipped, with why.
+async fn dead_letter(db: &Db, event: &RecordedEvent, reason: &str) -> Result<(), sqlx::Error> {
+    let position = i64::try_from(event.position).unwrap_or(i64::MAX);
+    let at = chrono::Utc::now().to_rfc3339();
+    on_db!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO relay_dead_letters
+             (position, relay, stream, event_id, event_type, reason, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (position) DO NOTHING",
+        )
+        .bind(position)
+        .bind(RELAY_NAME)
+        .bind(event.stream.as_str())
+        .bind(event.id.to_string())
+        .bind(&event.event_type)
+        .bind(reason)
+        .bind(&at)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
 
 async fn load_checkpoint(db: &Db) -> Result<u64, sqlx::Error> {
     let position: Option<i64> = on_db!(db, |pool| {
@@ -60,7 +117,7 @@ async fn envelope_for(
     event: &RecordedEvent,
     orders: &Repository<Order, AnyStore>,
     upcasters: &Upcasters,
-) -> Result<Option<Envelope>, String> {
+) -> Result<Option<Envelope>, RelayError> {
     let Some(order_id) = event
         .stream
         .as_str()
@@ -69,7 +126,8 @@ async fn envelope_for(
     else {
         return Ok(None);
     };
-    let decoded: OrderEvent = decode(event, upcasters).map_err(|e| e.to_string())?;
+    let decoded: OrderEvent =
+        decode(event, upcasters).map_err(|e| RelayError::Undecodable(e.to_string()))?;
     let (kind, data) = match decoded {
         OrderEvent::Created {
             user_id,
@@ -98,7 +156,7 @@ async fn envelope_for(
             let order = orders
                 .load_cached(&order_id)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| RelayError::Transient(e.to_string()))?
                 .state;
             if !order.choreographed {
                 return Ok(None);
@@ -134,7 +192,7 @@ async fn envelope_for(
             let user_id = orders
                 .load_cached(&order_id)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| RelayError::Transient(e.to_string()))?
                 .state
                 .user_id;
             let (kind, status, reason) = match decoded {
@@ -155,7 +213,7 @@ async fn envelope_for(
         }
         _ => return Ok(None),
     };
-    let data = data.map_err(|e| e.to_string())?;
+    let data = data.map_err(|e| RelayError::Undecodable(format!("no message data: {e}")))?;
     let mut envelope =
         Envelope::new(kind, "shop.orders", order_id.clone(), data).with_sequence(event.version);
     envelope.id = event.id;
@@ -170,15 +228,16 @@ async fn envelope_for(
     Ok(Some(envelope))
 }
 
-/// Follows the log and publishes until the task is dropped. Failures are retried after a
-/// pause, from the last saved checkpoint.
+/// Follows the log and publishes until the task is dropped, decoding with `orders`'
+/// upcasters. Failures are retried after a pause, from the last saved checkpoint; an event
+/// that cannot be decoded is dead-lettered and skipped.
 pub(crate) async fn run(
     store: AnyStore,
-    orders: std::sync::Arc<Repository<Order, AnyStore>>,
+    orders: Arc<Repository<Order, AnyStore>>,
     db: Db,
     bus: AnyBus,
 ) {
-    let upcasters = Upcasters::default();
+    let upcasters = orders.upcasters();
     loop {
         let from = match load_checkpoint(&db).await {
             Ok(position) => position + 1,
@@ -209,7 +268,21 @@ pub(crate) async fn run(
                             metrics::counter!("shop_orders_events_relayed_total").increment(1);
                         }
                         Ok(None) => {}
-                        Err(error) => break error,
+                        Err(RelayError::Undecodable(reason)) => {
+                            if let Err(error) = dead_letter(&db, &event, &reason).await {
+                                break error.to_string();
+                            }
+                            metrics::counter!("trellis_orders_relay_dead_letters_total")
+                                .increment(1);
+                            tracing::error!(
+                                position = event.position,
+                                stream = %event.stream.as_str(),
+                                event_type = %event.event_type,
+                                %reason,
+                                "bus relay cannot decode an order event; dead-lettered it (relay_dead_letters) and moved on"
+                            );
+                        }
+                        Err(RelayError::Transient(error)) => break error,
                     }
                     last = event.position;
                     unsaved += 1;
@@ -227,5 +300,184 @@ pub(crate) async fn run(
         };
         tracing::warn!(error = %failure, "bus relay stopped; resuming from its checkpoint in 1 s");
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+    use shop_contracts::api::OrderLineView;
+    use trellis_bus::{AnyBus, Bus as _, SubscribeOptions};
+    use trellis_eventstore::{AnyStore, EventStore as _, ExpectedVersion, Metadata, NewEvent};
+    use trellis_eventstore::{Repository, StreamId, Upcasters};
+    use trellis_service::Db;
+
+    use crate::aggregate::{Order, OrderCommand};
+
+    /// Fetches from the bus until an `order.created` for `order_id` arrives; `None` if none
+    /// came within `FETCHES_MAX` fetches of 200 ms.
+    async fn created(
+        subscription: &mut trellis_bus::Subscription,
+        order_id: &str,
+    ) -> Option<trellis_bus::Envelope> {
+        const FETCHES_MAX: usize = 75;
+        for _ in 0..FETCHES_MAX {
+            for delivery in subscription
+                .fetch(16, Duration::from_millis(200))
+                .await
+                .expect("fetch")
+            {
+                let envelope = delivery.envelope().clone();
+                delivery.ack().await.expect("ack");
+                if envelope.kind == "order.created" && envelope.subject == order_id {
+                    return Some(envelope);
+                }
+            }
+        }
+        None
+    }
+
+    struct Fixture {
+        store: AnyStore,
+        orders: Arc<Repository<Order, AnyStore>>,
+        db: Db,
+        bus: AnyBus,
+        _dir: tempdir::Dir,
+    }
+
+    mod tempdir {
+        /// A directory removed when dropped.
+        pub(super) struct Dir(pub(super) std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!("orders-relay-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = AnyStore::open("memory:").await.expect("memory store");
+        let orders = Arc::new(Repository::<Order, AnyStore>::new(store.clone()));
+        let db = Db::connect(&format!("sqlite://{}", dir.join("read.db").display()))
+            .await
+            .expect("read db");
+        db.run_schema(super::SCHEMA).await.expect("relay schema");
+        let bus = AnyBus::connect("memory://", "shop").await.expect("bus");
+        Fixture {
+            store,
+            orders,
+            db,
+            bus,
+            _dir: tempdir::Dir(dir),
+        }
+    }
+
+    async fn place(orders: &Repository<Order, AnyStore>) -> String {
+        let order_id = uuid::Uuid::now_v7().hyphenated().to_string();
+        let command = OrderCommand::Create {
+            user_id: "user-1".to_owned(),
+            items: vec![OrderLineView {
+                product_id: "product-1".to_owned(),
+                quantity: 1,
+                price_cents: 100,
+            }],
+            choreographed: false,
+        };
+        orders
+            .execute_on_new(&order_id, command, Metadata::default())
+            .await
+            .expect("created");
+        order_id
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_event_is_dead_lettered_and_the_relay_moves_on() {
+        // An order stream holds a `Created` whose data no upcaster can read, then a good
+        // order follows: the good one must reach the bus and the bad one the dead letters.
+        let f = fixture().await;
+        let mut subscription = f
+            .bus
+            .subscribe("order.*", "observer", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let broken = StreamId::new(format!("order-{}", uuid::Uuid::now_v7())).expect("valid");
+        f.store
+            .append(
+                &broken,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Created", json!({ "user": 7 }))],
+            )
+            .await
+            .expect("append");
+        let good = place(&f.orders).await;
+
+        let relay = tokio::spawn(super::run(
+            f.store.clone(),
+            f.orders.clone(),
+            f.db.clone(),
+            f.bus.clone(),
+        ));
+        let envelope = created(&mut subscription, &good).await;
+        relay.abort();
+        assert!(
+            envelope.is_some(),
+            "the event after the undecodable one is relayed"
+        );
+
+        let dead: Vec<(i64, String, String, String)> = trellis_service::on_db!(&f.db, |pool| {
+            sqlx::query_as(
+                "SELECT position, stream, event_type, reason FROM relay_dead_letters ORDER BY position",
+            )
+            .fetch_all(pool)
+            .await
+        })
+        .expect("dead letters");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let (position, stream, event_type, reason) = &dead[0];
+        assert_eq!(
+            (*position, stream.as_str(), event_type.as_str()),
+            (1, broken.as_str(), "Created")
+        );
+        assert!(
+            reason.contains("user_id"),
+            "the reason names the problem: {reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_relay_decodes_with_the_services_upcasters() {
+        // An order's `Created` in an older shape (`total` for `total_cents`, schema v0, built
+        // in memory: today's Order events are all v1 and the store accepts no older version)
+        // is relayed through the upcasters the relay is given, and is undecodable without.
+        let f = fixture().await;
+        let order_id = place(&f.orders).await;
+        let mut old = f.store.read_all(1, 1).await.expect("read").remove(0);
+        let data = old.data.as_object_mut().expect("an object");
+        let total = data.remove("total_cents").expect("total_cents");
+        data.insert("total".to_owned(), total);
+        old.schema_version = 0;
+        let upcasters = Upcasters::new().register("Created", 0, |mut data| {
+            let data_map = data.as_object_mut().ok_or("not an object")?;
+            let total = data_map.remove("total").ok_or("no total")?;
+            data_map.insert("total_cents".to_owned(), total);
+            Ok(data)
+        });
+
+        let envelope = super::envelope_for(&old, &f.orders, &upcasters)
+            .await
+            .expect("decodes")
+            .expect("relayed");
+        assert_eq!(envelope.kind, "order.created");
+        assert_eq!(envelope.subject, order_id);
+        assert_eq!(envelope.data["total_cents"], 100);
+        assert!(matches!(
+            super::envelope_for(&old, &f.orders, &Upcasters::default()).await,
+            Err(super::RelayError::Undecodable(_))
+        ));
     }
 }
