@@ -31,6 +31,13 @@ pub const BODY_BYTES_MAX_CEILING: u64 = 1024 * 1024 * 1024;
 /// Default time from request to upstream response headers, in milliseconds (a route may set
 /// its own), retries included.
 pub const ROUTE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default time an upstream has to deliver a whole response body once its headers arrived,
+/// in milliseconds (a route may set its own). Long enough for large downloads; a route that
+/// streams for longer (server-sent events) sets more, up to [`TIMEOUT_MS_CEILING`].
+pub const RESPONSE_BODY_TIMEOUT_MS_DEFAULT: u64 = 300_000;
+/// Default longest pause between two pieces of an upstream response body, in milliseconds
+/// (a route may set its own).
+pub const RESPONSE_BODY_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// Ceiling for every `*_ms` timeout, in milliseconds (one hour).
 pub const TIMEOUT_MS_CEILING: u64 = 3_600_000;
 /// Default time in-flight requests get to finish on shutdown, in milliseconds.
@@ -103,8 +110,17 @@ pub struct ServerConfig {
     pub header_count_max: usize,
     /// Default request body limit, bytes.
     pub body_bytes_max: u64,
-    /// Default route timeout, milliseconds.
+    /// Default route timeout, milliseconds: from the request to the upstream's response
+    /// headers, retries included.
     pub timeout_ms: u64,
+    /// Default time the upstream has to send the whole response body once its headers
+    /// arrived, milliseconds. When it passes (or the idle timeout below does), the response,
+    /// already started, cannot change status: the client connection is aborted (HTTP/1.1) or
+    /// the stream reset (HTTP/2), the upstream connection is dropped, and
+    /// `trellis_gateway_upstream_body_timeouts_total` counts it.
+    pub response_body_timeout_ms: u64,
+    /// Default longest pause between two pieces of the upstream response body, milliseconds.
+    pub response_body_idle_timeout_ms: u64,
     /// Time in-flight requests get on shutdown, milliseconds.
     pub shutdown_grace_ms: u64,
     /// Most concurrent HTTP/2 streams per client connection.
@@ -131,6 +147,8 @@ impl Default for ServerConfig {
             header_count_max: HEADER_COUNT_MAX_DEFAULT,
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
             timeout_ms: ROUTE_TIMEOUT_MS_DEFAULT,
+            response_body_timeout_ms: RESPONSE_BODY_TIMEOUT_MS_DEFAULT,
+            response_body_idle_timeout_ms: RESPONSE_BODY_IDLE_TIMEOUT_MS_DEFAULT,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS_DEFAULT,
             h2_streams_max: H2_STREAMS_MAX_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
@@ -452,9 +470,18 @@ pub struct RouteConfig {
     /// Prefix put in front of the (stripped) path before forwarding.
     #[serde(default)]
     pub add_prefix: Option<String>,
-    /// Route timeout, milliseconds (retries included).
+    /// Route timeout, milliseconds: from the request to the upstream's response headers
+    /// (retries included).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Time the upstream has to send the whole response body after its headers,
+    /// milliseconds; `server.response_body_timeout_ms` when absent.
+    #[serde(default)]
+    pub response_body_timeout_ms: Option<u64>,
+    /// Longest pause between two pieces of the upstream response body, milliseconds;
+    /// `server.response_body_idle_timeout_ms` when absent.
+    #[serde(default)]
+    pub response_body_idle_timeout_ms: Option<u64>,
     /// Request body limit, bytes.
     #[serde(default)]
     pub body_bytes_max: Option<u64>,
@@ -539,6 +566,18 @@ impl Config {
             TIMEOUT_MS_CEILING,
         )?;
         range("server.timeout_ms", s.timeout_ms, 1, TIMEOUT_MS_CEILING)?;
+        range(
+            "server.response_body_timeout_ms",
+            s.response_body_timeout_ms,
+            1,
+            TIMEOUT_MS_CEILING,
+        )?;
+        range(
+            "server.response_body_idle_timeout_ms",
+            s.response_body_idle_timeout_ms,
+            1,
+            TIMEOUT_MS_CEILING,
+        )?;
         range(
             "server.shutdown_grace_ms",
             s.shutdown_grace_ms,
@@ -919,8 +958,17 @@ impl Config {
                     invalid(&format!("{key}.headers.{h}"), "not a valid header value")
                 })?;
             }
-            if let Some(t) = r.timeout_ms {
-                range(&format!("{key}.timeout_ms"), t, 1, TIMEOUT_MS_CEILING)?;
+            for (field, value) in [
+                ("timeout_ms", r.timeout_ms),
+                ("response_body_timeout_ms", r.response_body_timeout_ms),
+                (
+                    "response_body_idle_timeout_ms",
+                    r.response_body_idle_timeout_ms,
+                ),
+            ] {
+                if let Some(t) = value {
+                    range(&format!("{key}.{field}"), t, 1, TIMEOUT_MS_CEILING)?;
+                }
             }
             if let Some(b) = r.body_bytes_max {
                 range(

@@ -19,7 +19,11 @@
 //! EWMA latency) among those that pass active health checks, are not ejected, and whose
 //! breaker admits the call; idempotent or bodiless requests are retried within the route's
 //! timeout and retry budget. Upstream failures become 502/503/504 with a JSON body naming the
-//! cause. Every answer carries `x-request-id`; `traceparent` is continued through
+//! cause. The route timeout (`timeout_ms`) bounds the wait for the response headers; the body
+//! that follows is bounded by `response_body_timeout_ms` (whole body, default 5 minutes) and
+//! `response_body_idle_timeout_ms` (longest pause, default 30 s), server-wide or per route.
+//! When one passes mid-body the client's connection is aborted (the status is already sent)
+//! and `trellis_gateway_upstream_body_timeouts_total` counts it. Every answer carries `x-request-id`; `traceparent` is continued through
 //! trellis-telemetry.
 //!
 //! Client-side limits: `server.max_connections` connections open at once (beyond it the

@@ -18,7 +18,7 @@ use trellis_resilience::RetryBudget;
 use trellis_telemetry::metrics::PrometheusHandle;
 
 use crate::auth::{ApiKeyPolicy, AuthOutcome, AuthPolicy, Identity, JwtPolicy};
-use crate::body::{BoxError, GatewayBody, full};
+use crate::body::{BodyTimeoutReport, BoxError, GatewayBody, TimedBody, full};
 use crate::config::{AuthConfig, Config, UpstreamProtocol};
 use crate::error::{ConfigError, ProxyError, json_error};
 use crate::hooks::{GatewayHooks, HookDecision, RequestCtx};
@@ -61,6 +61,7 @@ struct RetryRule {
 struct RouteMetrics {
     by_class: [Counter; 5],
     duration: Histogram,
+    body_timeouts: Counter,
 }
 
 impl RouteMetrics {
@@ -75,6 +76,7 @@ impl RouteMetrics {
                 class("5xx"),
             ],
             duration: metrics::histogram!("trellis_gateway_request_duration_seconds", "route" => route.to_owned()),
+            body_timeouts: metrics::counter!("trellis_gateway_upstream_body_timeouts_total", "route" => route.to_owned()),
         }
     }
 
@@ -92,6 +94,8 @@ pub(crate) struct Route {
     matcher: Matcher,
     cluster: Arc<Cluster>,
     timeout: Duration,
+    response_body_timeout: Duration,
+    response_body_idle_timeout: Duration,
     body_bytes_max: u64,
     retry: Option<RetryRule>,
     auth: Vec<Arc<AuthPolicy>>,
@@ -204,6 +208,14 @@ impl Table {
                 matcher,
                 cluster,
                 timeout: Duration::from_millis(r.timeout_ms.unwrap_or(config.server.timeout_ms)),
+                response_body_timeout: Duration::from_millis(
+                    r.response_body_timeout_ms
+                        .unwrap_or(config.server.response_body_timeout_ms),
+                ),
+                response_body_idle_timeout: Duration::from_millis(
+                    r.response_body_idle_timeout_ms
+                        .unwrap_or(config.server.response_body_idle_timeout_ms),
+                ),
                 body_bytes_max: r.body_bytes_max.unwrap_or(config.server.body_bytes_max),
                 retry,
                 auth: r
@@ -704,10 +716,20 @@ async fn proxy(
                 let (mut head, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 shared.hooks.response_filter(ctx, &mut head);
-                return Ok(Response::from_parts(
-                    head,
-                    incoming.map_err(BoxError::from).boxed(),
-                ));
+                // The route timeout covered the head; these bound the body, so an upstream
+                // that sends headers and then stalls or trickles cannot hold the client's
+                // connection (and this one) forever.
+                let body = TimedBody::new(
+                    incoming,
+                    route.response_body_timeout,
+                    route.response_body_idle_timeout,
+                    BodyTimeoutReport {
+                        route: Arc::clone(&route.name),
+                        request_id: ctx.request_id.clone(),
+                        timeouts: route.metrics.body_timeouts.clone(),
+                    },
+                );
+                return Ok(Response::from_parts(head, body.boxed()));
             }
             Ok(Err(error)) => {
                 if body_limit_exceeded(&error) {

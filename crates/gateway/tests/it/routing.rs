@@ -2,7 +2,7 @@
 
 use http::{Method, StatusCode};
 
-use crate::helpers::{TestGateway, Upstream, get, send};
+use crate::helpers::{TestGateway, Upstream, WAIT, get, send};
 
 fn config(a: &Upstream, b: &Upstream) -> String {
     format!(
@@ -339,4 +339,63 @@ async fn metrics_count_requests_per_route_and_status_class() {
     );
     let _ = stop.send(());
     served.await.expect("task").expect("serve");
+}
+
+/// An upstream that answers every request with headers promising 100 bytes, sends five, and
+/// then sends nothing more while the connection stays open.
+async fn stalling_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")
+                .await;
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_by_the_body_timeout() {
+    // Goal: headers arrive, then the body stalls; the route's response_body_timeout_ms (200
+    // ms) ends the client's body with an error instead of holding the connection forever.
+    // Real sockets, so a real (short) timeout; the client's wait is bounded by WAIT.
+    let (upstream, _task) = stalling_upstream().await;
+    let gw = TestGateway::start(&format!(
+        r#"
+        [clusters.stall]
+        endpoints = ["{upstream}"]
+        [[routes]]
+        name = "stall"
+        cluster = "stall"
+        response_body_timeout_ms = 200
+        "#
+    ))
+    .await;
+    let request = http::Request::get(gw.url("/download"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(WAIT, crate::helpers::client().request(request))
+        .await
+        .expect("headers within the wait")
+        .expect("headers");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(WAIT, http_body_util::BodyExt::collect(response.into_body()))
+        .await
+        .expect("the body ends within the wait");
+    assert!(body.is_err(), "a truncated body must end with an error");
 }
