@@ -79,6 +79,8 @@ pub(crate) struct DeliveryKey {
     pub(crate) lease: u64,
     /// The JetStream reply subject.
     pub(crate) reply: Option<String>,
+    /// NATS: the delivery comes from the group's park lane, not from a partition.
+    pub(crate) parked: bool,
 }
 
 /// What a consumer decided about a delivery.

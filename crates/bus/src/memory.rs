@@ -255,6 +255,7 @@ impl MemorySource {
                     sequence,
                     lease,
                     reply: None,
+                    parked: false,
                 },
             });
         }

@@ -9,9 +9,24 @@
 //!   acks, `ack_wait` from the options, unlimited server-side deliveries: the client counts
 //!   deliveries and dead-letters, so JetStream never drops a message silently). For per-subject
 //!   order each partition consumer has `max_ack_pending = 1`: at most one message per
-//!   partition is in flight across all of the group's consumers, and a retry keeps its place
-//!   (the delay is held with `+WPI` progress acks, then `-NAK` redelivers it first).
-//!   [`crate::SubscribeOptions::with_unordered`] uses one consumer per group over every
+//!   partition is in flight across all of the group's consumers.
+//! - A failing message of an ordered group does not hold its partition through its retry
+//!   delay (that blocked every subject hashed to the partition, a sixteenth of the traffic,
+//!   for as long as the retries took). It is **parked**: copied with its attempt count, due
+//!   time and first-failure time in headers to its subject's lane in stream `<PREFIX>_PARK`
+//!   (`<prefix>.park.<group>.s<hex of subject>`, work-queue retention), then acked in the
+//!   partition, which moves on. A later partition message whose subject has a non-empty lane
+//!   is appended to the lane instead of being handled, so it stays behind its predecessor.
+//!   Checking the lane costs a request, so a subscription asks only about subjects it parked
+//!   itself or after another subscription took a delivery of that partition (a gap in the
+//!   consumer sequence): with one in flight per partition, every park happens while holding
+//!   the partition, so without a gap this subscription saw them all. Lanes are consumed by
+//!   one consumer per group (`<group>_parked`, one message in flight, held until due with
+//!   progress acks, retried in place with `+WPI` then `-NAK`). So a failing message blocks
+//!   its own subject, and other parked subjects of its group while it waits for its delay,
+//!   never the healthy subjects of its partition. The first-failure time travels in the
+//!   lane message's headers, so a dead letter made after a restart keeps it.
+//! - [`crate::SubscribeOptions::with_unordered`] uses one consumer per group over every
 //!   partition (`<group>_all`, filter `<prefix>.bus.*.<pattern>`) with the in-flight limit as
 //!   its ack window, and `-NAK {"delay"}` for retries. A group is either ordered or unordered.
 //! - Stream `<PREFIX>_DLQ` is the dead-letter queue: records under `<prefix>.dlq.letter.<group>`,
@@ -39,7 +54,7 @@
 //! Each subscription keeps one pull stream open per partition (background tasks, aborted when
 //! the subscription is dropped); messages it had buffered are redelivered after the ack wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +91,12 @@ pub const DLQ_SCAN_MAX: u64 = 10_000;
 pub const MAX_AGE_DEFAULT: Duration = Duration::ZERO;
 /// The header marking a redriven message as meant for one group only.
 pub const ONLY_GROUP_HEADER: &str = "Trellis-Only-Group";
+/// The headers a parked message carries in its lane: its topic, the deliveries made before
+/// it was parked, when its next delivery is due (Unix ms) and when it first failed (Unix ms).
+const PARKED_TOPIC_HEADER: &str = "Trellis-Topic";
+const PARKED_ATTEMPTS_HEADER: &str = "Trellis-Attempts";
+const PARKED_DUE_HEADER: &str = "Trellis-Due-Ms";
+const FIRST_FAILURE_HEADER: &str = "Trellis-First-Failure-Ms";
 /// Most remembered first-failure times (for dead letters); cleared when exceeded.
 const FIRST_FAILURES_MAX: usize = 100_000;
 
@@ -156,9 +177,12 @@ struct Inner {
     prefix: String,
     bus_stream: stream::Stream,
     dlq_stream: stream::Stream,
+    park_stream: stream::Stream,
     partitions: u32,
     message_bytes_max: usize,
-    first_failures: Mutex<HashMap<(String, u64), DateTime<Utc>>>,
+    /// First-failure times of messages retried in place (unordered groups), by group,
+    /// stream sequence and whether the sequence is the park stream's.
+    first_failures: Mutex<HashMap<(String, u64, bool), DateTime<Utc>>>,
 }
 
 async fn bounded<T, E: std::fmt::Display>(
@@ -301,6 +325,18 @@ impl NatsBus {
             ..Default::default()
         }))
         .await?;
+        // Work-queue retention: a parked message is removed once its group acked it, so "the
+        // lane has a message" means "the subject is parked".
+        let park_stream = bounded(context.get_or_create_stream(stream::Config {
+            name: format!("{upper}_PARK"),
+            subjects: vec![format!("{}.park.>", config.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_message_size: max_message_size.saturating_add(1024),
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        }))
+        .await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -308,6 +344,7 @@ impl NatsBus {
                 prefix: config.prefix,
                 bus_stream,
                 dlq_stream,
+                park_stream,
                 partitions: config.partitions,
                 message_bytes_max: config.message_bytes_max,
                 first_failures: Mutex::new(HashMap::new()),
@@ -317,6 +354,71 @@ impl NatsBus {
 
     fn bus_subject(&self, partition: u32, topic: &str) -> String {
         format!("{}.bus.p{partition}.{topic}", self.inner.prefix)
+    }
+
+    /// The park lane of `subject` in `group`: `<prefix>.park.<group>.s<hex of subject>`
+    /// (hex keeps any subject a single NATS token).
+    fn lane_subject(&self, group: &str, subject: &str) -> String {
+        let mut lane = format!("{}.park.{group}.s", self.inner.prefix);
+        for byte in subject.bytes() {
+            lane.push_str(&format!("{byte:02x}"));
+        }
+        lane
+    }
+
+    /// Whether `subject` has a parked message in `group` (its lane is not empty).
+    async fn is_parked(&self, group: &str, subject: &str) -> Result<bool, BusError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let lane = self.lane_subject(group, subject);
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.inner
+                .park_stream
+                .get_last_raw_message_by_subject(&lane),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(error)) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Ok(Err(error)) => Err(BusError::nats(error)),
+            Err(_) => Err(BusError::Timeout(REQUEST_TIMEOUT)),
+        }
+    }
+
+    /// Appends `envelope` to its subject's park lane in `group`; returns once the stream
+    /// holds it.
+    async fn park(
+        &self,
+        group: &str,
+        topic: &str,
+        envelope: &Envelope,
+        attempts: u32,
+        due: DateTime<Utc>,
+        first_failure: Option<DateTime<Utc>>,
+    ) -> Result<(), BusError> {
+        let bytes = serde_json::to_vec(envelope).map_err(BusError::corrupt)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(PARKED_TOPIC_HEADER, topic);
+        headers.insert(PARKED_ATTEMPTS_HEADER, attempts.to_string().as_str());
+        headers.insert(
+            PARKED_DUE_HEADER,
+            due.timestamp_millis().to_string().as_str(),
+        );
+        if let Some(at) = first_failure {
+            headers.insert(
+                FIRST_FAILURE_HEADER,
+                at.timestamp_millis().to_string().as_str(),
+            );
+        }
+        let lane = self.lane_subject(group, &envelope.subject);
+        let ack = bounded(
+            self.inner
+                .context
+                .publish_with_headers(lane, headers, bytes.into()),
+        )
+        .await?;
+        bounded(std::future::IntoFuture::into_future(ack)).await?;
+        Ok(())
     }
 
     async fn publish_raw(
@@ -540,18 +642,53 @@ impl Bus for NatsBus {
             options.in_flight_max.min(PULL_BATCH_MAX)
         };
         for consumer in consumers {
-            pullers.spawn(pull_forever(consumer, batch, sender.clone()));
+            pullers.spawn(pull_forever(consumer, batch, None, sender.clone()));
         }
+        if options.per_subject_order {
+            // The park lanes: one consumer over all of the group's lanes, one message in
+            // flight, so a lane's messages are handled in order across competing consumers.
+            let durable = format!("{group}_parked");
+            let config = consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: format!("{}.park.{group}.>", self.inner.prefix),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: options.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 1,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            };
+            let lanes: consumer::PullConsumer = bounded(
+                self.inner
+                    .park_stream
+                    .get_or_create_consumer(&durable, config),
+            )
+            .await?;
+            let heartbeat = (options.ack_wait / 3).max(Duration::from_millis(5));
+            pullers.spawn(pull_forever(
+                lanes,
+                ORDERED_PULL_BATCH,
+                Some(heartbeat),
+                sender.clone(),
+            ));
+        }
+        let parked = Arc::new(Mutex::new(HashSet::new()));
         let source = NatsSource {
+            bus: self.clone(),
             group: group.to_owned(),
             receiver,
             _pullers: pullers,
             strip: format!("{}.bus.p", self.inner.prefix),
+            lanes: format!("{}.park.", self.inner.prefix),
+            ordered: options.per_subject_order,
+            parked: Arc::clone(&parked),
+            last_consumer_sequence: HashMap::new(),
         };
         let settler = NatsSettler {
             bus: self.clone(),
             ordered: options.per_subject_order,
             ack_wait: options.ack_wait,
+            parked,
         };
         Ok(Subscription::new(
             group,
@@ -565,9 +702,14 @@ impl Bus for NatsBus {
 /// Keeps a pull stream open on one partition consumer and forwards its messages, until the
 /// subscription (the receiver) is dropped. Messages buffered when it is dropped were never
 /// acked, so the server redelivers them after the ack wait.
+///
+/// With `hold` (the park lanes), a message whose [`PARKED_DUE_HEADER`] lies ahead is held,
+/// with a progress ack every `hold`, until it is due: its lane consumer has one message in
+/// flight, so nothing of the group's lanes passes it meanwhile.
 async fn pull_forever(
     consumer: consumer::PullConsumer,
     batch: usize,
+    hold: Option<Duration>,
     sender: tokio::sync::mpsc::Sender<jetstream::Message>,
 ) {
     const REOPEN_PAUSE: Duration = Duration::from_millis(200);
@@ -590,6 +732,9 @@ async fn pull_forever(
         while let Some(next) = stream.next().await {
             match next {
                 Ok(message) => {
+                    if let Some(heartbeat) = hold {
+                        hold_until_due(&message, heartbeat).await;
+                    }
                     if sender.send(message).await.is_err() {
                         return;
                     }
@@ -606,6 +751,37 @@ async fn pull_forever(
     }
 }
 
+/// Waits until a parked message is due, keeping it leased with progress acks.
+async fn hold_until_due(message: &jetstream::Message, heartbeat: Duration) {
+    let due_ms = header(message, PARKED_DUE_HEADER).and_then(|value| value.parse::<i64>().ok());
+    let Some(due_ms) = due_ms else { return };
+    loop {
+        let left_ms = due_ms.saturating_sub(Utc::now().timestamp_millis());
+        if left_ms <= 0 {
+            return;
+        }
+        let left = Duration::from_millis(left_ms.unsigned_abs());
+        tokio::time::sleep(left.min(heartbeat)).await;
+        if left > heartbeat
+            && message
+                .ack_with(jetstream::AckKind::Progress)
+                .await
+                .is_err()
+        {
+            // The lease lapses and the message is redelivered (and held) again.
+            return;
+        }
+    }
+}
+
+fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(name))
+        .map(async_nats::HeaderValue::as_str)
+}
+
 /// How long one pull request waits on the server; a stream that stopped receiving for any
 /// reason re-pulls after this.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -617,10 +793,21 @@ const ORDERED_PULL_BATCH: usize = 8;
 const PULL_BATCH_MAX: usize = 256;
 
 struct NatsSource {
+    bus: NatsBus,
     group: String,
     receiver: tokio::sync::mpsc::Receiver<jetstream::Message>,
     _pullers: tokio::task::JoinSet<()>,
+    /// `<prefix>.bus.p`, cut from a partition message's subject to get its topic.
     strip: String,
+    /// `<prefix>.park.`, the start of a park lane message's subject.
+    lanes: String,
+    ordered: bool,
+    /// Subjects this subscription parked or saw parked (shared with the settler). Entries
+    /// may be stale (the lane drained meanwhile); every positive is checked on the server.
+    parked: Arc<Mutex<HashSet<String>>>,
+    /// The last consumer sequence seen per partition consumer: a gap means another
+    /// subscription of the group took a delivery meanwhile, and may have parked a subject.
+    last_consumer_sequence: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -632,16 +819,23 @@ impl std::fmt::Debug for NatsSource {
 }
 
 impl NatsSource {
-    async fn to_raw(&self, message: jetstream::Message) -> Result<Option<RawDelivery>, BusError> {
+    async fn admit(
+        &mut self,
+        message: jetstream::Message,
+    ) -> Result<Option<RawDelivery>, BusError> {
+        if message.subject.as_str().starts_with(&self.lanes) {
+            return self.lane_to_raw(message);
+        }
         let info = message.info().map_err(BusError::nats)?;
         let (sequence, delivered) = (info.stream_sequence, info.delivered);
+        let handoff = self.ordered && {
+            let previous = self
+                .last_consumer_sequence
+                .insert(info.consumer.to_owned(), info.consumer_sequence);
+            previous.is_none_or(|last| last.saturating_add(1) != info.consumer_sequence)
+        };
         let reply = message.reply.as_ref().map(ToString::to_string);
-        let only_group = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(ONLY_GROUP_HEADER))
-            .map(|value| value.as_str().to_owned());
-        if only_group.is_some_and(|only| only != self.group) {
+        if header(&message, ONLY_GROUP_HEADER).is_some_and(|only| only != self.group) {
             // A redrive for another group: not ours to handle.
             message.ack().await.map_err(BusError::nats)?;
             return Ok(None);
@@ -655,6 +849,18 @@ impl NatsSource {
             .to_owned();
         let envelope = serde_json::from_slice::<Envelope>(&message.payload)
             .map_err(|_| String::from_utf8_lossy(&message.payload).into_owned());
+        if self.ordered
+            && let Ok(envelope) = &envelope
+            && self.waits_behind_parked(&envelope.subject, handoff).await?
+        {
+            // Its subject has a parked message: it queues behind it, in the lane.
+            let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+            self.bus
+                .park(&self.group, &topic, envelope, attempts, Utc::now(), None)
+                .await?;
+            message.ack().await.map_err(BusError::nats)?;
+            return Ok(None);
+        }
         Ok(Some(RawDelivery {
             topic,
             envelope,
@@ -663,9 +869,76 @@ impl NatsSource {
                 sequence,
                 lease: 0,
                 reply,
+                parked: false,
             },
         }))
     }
+
+    /// Whether a partition message of `subject` must queue behind a parked one. Asks the
+    /// server only when this subscription parked the subject before or when another
+    /// subscription took a delivery of the partition since this one's last (`handoff`):
+    /// otherwise every park of the partition went through this subscription.
+    async fn waits_behind_parked(&self, subject: &str, handoff: bool) -> Result<bool, BusError> {
+        let known = lock(&self.parked).contains(subject);
+        if !known && !handoff {
+            return Ok(false);
+        }
+        let parked = self.bus.is_parked(&self.group, subject).await?;
+        let mut view = lock(&self.parked);
+        if parked {
+            view.insert(subject.to_owned());
+        } else {
+            view.remove(subject);
+        }
+        Ok(parked)
+    }
+
+    /// A message from the group's park lanes: its attempts continue where the partition's
+    /// left off, and its first failure comes from its headers (it survives restarts).
+    fn lane_to_raw(&self, message: jetstream::Message) -> Result<Option<RawDelivery>, BusError> {
+        let info = message.info().map_err(BusError::nats)?;
+        let (sequence, delivered) = (info.stream_sequence, info.delivered);
+        let before: u32 = header(&message, PARKED_ATTEMPTS_HEADER)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0);
+        if let Some(at) = header(&message, FIRST_FAILURE_HEADER)
+            .and_then(|value| value.parse::<i64>().ok())
+            .and_then(DateTime::from_timestamp_millis)
+        {
+            remember_first_failure(&self.bus, (self.group.clone(), sequence, true), at);
+        }
+        let topic = header(&message, PARKED_TOPIC_HEADER)
+            .unwrap_or_default()
+            .to_owned();
+        let envelope = serde_json::from_slice::<Envelope>(&message.payload)
+            .map_err(|_| String::from_utf8_lossy(&message.payload).into_owned());
+        let delivered = u32::try_from(delivered).unwrap_or(u32::MAX);
+        Ok(Some(RawDelivery {
+            topic,
+            envelope,
+            attempt: before.saturating_add(delivered),
+            key: DeliveryKey {
+                sequence,
+                lease: 0,
+                reply: message.reply.as_ref().map(ToString::to_string),
+                parked: true,
+            },
+        }))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn remember_first_failure(bus: &NatsBus, key: (String, u64, bool), at: DateTime<Utc>) {
+    let mut map = lock(&bus.inner.first_failures);
+    if map.len() >= FIRST_FAILURES_MAX {
+        map.clear();
+    }
+    map.entry(key).or_insert(at);
 }
 
 impl Source for NatsSource {
@@ -691,7 +964,7 @@ impl Source for NatsSource {
                 }
                 let mut deliveries = Vec::with_capacity(messages.len());
                 for message in messages {
-                    if let Some(delivery) = self.to_raw(message).await? {
+                    if let Some(delivery) = self.admit(message).await? {
                         deliveries.push(delivery);
                     }
                 }
@@ -708,30 +981,37 @@ struct NatsSettler {
     bus: NatsBus,
     ordered: bool,
     ack_wait: Duration,
+    /// The subscription's view of parked subjects (shared with its source).
+    parked: Arc<Mutex<HashSet<String>>>,
 }
 
 impl NatsSettler {
-    fn remember_failure(&self, group: &str, sequence: u64) {
-        let mut map = self
-            .bus
-            .inner
-            .first_failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= FIRST_FAILURES_MAX {
-            map.clear();
-        }
-        map.entry((group.to_owned(), sequence))
-            .or_insert_with(Utc::now);
+    fn take_first_failure(&self, key: &(String, u64, bool)) -> Option<DateTime<Utc>> {
+        lock(&self.bus.inner.first_failures).remove(key)
     }
 
-    fn take_first_failure(&self, group: &str, sequence: u64) -> Option<DateTime<Utc>> {
-        self.bus
-            .inner
-            .first_failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&(group.to_owned(), sequence))
+    /// Holds a delivery (progress acks) for `delay`, then NAKs it; with one message in
+    /// flight on its consumer, JetStream redelivers it before anything later.
+    fn hold_then_nak(&self, reply: String, delay: Duration) {
+        let client = self.bus.inner.client.clone();
+        let heartbeat = (self.ack_wait / 3).max(Duration::from_millis(5));
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + delay;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                tokio::time::sleep_until((now + heartbeat).min(until)).await;
+                if tokio::time::Instant::now() < until
+                    && client.publish(reply.clone(), "+WPI".into()).await.is_err()
+                {
+                    return;
+                }
+            }
+            // Failing here only means redelivery after the ack wait instead.
+            let _ = client.publish(reply, "-NAK".into()).await;
+        });
     }
 }
 
@@ -748,46 +1028,46 @@ impl Settle for NatsSettler {
             return Box::pin(async { Err(BusError::LeaseLost) });
         };
         let client = bus.inner.client.clone();
+        let failure_key = (message.group.clone(), key.sequence, key.parked);
         match settlement {
             Settlement::Ack => {
                 Box::pin(async move { bounded(client.publish(reply, "+ACK".into())).await })
             }
+            Settlement::Nack { delay, error } if self.ordered && !key.parked => {
+                // Park the subject: the message moves to its lane (due after the delay) and
+                // the partition moves on; later messages of the subject follow it there.
+                let parked = Arc::clone(&self.parked);
+                Box::pin(async move {
+                    let now = Utc::now();
+                    let due = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let first_failure = error.is_some().then_some(now);
+                    bus.park(
+                        &message.group,
+                        &message.topic,
+                        &message.envelope,
+                        attempt,
+                        due,
+                        first_failure,
+                    )
+                    .await?;
+                    lock(&parked).insert(message.envelope.subject.clone());
+                    bounded(client.publish(reply, "+ACK".into())).await
+                })
+            }
             Settlement::Nack { delay, error } => {
                 if error.is_some() {
-                    self.remember_failure(&message.group, key.sequence);
+                    remember_first_failure(&self.bus, failure_key, Utc::now());
                 }
-                if !self.ordered {
-                    let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
-                    return Box::pin(
-                        async move { bounded(client.publish(reply, body.into())).await },
-                    );
+                if key.parked {
+                    // A lane has one message in flight: holding it keeps the lane's order.
+                    self.hold_then_nak(reply, delay);
+                    return Box::pin(async { Ok(()) });
                 }
-                // Hold the message (progress acks) for the delay, then NAK it so JetStream
-                // redelivers it before anything later in its partition.
-                let heartbeat = (self.ack_wait / 3).max(Duration::from_millis(5));
-                tokio::spawn(async move {
-                    let until = tokio::time::Instant::now() + delay;
-                    loop {
-                        let now = tokio::time::Instant::now();
-                        if now >= until {
-                            break;
-                        }
-                        tokio::time::sleep_until((now + heartbeat).min(until)).await;
-                        if tokio::time::Instant::now() < until
-                            && client.publish(reply.clone(), "+WPI".into()).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    // Failing here only means redelivery after the ack wait instead.
-                    let _ = client.publish(reply, "-NAK".into()).await;
-                });
-                Box::pin(async { Ok(()) })
+                let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
+                Box::pin(async move { bounded(client.publish(reply, body.into())).await })
             }
             Settlement::DeadLetter(failure) => {
-                let first = self
-                    .take_first_failure(&message.group, key.sequence)
-                    .unwrap_or(failure.at);
+                let first = self.take_first_failure(&failure_key).unwrap_or(failure.at);
                 Box::pin(async move {
                     let letter = DeadLetter {
                         id: Uuid::now_v7(),
@@ -806,9 +1086,12 @@ impl Settle for NatsSettler {
                     };
                     let payload = serde_json::to_vec(&letter).map_err(BusError::corrupt)?;
                     let subject = format!("{}.dlq.letter.{}", bus.inner.prefix, letter.group);
-                    // Stored in the DLQ first; only then is the original terminated.
+                    // Stored in the DLQ first; only then is the original terminated (a lane
+                    // message is acked: that removes it from the work queue and frees the
+                    // lane for the subject's next message).
                     bus.publish_dlq(subject, payload).await?;
-                    bounded(client.publish(reply, "+TERM".into())).await
+                    let verdict = if key.parked { "+ACK" } else { "+TERM" };
+                    bounded(client.publish(reply, verdict.into())).await
                 })
             }
         }

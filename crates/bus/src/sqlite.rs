@@ -595,6 +595,7 @@ async fn fetch_in(
                 sequence: u64::try_from(seq).map_err(BusError::corrupt)?,
                 lease: lease.unsigned_abs(),
                 reply: None,
+                parked: false,
             },
         });
     }

@@ -124,3 +124,200 @@ mod retention {
         Ok(())
     }
 }
+
+mod parking {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use anyhow::{Context as _, ensure};
+    use tokio::sync::Notify;
+    use trellis_bus::nats::{NatsBus, NatsBusConfig};
+    use trellis_bus::{Bus, Envelope, HandlerError, RetryPolicy, SubscribeOptions};
+
+    /// The retry delay of the failing message: long enough that the healthy subject's
+    /// messages, handled without any delay, all come first.
+    const RETRY_DELAY: Duration = Duration::from_secs(3);
+    /// The bound on the whole scenario, so a regression fails instead of hanging.
+    const SCENARIO_WAIT_MAX: Duration = Duration::from_secs(60);
+
+    /// One handler call.
+    #[derive(Debug, Clone)]
+    struct Call {
+        subject: String,
+        n: u64,
+        /// A1's attempt number (0 for the other messages).
+        attempt: u32,
+        ok: bool,
+    }
+
+    fn event(subject: &str, n: u64) -> Envelope {
+        Envelope::new("t", "s", subject, serde_json::json!(n)).with_sequence(n)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_message_blocks_only_its_own_subject() -> anyhow::Result<()> {
+        // Goal: with every subject in one partition, subject A's first message fails twice
+        // (3 s retry delay) before it succeeds; subject B's messages, published after it, are
+        // all handled before A's second attempt, and A's later message waits behind A's first.
+        let Some(nats) = trellis_testkit::nats("poison_blocks_subject").await else {
+            return Ok(());
+        };
+        let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix).with_partitions(1))
+            .await?;
+        let retry = RetryPolicy::new(5)?
+            .with_backoff(RETRY_DELAY, RETRY_DELAY, 1.0)?
+            .without_jitter();
+        let sub = bus
+            .subscribe(
+                "parts.*",
+                "handler",
+                SubscribeOptions::default().with_retry(retry),
+            )
+            .await?;
+        bus.publish("parts.a", event("A", 1)).await?;
+        for n in 1..=5 {
+            bus.publish("parts.b", event("B", n)).await?;
+        }
+        bus.publish("parts.a", event("A", 2)).await?;
+
+        // Every handler call, in order.
+        let events: Arc<Mutex<Vec<Call>>> = Arc::default();
+        let done = Arc::new(Notify::new());
+        let handler = {
+            let (events, done) = (Arc::clone(&events), Arc::clone(&done));
+            let attempts = Arc::new(Mutex::new(0_u32));
+            move |message: Arc<trellis_bus::Message>| {
+                let (events, done, attempts) = (
+                    Arc::clone(&events),
+                    Arc::clone(&done),
+                    Arc::clone(&attempts),
+                );
+                async move {
+                    let envelope = &message.envelope;
+                    let n = envelope.sequence.unwrap_or_default();
+                    let mut attempt = 0;
+                    let ok = if envelope.subject == "A" && n == 1 {
+                        let mut attempts = attempts.lock().expect("attempts lock");
+                        *attempts += 1;
+                        attempt = *attempts;
+                        attempt >= 3
+                    } else {
+                        true
+                    };
+                    let mut log = events.lock().expect("events lock");
+                    log.push(Call {
+                        subject: envelope.subject.clone(),
+                        n,
+                        attempt,
+                        ok,
+                    });
+                    if log.iter().filter(|call| call.ok).count() == 7 {
+                        done.notify_one();
+                    }
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(HandlerError::transient("test", "A1 fails"))
+                    }
+                }
+            }
+        };
+        let shutdown = Arc::new(Notify::new());
+        let runner = {
+            let shutdown = Arc::clone(&shutdown);
+            tokio::spawn(async move { sub.run(handler, shutdown.notified_owned()).await })
+        };
+        let finished = tokio::time::timeout(SCENARIO_WAIT_MAX, done.notified()).await;
+        shutdown.notify_one();
+        runner.await??;
+        let log = events.lock().expect("events lock").clone();
+        finished.context(format!("not every message was handled: {log:?}"))?;
+
+        let position = |subject: &str, n: u64, attempt: u32| {
+            log.iter()
+                .position(|call| call.subject == subject && call.n == n && call.attempt == attempt)
+        };
+        let a_second = position("A", 1, 2).context("A1's second attempt")?;
+        let a_success = position("A", 1, 3).context("A1's third attempt")?;
+        let a_later = position("A", 2, 0).context("A2")?;
+        for n in 1..=5 {
+            let b = position("B", n, 0).context("a B message")?;
+            ensure!(b < a_second, "B{n} waited for A1's retry: {log:?}");
+        }
+        let b_order: Vec<u64> = log
+            .iter()
+            .filter(|call| call.subject == "B")
+            .map(|call| call.n)
+            .collect();
+        ensure!(b_order == [1, 2, 3, 4, 5], "B handled as {b_order:?}");
+        ensure!(a_later > a_success, "A2 passed A1: {log:?}");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_subject_keeps_its_order_across_competing_consumers() -> anyhow::Result<()> {
+        // Goal: two subscriptions of one group share one partition; A's first message fails
+        // once and is parked by whichever subscription got it, and A's later messages, taken
+        // from the partition by either subscription, queue behind it: A is handled 1..=6 in
+        // order, once each, and B's messages all arrive.
+        let Some(nats) = trellis_testkit::nats("parked_competing").await else {
+            return Ok(());
+        };
+        let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix).with_partitions(1))
+            .await?;
+        let retry = RetryPolicy::new(5)?
+            .with_backoff(Duration::from_millis(500), Duration::from_millis(500), 1.0)?
+            .without_jitter();
+        let options = SubscribeOptions::default().with_retry(retry);
+        let mut subs = Vec::new();
+        for _ in 0..2 {
+            subs.push(bus.subscribe("parts.*", "pair", options.clone()).await?);
+        }
+        for n in 1..=6 {
+            bus.publish("parts.a", event("A", n)).await?;
+            bus.publish("parts.b", event("B", n)).await?;
+        }
+        let handled: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+        let failed_once = Arc::new(Mutex::new(false));
+        let mut workers = tokio::task::JoinSet::new();
+        for mut sub in subs {
+            let (handled, failed_once) = (Arc::clone(&handled), Arc::clone(&failed_once));
+            workers.spawn(async move {
+                let deadline = tokio::time::Instant::now() + SCENARIO_WAIT_MAX;
+                while handled.lock().expect("lock").len() < 12 {
+                    ensure!(tokio::time::Instant::now() < deadline, "timed out");
+                    for delivery in sub.fetch(4, Duration::from_millis(200)).await? {
+                        let envelope = delivery.envelope().clone();
+                        let n = envelope.sequence.unwrap_or_default();
+                        let fail = envelope.subject == "A"
+                            && n == 1
+                            && !std::mem::replace(&mut *failed_once.lock().expect("lock"), true);
+                        if fail {
+                            delivery
+                                .fail(&HandlerError::transient("test", "A1 fails once"))
+                                .await?;
+                        } else {
+                            handled.lock().expect("lock").push((envelope.subject, n));
+                            delivery.ack().await?;
+                        }
+                    }
+                }
+                Ok::<(), anyhow::Error>(())
+            });
+        }
+        while let Some(joined) = workers.join_next().await {
+            joined??;
+        }
+        let handled = handled.lock().expect("lock").clone();
+        let of = |subject: &str| -> Vec<u64> {
+            handled
+                .iter()
+                .filter(|(s, _)| s == subject)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        ensure!(of("A") == [1, 2, 3, 4, 5, 6], "A handled as {:?}", of("A"));
+        ensure!(of("B") == [1, 2, 3, 4, 5, 6], "B handled as {:?}", of("B"));
+        Ok(())
+    }
+}
