@@ -43,9 +43,18 @@ burst = {burst}
 key = "ip"
 requests_per_second = {RATE_PER_CLIENT}
 burst = {burst}
+
+# Logins and registrations hash a password: one address gets a fair share of the users
+# service's hashing slots, and is told to come back (429, Retry-After) before any hashing.
+[rate_limits.login_per_address]
+key = "ip"
+requests_per_second = {login_rate}
+burst = {login_burst}
 "#,
         users = addr("users"),
         burst = RATE_PER_CLIENT * 2,
+        login_rate = shop_users::LOGIN_RATE_PER_ADDRESS,
+        login_burst = shop_users::LOGIN_RATE_PER_ADDRESS * 2,
     );
     for name in [
         "users",
@@ -74,12 +83,12 @@ cluster = "users""#,
 path_exact = "/api/users"
 methods = ["POST"]
 cluster = "users"
-rate_limit = "per_ip""#,
+rate_limit = "login_per_address""#,
         r#"name = "token"
 path_exact = "/api/auth/token"
 methods = ["POST"]
 cluster = "users"
-rate_limit = "per_ip""#,
+rate_limit = "login_per_address""#,
         r#"name = "me"
 path_exact = "/api/users/me"
 methods = ["GET"]

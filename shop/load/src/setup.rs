@@ -18,8 +18,14 @@ const BROWSE_SAMPLES_MAX: usize = 32;
 const SETUP_CONCURRENCY: usize = 8;
 /// Attempts of one setup call on a transient failure.
 const SETUP_ATTEMPTS: u32 = 3;
+/// Attempts of one setup call the shop keeps answering 429: the gateway limits logins and
+/// registrations per address to a share of the hashing capacity, so registering many customers
+/// from one machine is paced by it rather than failed.
+const SETUP_ATTEMPTS_RATE_LIMITED: u32 = 30;
 /// First back-off between setup attempts; doubles.
 const SETUP_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest back-off between setup attempts.
+const SETUP_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A customer of the run.
 #[derive(Debug)]
@@ -65,6 +71,14 @@ fn transient(f: &Failure) -> bool {
     )
 }
 
+fn attempts_for(f: &Failure) -> u32 {
+    if matches!(f, Failure::Status(429)) {
+        SETUP_ATTEMPTS_RATE_LIMITED
+    } else {
+        SETUP_ATTEMPTS
+    }
+}
+
 /// Retries `call` on transient failures, with back-off.
 async fn retrying<T, F, Fut>(mut call: F) -> Result<T, Failure>
 where
@@ -74,8 +88,9 @@ where
     let mut attempt = 1;
     loop {
         match call(attempt).await {
-            Err(f) if transient(&f) && attempt < SETUP_ATTEMPTS => {
-                tokio::time::sleep(SETUP_BACKOFF * 2u32.pow(attempt - 1)).await;
+            Err(f) if transient(&f) && attempt < attempts_for(&f) => {
+                let backoff = SETUP_BACKOFF.saturating_mul(2u32.saturating_pow(attempt - 1));
+                tokio::time::sleep(backoff.min(SETUP_BACKOFF_MAX)).await;
                 attempt += 1;
             }
             other => return other,

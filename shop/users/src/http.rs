@@ -3,7 +3,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, State as AxumState};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use shop_contracts::api::{ErrorBody, RegisterUser, TokenRequest, TokenResponse, UserView};
@@ -174,18 +175,65 @@ fn invalid_credentials() -> ApiError {
     responses(
         (status = 200, description = "A one-hour EdDSA JWT", body = TokenResponse),
         (status = 401, description = "Wrong email or password (`invalid_credentials`)", body = ErrorBody),
+        (status = 429, description = "Too many attempts on this account (`too_many_attempts`); `Retry-After` says when to try again", body = ErrorBody),
     )
 )]
 async fn token(
     AxumState(state): AxumState<State>,
     ApiJson(body): ApiJson<TokenRequest>,
-) -> Result<Json<TokenResponse>, ApiError> {
+) -> Result<Json<TokenResponse>, Response> {
+    token_inner(&state, body)
+        .await
+        .map_err(|refusal| match refusal {
+            Refusal::Api(e) => e.into_response(),
+            Refusal::TooManyAttempts(wait) => too_many_attempts(wait),
+        })
+}
+
+/// Why a token request was refused.
+enum Refusal {
+    Api(ApiError),
+    /// The account's attempts are spent for this long.
+    TooManyAttempts(std::time::Duration),
+}
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+fn too_many_attempts(wait: std::time::Duration) -> Response {
+    // Whole seconds, rounded up: a client that waits exactly this long is let in.
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    metrics::counter!("shop_users_logins_total", "outcome" => "limited").increment(1);
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        format!("too many login attempts on this account; retry in {seconds} s"),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
+async fn token_inner(state: &State, body: TokenRequest) -> Result<Json<TokenResponse>, Refusal> {
     // Longer than any accepted password: refuse without hashing an attacker-sized input.
     if body.password.chars().count() > PASSWORD_CHARS_MAX || body.email.len() > EMAIL_BYTES_MAX {
-        return Err(invalid_credentials());
+        return Err(invalid_credentials().into());
     }
     let email = body.email.trim().to_lowercase();
-    let user = store::find_by_email(&state.db, &email).await?;
+    let user = store::find_by_email(&state.db, &email)
+        .await
+        .map_err(ApiError::from)?;
+    if let Some(user) = &user {
+        state
+            .attempts
+            .check(&user.id)
+            .map_err(Refusal::TooManyAttempts)?;
+    }
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     let matches = state
         .hasher
@@ -194,7 +242,7 @@ async fn token(
         .map_err(hash_error)?;
     let Some(user) = user.filter(|_| matches) else {
         metrics::counter!("shop_users_logins_total", "outcome" => "refused").increment(1);
-        return Err(invalid_credentials());
+        return Err(invalid_credentials().into());
     };
     metrics::counter!("shop_users_logins_total", "outcome" => "ok").increment(1);
     let now_s = SystemTime::now()

@@ -32,6 +32,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub use attempts::{LOGIN_ATTEMPT_INTERVAL, LOGIN_ATTEMPTS_BURST, LOGIN_RATE_PER_ADDRESS};
+
+mod attempts;
 mod grpc;
 mod http;
 mod keys;
@@ -109,6 +112,7 @@ pub(crate) struct State {
     pub(crate) db: Db,
     pub(crate) keys: Arc<keys::KeyRing>,
     pub(crate) hasher: Arc<password::Hasher>,
+    pub(crate) attempts: Arc<attempts::LoginAttempts>,
 }
 
 /// Opens the database, runs the schema, loads (or on first start generates) the signing key,
@@ -131,6 +135,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         db: db.clone(),
         keys: Arc::new(keys),
         hasher: Arc::new(hasher),
+        attempts: Arc::new(attempts::LoginAttempts::new()),
     };
     let router = http::router(state.clone()).merge(grpc::router(state));
     let router = trellis_service::auth::protect(router, &config.service_key);

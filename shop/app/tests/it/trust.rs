@@ -204,3 +204,114 @@ async fn grpc_calls_need_a_service_identity() {
     assert_eq!(stock.into_inner().stock.len(), 1);
     shop.stop().await;
 }
+
+/// A client whose connections come from `ip` (any 127.0.0.0/8 address is local on Linux).
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+async fn register(shop: &TestShop, email: &str, password: &str) {
+    let (status, body) = shop
+        .call(
+            Method::POST,
+            "/api/users",
+            None,
+            Some(json!({"email": email, "password": password, "name": "Someone"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn login_from(
+    client: &reqwest::Client,
+    shop: &TestShop,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
+    client
+        .post(shop.url("/api/auth/token"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_flooding_client_leaves_another_users_login_working() {
+    // Goal: a client flooding the login endpoint cannot take the password-hashing capacity
+    // from everyone else. Method: 300 concurrent logins from one address (wrong passwords on
+    // made-up accounts); while they run, another user logs in from another address. The flood
+    // must be answered 429 with Retry-After past its address's share (never 503), and the other
+    // user's login must succeed.
+    let shop = TestShop::start(Backend::Sqlite, "login-flood")
+        .await
+        .expect("sqlite");
+    register(&shop, "vera@example.com", "password-vera").await;
+    let flooder = client_from([127, 0, 0, 2]);
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let flooder = flooder.clone();
+        let url = shop.url("/api/auth/token");
+        flood.push(tokio::spawn(async move {
+            let response = flooder
+                .post(url)
+                .json(
+                    &json!({"email": format!("nobody{i}@example.com"), "password": "guess-guess"}),
+                )
+                .send()
+                .await
+                .expect("the gateway answers");
+            let retry_after = response.headers().get("retry-after").cloned();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, retry_after, body)
+        }));
+    }
+    let victim = client_from([127, 0, 0, 3]);
+    let answer = login_from(&victim, &shop, "vera@example.com", "password-vera").await;
+    let status = answer.status().as_u16();
+    assert_eq!(status, 200, "{:?}", answer.text().await);
+    let mut limited = 0;
+    for task in flood {
+        let (status, retry_after, body) = task.await.expect("task");
+        match status {
+            401 => {}
+            429 => {
+                limited += 1;
+                assert!(retry_after.is_some(), "429 without Retry-After: {body}");
+                assert!(body["error"]["code"].is_string(), "{body}");
+            }
+            other => panic!("a flooded login answered {other}: {body}"),
+        }
+    }
+    assert!(limited > 0, "the flood was never limited");
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guessing_one_accounts_password_is_limited_whatever_the_address() {
+    // Goal: spreading guesses over many addresses does not buy more guesses on one account.
+    // Method: wrong passwords for one account, each from its own loopback address; past the
+    // account's burst the answer is 429 `too_many_attempts` with Retry-After, before any hash.
+    let shop = TestShop::start(Backend::Sqlite, "login-guess")
+        .await
+        .expect("sqlite");
+    register(&shop, "walt@example.com", "password-walt").await;
+    let burst = shop_users::LOGIN_ATTEMPTS_BURST;
+    for i in 0..burst {
+        let client = client_from([127, 0, 1, u8::try_from(i + 1).expect("small")]);
+        let answer = login_from(&client, &shop, "walt@example.com", "not-his-password").await;
+        assert_eq!(answer.status().as_u16(), 401, "guess {i}");
+    }
+    let client = client_from([127, 0, 2, 1]);
+    let answer = login_from(&client, &shop, "walt@example.com", "password-walt").await;
+    assert_eq!(answer.status().as_u16(), 429);
+    assert!(answer.headers().contains_key("retry-after"));
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_attempts", "{body}");
+    shop.stop().await;
+}
