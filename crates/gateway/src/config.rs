@@ -131,8 +131,15 @@ pub struct ServerConfig {
     /// `trellis_gateway_connections_open` shows the count and
     /// `trellis_gateway_connection_limit_reached_total` how often accepting had to wait.
     pub max_connections: usize,
-    /// Serve `/healthz`, `/readyz` and `/metrics` on the proxy listener.
+    /// Serve the admin endpoints `/healthz`, `/readyz` and `/metrics`. Without
+    /// `admin_listen` they are served on the public listener, to anyone who can reach it
+    /// (kept for compatibility; set `admin_listen` to keep them private).
     pub admin_endpoints: bool,
+    /// A separate operator listener, `ip:port` (e.g. `127.0.0.1:9080`). When set, the admin
+    /// endpoints are served only there ([`Gateway::serve_admin`](crate::Gateway::serve_admin);
+    /// [`run`](crate::run) binds it) and the public listener answers 404 for their paths.
+    /// Needs `admin_endpoints = true`.
+    pub admin_listen: Option<String>,
     /// Worker threads of [`run`](crate::run), each with its own single-threaded runtime and
     /// upstream connection pool; 0 = one per CPU.
     pub worker_threads: usize,
@@ -153,6 +160,7 @@ impl Default for ServerConfig {
             h2_streams_max: H2_STREAMS_MAX_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
             admin_endpoints: true,
+            admin_listen: None,
             worker_threads: 0,
         }
     }
@@ -559,6 +567,20 @@ impl Config {
         s.listen
             .parse::<SocketAddr>()
             .map_err(|_| invalid("server.listen", "expected ip:port, e.g. 127.0.0.1:8080"))?;
+        if let Some(admin) = &s.admin_listen {
+            admin.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "server.admin_listen",
+                    "expected ip:port, e.g. 127.0.0.1:9080",
+                )
+            })?;
+            if !s.admin_endpoints {
+                return Err(invalid(
+                    "server.admin_listen",
+                    "an operator listener needs `admin_endpoints = true`",
+                ));
+            }
+        }
         range(
             "server.header_read_timeout_ms",
             s.header_read_timeout_ms,

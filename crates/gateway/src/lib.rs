@@ -26,6 +26,13 @@
 //! and `trellis_gateway_upstream_body_timeouts_total` counts it. Every answer carries `x-request-id`; `traceparent` is continued through
 //! trellis-telemetry.
 //!
+//! The admin endpoints are on the public listener by default (`admin_endpoints = true`),
+//! where anyone who reaches the gateway can read `/metrics`. With `server.admin_listen` set
+//! (e.g. `"127.0.0.1:9080"`) they move to a separate operator listener:
+//! [`Gateway::bind_admin`] binds it (its `local_addr` is the bound address),
+//! [`Gateway::serve_admin`] serves it, [`run`] does both; the public listener then answers
+//! 404 `no_route` for `/healthz`, `/readyz` and `/metrics` and never forwards them.
+//!
 //! Client-side limits: `server.max_connections` connections open at once (beyond it the
 //! gateway stops accepting until one closes; the kernel's backlog holds or refuses the rest),
 //! `header_read_timeout_ms` for slow clients, header size and count, body size per route.

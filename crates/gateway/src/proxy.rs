@@ -312,8 +312,32 @@ pub(crate) struct Shared {
     pub(crate) table: arc_swap::ArcSwap<Table>,
     pub(crate) hooks: Arc<dyn GatewayHooks>,
     pub(crate) metrics: Option<PrometheusHandle>,
-    pub(crate) admin_endpoints: bool,
+    pub(crate) admin: AdminPlacement,
 }
+
+/// Where the admin endpoints (`/healthz`, `/readyz`, `/metrics`) are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AdminPlacement {
+    /// Nowhere: their paths are routed like any other.
+    Off,
+    /// On the public listener (`admin_endpoints = true` without `admin_listen`).
+    Public,
+    /// Only on the operator listener; the public one answers 404 for their paths.
+    Operator,
+}
+
+impl AdminPlacement {
+    pub(crate) fn from_config(server: &crate::config::ServerConfig) -> Self {
+        match (server.admin_endpoints, server.admin_listen.is_some()) {
+            (false, _) => Self::Off,
+            (true, false) => Self::Public,
+            (true, true) => Self::Operator,
+        }
+    }
+}
+
+/// The admin endpoints' paths.
+const ADMIN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// Handles one request from a client. Never fails: every problem becomes an answer.
 pub(crate) async fn handle(
@@ -335,10 +359,24 @@ pub(crate) async fn handle(
             .record(response.status(), started.elapsed());
         return response;
     }
-    if shared.admin_endpoints
-        && let Some(response) = admin(&shared, &parts)
-    {
-        return response;
+    match shared.admin {
+        AdminPlacement::Public => {
+            if let Some(response) = admin(&shared, &parts) {
+                return response;
+            }
+        }
+        // Not forwarded either: a catch-all route must not hand them to an upstream.
+        AdminPlacement::Operator if ADMIN_PATHS.contains(&parts.uri.path()) => {
+            let mut response = ProxyError::NoRoute.to_response();
+            finish_response(&mut response, &request_id(&parts.headers), None);
+            shared
+                .table
+                .load()
+                .unrouted
+                .record(response.status(), started.elapsed());
+            return response;
+        }
+        AdminPlacement::Operator | AdminPlacement::Off => {}
     }
     let table = shared.table.load_full();
     let request_id = request_id(&parts.headers);
@@ -410,6 +448,18 @@ fn finish_response(
         headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
         headers.insert("ratelimit-reset", HeaderValue::from(reset));
     }
+}
+
+/// Handles one request on the operator listener: the admin endpoints, 404 for anything else.
+pub(crate) fn handle_admin(shared: &Shared, request: Request<Incoming>) -> Response<GatewayBody> {
+    let (mut parts, _body) = request.into_parts();
+    let found = match normalize_target(&mut parts) {
+        Ok(()) => admin(shared, &parts).ok_or(ProxyError::NoRoute),
+        Err(error) => Err(error),
+    };
+    let mut response = found.unwrap_or_else(|error| error.to_response());
+    finish_response(&mut response, &request_id(&parts.headers), None);
+    response
 }
 
 /// Replaces the request's path with its canonical form ([`crate::path::normalize`]), keeping

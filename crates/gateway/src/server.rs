@@ -19,7 +19,7 @@ use trellis_telemetry::metrics::PrometheusHandle;
 use crate::config::{Config, ServerConfig};
 use crate::error::ConfigError;
 use crate::hooks::{GatewayHooks, NoHooks};
-use crate::proxy::{Shared, Table, handle};
+use crate::proxy::{AdminPlacement, Shared, Table, handle, handle_admin};
 
 /// Pause after a failed `accept` (for example out of file descriptors), so the loop does not
 /// spin.
@@ -28,6 +28,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// hyper's smallest allowed HTTP/1 read buffer, bytes.
 const H1_BUFFER_BYTES_MIN: usize = 8192;
+/// Most connections open at once on the operator listener: its own budget, so a flood on the
+/// public listener cannot starve health checks and scrapes, nor the reverse.
+const ADMIN_CONNECTIONS_MAX: usize = 64;
 
 /// Why the gateway could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,17 @@ pub struct Gateway {
     /// One permit per open client connection (`server.max_connections`), shared by every
     /// clone, so worker threads and listeners count together.
     connections: Arc<Semaphore>,
+    /// The operator listener's connections ([`ADMIN_CONNECTIONS_MAX`]).
+    admin_connections: Arc<Semaphore>,
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Surface {
+    /// Clients: routing and proxying (and the admin endpoints when they are public).
+    Public,
+    /// Operators: the admin endpoints only.
+    Operator,
 }
 
 impl Gateway {
@@ -76,9 +90,10 @@ impl Gateway {
                 table: arc_swap::ArcSwap::new(table),
                 hooks: Arc::new(NoHooks),
                 metrics: None,
-                admin_endpoints: config.server.admin_endpoints,
+                admin: AdminPlacement::from_config(&config.server),
             }),
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
+            admin_connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
             server: Arc::new(config.server),
         })
     }
@@ -108,13 +123,14 @@ impl Gateway {
             table: arc_swap::ArcSwap::new(self.shared.table.load_full()),
             hooks: Arc::clone(&self.shared.hooks),
             metrics: self.shared.metrics.clone(),
-            admin_endpoints: self.shared.admin_endpoints,
+            admin: self.shared.admin,
         };
         change(&mut shared);
         Self {
             shared: Arc::new(shared),
             server: self.server,
             connections: self.connections,
+            admin_connections: self.admin_connections,
         }
     }
 
@@ -129,6 +145,38 @@ impl Gateway {
                 message: "expected ip:port".to_owned(),
             })
         })
+    }
+
+    /// The operator listener's address from `server.admin_listen`, when one is configured.
+    ///
+    /// # Errors
+    /// When `server.admin_listen` is not `ip:port` (validation already refuses that).
+    pub fn admin_listen_addr(&self) -> Result<Option<SocketAddr>, GatewayError> {
+        self.server
+            .admin_listen
+            .as_deref()
+            .map(|address| {
+                address.parse().map_err(|_| {
+                    GatewayError::Config(ConfigError::Invalid {
+                        key: "server.admin_listen".to_owned(),
+                        message: "expected ip:port".to_owned(),
+                    })
+                })
+            })
+            .transpose()
+    }
+
+    /// Binds `server.admin_listen`, when one is configured, for
+    /// [`serve_admin`](Self::serve_admin); the listener's `local_addr` is the bound address
+    /// (the port the system picked for `:0`).
+    ///
+    /// # Errors
+    /// [`GatewayError::Io`] when the address cannot be bound.
+    pub async fn bind_admin(&self) -> Result<Option<TcpListener>, GatewayError> {
+        match self.admin_listen_addr()? {
+            Some(address) => Ok(Some(TcpListener::bind(address).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Swaps in routes, clusters, auth and rate-limit policies from `config`. Requests in
@@ -164,6 +212,46 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), GatewayError> {
+        let connections = Arc::clone(&self.connections);
+        let max = self.server.max_connections;
+        self.serve_surface(Surface::Public, listener, connections, max, shutdown)
+            .await
+    }
+
+    /// Serves the admin endpoints (`/healthz`, `/readyz`, `/metrics`) to operators from
+    /// `listener` until `shutdown` completes; every other path answers 404. Meant for the
+    /// address in `server.admin_listen` ([`bind_admin`](Self::bind_admin) binds it), next to
+    /// [`serve`](Self::serve) or [`serve_threads`](Self::serve_threads) on the public
+    /// listener, which then answers 404 for the admin paths. At most 64 operator
+    /// connections are open at once, counted apart from the public listener's
+    /// `max_connections` so neither can starve the other.
+    ///
+    /// # Errors
+    /// None today, as [`serve`](Self::serve).
+    pub async fn serve_admin(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
+        let connections = Arc::clone(&self.admin_connections);
+        self.serve_surface(
+            Surface::Operator,
+            listener,
+            connections,
+            ADMIN_CONNECTIONS_MAX,
+            shutdown,
+        )
+        .await
+    }
+
+    async fn serve_surface(
+        self,
+        surface: Surface,
+        listener: TcpListener,
+        connections: Arc<Semaphore>,
+        connections_max: usize,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         let header_read_timeout = Duration::from_millis(self.server.header_read_timeout_ms);
         builder
@@ -187,17 +275,18 @@ impl Gateway {
             // A slot first, then a connection: at the limit the gateway stops accepting, so
             // the kernel's backlog holds new clients (and refuses them once full) instead of
             // the gateway holding unbounded sockets, tasks and buffers.
-            let permit = match Arc::clone(&self.connections).try_acquire_owned() {
+            let permit = match Arc::clone(&connections).try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
                     limit_reached.increment(1);
                     tracing::debug!(
-                        max = self.server.max_connections,
+                        max = connections_max,
+                        listener = ?surface,
                         "connection limit reached; accepting again once a connection closes"
                     );
                     tokio::select! {
                         () = &mut shutdown => break,
-                        permit = Arc::clone(&self.connections).acquire_owned() => match permit {
+                        permit = Arc::clone(&connections).acquire_owned() => match permit {
                             Ok(permit) => permit,
                             // Never closed; stay total anyway.
                             Err(_closed) => break,
@@ -211,13 +300,13 @@ impl Gateway {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         tokio::spawn(connection(
-                            stream,
-                            peer,
+                            (stream, peer),
                             Arc::clone(&self.shared),
                             Arc::clone(&builder),
                             header_read_timeout,
                             stop_rx.clone(),
                             ConnectionSlot::new(permit),
+                            surface,
                         ));
                     }
                     Err(error) => {
@@ -332,13 +421,13 @@ impl Drop for ConnectionSlot {
 }
 
 async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    (stream, peer): (TcpStream, SocketAddr),
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     _slot: ConnectionSlot,
+    surface: Surface,
 ) {
     let started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&started);
@@ -347,7 +436,12 @@ async fn connection(
         let shared = Arc::clone(&shared);
         let mut traced = TraceContextServer::new(tower::service_fn(move |request| {
             let shared = Arc::clone(&shared);
-            async move { Ok::<_, std::convert::Infallible>(handle(shared, peer, request).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(match surface {
+                    Surface::Public => handle(shared, peer, request).await,
+                    Surface::Operator => handle_admin(&shared, request),
+                })
+            }
         }));
         traced.call(request)
     });
@@ -414,8 +508,29 @@ pub async fn run_on(
     };
     let listener = std::net::TcpListener::bind(address)?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let admin = match gateway.bind_admin().await? {
+        Some(admin_listener) => {
+            tracing::info!(addr = %admin_listener.local_addr()?, "operator listener (admin endpoints)");
+            let mut stopped = admin_stopped;
+            Some(tokio::spawn(gateway.clone().serve_admin(
+                admin_listener,
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
+    };
     spawn_reload_on_sighup(gateway.clone(), path)?;
-    gateway.serve_threads(listener, shutdown_signal()).await
+    let served = gateway.serve_threads(listener, shutdown_signal()).await;
+    let _ = stop_admin.send(true);
+    if let Some(admin) = admin {
+        admin
+            .await
+            .map_err(|e| GatewayError::Io(std::io::Error::other(e.to_string())))??;
+    }
+    served
 }
 
 #[cfg(unix)]

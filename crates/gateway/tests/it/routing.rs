@@ -399,3 +399,86 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_by_the_body_timeout() {
         .expect("the body ends within the wait");
     assert!(body.is_err(), "a truncated body must end with an error");
 }
+
+#[tokio::test]
+async fn metrics_are_not_served_on_the_public_listener_when_an_operator_listener_is_set() {
+    // Goal: with `admin_listen` set, /metrics, /healthz and /readyz (in any spelling) answer
+    // 404 JSON on the public listener even behind a catch-all route, and are served on the
+    // operator listener, which serves nothing else.
+    let handle = trellis_telemetry::metrics::install_prometheus().expect("recorder");
+    let up = Upstream::start("app").await;
+    let config = trellis_gateway::Config::from_toml(&format!(
+        r#"
+        [server]
+        admin_listen = "127.0.0.1:0"
+        [clusters.app]
+        endpoints = ["{}"]
+        [[routes]]
+        name = "everything"
+        cluster = "app"
+        "#,
+        up.addr
+    ))
+    .expect("valid");
+    let gateway = trellis_gateway::Gateway::from_config(config)
+        .await
+        .expect("builds")
+        .with_metrics(handle);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let public = listener.local_addr().expect("addr");
+    let admin_listener = gateway
+        .bind_admin()
+        .await
+        .expect("binds")
+        .expect("an operator listener is configured");
+    let operator = admin_listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gateway.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let served_admin = tokio::spawn(gateway.serve_admin(admin_listener, async {
+        let _ = admin_stopped.await;
+    }));
+
+    for path in ["/metrics", "/healthz", "/readyz", "//metrics", "/./metrics"] {
+        let answer = get(&format!("http://{public}{path}"), &[]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::NOT_FOUND,
+            "{path}: {}",
+            answer.body
+        );
+        assert_eq!(answer.error_code(), "no_route", "{path}");
+    }
+    assert_eq!(up.hits(), 0, "admin paths are not forwarded either");
+    let routed = get(&format!("http://{public}/x"), &[]).await;
+    assert_eq!(routed.json()["upstream"], "app");
+
+    let metrics = get(&format!("http://{operator}/metrics"), &[]).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics.body.contains("trellis_gateway_"),
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        get(&format!("http://{operator}/healthz"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&format!("http://{operator}/readyz"), &[]).await.status,
+        StatusCode::OK
+    );
+    let elsewhere = get(&format!("http://{operator}/x"), &[]).await;
+    assert_eq!(elsewhere.status, StatusCode::NOT_FOUND);
+    assert_eq!(elsewhere.error_code(), "no_route");
+    assert_eq!(up.hits(), 1, "the operator listener forwards nothing");
+
+    let _ = stop.send(());
+    let _ = stop_admin.send(());
+    served.await.expect("task").expect("serve");
+    served_admin.await.expect("task").expect("serve admin");
+}
