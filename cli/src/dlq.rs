@@ -14,7 +14,7 @@ pub(crate) struct DlqArgs {
     #[arg(long, env = "TRELLIS_BUS_URL")]
     bus: String,
     /// The NATS stream and subject prefix (ignored for SQLite).
-    #[arg(long, env = "TRELLIS_BUS_PREFIX", default_value = "trellis")]
+    #[arg(long, env = "TRELLIS_BUS_PREFIX", default_value = "shop")]
     prefix: String,
     #[command(subcommand)]
     command: DlqCommand,

@@ -356,6 +356,35 @@ pub fn protect(router: Router, key: &ServiceKey) -> Router {
     ))
 }
 
+/// Wraps an operator surface (a DLQ router, a console) so only an administrator reaches it:
+/// 401 without a verified caller, 403 for anyone else. Put it inside [`protect`], which
+/// verifies the caller. The `x-actor` header the routes may log is set to the administrator's
+/// id, never taken as sent.
+pub fn admin_only(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(require_admin))
+}
+
+/// The header operator surfaces read to name who acted (trellis-bus's DLQ action log).
+const ACTOR_HEADER: HeaderName = HeaderName::from_static("x-actor");
+
+async fn require_admin(mut request: Request, next: Next) -> Response {
+    let caller = request.extensions().get::<Caller>().cloned();
+    match caller {
+        None => ApiError::unauthenticated("this call needs an administrator's credential")
+            .into_response(),
+        Some(caller) => match caller.require_admin() {
+            Err(e) => e.into_response(),
+            Ok(()) => {
+                match HeaderValue::from_str(&caller.user_id) {
+                    Ok(actor) => request.headers_mut().insert(ACTOR_HEADER, actor),
+                    Err(_) => request.headers_mut().remove(ACTOR_HEADER),
+                };
+                next.run(request).await
+            }
+        },
+    }
+}
+
 fn is_grpc(request: &Request) -> bool {
     request
         .headers()

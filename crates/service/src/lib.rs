@@ -15,7 +15,8 @@
 //!   a service's router so it believes only tokens signed with the shop's [`auth::ServiceKey`]
 //!   (the gateway signs one for the user it authenticated, a service one for itself);
 //!   identity headers such as `x-user-id` are never read, so a process that reaches a
-//!   service's port directly gets 401, not admin.
+//!   service's port directly gets 401, not admin. [`auth::admin_only`] guards operator
+//!   surfaces (the DLQ endpoints) with the admin role.
 //! - [`serve`] runs an axum router (REST, and tonic services merged with
 //!   [`tonic::service::Routes::into_axum_router`]) on one listener speaking HTTP/1.1 and h2c,
 //!   adds `/healthz`, `/readyz` (which pings the database) and `/metrics`, continues the W3C

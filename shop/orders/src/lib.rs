@@ -67,6 +67,9 @@ pub use http::{IDEMPOTENCY_KEY_MAX, openapi};
 
 /// Orders whose state is kept in memory (about 1 KB each).
 pub const ORDER_CACHE_ENTRIES: usize = 20_000;
+/// Where the orders service serves the bus's dead-letter endpoints (trellis-bus's DLQ
+/// router), to administrators only; the gateway maps `/api/admin/dlq` here.
+pub const DLQ_PATH: &str = "/admin/dlq";
 /// Default number of sagas running at once in one process.
 pub const SAGA_CONCURRENCY_DEFAULT: usize = 512;
 /// Default time between sweeps for orders accepted without a saga.
@@ -336,10 +339,17 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         }
     }));
 
+    let mut router = http::router(state);
     if let Some(url) = &config.bus_url {
         let bus = trellis_bus::AnyBus::connect(url, &config.bus_prefix)
             .await
             .map_err(|e| open_err(url, &e))?;
+        // The bus's dead letters, for operators: the gateway exposes them to administrators as
+        // /api/admin/dlq/...
+        router = router.nest(
+            DLQ_PATH,
+            trellis_service::auth::admin_only(trellis_bus::http::router(bus.clone())),
+        );
         if choreographed {
             let participant = Arc::new(choreography::OrdersParticipant {
                 orders: repository.clone(),
@@ -365,7 +375,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     }
 
     Ok(Orders {
-        router: trellis_service::auth::protect(http::router(state), &config.service_key),
+        router: trellis_service::auth::protect(router, &config.service_key),
         db,
         stop,
         tasks,

@@ -315,3 +315,51 @@ async fn guessing_one_accounts_password_is_limited_whatever_the_address() {
     assert_eq!(body["error"]["code"], "too_many_attempts", "{body}");
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_surfaces_refuse_customers_and_anonymous_callers() {
+    // Goal: the dead-letter queue and the provider's fault switches answer administrators
+    // only. Method: call each through the gateway with no token and with a customer's token,
+    // and the DLQ on the orders service's own port with forged headers; then as the admin.
+    let shop = TestShop::start(Backend::Sqlite, "operator-surfaces")
+        .await
+        .expect("sqlite");
+    let customer = shop.customer("olga").await;
+    for (method, path) in [
+        (Method::GET, "/api/admin/dlq/dead-letters"),
+        (Method::GET, "/api/admin/dlq/dead-letters/groups"),
+        (Method::POST, "/api/admin/dlq/dead-letters/redrive"),
+        (Method::GET, "/api/admin/provider"),
+        (Method::PUT, "/api/admin/provider"),
+    ] {
+        let body = (method != Method::GET).then(|| json!({}));
+        let (status, answer) = shop.call(method.clone(), path, None, body.clone()).await;
+        assert_eq!(status, 401, "{method} {path} anonymous: {answer}");
+        let (status, answer) = shop.call(method.clone(), path, Some(&customer), body).await;
+        assert_eq!(status, 403, "{method} {path} as a customer: {answer}");
+    }
+    let direct = shop
+        .http
+        .get(direct(&shop, "orders", "/admin/dlq/dead-letters"))
+        .header("x-user-id", "intruder")
+        .header("x-user-role", "admin")
+        .send()
+        .await
+        .expect("orders answers");
+    assert_eq!(direct.status().as_u16(), 401);
+
+    let (status, letters) = shop
+        .call(
+            Method::GET,
+            "/api/admin/dlq/dead-letters",
+            Some(shop.admin()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{letters}");
+    assert!(
+        letters.is_array() || letters["items"].is_array(),
+        "{letters}"
+    );
+    shop.stop().await;
+}
