@@ -70,6 +70,9 @@ pub(crate) struct UpArgs {
     /// The gateway's port.
     #[arg(long, env = "TRELLIS_GATEWAY_PORT", default_value_t = shop_contracts::ports::GATEWAY)]
     port: u16,
+    /// The gateway's operator port (/metrics, /healthz, /readyz), on loopback.
+    #[arg(long, env = "TRELLIS_OPERATOR_PORT", default_value_t = shop_contracts::ports::GATEWAY_OPERATOR)]
+    operator_port: u16,
     /// Where the embedded databases live.
     #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "trellis-data")]
     data_dir: PathBuf,
@@ -92,6 +95,7 @@ impl UpArgs {
         let mut config = ShopConfig::new(&self.data_dir);
         config.saga = self.saga.into();
         config.gateway_port = self.port;
+        config.operator_port = self.operator_port;
         config.provider = self.provider.config()?;
         config.bus_url = self.bus.clone();
         let email = std::env::var("TRELLIS_ADMIN_EMAIL").ok();
@@ -111,6 +115,10 @@ impl UpArgs {
             shop_app::SagaStyle::from(self.saga).as_str()
         );
         println!("  gateway        {gateway}   (public API; OpenAPI at {gateway}/openapi.json)");
+        println!(
+            "  operator       {}   (/metrics, /healthz, /readyz; not on the public port)",
+            shop.operator_url()
+        );
         for (name, addr) in shop.addrs() {
             println!("  {name:<16} http://{addr}");
         }
@@ -168,6 +176,10 @@ pub(crate) struct ServeArgs {
     /// ports on 127.0.0.1).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, String)>,
+    /// For `gateway`: where its operator endpoints (/metrics, /healthz, /readyz) listen; they
+    /// are not served on the public listener.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    operator_listen: SocketAddr,
     /// Where the service key lives when TRELLIS_SERVICE_KEY is unset: DATA_DIR/service.key,
     /// created by the first process that needs it. The gateway and every service of one shop
     /// must share it (copy the file, or set the variable, on every machine).
@@ -228,20 +240,43 @@ impl ServeArgs {
                 };
                 addrs.insert(*name, addr);
             }
-            let config = trellis_gateway::Config::from_toml(&shop_app::config_toml(listen, &addrs))
-                .context("the shop's gateway configuration")?;
-            let gateway = trellis_gateway::Gateway::from_config(config)
+            let config = trellis_gateway::Config::from_toml(&shop_app::config_toml(
+                listen,
+                self.operator_listen,
+                &addrs,
+            ))
+            .context("the shop's gateway configuration")?;
+            let mut gateway = trellis_gateway::Gateway::from_config(config)
                 .await
                 .context("starting the gateway")?
                 .with_hooks(std::sync::Arc::new(shop_app::ShopHooks::new(&service_key)));
+            if let Ok(handle) = trellis_telemetry::metrics::install_prometheus() {
+                gateway = gateway.with_metrics(handle);
+            }
+            let operator_listener = gateway
+                .bind_admin()
+                .await
+                .with_context(|| format!("cannot listen on {}", self.operator_listen))?
+                .context("the operator listener")?;
+            let (operator_stop, operator_stopped) = tokio::sync::oneshot::channel::<()>();
+            let operator = tokio::spawn(gateway.clone().serve_admin(operator_listener, async {
+                let _ = operator_stopped.await;
+            }));
+            println!(
+                "gateway operator endpoints on http://{}/metrics",
+                self.operator_listen
+            );
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             println!("gateway listening on http://{listen}");
-            gateway
+            let served = gateway
                 .serve(listener, trellis_gateway::shutdown_signal())
                 .await
-                .context("gateway")?;
+                .context("gateway");
+            let _ = operator_stop.send(());
+            let _ = operator.await;
+            served?;
             return Ok(());
         }
         let db = self

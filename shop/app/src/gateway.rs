@@ -16,14 +16,20 @@ use trellis_service::{ROLE_CUSTOMER, USER_ID_HEADER, USER_ROLE_HEADER};
 pub const RATE_PER_CLIENT: u32 = 500;
 
 /// The gateway configuration routing DESIGN.md's public API to the services at `addrs`
-/// (keyed by service name), listening on `listen`.
-pub fn config_toml(listen: SocketAddr, addrs: &BTreeMap<&'static str, SocketAddr>) -> String {
+/// (keyed by service name), listening on `listen`, with its operator endpoints (`/metrics`,
+/// `/healthz`, `/readyz`) only on `operator_listen`.
+pub fn config_toml(
+    listen: SocketAddr,
+    operator_listen: SocketAddr,
+    addrs: &BTreeMap<&'static str, SocketAddr>,
+) -> String {
     let addr = |name: &str| addrs.get(name).map(ToString::to_string).unwrap_or_default();
     let mut toml = format!(
         r#"
 [server]
 listen = "{listen}"
 admin_endpoints = true
+admin_listen = "{operator_listen}"
 worker_threads = 1
 
 [auth.shop]

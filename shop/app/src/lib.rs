@@ -58,6 +58,9 @@ pub struct ShopConfig {
     pub bind: IpAddr,
     /// Gateway port; 0 picks a free one.
     pub gateway_port: u16,
+    /// The gateway's operator port (`/metrics`, `/healthz`, `/readyz`, on `bind`); 0 picks a
+    /// free one.
+    pub operator_port: u16,
     /// Whether services use DESIGN.md's ports (8101…) or free ones (tests).
     pub fixed_service_ports: bool,
     /// Admin account to create when missing; generated when `None`.
@@ -85,6 +88,7 @@ impl ShopConfig {
             database_urls: BTreeMap::new(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             gateway_port: shop_contracts::ports::GATEWAY,
+            operator_port: shop_contracts::ports::GATEWAY_OPERATOR,
             fixed_service_ports: true,
             admin: None,
             seed_catalog: true,
@@ -100,6 +104,7 @@ impl ShopConfig {
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             gateway_port: 0,
+            operator_port: 0,
             fixed_service_ports: false,
             metrics: false,
             ..Self::new(data_dir)
@@ -186,6 +191,7 @@ pub struct AdminAccount {
 #[derive(Debug)]
 pub struct Shop {
     gateway: SocketAddr,
+    operator: SocketAddr,
     addrs: BTreeMap<&'static str, SocketAddr>,
     admin: AdminAccount,
     provider: ProviderHandle,
@@ -200,6 +206,11 @@ impl Shop {
     /// `http://ip:port` of the gateway.
     pub fn gateway_url(&self) -> String {
         format!("http://{}", self.gateway)
+    }
+
+    /// `http://ip:port` of the gateway's operator listener (`/metrics`, `/healthz`, `/readyz`).
+    pub fn operator_url(&self) -> String {
+        format!("http://{}", self.operator)
     }
 
     /// Each service's address (REST and gRPC share it).
@@ -517,7 +528,8 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
             addr: SocketAddr::new(config.bind, config.gateway_port),
             source,
         })?;
-    let toml = config_toml(gateway_addr, &addrs);
+    let operator_addr = SocketAddr::new(config.bind, config.operator_port);
+    let toml = config_toml(gateway_addr, operator_addr, &addrs);
     let gateway_config =
         trellis_gateway::Config::from_toml(&toml).map_err(|e| Error::Gateway(e.to_string()))?;
     let mut gateway = trellis_gateway::Gateway::from_config(gateway_config)
@@ -527,6 +539,27 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     if let Some(handle) = metrics.clone() {
         gateway = gateway.with_metrics(handle);
     }
+    let operator_listener = gateway
+        .bind_admin()
+        .await
+        .map_err(|e| Error::Gateway(format!("the operator listener {operator_addr}: {e}")))?
+        .ok_or_else(|| Error::Gateway("no operator listener configured".to_owned()))?;
+    let operator_addr = operator_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: operator_addr,
+            source,
+        })?;
+    let operator = gateway.clone();
+    let mut operator_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = operator_stop.wait_for(|s| *s).await;
+        };
+        if let Err(error) = operator.serve_admin(operator_listener, shutdown).await {
+            tracing::error!(%error, "gateway operator listener stopped");
+        }
+    }));
     let mut gateway_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
@@ -539,6 +572,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
 
     let shop = Shop {
         gateway: gateway_addr,
+        operator: operator_addr,
         addrs,
         admin,
         provider,

@@ -2,6 +2,8 @@
 
 /// The gateway.
 pub const GATEWAY: u16 = 8080;
+/// The gateway's operator listener (`/metrics`, `/healthz`, `/readyz`), on loopback by default.
+pub const GATEWAY_OPERATOR: u16 = 8089;
 /// The users service.
 pub const USERS: u16 = 8101;
 /// The products service.

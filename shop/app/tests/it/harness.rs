@@ -65,6 +65,9 @@ impl TestShop {
         config.saga = style;
         config.admin = Some((ADMIN_EMAIL.into(), ADMIN_PASSWORD.into()));
         config.seed_catalog = false;
+        // The process-wide recorder (installed once, shared by every shop of this binary), so
+        // the gateway's operator listener has metrics to serve.
+        config.metrics = true;
         let mut databases = Vec::new();
         // One PostgreSQL-backed shop at a time: each opens pools to six databases, and two at
         // once can exhaust the server's default 100 connections.

@@ -363,3 +363,29 @@ async fn operator_surfaces_refuse_customers_and_anonymous_callers() {
     );
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateways_metrics_are_served_only_on_the_operator_listener() {
+    // Goal: the gateway's /metrics (and health endpoints) are not on the public port, where
+    // any client could read the shop's traffic figures. Method: ask the public listener for
+    // them (with and without an admin token), then the operator listener.
+    let shop = TestShop::start(Backend::Sqlite, "operator-listener")
+        .await
+        .expect("sqlite");
+    for path in ["/metrics", "/healthz", "/readyz", "//metrics", "/metrics/"] {
+        for token in [None, Some(shop.admin())] {
+            let (status, body) = shop.call(Method::GET, path, token, None).await;
+            assert_eq!(status, 404, "public {path}: {body}");
+        }
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let answer = shop
+            .http
+            .get(format!("{}{path}", shop.shop.operator_url()))
+            .send()
+            .await
+            .expect("the operator listener answers");
+        assert_ne!(answer.status().as_u16(), 404, "operator {path}");
+    }
+    shop.stop().await;
+}
