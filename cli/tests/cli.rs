@@ -328,6 +328,8 @@ fn a_choreographed_participant_without_a_bus_is_refused_in_one_line() {
             "127.0.0.1:0",
             "--db",
             &db,
+            "--data-dir",
+            &dir.path().display().to_string(),
         ]);
         one_line_failure(&out, 1, "needs --bus");
     }
