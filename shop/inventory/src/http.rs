@@ -62,7 +62,9 @@ fn view(product_id: String, level: Level) -> StockView {
     responses(
         (status = 200, description = "The stock", body = StockView),
         (status = 400, description = "Bad product id (`invalid_product_id`)", body = ErrorBody),
-        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not an admin (`forbidden`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 async fn get_stock(
@@ -83,9 +85,13 @@ async fn get_stock(
     request_body = SetStock,
     responses(
         (status = 200, description = "The new stock", body = StockView),
-        (status = 400, description = "Bad total (`invalid_total`) or product id", body = ErrorBody),
-        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 400, description = "Bad total (`invalid_total`) or product id (`invalid_product_id`); a body that is not JSON of this shape (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not an admin (`forbidden`)", body = ErrorBody),
         (status = 409, description = "Below what is reserved (`below_reserved`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 4 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 async fn put_stock(

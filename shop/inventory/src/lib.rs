@@ -110,7 +110,7 @@ pub async fn app_choreographed(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Router, Db, Vec<tokio::task::JoinHandle<()>>), Error> {
     let (router, db) = app(config).await?;
-    let participant = std::sync::Arc::new(choreography::InventoryParticipant { db: db.clone() });
+    let participant = std::sync::Arc::new(choreography::InventoryParticipant);
     let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
     Ok((router, db, tasks))
 }

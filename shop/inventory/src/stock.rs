@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use shop_contracts::api::{LINE_QUANTITY_MAX, ORDER_LINES_MAX, STOCK_MAX};
 use sqlx::Row;
+use trellis_service::choreography::{Tx, on_tx};
 use trellis_service::{Db, on_db};
 
 /// Tables of the inventory service (DDL both engines accept).
@@ -160,70 +161,63 @@ pub(crate) fn check_lines(order_id: &str, lines: &mut [(String, i64)]) -> Result
     Ok(())
 }
 
-/// Holds every line for `order_id`, or none. A repeat with the same lines answers as the
-/// first call did and holds nothing more: `Yes` while the stock is held or once it was sold
-/// (`committed`), `OutOfStock` for a refusal (recorded as `rejected`, so more stock later does
-/// not change the answer). A repeat after the reservation was released is
-/// [`StockError::WrongState`]: its stock is no longer held, and a caller told "yes" would go on
-/// as if it were. A repeat with other lines is [`StockError::Mismatch`].
-pub(crate) async fn reserve(
-    db: &Db,
-    order_id: &str,
-    mut lines: Vec<(String, i64)>,
-) -> Result<Reserved, StockError> {
-    check_lines(order_id, &mut lines)?;
-    let answer = on_db!(db, |pool, begin| {
-        let mut tx = pool.begin_with(begin).await?;
-        // Claims the order id first: on PostgreSQL a concurrent repeat waits here for this
-        // transaction, then finds the row.
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (order_id, state, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind(order_id)
-        .bind(state::RESERVED)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            let existing: String =
-                sqlx::query("SELECT state FROM reservations WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .get("state");
-            let mut recorded: Vec<(String, i64)> = sqlx::query(
-                "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1",
+/// The SQL of a reservation on `$connection` (a `&mut` SQLite or PostgreSQL connection inside
+/// an open transaction), written once and compiled for each engine by [`on_db!`] and
+/// [`on_tx!`]: an async block answering what the call found. `$lines` are checked and sorted.
+macro_rules! reserve_on {
+    ($connection:ident, $order_id:expr, $lines:expr) => {
+        async {
+            let order_id: &str = $order_id;
+            let lines: &[(String, i64)] = $lines;
+            // Claims the order id first: on PostgreSQL a concurrent repeat waits here for this
+            // transaction, then finds the row.
+            let claimed = sqlx::query(
+                "INSERT INTO reservations (order_id, state, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (order_id) DO NOTHING",
             )
             .bind(order_id)
-            .fetch_all(&mut *tx)
+            .bind(state::RESERVED)
+            .bind(now_ms())
+            .execute(&mut *$connection)
             .await?
-            .iter()
-            .map(|row| (row.get("product_id"), row.get("quantity")))
-            .collect();
-            tx.commit().await?;
-            // Sorted here, not by SQL: the database's collation may order ids differently.
-            recorded.sort();
-            if recorded != lines {
-                Repeat::Mismatch
-            } else {
-                match existing.as_str() {
-                    state::REJECTED => Repeat::Answer(Reserved::OutOfStock),
-                    state::RELEASED => Repeat::Released,
-                    _ => Repeat::Answer(Reserved::Yes),
-                }
+            .rows_affected();
+            if claimed == 0 {
+                let existing: String =
+                    sqlx::query("SELECT state FROM reservations WHERE order_id = $1")
+                        .bind(order_id)
+                        .fetch_one(&mut *$connection)
+                        .await?
+                        .get("state");
+                let mut recorded: Vec<(String, i64)> = sqlx::query(
+                    "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1",
+                )
+                .bind(order_id)
+                .fetch_all(&mut *$connection)
+                .await?
+                .iter()
+                .map(|row| (row.get("product_id"), row.get("quantity")))
+                .collect();
+                // Sorted here, not by SQL: the database's collation may order ids differently.
+                recorded.sort();
+                return Ok::<Repeat, sqlx::Error>(if recorded != lines {
+                    Repeat::Mismatch
+                } else {
+                    match existing.as_str() {
+                        state::REJECTED => Repeat::Answer(Reserved::OutOfStock),
+                        state::RELEASED => Repeat::Released,
+                        _ => Repeat::Answer(Reserved::Yes),
+                    }
+                });
             }
-        } else {
             let mut held = 0;
-            for (product_id, quantity) in &lines {
+            for (product_id, quantity) in lines {
                 let rows = sqlx::query(
                     "UPDATE stock SET reserved = reserved + $2 \
                      WHERE product_id = $1 AND total - reserved >= $2",
                 )
                 .bind(product_id)
                 .bind(quantity)
-                .execute(&mut *tx)
+                .execute(&mut *$connection)
                 .await?
                 .rows_affected();
                 if rows == 0 {
@@ -238,16 +232,16 @@ pub(crate) async fn reserve(
                     sqlx::query("UPDATE stock SET reserved = reserved - $2 WHERE product_id = $1")
                         .bind(product_id)
                         .bind(quantity)
-                        .execute(&mut *tx)
+                        .execute(&mut *$connection)
                         .await?;
                 }
                 sqlx::query("UPDATE reservations SET state = $2 WHERE order_id = $1")
                     .bind(order_id)
                     .bind(state::REJECTED)
-                    .execute(&mut *tx)
+                    .execute(&mut *$connection)
                     .await?;
             }
-            for (product_id, quantity) in &lines {
+            for (product_id, quantity) in lines {
                 sqlx::query(
                     "INSERT INTO reservation_lines (order_id, product_id, quantity) \
                      VALUES ($1, $2, $3)",
@@ -255,27 +249,51 @@ pub(crate) async fn reserve(
                 .bind(order_id)
                 .bind(product_id)
                 .bind(quantity)
-                .execute(&mut *tx)
+                .execute(&mut *$connection)
                 .await?;
             }
-            tx.commit().await?;
-            if fits {
-                Repeat::Answer(Reserved::Yes)
+            Ok(Repeat::Answer(if fits {
+                Reserved::Yes
             } else {
-                Repeat::Answer(Reserved::OutOfStock)
-            }
+                Reserved::OutOfStock
+            }))
         }
+    };
+}
+
+/// Holds every line for `order_id`, or none. A repeat with the same lines answers as the
+/// first call did and holds nothing more: `Yes` while the stock is held or once it was sold
+/// (`committed`), `OutOfStock` for a refusal (recorded as `rejected`, so more stock later does
+/// not change the answer). A repeat after the reservation was released is
+/// [`StockError::WrongState`]: its stock is no longer held, and a caller told "yes" would go on
+/// as if it were. A repeat with other lines is [`StockError::Mismatch`].
+pub(crate) async fn reserve(
+    db: &Db,
+    order_id: &str,
+    mut lines: Vec<(String, i64)>,
+) -> Result<Reserved, StockError> {
+    check_lines(order_id, &mut lines)?;
+    let found = on_db!(db, |pool, begin| {
+        let mut tx = pool.begin_with(begin).await?;
+        let connection = &mut *tx;
+        let found = reserve_on!(connection, order_id, &lines).await?;
+        tx.commit().await?;
+        found
     });
-    match answer {
-        Repeat::Answer(reserved) => Ok(reserved),
-        Repeat::Released => Err(StockError::WrongState {
-            order_id: order_id.to_owned(),
-            state: state::RELEASED.to_owned(),
-        }),
-        Repeat::Mismatch => Err(StockError::Mismatch {
-            order_id: order_id.to_owned(),
-        }),
-    }
+    found.into_answer(order_id)
+}
+
+/// [`reserve`] inside a transaction the caller owns (the choreography's inbox transaction):
+/// the reservation commits or rolls back with the caller's other writes.
+pub(crate) async fn reserve_in(
+    tx: Tx<'_>,
+    order_id: &str,
+    mut lines: Vec<(String, i64)>,
+) -> Result<Reserved, StockError> {
+    check_lines(order_id, &mut lines)?;
+    let found = on_tx!(tx, |connection| reserve_on!(connection, order_id, &lines)
+        .await?);
+    found.into_answer(order_id)
 }
 
 /// What a reservation call found, before it becomes an answer or an error.
@@ -285,83 +303,136 @@ enum Repeat {
     Mismatch,
 }
 
+impl Repeat {
+    fn into_answer(self, order_id: &str) -> Result<Reserved, StockError> {
+        match self {
+            Self::Answer(reserved) => Ok(reserved),
+            Self::Released => Err(StockError::WrongState {
+                order_id: order_id.to_owned(),
+                state: state::RELEASED.to_owned(),
+            }),
+            Self::Mismatch => Err(StockError::Mismatch {
+                order_id: order_id.to_owned(),
+            }),
+        }
+    }
+}
+
+/// The SQL of [`settle`] on `$connection` inside an open transaction (see [`reserve_on`]):
+/// moves a reservation from `reserved` to `$to`, applies `$stock_sql` (binding product id and
+/// quantity) to each line, and answers the state after the call (`none` when unknown).
+macro_rules! settle_on {
+    ($connection:ident, $order_id:expr, $to:expr, $stock_sql:expr) => {
+        async {
+            let order_id: &str = $order_id;
+            let to: &str = $to;
+            // The guarded transition takes the row lock on PostgreSQL: a concurrent repeat
+            // waits, then matches no row.
+            let moved = sqlx::query(
+                "UPDATE reservations SET state = $2 WHERE order_id = $1 AND state = $3",
+            )
+            .bind(order_id)
+            .bind(to)
+            .bind(state::RESERVED)
+            .execute(&mut *$connection)
+            .await?
+            .rows_affected();
+            if moved == 1 {
+                let lines = sqlx::query(
+                    "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 \
+                     ORDER BY product_id",
+                )
+                .bind(order_id)
+                .fetch_all(&mut *$connection)
+                .await?;
+                for line in &lines {
+                    let product_id: String = line.get("product_id");
+                    let quantity: i64 = line.get("quantity");
+                    sqlx::query($stock_sql)
+                        .bind(product_id)
+                        .bind(quantity)
+                        .execute(&mut *$connection)
+                        .await?;
+                }
+                Ok::<String, sqlx::Error>(to.to_owned())
+            } else {
+                let current: Option<String> =
+                    sqlx::query("SELECT state FROM reservations WHERE order_id = $1")
+                        .bind(order_id)
+                        .fetch_optional(&mut *$connection)
+                        .await?
+                        .map(|r| r.get("state"));
+                Ok(current.unwrap_or_else(|| state::NONE.to_owned()))
+            }
+        }
+    };
+}
+
+/// Where [`settle`] runs: its own transaction, or one the caller owns.
+enum On<'a, 't> {
+    Db(&'a Db),
+    Tx(Tx<'t>),
+}
+
 /// Moves a reservation from `reserved` to `to` and applies `stock_sql` (binding product id
 /// and quantity) to each line; answers the state after the call (`none` when unknown).
 async fn settle(
-    db: &Db,
+    on: On<'_, '_>,
     order_id: &str,
     to: &str,
     stock_sql: &'static str,
 ) -> Result<String, StockError> {
     check_id("order_id", order_id)?;
-    let state = on_db!(db, |pool, begin| {
-        let mut tx = pool.begin_with(begin).await?;
-        // The guarded transition takes the row lock on PostgreSQL: a concurrent repeat waits,
-        // then matches no row.
-        let moved =
-            sqlx::query("UPDATE reservations SET state = $2 WHERE order_id = $1 AND state = $3")
-                .bind(order_id)
-                .bind(to)
-                .bind(state::RESERVED)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if moved == 1 {
-            let lines = sqlx::query(
-                "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 \
-                 ORDER BY product_id",
-            )
-            .bind(order_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            for line in &lines {
-                let product_id: String = line.get("product_id");
-                let quantity: i64 = line.get("quantity");
-                sqlx::query(stock_sql)
-                    .bind(product_id)
-                    .bind(quantity)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+    let state = match on {
+        On::Db(db) => on_db!(db, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let connection = &mut *tx;
+            let state = settle_on!(connection, order_id, to, stock_sql).await?;
             tx.commit().await?;
-            to.to_owned()
-        } else {
-            let current: Option<String> =
-                sqlx::query("SELECT state FROM reservations WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| r.get("state"));
-            tx.commit().await?;
-            current.unwrap_or_else(|| state::NONE.to_owned())
-        }
-    });
+            state
+        }),
+        On::Tx(tx) => on_tx!(tx, |connection| settle_on!(
+            connection, order_id, to, stock_sql
+        )
+        .await?),
+    };
     Ok(state)
 }
+
+const RELEASE_SQL: &str = "UPDATE stock SET reserved = reserved - $2 WHERE product_id = $1";
+const COMMIT_SQL: &str =
+    "UPDATE stock SET total = total - $2, reserved = reserved - $2 WHERE product_id = $1";
 
 /// Returns an order's held stock. Idempotent: a released, committed, rejected or unknown
 /// order is left as it is and its state answered (`none` when unknown).
 pub(crate) async fn release(db: &Db, order_id: &str) -> Result<String, StockError> {
-    settle(
-        db,
-        order_id,
-        state::RELEASED,
-        "UPDATE stock SET reserved = reserved - $2 WHERE product_id = $1",
-    )
-    .await
+    settle(On::Db(db), order_id, state::RELEASED, RELEASE_SQL).await
+}
+
+/// [`release`] inside a transaction the caller owns.
+pub(crate) async fn release_in(tx: Tx<'_>, order_id: &str) -> Result<String, StockError> {
+    settle(On::Tx(tx), order_id, state::RELEASED, RELEASE_SQL).await
 }
 
 /// Turns an order's held stock into a sale: total and reserved both drop. Idempotent on a
 /// committed order; an unknown order is [`StockError::UnknownOrder`], a released or rejected
 /// one [`StockError::WrongState`].
 pub(crate) async fn commit(db: &Db, order_id: &str) -> Result<String, StockError> {
-    let state = settle(
-        db,
+    committed(
+        settle(On::Db(db), order_id, state::COMMITTED, COMMIT_SQL).await?,
         order_id,
-        state::COMMITTED,
-        "UPDATE stock SET total = total - $2, reserved = reserved - $2 WHERE product_id = $1",
     )
-    .await?;
+}
+
+/// [`commit`] inside a transaction the caller owns.
+pub(crate) async fn commit_in(tx: Tx<'_>, order_id: &str) -> Result<String, StockError> {
+    committed(
+        settle(On::Tx(tx), order_id, state::COMMITTED, COMMIT_SQL).await?,
+        order_id,
+    )
+}
+
+fn committed(state: String, order_id: &str) -> Result<String, StockError> {
     match state.as_str() {
         state::COMMITTED => Ok(state),
         state::NONE => Err(StockError::UnknownOrder(order_id.to_owned())),
