@@ -362,12 +362,18 @@ fn accepted(id: &str) -> Response {
 }
 
 /// Place an order.
-#[utoipa::path(post, path = "/api/orders", request_body = PlaceOrder,
+#[utoipa::path(post, path = "/api/orders", tag = "orders", request_body = PlaceOrder,
     params(("Idempotency-Key" = String, Header, description = "Unique per order attempt")),
     responses(
-        (status = 202, body = OrderAccepted),
-        (status = 400, body = ErrorBody, description = "Bad JSON, quantity or key"),
-        (status = 422, body = ErrorBody, description = "Unknown product, or the key reused with another body"),
+        (status = 202, body = OrderAccepted, description = "Accepted; the saga decides it (or, for a repeated key, the order placed first)"),
+        (status = 400, body = ErrorBody, description = "A missing or bad key (`missing_idempotency_key`, `invalid_idempotency_key`), bad lines (`empty_order`, `too_many_items`, `invalid_product_id`, `invalid_quantity`, `duplicate_product`) or a body that is not JSON of this shape (`invalid_json`)"),
+        (status = 401, body = ErrorBody, description = "No verified caller (`unauthenticated`)"),
+        (status = 403, body = ErrorBody, description = "The caller's account does not exist (`forbidden`)"),
+        (status = 413, body = ErrorBody, description = "The body is larger than the service takes (`payload_too_large`)"),
+        (status = 415, body = ErrorBody, description = "No `Content-Type: application/json` (`unsupported_media_type`)"),
+        (status = 422, body = ErrorBody, description = "Unknown product (`unknown_product`), or the key reused with another body (`idempotency_key_reused`)"),
+        (status = 500, body = ErrorBody, description = "Internal error (`internal`)"),
+        (status = 503, body = ErrorBody, description = "The users or products service did not answer (`dependency_unavailable`); retry with the same key"),
     ))]
 async fn place_order(
     AxumState(state): AxumState<State>,
@@ -629,9 +635,14 @@ where
 const VIEW_COLUMNS: &str = "id, user_id, status, items, total_cents, reason, timeline";
 
 /// One order of the caller (any order for an admin).
-#[utoipa::path(get, path = "/api/orders/{id}",
+#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders",
     params(("id" = String, Path, description = "Order id")),
-    responses((status = 200, body = OrderView), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = OrderView, description = "The order"),
+        (status = 401, body = ErrorBody, description = "No verified caller (`unauthenticated`)"),
+        (status = 404, body = ErrorBody, description = "No such order, or not the caller's (`not_found`)"),
+        (status = 500, body = ErrorBody, description = "Internal error (`internal`)"),
+    ))]
 async fn get_order(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -679,13 +690,18 @@ struct ListQuery {
 }
 
 /// The caller's orders (all orders for an admin), newest first.
-#[utoipa::path(get, path = "/api/orders",
+#[utoipa::path(get, path = "/api/orders", tag = "orders",
     params(
         ("status" = Option<String>, Query, description = "PENDING, CONFIRMED or CANCELLED"),
         ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
     ),
-    responses((status = 200, body = OrderPage), (status = 400, body = ErrorBody)))]
+    responses(
+        (status = 200, body = OrderPage, description = "A page of orders"),
+        (status = 400, body = ErrorBody, description = "Bad `status` (`invalid_status`), `limit` (`invalid_limit`), `cursor` (`invalid_cursor`) or an unknown parameter (`invalid_query`)"),
+        (status = 401, body = ErrorBody, description = "No verified caller (`unauthenticated`)"),
+        (status = 500, body = ErrorBody, description = "Internal error (`internal`)"),
+    ))]
 async fn list_orders(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -762,12 +778,14 @@ async fn list_orders(
 }
 
 /// Cancel a pending order.
-#[utoipa::path(post, path = "/api/orders/{id}/cancel",
+#[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders",
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 202, body = OrderAccepted, description = "Cancellation under way"),
-        (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "Shipping began or the order ended"),
+        (status = 401, body = ErrorBody, description = "No verified caller (`unauthenticated`)"),
+        (status = 404, body = ErrorBody, description = "No such order, or not the caller's (`not_found`)"),
+        (status = 409, body = ErrorBody, description = "Shipping began or the order ended (`not_cancellable`)"),
+        (status = 500, body = ErrorBody, description = "Internal error (`internal`)"),
     ))]
 async fn cancel_order(
     AxumState(state): AxumState<State>,

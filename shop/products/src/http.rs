@@ -122,6 +122,7 @@ fn view(product: Product, available: i64) -> ProductView {
     responses(
         (status = 200, description = "A page of products", body = ProductPage),
         (status = 400, description = "Bad `limit` (`invalid_limit`), `cursor` (`invalid_cursor`) or `q` (`invalid_query`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
         (status = 503, description = "Inventory did not answer (`dependency_unavailable`)", body = ErrorBody),
     )
 )]
@@ -169,7 +170,8 @@ async fn list_products(
     params(("id" = String, Path, description = "Product id")),
     responses(
         (status = 200, description = "The product", body = ProductView),
-        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 404, description = "No such product (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
         (status = 503, description = "Inventory did not answer (`dependency_unavailable`)", body = ErrorBody),
     )
 )]
@@ -241,9 +243,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to retry: the same key and body answer the same product")),
     responses(
         (status = 201, description = "Created (or, for a repeated key, the product created first)", body = ProductView),
-        (status = 400, description = "Bad name (`invalid_name`), price (`invalid_price`), stock (`invalid_stock`) or key (`invalid_idempotency_key`)", body = ErrorBody),
-        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 400, description = "Bad name (`invalid_name`), price (`invalid_price`), stock (`invalid_stock`) or key (`invalid_idempotency_key`); a body that is not JSON of this shape (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not an admin (`forbidden`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "The key was used with another body (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
         (status = 503, description = "Inventory did not answer (`dependency_unavailable`); retry with the same key", body = ErrorBody),
     )
 )]

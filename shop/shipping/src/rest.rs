@@ -44,9 +44,11 @@ pub(crate) fn router(db: Db) -> Router {
     params(("order_id" = String, Path, description = "Order id")),
     responses(
         (status = 200, description = "The shipment", body = ShipmentView),
-        (status = 401, description = "No caller", body = ErrorBody),
-        (status = 403, description = "Not an administrator", body = ErrorBody),
-        (status = 404, description = "No shipment for this order", body = ErrorBody),
+        (status = 400, description = "An order id longer than any (`invalid_order_id`)", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not an administrator (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No shipment for this order (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn get_shipment(

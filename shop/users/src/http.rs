@@ -122,8 +122,12 @@ fn hash_error(e: HashError) -> ApiError {
     request_body = RegisterUser,
     responses(
         (status = 201, description = "Registered", body = UserView),
-        (status = 400, description = "Bad email (`invalid_email`), password (`password_too_short`, `password_too_long`) or name (`invalid_name`)", body = ErrorBody),
+        (status = 400, description = "Bad email (`invalid_email`), password (`password_too_short`, `password_too_long`) or name (`invalid_name`); a body that is not JSON of this shape (`invalid_json`)", body = ErrorBody),
         (status = 409, description = "The email is taken (`email_taken`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+        (status = 503, description = "Too many logins and registrations at once (`busy`); retry shortly", body = ErrorBody),
     )
 )]
 async fn register(
@@ -174,8 +178,14 @@ fn invalid_credentials() -> ApiError {
     request_body = TokenRequest,
     responses(
         (status = 200, description = "A one-hour EdDSA JWT", body = TokenResponse),
+        (status = 400, description = "The body is not JSON of this shape (`invalid_json`)", body = ErrorBody),
         (status = 401, description = "Wrong email or password (`invalid_credentials`)", body = ErrorBody),
-        (status = 429, description = "Too many attempts on this account (`too_many_attempts`); `Retry-After` says when to try again", body = ErrorBody),
+        (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 429, description = "Too many attempts on this account (`too_many_attempts`); `Retry-After` says when to try again", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+        (status = 503, description = "Too many logins and registrations at once (`busy`); retry shortly", body = ErrorBody),
     )
 )]
 async fn token(
@@ -261,8 +271,9 @@ async fn token_inner(state: &State, body: TokenRequest) -> Result<Json<TokenResp
     get, path = "/api/users/me", tag = "users",
     responses(
         (status = 200, description = "The caller", body = UserView),
-        (status = 401, description = "No token", body = ErrorBody),
-        (status = 404, description = "The account no longer exists", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 404, description = "The account no longer exists (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 async fn me(
