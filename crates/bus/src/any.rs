@@ -3,7 +3,7 @@
 use uuid::Uuid;
 
 use crate::bus::{Bus, Subscription};
-use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetters, DlqAction};
+use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetters, DlqAction};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::memory::InMemoryBus;
@@ -85,8 +85,8 @@ impl Bus for AnyBus {
 }
 
 impl DeadLetters for AnyBus {
-    async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BusError> {
-        each!(self, bus => bus.list(filter).await)
+    async fn list_page(&self, filter: &DeadLetterFilter) -> Result<DeadLetterPage, BusError> {
+        each!(self, bus => bus.list_page(filter).await)
     }
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {

@@ -1,6 +1,11 @@
 //! The dead-letter queue as a product: list, inspect, group by failure fingerprint, redrive,
 //! discard and archive, every action logged.
 //!
+//! Listing is paged in the store ([`DeadLetters::list_page`] with [`DeadLetterFilter::cursor`]):
+//! a queue can grow to any size during an incident, and a listing that read it whole (or
+//! silently stopped after a fixed number of letters, as the NATS backend once did) would be
+//! slow exactly when it is needed, or would hide letters.
+//!
 //! Every backend implements [`DeadLetters`]; [`DeadLetters::failure_groups`],
 //! [`DeadLetters::redrive_matching`] and [`DeadLetters::redrive_group`] are built on its
 //! required methods. A redriven message goes back to its topic for the group that failed it
@@ -245,6 +250,20 @@ pub struct DeadLetterFilter {
     pub state: Option<DeadLetterState>,
     /// At most this many (default and maximum [`LIST_LIMIT_MAX`]), oldest first.
     pub limit: Option<usize>,
+    /// Where a listing continues: the `next_cursor` of the previous [`DeadLetterPage`]
+    /// (absent or empty: from the oldest). Opaque; only valid for the backend that made it.
+    pub cursor: Option<String>,
+}
+
+/// One page of dead letters and where the next one starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterPage {
+    /// The letters, oldest first, at most the filter's limit.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Pass as [`DeadLetterFilter::cursor`] for the next page; `None` when this page reached
+    /// the end. A page may hold fewer letters than the limit and still have a next one (a
+    /// backend stops scanning after a bounded amount of work).
+    pub next_cursor: Option<String>,
 }
 
 mod optional_seconds {
@@ -314,6 +333,36 @@ impl DeadLetterFilter {
             && self.older_than.is_none_or(|min| age >= min)
             && self.newer_than.is_none_or(|max| age <= max)
             && self.state.unwrap_or_default() == letter.state
+    }
+}
+
+/// Splits the letters a backend scanned (each with the cursor that resumes after it) into a
+/// page: at most `limit` letters; a next cursor when more were found than fit, or when the
+/// scan stopped early at `resume`.
+pub(crate) fn page_of(
+    mut found: Vec<(DeadLetter, String)>,
+    limit: usize,
+    resume: Option<String>,
+) -> DeadLetterPage {
+    let next_cursor = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|(_, cursor)| cursor.clone())
+    } else {
+        resume
+    };
+    DeadLetterPage {
+        dead_letters: found.into_iter().map(|(letter, _)| letter).collect(),
+        next_cursor,
+    }
+}
+
+/// The dead-letter id a memory or SQLite cursor holds (`None`: from the start).
+pub(crate) fn id_cursor(filter: &DeadLetterFilter) -> Result<Option<Uuid>, BusError> {
+    match filter.cursor.as_deref() {
+        None | Some("") => Ok(None),
+        Some(text) => Uuid::parse_str(text)
+            .map(Some)
+            .map_err(|_| BusError::invalid("cursor", text, "is not a cursor of this backend")),
     }
 }
 
@@ -426,11 +475,25 @@ pub const ACTIONS_LIMIT_MAX: usize = 1_000;
 /// Mutations are logged (see [`DeadLetters::actions`]) and traced at INFO level. A mutation on
 /// an id that is not (or no longer) in the queue is [`BusError::NotFound`].
 pub trait DeadLetters: Send + Sync {
-    /// The dead letters `filter` selects, oldest first, at most `filter.limit()`.
+    /// One page of the dead letters `filter` selects, oldest first, at most
+    /// `filter.limit()`, starting at `filter.cursor`. The store filters and pages: a listing
+    /// costs work in proportion to the page, not to the queue.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidConfig`] for a cursor this backend did not make; storage faults.
+    fn list_page(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> impl Future<Output = Result<DeadLetterPage, BusError>> + Send;
+
+    /// The letters of [`DeadLetters::list_page`] without the cursor: the first page (or the
+    /// page at `filter.cursor`).
     fn list(
         &self,
         filter: &DeadLetterFilter,
-    ) -> impl Future<Output = Result<Vec<DeadLetter>, BusError>> + Send;
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BusError>> + Send {
+        async move { Ok(self.list_page(filter).await?.dead_letters) }
+    }
 
     /// One dead letter, whatever its state.
     fn get(&self, id: Uuid) -> impl Future<Output = Result<DeadLetter, BusError>> + Send;

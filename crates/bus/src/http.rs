@@ -3,7 +3,8 @@
 //!
 //! | call | answer |
 //! | --- | --- |
-//! | `GET /dead-letters?group=&topic=&type=&error_contains=&fingerprint=&reason=&older_than=&newer_than=&state=&limit=` | 200 `[DeadLetter]` (ages in seconds) |
+//! | `GET /dead-letters?group=&topic=&type=&error_contains=&fingerprint=&reason=&older_than=&newer_than=&state=&limit=` | 200 `[DeadLetter]` (ages in seconds), the first page; header `x-next-cursor` when there are more |
+//! | `GET /dead-letters?cursor=&…same filter…` | 200 `{"dead_letters":[DeadLetter],"next_cursor":string\|null}`: a page (`cursor` empty for the first; pass `next_cursor` back until it is null) |
 //! | `GET /dead-letters/groups?…same filter…` | 200 `[FailureGroup]`, largest first |
 //! | `GET /dead-letters/actions?limit=` | 200 `[DlqAction]`, newest first |
 //! | `GET /dead-letters/{id}` | 200 `DeadLetter`; 404 |
@@ -31,6 +32,8 @@ use crate::error::BusError;
 
 /// Largest request body the endpoints accept, in bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// The header carrying the next page's cursor on an array answer of `GET /dead-letters`.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
 /// The header naming the actor for the action log.
 pub const ACTOR_HEADER: &str = "x-actor";
 
@@ -134,7 +137,20 @@ async fn list<D: DeadLetters>(
     filter: Result<Query<DeadLetterFilter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(filter) = filter?;
-    Ok(Json(dlq.list(&filter).await?).into_response())
+    let paged = filter.cursor.is_some();
+    let page = dlq.list_page(&filter).await?;
+    if paged {
+        return Ok(Json(page).into_response());
+    }
+    // Without `cursor` the answer keeps its original shape (an array); the next page is
+    // announced in a header.
+    let mut response = Json(page.dead_letters).into_response();
+    if let Some(next) = page.next_cursor
+        && let Ok(value) = axum::http::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, value);
+    }
+    Ok(response)
 }
 
 async fn groups<D: DeadLetters>(

@@ -12,8 +12,9 @@
 //!   delay), [`Delivery::fail`] (the subscription's [`RetryPolicy`]: backoff with jitter, then
 //!   the DLQ), [`Delivery::term`] or [`Delivery::poison`]. An unsettled delivery is
 //!   redelivered after the ack wait. [`Subscription::run`] does all of this around a handler.
-//! - [`DeadLetters`] lists, groups by failure fingerprint, redrives, discards and archives
-//!   dead letters, logging every action; [`http::router`] serves it as JSON.
+//! - [`DeadLetters`] lists (a page at a time, following a cursor), groups by failure
+//!   fingerprint, redrives, discards and archives dead letters, logging every action;
+//!   [`http::router`] serves it as JSON.
 //!
 //! Backends: [`InMemoryBus`] (tests), [`sqlite::SqliteBus`] (the embedded default: a durable
 //! log in one SQLite file that several processes can share) and [`nats::NatsBus`] (NATS
@@ -107,8 +108,8 @@ pub use bus::{
     consume_span,
 };
 pub use dlq::{
-    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterState, DeadLetters, DlqAction,
-    DlqActionKind, FailureGroup,
+    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason, DeadLetterState, DeadLetters,
+    DlqAction, DlqActionKind, FailureGroup,
 };
 pub use envelope::{
     ATTRIBUTE_BYTES_MAX, Envelope, HEADER_NAME_BYTES_MAX, HEADERS_COUNT_MAX,

@@ -16,8 +16,8 @@ use crate::bus::{
     Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription,
 };
 use crate::dlq::{
-    ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterState, DeadLetters, DlqAction,
-    DlqActionKind, log_action, redriven_envelope,
+    ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
+    DlqAction, DlqActionKind, id_cursor, log_action, page_of, redriven_envelope,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -418,17 +418,21 @@ impl InMemoryBus {
 }
 
 impl DeadLetters for InMemoryBus {
-    async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BusError> {
+    async fn list_page(&self, filter: &DeadLetterFilter) -> Result<DeadLetterPage, BusError> {
         filter.validate()?;
+        let after = id_cursor(filter)?;
         let now = Utc::now();
         let state = self.inner.lock();
-        Ok(state
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let found = state
             .dead
-            .values()
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, letter)| letter)
             .filter(|letter| filter.accepts(letter, now))
-            .take(filter.limit())
-            .cloned()
-            .collect())
+            .take(filter.limit() + 1)
+            .map(|letter| (letter.clone(), letter.id.to_string()))
+            .collect();
+        Ok(page_of(found, filter.limit(), None))
     }
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {

@@ -21,8 +21,10 @@
 //!   itself or after another subscription took a delivery of that partition (a gap in the
 //!   consumer sequence): with one in flight per partition, every park happens while holding
 //!   the partition, so without a gap this subscription saw them all. Lanes are consumed by
-//!   one consumer per group (`<group>_parked`, one message in flight, held until due with
-//!   progress acks, retried in place with `+WPI` then `-NAK`). So a failing message blocks
+//!   one consumer per group (`<group>_parked`, one message in flight; a lane message's first
+//!   delivery NAKs it with the time left until it is due, and a failed retry NAKs it with
+//!   its backoff delay: a NAKed message stays in flight, so the lane keeps its order, and
+//!   the server keeps the schedule across a restart). So a failing message blocks
 //!   its own subject, and other parked subjects of its group while it waits for its delay,
 //!   never the healthy subjects of its partition. The first-failure time travels in the
 //!   lane message's headers, so a dead letter made after a restart keeps it.
@@ -69,8 +71,8 @@ use crate::bus::{
     Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription,
 };
 use crate::dlq::{
-    ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterState, DeadLetters, DlqAction,
-    DlqActionKind, log_action, redriven_envelope, truncate,
+    ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
+    DlqAction, DlqActionKind, log_action, page_of, redriven_envelope, truncate,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -83,8 +85,9 @@ pub const PARTITIONS_DEFAULT: u32 = 16;
 pub const PARTITIONS_MAX: u32 = 256;
 /// Limit on every request to the server.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most DLQ stream messages one list or lookup scans.
-pub const DLQ_SCAN_MAX: u64 = 10_000;
+/// Most DLQ stream messages one list page reads; past it the page ends early, with a cursor
+/// to continue (a lookup by id reads the whole stream, in batches).
+pub const DLQ_SCAN_MAX: u64 = 100_000;
 /// Default age limit of the bus stream: none ([`Duration::ZERO`]). The stream uses limits
 /// retention, so an age limit drops a message after that age whether or not every group has
 /// consumed it; see [`NatsBusConfig::with_max_age`].
@@ -463,61 +466,55 @@ impl NatsBus {
         Ok(())
     }
 
-    /// Reads the DLQ stream: `(sequence, subject, payload)` of up to [`DLQ_SCAN_MAX`] messages,
-    /// oldest first, whose subject starts with `subject_prefix`.
-    async fn scan_dlq(
-        &self,
-        subject_prefix: &str,
-        newest_first: bool,
-        limit: usize,
-    ) -> Result<Vec<(u64, String, Vec<u8>)>, BusError> {
-        let mut stream = self.inner.dlq_stream.clone();
-        let info = bounded(stream.info()).await?;
-        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        if info.state.messages == 0 || last < first {
-            return Ok(Vec::new());
-        }
-        let mut found = Vec::new();
-        let span = (last - first + 1).min(DLQ_SCAN_MAX);
-        for step in 0..span {
-            if found.len() >= limit {
-                break;
+    /// Opens a reader over the DLQ stream's messages matching `filter_subject`, from stream
+    /// sequence `start` on: an ephemeral consumer without acks, read in batches of up to
+    /// [`DLQ_BATCH_MAX`] messages per request (a page costs a few round trips, not one per
+    /// letter).
+    async fn dlq_reader(&self, filter_subject: String, start: u64) -> Result<DlqReader, BusError> {
+        let deliver_policy = if start <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
             }
-            let sequence = if newest_first {
-                last - step
-            } else {
-                first + step
-            };
-            match tokio::time::timeout(REQUEST_TIMEOUT, stream.get_raw_message(sequence)).await {
-                Ok(Ok(message)) => {
-                    if message.subject.as_str().starts_with(subject_prefix) {
-                        found.push((
-                            sequence,
-                            message.subject.to_string(),
-                            message.payload.to_vec(),
-                        ));
-                    }
-                }
-                // Deleted sequences are gaps.
-                Ok(Err(_)) => {}
-                Err(_) => return Err(BusError::Timeout(REQUEST_TIMEOUT)),
-            }
-        }
-        Ok(found)
+        };
+        let consumer: consumer::PullConsumer = bounded(self.inner.dlq_stream.create_consumer(
+            consumer::pull::Config {
+                filter_subject,
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: DLQ_READER_IDLE_MAX,
+                memory_storage: true,
+                ..Default::default()
+            },
+        ))
+        .await?;
+        Ok(DlqReader {
+            stream: self.inner.dlq_stream.clone(),
+            name: consumer.cached_info().name.clone(),
+            consumer,
+            done: false,
+        })
     }
 
     async fn find_letter(&self, id: Uuid) -> Result<(u64, DeadLetter), BusError> {
-        let prefix = format!("{}.dlq.", self.inner.prefix);
-        for (sequence, subject, payload) in self.scan_dlq(&prefix, false, usize::MAX).await? {
-            if subject.contains(".dlq.action") {
-                continue;
-            }
-            let letter: DeadLetter = serde_json::from_slice(&payload).map_err(BusError::corrupt)?;
-            if letter.id == id {
-                return Ok((sequence, letter));
+        // `<prefix>.dlq.<letter|archived>.<group>`: every letter, not the action log.
+        let mut reader = self
+            .dlq_reader(format!("{}.dlq.*.*", self.inner.prefix), 1)
+            .await?;
+        let mut found = None;
+        while found.is_none() && !reader.done {
+            for (sequence, payload) in reader.next_batch(DLQ_BATCH_MAX).await? {
+                let letter: DeadLetter =
+                    serde_json::from_slice(&payload).map_err(BusError::corrupt)?;
+                if letter.id == id {
+                    found = Some((sequence, letter));
+                    break;
+                }
             }
         }
-        Err(BusError::NotFound {
+        reader.close().await;
+        found.ok_or_else(|| BusError::NotFound {
             what: "dead letter",
             id: id.to_string(),
         })
@@ -561,6 +558,62 @@ impl NatsBus {
             .await?;
         log_action(action, &letter, actor);
         Ok(())
+    }
+}
+
+/// Most DLQ messages one read request returns.
+pub const DLQ_BATCH_MAX: usize = 1_000;
+/// Most bytes one DLQ read request returns.
+const DLQ_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// How long the server keeps an abandoned DLQ reader (a listing that failed midway).
+const DLQ_READER_IDLE_MAX: Duration = Duration::from_secs(30);
+
+/// Batched reads of the DLQ stream through an ephemeral consumer.
+struct DlqReader {
+    stream: stream::Stream,
+    consumer: consumer::PullConsumer,
+    name: String,
+    /// No message is left after the last one read.
+    done: bool,
+}
+
+impl DlqReader {
+    /// Up to `max` more messages as `(sequence, payload)`, oldest first; sets `done` at the
+    /// end of the stream.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, BusError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let mut batch = bounded(
+            self.consumer
+                .fetch()
+                .max_messages(max.clamp(1, DLQ_BATCH_MAX))
+                .max_bytes(DLQ_BATCH_BYTES_MAX)
+                .messages(),
+        )
+        .await?;
+        let mut read = Vec::new();
+        let mut pending = 0;
+        loop {
+            let next = tokio::time::timeout(REQUEST_TIMEOUT, batch.next())
+                .await
+                .map_err(|_| BusError::Timeout(REQUEST_TIMEOUT))?;
+            let Some(message) = next else { break };
+            let message = message.map_err(BusError::nats)?;
+            let info = message.info().map_err(BusError::nats)?;
+            pending = info.pending;
+            read.push((info.stream_sequence, message.payload.to_vec()));
+        }
+        if read.is_empty() || pending == 0 {
+            self.done = true;
+        }
+        Ok(read)
+    }
+
+    /// Deletes the consumer (the server would after [`DLQ_READER_IDLE_MAX`] anyway).
+    async fn close(self) {
+        let _ =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.stream.delete_consumer(&self.name)).await;
     }
 }
 
@@ -642,7 +695,7 @@ impl Bus for NatsBus {
             options.in_flight_max.min(PULL_BATCH_MAX)
         };
         for consumer in consumers {
-            pullers.spawn(pull_forever(consumer, batch, None, sender.clone()));
+            pullers.spawn(pull_forever(consumer, batch, false, sender.clone()));
         }
         if options.per_subject_order {
             // The park lanes: one consumer over all of the group's lanes, one message in
@@ -664,11 +717,10 @@ impl Bus for NatsBus {
                     .get_or_create_consumer(&durable, config),
             )
             .await?;
-            let heartbeat = (options.ack_wait / 3).max(Duration::from_millis(5));
             pullers.spawn(pull_forever(
                 lanes,
                 ORDERED_PULL_BATCH,
-                Some(heartbeat),
+                true,
                 sender.clone(),
             ));
         }
@@ -687,7 +739,6 @@ impl Bus for NatsBus {
         let settler = NatsSettler {
             bus: self.clone(),
             ordered: options.per_subject_order,
-            ack_wait: options.ack_wait,
             parked,
         };
         Ok(Subscription::new(
@@ -703,13 +754,12 @@ impl Bus for NatsBus {
 /// subscription (the receiver) is dropped. Messages buffered when it is dropped were never
 /// acked, so the server redelivers them after the ack wait.
 ///
-/// With `hold` (the park lanes), a message whose [`PARKED_DUE_HEADER`] lies ahead is held,
-/// with a progress ack every `hold`, until it is due: its lane consumer has one message in
-/// flight, so nothing of the group's lanes passes it meanwhile.
+/// With `lanes` (the park lanes' consumer), a message's first delivery only schedules it
+/// ([`schedule_if_new`]).
 async fn pull_forever(
     consumer: consumer::PullConsumer,
     batch: usize,
-    hold: Option<Duration>,
+    lanes: bool,
     sender: tokio::sync::mpsc::Sender<jetstream::Message>,
 ) {
     const REOPEN_PAUSE: Duration = Duration::from_millis(200);
@@ -732,8 +782,8 @@ async fn pull_forever(
         while let Some(next) = stream.next().await {
             match next {
                 Ok(message) => {
-                    if let Some(heartbeat) = hold {
-                        hold_until_due(&message, heartbeat).await;
+                    if lanes && schedule_if_new(&message).await {
+                        continue;
                     }
                     if sender.send(message).await.is_err() {
                         return;
@@ -751,27 +801,24 @@ async fn pull_forever(
     }
 }
 
-/// Waits until a parked message is due, keeping it leased with progress acks.
-async fn hold_until_due(message: &jetstream::Message, heartbeat: Duration) {
-    let due_ms = header(message, PARKED_DUE_HEADER).and_then(|value| value.parse::<i64>().ok());
-    let Some(due_ms) = due_ms else { return };
-    loop {
-        let left_ms = due_ms.saturating_sub(Utc::now().timestamp_millis());
-        if left_ms <= 0 {
-            return;
-        }
-        let left = Duration::from_millis(left_ms.unsigned_abs());
-        tokio::time::sleep(left.min(heartbeat)).await;
-        if left > heartbeat
-            && message
-                .ack_with(jetstream::AckKind::Progress)
-                .await
-                .is_err()
-        {
-            // The lease lapses and the message is redelivered (and held) again.
-            return;
-        }
+/// The first delivery of a lane message only schedules it: a NAK with the time left until
+/// it is due (none for a message queued behind a parked one). Its lane consumer has one
+/// message in flight, and a NAKed message stays in flight until redelivered, so nothing of
+/// the group's lanes passes it; and the server keeps the schedule, so it holds across a
+/// restart of the consumer. Returns whether the message was scheduled (not to be handled).
+async fn schedule_if_new(message: &jetstream::Message) -> bool {
+    let first = message.info().is_ok_and(|info| info.delivered == 1);
+    if !first {
+        return false;
     }
+    let due_ms = header(message, PARKED_DUE_HEADER)
+        .and_then(|value| value.parse::<i64>().ok())
+        .unwrap_or_default();
+    let left_ms = due_ms.saturating_sub(Utc::now().timestamp_millis()).max(0);
+    let delay = (left_ms > 0).then(|| Duration::from_millis(left_ms.unsigned_abs()));
+    // If the NAK is lost, the message comes back after the ack wait instead.
+    let _ = message.ack_with(jetstream::AckKind::Nak(delay)).await;
+    true
 }
 
 fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
@@ -912,7 +959,8 @@ impl NatsSource {
             .to_owned();
         let envelope = serde_json::from_slice::<Envelope>(&message.payload)
             .map_err(|_| String::from_utf8_lossy(&message.payload).into_owned());
-        let delivered = u32::try_from(delivered).unwrap_or(u32::MAX);
+        // The first lane delivery only scheduled the message (see `schedule_if_new`).
+        let delivered = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
         Ok(Some(RawDelivery {
             topic,
             envelope,
@@ -980,7 +1028,6 @@ impl Source for NatsSource {
 struct NatsSettler {
     bus: NatsBus,
     ordered: bool,
-    ack_wait: Duration,
     /// The subscription's view of parked subjects (shared with its source).
     parked: Arc<Mutex<HashSet<String>>>,
 }
@@ -988,30 +1035,6 @@ struct NatsSettler {
 impl NatsSettler {
     fn take_first_failure(&self, key: &(String, u64, bool)) -> Option<DateTime<Utc>> {
         lock(&self.bus.inner.first_failures).remove(key)
-    }
-
-    /// Holds a delivery (progress acks) for `delay`, then NAKs it; with one message in
-    /// flight on its consumer, JetStream redelivers it before anything later.
-    fn hold_then_nak(&self, reply: String, delay: Duration) {
-        let client = self.bus.inner.client.clone();
-        let heartbeat = (self.ack_wait / 3).max(Duration::from_millis(5));
-        tokio::spawn(async move {
-            let until = tokio::time::Instant::now() + delay;
-            loop {
-                let now = tokio::time::Instant::now();
-                if now >= until {
-                    break;
-                }
-                tokio::time::sleep_until((now + heartbeat).min(until)).await;
-                if tokio::time::Instant::now() < until
-                    && client.publish(reply.clone(), "+WPI".into()).await.is_err()
-                {
-                    return;
-                }
-            }
-            // Failing here only means redelivery after the ack wait instead.
-            let _ = client.publish(reply, "-NAK".into()).await;
-        });
     }
 }
 
@@ -1058,11 +1081,8 @@ impl Settle for NatsSettler {
                 if error.is_some() {
                     remember_first_failure(&self.bus, failure_key, Utc::now());
                 }
-                if key.parked {
-                    // A lane has one message in flight: holding it keeps the lane's order.
-                    self.hold_then_nak(reply, delay);
-                    return Box::pin(async { Ok(()) });
-                }
+                // A lane has one message in flight, and a NAKed message stays in flight
+                // until its redelivery: the delay keeps the lane's order.
                 let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
                 Box::pin(async move { bounded(client.publish(reply, body.into())).await })
             }
@@ -1099,31 +1119,45 @@ impl Settle for NatsSettler {
 }
 
 impl DeadLetters for NatsBus {
-    async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BusError> {
+    async fn list_page(&self, filter: &DeadLetterFilter) -> Result<DeadLetterPage, BusError> {
         filter.validate()?;
+        // The cursor is the stream sequence the next page starts at.
+        let start = match filter.cursor.as_deref() {
+            None | Some("") => 1,
+            Some(text) => text.parse::<u64>().map_err(|_| {
+                BusError::invalid("cursor", text, "is not a cursor of this backend")
+            })?,
+        };
         let state = match filter.state.unwrap_or_default() {
             DeadLetterState::Dead => "letter",
             DeadLetterState::Archived => "archived",
         };
-        let prefix = match &filter.group {
+        let subject = match &filter.group {
             Some(group) => format!("{}.dlq.{state}.{group}", self.inner.prefix),
-            None => format!("{}.dlq.{state}.", self.inner.prefix),
+            None => format!("{}.dlq.{state}.*", self.inner.prefix),
         };
+        let mut reader = self.dlq_reader(subject, start).await?;
         let now = Utc::now();
-        let mut letters = Vec::new();
-        for (_, subject, payload) in self.scan_dlq(&prefix, false, usize::MAX).await? {
-            if filter.group.is_some() && subject != prefix {
-                continue;
+        let limit = filter.limit();
+        let mut found = Vec::new();
+        let mut scanned = 0_u64;
+        let mut resume = None;
+        while found.len() <= limit && !reader.done {
+            if scanned >= DLQ_SCAN_MAX {
+                resume = Some((start + scanned).to_string());
+                break;
             }
-            let letter: DeadLetter = serde_json::from_slice(&payload).map_err(BusError::corrupt)?;
-            if filter.accepts(&letter, now) {
-                letters.push(letter);
-                if letters.len() >= filter.limit() {
-                    break;
+            for (sequence, payload) in reader.next_batch(limit + 1 - found.len()).await? {
+                scanned = sequence + 1 - start;
+                let letter: DeadLetter =
+                    serde_json::from_slice(&payload).map_err(BusError::corrupt)?;
+                if filter.accepts(&letter, now) {
+                    found.push((letter, (sequence + 1).to_string()));
                 }
             }
         }
-        Ok(letters)
+        reader.close().await;
+        Ok(page_of(found, limit, resume))
     }
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {
@@ -1143,13 +1177,24 @@ impl DeadLetters for NatsBus {
     }
 
     async fn actions(&self, limit: usize) -> Result<Vec<DlqAction>, BusError> {
-        let subject = format!("{}.dlq.action", self.inner.prefix);
-        let found = self
-            .scan_dlq(&subject, true, limit.min(ACTIONS_LIMIT_MAX))
+        let limit = limit.min(ACTIONS_LIMIT_MAX);
+        let mut reader = self
+            .dlq_reader(format!("{}.dlq.action", self.inner.prefix), 1)
             .await?;
-        found
+        let mut newest = std::collections::VecDeque::with_capacity(limit + 1);
+        while !reader.done {
+            for (_, payload) in reader.next_batch(DLQ_BATCH_MAX).await? {
+                newest.push_back(payload);
+                if newest.len() > limit {
+                    newest.pop_front();
+                }
+            }
+        }
+        reader.close().await;
+        newest
             .into_iter()
-            .map(|(_, _, payload)| serde_json::from_slice(&payload).map_err(BusError::corrupt))
+            .rev()
+            .map(|payload| serde_json::from_slice(&payload).map_err(BusError::corrupt))
             .collect()
     }
 }

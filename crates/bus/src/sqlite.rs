@@ -35,9 +35,9 @@ use crate::bus::{
     millis,
 };
 use crate::dlq::{
-    ACTION_TEXT_BYTES_MAX, ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterReason,
-    DeadLetterState, DeadLetters, DlqAction, DlqActionKind, log_action, redriven_envelope,
-    truncate,
+    ACTION_TEXT_BYTES_MAX, ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage,
+    DeadLetterReason, DeadLetterState, DeadLetters, DlqAction, DlqActionKind, id_cursor,
+    log_action, page_of, redriven_envelope, truncate,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -63,7 +63,8 @@ const PRUNE_ROWS_MAX: i64 = 10_000;
 const INSERT_ROWS_MAX: usize = 200;
 /// Most log rows one fetch admits into a group's pending set.
 const ADMIT_BATCH_MAX: i64 = 8_192;
-/// Most dead-letter rows a list scans before filtering in memory.
+/// Most dead-letter rows one list page reads (only a topic pattern's wildcards are checked
+/// outside SQL); past it the page ends early, with a cursor to continue.
 const DLQ_SCAN_MAX: i64 = 100_000;
 /// Read connections for listing dead letters.
 const READ_CONNECTIONS_MAX: u32 = 4;
@@ -109,6 +110,7 @@ CREATE TABLE IF NOT EXISTS bus_dead_letters (
     redrive_count INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS bus_dead_letters_by_fingerprint ON bus_dead_letters (fingerprint);
+CREATE INDEX IF NOT EXISTS bus_dead_letters_by_state ON bus_dead_letters (state, id);
 CREATE TABLE IF NOT EXISTS bus_dlq_actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -821,6 +823,26 @@ impl Settle for SqliteBus {
     }
 }
 
+/// A `LIKE` pattern for the topics a topic pattern can match: its literal part up to the
+/// first wildcard token, then anything (`orders.*` → `orders.%`).
+fn like_prefix(pattern: &str) -> String {
+    let literal_end = pattern
+        .split('.')
+        .take_while(|token| *token != "*" && *token != ">")
+        .map(|token| token.len() + 1)
+        .sum::<usize>()
+        .min(pattern.len());
+    let mut like = String::with_capacity(literal_end + 2);
+    for c in pattern[..literal_end].chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            like.push('\\');
+        }
+        like.push(c);
+    }
+    like.push('%');
+    like
+}
+
 fn letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
     let id: String = row.try_get("id")?;
     let envelope: String = row.try_get("envelope")?;
@@ -909,32 +931,67 @@ impl SqliteBus {
 }
 
 impl DeadLetters for SqliteBus {
-    async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BusError> {
+    async fn list_page(&self, filter: &DeadLetterFilter) -> Result<DeadLetterPage, BusError> {
         filter.validate()?;
-        let state = filter.state.unwrap_or_default().as_str();
-        let rows = sqlx::query(
-            "SELECT * FROM bus_dead_letters WHERE state = ?1 \
-             AND (?2 IS NULL OR grp = ?2) AND (?3 IS NULL OR fingerprint = ?3) \
-             ORDER BY id LIMIT ?4",
-        )
-        .bind(state)
-        .bind(filter.group.as_deref())
-        .bind(filter.fingerprint.as_deref())
-        .bind(DLQ_SCAN_MAX)
-        .fetch_all(&self.inner.pool)
-        .await?;
+        let mut after = id_cursor(filter)?.map(|id| id.to_string());
         let now = Utc::now();
-        let mut letters = Vec::new();
-        for row in &rows {
-            let letter = letter_from_row(row)?;
-            if filter.accepts(&letter, now) {
-                letters.push(letter);
-                if letters.len() >= filter.limit() {
-                    break;
+        let age_bound = |age: Option<Duration>| {
+            age.map(|age| {
+                millis(now).saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+            })
+        };
+        let topic_prefix = filter.topic.as_deref().map(like_prefix);
+        // Every filter but the topic pattern's wildcards runs in SQL; `accepts` checks the
+        // rest. Rows are read in chunks of one page, until the page is full or the scan
+        // budget is spent (then the page ends early with a cursor).
+        let chunk = i64::try_from(filter.limit() + 1).unwrap_or(i64::MAX);
+        let mut found = Vec::new();
+        let mut scanned = 0_i64;
+        loop {
+            let rows = sqlx::query(
+                "SELECT * FROM bus_dead_letters WHERE state = ?1 \
+                 AND (?2 IS NULL OR grp = ?2) AND (?3 IS NULL OR fingerprint = ?3) \
+                 AND (?4 IS NULL OR reason = ?4) AND (?5 IS NULL OR instr(error, ?5) > 0) \
+                 AND (?6 IS NULL OR json_extract(envelope, '$.type') = ?6) \
+                 AND (?7 IS NULL OR last_failure_ms <= ?7) \
+                 AND (?8 IS NULL OR last_failure_ms >= ?8) \
+                 AND (?9 IS NULL OR topic LIKE ?9 ESCAPE '\\') \
+                 AND (?10 IS NULL OR id > ?10) \
+                 ORDER BY id LIMIT ?11",
+            )
+            .bind(filter.state.unwrap_or_default().as_str())
+            .bind(filter.group.as_deref())
+            .bind(filter.fingerprint.as_deref())
+            .bind(filter.reason.map(DeadLetterReason::as_str))
+            .bind(filter.error_contains.as_deref())
+            .bind(filter.kind.as_deref())
+            .bind(age_bound(filter.older_than))
+            .bind(age_bound(filter.newer_than))
+            .bind(topic_prefix.as_deref())
+            .bind(after.as_deref())
+            .bind(chunk)
+            .fetch_all(&self.inner.pool)
+            .await?;
+            let exhausted = i64::try_from(rows.len()).unwrap_or(i64::MAX) < chunk;
+            for row in &rows {
+                let letter = letter_from_row(row)?;
+                let id = letter.id.to_string();
+                after = Some(id.clone());
+                scanned += 1;
+                if filter.accepts(&letter, now) {
+                    found.push((letter, id));
+                    if found.len() > filter.limit() {
+                        return Ok(page_of(found, filter.limit(), None));
+                    }
                 }
             }
+            if exhausted {
+                return Ok(page_of(found, filter.limit(), None));
+            }
+            if scanned >= DLQ_SCAN_MAX {
+                return Ok(page_of(found, filter.limit(), after));
+            }
         }
-        Ok(letters)
     }
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {
@@ -981,5 +1038,18 @@ impl DeadLetters for SqliteBus {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_pattern_narrows_the_sql_scan_to_its_literal_prefix() {
+        assert_eq!(like_prefix("orders.*"), "orders.%");
+        assert_eq!(like_prefix("orders.created"), "orders.created%");
+        assert_eq!(like_prefix(">"), "%");
+        assert_eq!(like_prefix("a_b.*.c"), "a\\_b.%");
     }
 }

@@ -202,3 +202,53 @@ async fn any_bus_picks_the_backend_by_url_and_refuses_unknown_schemes() -> anyho
     ));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_dlq_list_endpoint_pages_with_a_cursor_and_keeps_its_array_shape() -> anyhow::Result<()>
+{
+    // Goal: without `cursor` the list is still a JSON array (the next page's cursor in a
+    // header); with `cursor` it is a page object, and following `next_cursor` lists every
+    // letter once.
+    let bus = bus_with_dead_letters().await?;
+    let app = trellis_bus::http::router(bus.clone());
+    let request = Request::builder()
+        .uri("/dead-letters?limit=2")
+        .body(Body::empty())?;
+    let response = app.clone().oneshot(request).await?;
+    ensure!(response.status() == StatusCode::OK);
+    let next = response
+        .headers()
+        .get(trellis_bus::http::NEXT_CURSOR_HEADER)
+        .context("a next-cursor header")?
+        .to_str()?
+        .to_owned();
+    let bytes = axum::body::to_bytes(response.into_body(), 1024 * 1024).await?;
+    let first: Value = serde_json::from_slice(&bytes)?;
+    ensure!(first.as_array().map(Vec::len) == Some(2), "{first}");
+
+    let (status, page) = call(&app, Method::GET, "/dead-letters?limit=2&cursor=", None).await?;
+    ensure!(
+        status == StatusCode::OK && page["dead_letters"] == first,
+        "{page}"
+    );
+    ensure!(page["next_cursor"] == next.as_str(), "{page}");
+    let (_, last) = call(
+        &app,
+        Method::GET,
+        &format!("/dead-letters?limit=2&cursor={next}"),
+        None,
+    )
+    .await?;
+    let rest = last["dead_letters"].as_array().context("a page")?;
+    ensure!(rest.len() == 1 && last["next_cursor"].is_null(), "{last}");
+    let mut ids: Vec<&Value> = first.as_array().context("list")?.iter().collect();
+    ids.extend(rest.iter());
+    let ids: std::collections::HashSet<&str> = ids
+        .iter()
+        .filter_map(|letter| letter["id"].as_str())
+        .collect();
+    ensure!(ids.len() == 3);
+    let (status, _) = call(&app, Method::GET, "/dead-letters?cursor=nope", None).await?;
+    ensure!(status == StatusCode::BAD_REQUEST);
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod conformance;
 mod dlq_http;
+mod dlq_paging;
 mod exactly_once;
 mod helpers;
 mod memory;

@@ -320,4 +320,69 @@ mod parking {
         ensure!(of("B") == [1, 2, 3, 4, 5, 6], "B handled as {:?}", of("B"));
         Ok(())
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_letters_first_failure_survives_reopening_the_nats_bus() -> anyhow::Result<()> {
+        // Goal: a message fails once, the bus is dropped and connected again (a restart), and
+        // the second failure dead-letters it: the letter's first-failure time is the first
+        // failure's, not the time of the last one.
+        let Some(nats) = trellis_testkit::nats("first_failure_restart").await else {
+            return Ok(());
+        };
+        let retry = RetryPolicy::new(2)?
+            .with_backoff(Duration::from_secs(1), Duration::from_secs(1), 1.0)?
+            .without_jitter();
+        // A short ack wait, so a delivery stranded by the restart comes back quickly.
+        let options = SubscribeOptions::default()
+            .with_retry(retry)
+            .with_ack_wait(Duration::from_secs(2))?;
+        let first_failed_by = {
+            let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix)).await?;
+            let mut sub = bus
+                .subscribe("late.*", "restarting", options.clone())
+                .await?;
+            bus.publish("late.one", event("R", 1)).await?;
+            let delivery = sub
+                .fetch(1, Duration::from_secs(10))
+                .await?
+                .pop()
+                .context("first delivery")?;
+            delivery
+                .fail(&HandlerError::transient("test", "first failure"))
+                .await?;
+            chrono::Utc::now()
+        };
+        let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix)).await?;
+        let mut sub = bus.subscribe("late.*", "restarting", options).await?;
+        let delivery = sub
+            .fetch(1, Duration::from_secs(20))
+            .await?
+            .pop()
+            .context("second delivery")?;
+        ensure!(delivery.attempt() == 2, "attempt {}", delivery.attempt());
+        delivery
+            .fail(&HandlerError::transient("test", "second failure"))
+            .await?;
+        let filter = trellis_bus::DeadLetterFilter {
+            group: Some("restarting".to_owned()),
+            ..Default::default()
+        };
+        let deadline = tokio::time::Instant::now() + SCENARIO_WAIT_MAX;
+        let letter = loop {
+            if let Some(letter) = trellis_bus::DeadLetters::list(&bus, &filter).await?.pop() {
+                break letter;
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "no dead letter");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ensure!(
+            letter.first_failure_at <= first_failed_by
+                && letter.first_failure_at < letter.last_failure_at,
+            "first failure {} (first failed by {first_failed_by}), last {}",
+            letter.first_failure_at,
+            letter.last_failure_at
+        );
+        ensure!(letter.attempts == 2);
+        Ok(())
+    }
 }
