@@ -31,10 +31,11 @@
 //!   repeats it on redelivery, and only the remote side's deduplication keeps its effect to
 //!   one. The outcome, the log entry and the next event are recorded exactly once.
 //!
-//! Work on the service's own tables that still runs in `prepare` through code opening its own
-//! transactions (the shop's inventory and shipping participants today) is in the second
-//! case: at least once, kept to one by its idempotency by order id, and not atomic with the
-//! inbox record.
+//! Work on the service's own tables that runs in `prepare` through code opening its own
+//! transactions would be in the second case (at least once, kept to one only by its own
+//! idempotency, not atomic with the inbox record): keep such work in the effects. The shop's
+//! inventory and shipping participants do all their work there; payments calls the provider
+//! in `prepare`.
 //!
 //! # Example
 //! ```no_run

@@ -101,9 +101,7 @@ pub async fn app_choreographed(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Router, Db, Vec<tokio::task::JoinHandle<()>>), Error> {
     let (router, db) = app(config).await?;
-    let participant = std::sync::Arc::new(choreography::ShippingParticipant {
-        service: service::ShippingService { db: db.clone() },
-    });
+    let participant = std::sync::Arc::new(choreography::ShippingParticipant);
     let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
     Ok((router, db, tasks))
 }

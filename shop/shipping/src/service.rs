@@ -17,7 +17,7 @@ pub(crate) struct ShippingService {
     pub(crate) db: Db,
 }
 
-fn check_id(field: &str, value: &str) -> Result<(), Status> {
+pub(crate) fn check_id(field: &str, value: &str) -> Result<(), Status> {
     if value.trim().is_empty() || value.len() > ID_BYTES_MAX {
         return Err(Status::invalid_argument(format!(
             "{field} must be 1 to {ID_BYTES_MAX} bytes"
@@ -48,7 +48,7 @@ fn answer(row: &store::Shipment) -> Shipment {
 }
 
 /// The lines as stored: a JSON array of `{product_id, quantity}`.
-fn lines_json(request: &CreateShipmentRequest) -> Result<String, Status> {
+pub(crate) fn lines_json(request: &CreateShipmentRequest) -> Result<String, Status> {
     if request.lines.is_empty() || request.lines.len() > ORDER_LINES_MAX {
         return Err(Status::invalid_argument(format!(
             "a shipment has 1 to {ORDER_LINES_MAX} lines"
@@ -81,16 +81,16 @@ impl Shipping for ShippingService {
         check_id("user_id", &request.user_id)?;
         let lines = lines_json(&request)?;
         let id = uuid::Uuid::now_v7().to_string();
-        let inserted = store::insert_if_absent(
-            &self.db,
-            &request.order_id,
-            &id,
-            &request.user_id,
-            &lines,
-            CREATED,
-        )
-        .await
-        .map_err(db_error)?;
+        let row = store::NewShipment {
+            order_id: &request.order_id,
+            id: &id,
+            user_id: &request.user_id,
+            lines: &lines,
+            status: CREATED,
+        };
+        let inserted = store::insert_if_absent(&self.db, &row)
+            .await
+            .map_err(db_error)?;
         if inserted {
             metrics::counter!("shop_shipping_shipments_total", "outcome" => CREATED).increment(1);
         }
@@ -124,7 +124,14 @@ impl Shipping for ShippingService {
             Some(_) => Ok(Response::new(none(&order_id))),
             None => {
                 // Record the cancellation, so a create arriving late does not ship.
-                store::insert_if_absent(&self.db, &order_id, "", "", "[]", CANCELLED)
+                let tombstone = store::NewShipment {
+                    order_id: &order_id,
+                    id: "",
+                    user_id: "",
+                    lines: "[]",
+                    status: CANCELLED,
+                };
+                store::insert_if_absent(&self.db, &tombstone)
                     .await
                     .map_err(db_error)?;
                 // A create may have won the race; answer what is recorded now.

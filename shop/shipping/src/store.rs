@@ -1,6 +1,7 @@
 //! The `shipments` table: one row per order.
 
 use sqlx::Row;
+use trellis_service::choreography::{Tx, on_tx};
 use trellis_service::{Db, on_db};
 
 /// The schema (both engines). A row with an empty `id` records a cancellation that arrived
@@ -46,14 +47,15 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-pub(crate) async fn get(db: &Db, order_id: &str) -> Result<Option<Shipment>, sqlx::Error> {
-    on_db!(db, |pool| {
+/// The row of `$order_id` on `$executor` (a pool, or `&mut *connection` in a transaction).
+macro_rules! get_on {
+    ($executor:expr, $order_id:expr) => {
         sqlx::query(
             "SELECT order_id, id, user_id, lines, status, created_at, updated_at \
              FROM shipments WHERE order_id = $1",
         )
-        .bind(order_id)
-        .fetch_optional(pool)
+        .bind($order_id)
+        .fetch_optional($executor)
         .await
         .map(|row| {
             row.map(|r| Shipment {
@@ -66,34 +68,61 @@ pub(crate) async fn get(db: &Db, order_id: &str) -> Result<Option<Shipment>, sql
                 updated_at: r.get("updated_at"),
             })
         })
-    })
+    };
 }
 
-/// Inserts a row unless the order has one; `true` when inserted.
-pub(crate) async fn insert_if_absent(
-    db: &Db,
-    order_id: &str,
-    id: &str,
-    user_id: &str,
-    lines: &str,
-    status: &str,
-) -> Result<bool, sqlx::Error> {
-    let now = now();
-    let inserted = on_db!(db, |pool| {
+/// Inserts `$row` unless its order has one, on `$executor`; the rows inserted.
+macro_rules! insert_on {
+    ($executor:expr, $row:expr) => {{
+        let row: &NewShipment<'_> = $row;
         sqlx::query(
             "INSERT INTO shipments (order_id, id, user_id, lines, status, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (order_id) DO NOTHING",
         )
-        .bind(order_id)
-        .bind(id)
-        .bind(user_id)
-        .bind(lines)
-        .bind(status)
-        .bind(&now)
-        .execute(pool)
+        .bind(row.order_id)
+        .bind(row.id)
+        .bind(row.user_id)
+        .bind(row.lines)
+        .bind(row.status)
+        .bind(now())
+        .execute($executor)
         .await
         .map(|r| r.rows_affected())
-    })?;
+    }};
+}
+
+pub(crate) async fn get(db: &Db, order_id: &str) -> Result<Option<Shipment>, sqlx::Error> {
+    on_db!(db, |pool| get_on!(pool, order_id))
+}
+
+/// [`get`] inside a transaction the caller owns.
+pub(crate) async fn get_in(tx: Tx<'_>, order_id: &str) -> Result<Option<Shipment>, sqlx::Error> {
+    on_tx!(tx, |connection| get_on!(&mut *connection, order_id))
+}
+
+/// A shipment to record.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewShipment<'a> {
+    pub(crate) order_id: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) user_id: &'a str,
+    /// The lines as a JSON array.
+    pub(crate) lines: &'a str,
+    pub(crate) status: &'a str,
+}
+
+/// Inserts a row unless the order has one; `true` when inserted.
+pub(crate) async fn insert_if_absent(db: &Db, row: &NewShipment<'_>) -> Result<bool, sqlx::Error> {
+    let inserted = on_db!(db, |pool| insert_on!(pool, row))?;
+    Ok(inserted == 1)
+}
+
+/// [`insert_if_absent`] inside a transaction the caller owns.
+pub(crate) async fn insert_if_absent_in(
+    tx: Tx<'_>,
+    row: &NewShipment<'_>,
+) -> Result<bool, sqlx::Error> {
+    let inserted = on_tx!(tx, |connection| insert_on!(&mut *connection, row))?;
     Ok(inserted == 1)
 }
 
