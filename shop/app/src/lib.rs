@@ -451,54 +451,60 @@ fn route_serves(route: &trellis_gateway::config::RouteConfig, method: &str, path
     method_ok && path_ok
 }
 
-/// Documents `status` with `description` and the error body, or, when the service documents
-/// it already, adds `description` to the service's.
+/// Documents `status` with `description`, the error body and `header` (seconds to wait), or,
+/// when the service documents the status already, adds `description` (and `header`) to the
+/// service's.
 fn add_answer(
     answers: &mut BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::response::Response>>,
     status: u16,
     description: &str,
     header: Option<&str>,
 ) {
-    use utoipa::openapi::RefOr;
     use utoipa::openapi::header::HeaderBuilder;
     use utoipa::openapi::response::ResponseBuilder;
     use utoipa::openapi::schema::{ObjectBuilder, Type};
-    use utoipa::openapi::{ContentBuilder, Ref};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 
-    match answers.get_mut(&status.to_string()) {
-        Some(RefOr::T(response)) => {
-            if !response.description.is_empty() {
-                response.description.push_str("; ");
-            }
-            response.description.push_str(description);
-        }
-        Some(RefOr::Ref(_)) => {}
-        None => {
-            let mut response = ResponseBuilder::new()
-                .description(format!(
-                    "{}{}",
-                    &description[..1].to_uppercase(),
-                    &description[1..]
-                ))
+    let response = answers.entry(status.to_string()).or_insert_with(|| {
+        let mut first = description.chars();
+        let capitalised: String = first
+            .next()
+            .map(|c| c.to_uppercase().chain(first).collect())
+            .unwrap_or_default();
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(capitalised)
                 .content(
                     "application/json",
                     ContentBuilder::new()
                         .schema(Some(Ref::from_schema_name("ErrorBody")))
                         .build(),
-                );
-            if let Some(name) = header {
-                response = response.header(
-                    name,
-                    HeaderBuilder::new()
-                        .schema(Some(
-                            ObjectBuilder::new().schema_type(Type::Integer).build(),
-                        ))
-                        .description(Some("Seconds to wait"))
-                        .build(),
-                );
-            }
-            answers.insert(status.to_string(), RefOr::T(response.build()));
-        }
+                )
+                .build(),
+        )
+    });
+    let RefOr::T(response) = response else {
+        return;
+    };
+    if !response
+        .description
+        .to_lowercase()
+        .contains(&description.to_lowercase())
+    {
+        response.description.push_str("; ");
+        response.description.push_str(description);
+    }
+    if let Some(name) = header {
+        response.headers.entry(name.to_owned()).or_insert_with(|| {
+            RefOr::T(
+                HeaderBuilder::new()
+                    .schema(Some(
+                        ObjectBuilder::new().schema_type(Type::Integer).build(),
+                    ))
+                    .description(Some("Seconds to wait"))
+                    .build(),
+            )
+        });
     }
 }
 
