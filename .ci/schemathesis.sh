@@ -7,13 +7,24 @@
 #   .ci/schemathesis.sh [PATH_TO_TRELLIS]
 #
 # Defaults: $CARGO_TARGET_DIR/debug/trellis (what `cargo test --workspace` builds). Knobs:
-# SCHEMATHESIS_EXAMPLES (per operation), SCHEMATHESIS_SEED, SCHEMATHESIS_CHECKS.
+# SCHEMATHESIS_EXAMPLES (per operation), SCHEMATHESIS_SEED, SCHEMATHESIS_CHECKS,
+# SCHEMATHESIS_EXTRA (more options, e.g. --continue-on-failure to list every failure).
+#
+# Checks left out of the default set, with the reason:
+#   positive_data_acceptance  the request schemas (shop_contracts::api) carry no length, range
+#                             or format constraints yet, so "schema-valid" data the services
+#                             rightly refuse (an email without @, a total over the maximum)
+#                             would count as failures;
+#   unsupported_method        the gateway answers an undeclared method with 404 `no_route`,
+#                             not 405;
+#   the stateful ones         (use_after_free, ensure_resource_availability, ...) need links
+#                             between operations the document does not declare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME}/.cache/trellis-ci/target}"
 SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
-EXAMPLES="${SCHEMATHESIS_EXAMPLES:-30}"
+EXAMPLES="${SCHEMATHESIS_EXAMPLES:-50}"
 SEED="${SCHEMATHESIS_SEED:-20261206}"
 CHECKS="${SCHEMATHESIS_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance,negative_data_rejection,ignored_auth}"
 VENV="${HOME}/.cache/trellis-ci/venv"
@@ -94,7 +105,11 @@ token=$(curl -fsS -X POST "$base/api/auth/token" -H 'content-type: application/j
 log "schemathesis: checks $CHECKS; $EXAMPLES examples per operation; seed $SEED"
 started=$(date +%s)
 status=0
-"$VENV/bin/schemathesis" run "$base/openapi.json" \
+# From the scratch directory: schemathesis and hypothesis keep caches (earlier failures to
+# replay first) in the working directory; a fresh one keeps runs alike and the clone clean.
+# One worker: with two, CPython 3.11.7's ast.parse (hypothesis describes its filters with
+# it) races and fails the coverage phase ("AST constructor recursion depth mismatch").
+(cd "$work" && "$VENV/bin/schemathesis" run "$base/openapi.json" \
   --url "$base" \
   -H "Authorization: Bearer $token" \
   --checks "$CHECKS" \
@@ -107,7 +122,7 @@ status=0
   --request-timeout 20 \
   --no-color \
   ${SCHEMATHESIS_EXTRA:-} \
-  --output-sanitize true \
+  --output-sanitize true) \
   || status=$?
 log "schemathesis finished in $(( $(date +%s) - started )) s with status $status"
 if [[ $status -ne 0 ]]; then
