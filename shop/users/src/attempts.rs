@@ -61,7 +61,11 @@ impl LoginAttempts {
 
     /// Takes one attempt for `account_id`; `Err(wait)` when its allowance is spent.
     pub(crate) fn check(&self, account_id: &str) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % FORGET_EVERY_CHECKS == 0 {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(FORGET_EVERY_CHECKS)
+        {
             // A forgotten account's allowance was full anyway: forgetting it loses nothing.
             self.limiter.retain_recent();
         }
