@@ -49,11 +49,13 @@
 //! ([`RETRY_DELAY_MAX`]), the SQLite group-commit batch and queue
 //! ([`sqlite::WRITE_BATCH_MAX`], [`sqlite::WRITE_QUEUE_MAX`]), NATS request timeouts
 //! ([`nats::REQUEST_TIMEOUT`]), DLQ list and redrive sizes ([`dlq::LIST_LIMIT_MAX`],
-//! [`dlq::REDRIVE_BATCH_MAX`]) and outbox rounds ([`outbox::RELAY_BATCH_MAX`]). Metrics go
-//! through the `metrics` facade: `trellis_bus_published_total`, `trellis_bus_acked_total`,
-//! `trellis_bus_retries_total`, `trellis_bus_dead_lettered_total{reason}`,
-//! `trellis_bus_dlq_actions_total{action}`, `trellis_bus_inbox_duplicates_total` and the gauge
-//! `trellis_bus_outbox_lag_seconds`.
+//! [`dlq::REDRIVE_BATCH_MAX`], [`nats::DLQ_BATCH_MAX`], [`nats::DLQ_SCAN_MAX`]) and outbox
+//! rounds ([`outbox::RELAY_BATCH_MAX`]). Metrics go through the `metrics` facade:
+//! `trellis_bus_published_total`, `trellis_bus_acked_total`, `trellis_bus_retries_total`,
+//! `trellis_bus_dead_lettered_total{reason}`, `trellis_bus_dlq_actions_total{action}`,
+//! `trellis_bus_inbox_duplicates_total`, `trellis_bus_publish_refused_total{reason}` (NATS: a
+//! full stream refused a publish) and the gauges `trellis_bus_outbox_lag_seconds` and
+//! `trellis_bus_stream_max_age_seconds` (NATS: the bus stream's age limit, 0 for none).
 //!
 //! # Example
 //!

@@ -17,10 +17,11 @@
 //!   (`<prefix>.park.<group>.s<hex of subject>`, work-queue retention), then acked in the
 //!   partition, which moves on. A later partition message whose subject has a non-empty lane
 //!   is appended to the lane instead of being handled, so it stays behind its predecessor.
-//!   Checking the lane costs a request, so a subscription asks only about subjects it parked
-//!   itself or after another subscription took a delivery of that partition (a gap in the
-//!   consumer sequence): with one in flight per partition, every park happens while holding
-//!   the partition, so without a gap this subscription saw them all. Lanes are consumed by
+//!   Checking the lane costs a request, so a process asks only about subjects it parked (or
+//!   saw parked) or after another process took a delivery of that partition (a gap in the
+//!   consumer sequence its subscriptions saw): with one in flight per partition, every park
+//!   happens while holding the partition, so without a gap this process saw them all.
+//!   Competing consumers in several processes pay that request on each handoff. Lanes are consumed by
 //!   one consumer per group (`<group>_parked`, one message in flight; a lane message's first
 //!   delivery NAKs it with the time left until it is due, and a failed retry NAKs it with
 //!   its backoff delay: a NAKed message stays in flight, so the lane keeps its order, and
@@ -186,6 +187,8 @@ struct Inner {
     /// First-failure times of messages retried in place (unordered groups), by group,
     /// stream sequence and whether the sequence is the park stream's.
     first_failures: Mutex<HashMap<(String, u64, bool), DateTime<Utc>>>,
+    /// Each ordered group's view of its park lanes, shared by the group's subscriptions.
+    group_views: Mutex<HashMap<String, Arc<GroupView>>>,
 }
 
 async fn bounded<T, E: std::fmt::Display>(
@@ -351,6 +354,7 @@ impl NatsBus {
                 partitions: config.partitions,
                 message_bytes_max: config.message_bytes_max,
                 first_failures: Mutex::new(HashMap::new()),
+                group_views: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -724,7 +728,11 @@ impl Bus for NatsBus {
                 sender.clone(),
             ));
         }
-        let parked = Arc::new(Mutex::new(HashSet::new()));
+        let view = Arc::clone(
+            lock(&self.inner.group_views)
+                .entry(group.to_owned())
+                .or_default(),
+        );
         let source = NatsSource {
             bus: self.clone(),
             group: group.to_owned(),
@@ -733,13 +741,12 @@ impl Bus for NatsBus {
             strip: format!("{}.bus.p", self.inner.prefix),
             lanes: format!("{}.park.", self.inner.prefix),
             ordered: options.per_subject_order,
-            parked: Arc::clone(&parked),
-            last_consumer_sequence: HashMap::new(),
+            view: Arc::clone(&view),
         };
         let settler = NatsSettler {
             bus: self.clone(),
             ordered: options.per_subject_order,
-            parked,
+            view,
         };
         Ok(Subscription::new(
             group,
@@ -849,12 +856,21 @@ struct NatsSource {
     /// `<prefix>.park.`, the start of a park lane message's subject.
     lanes: String,
     ordered: bool,
-    /// Subjects this subscription parked or saw parked (shared with the settler). Entries
-    /// may be stale (the lane drained meanwhile); every positive is checked on the server.
-    parked: Arc<Mutex<HashSet<String>>>,
-    /// The last consumer sequence seen per partition consumer: a gap means another
-    /// subscription of the group took a delivery meanwhile, and may have parked a subject.
-    last_consumer_sequence: HashMap<String, u64>,
+    /// What this process knows of the group's parked subjects (shared with the settler and
+    /// with the group's other subscriptions in this process).
+    view: Arc<GroupView>,
+}
+
+/// One process's view of an ordered group's park lanes, shared by its subscriptions.
+#[derive(Debug, Default)]
+struct GroupView {
+    /// Subjects parked by this process or seen parked. Entries may be stale (the lane
+    /// drained meanwhile); every positive is checked on the server.
+    parked: Mutex<HashSet<String>>,
+    /// The last consumer sequence this process received per partition consumer: a gap means
+    /// another process took a delivery of the partition meanwhile, and may have parked a
+    /// subject this view does not know about.
+    last_consumer_sequence: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -876,8 +892,7 @@ impl NatsSource {
         let info = message.info().map_err(BusError::nats)?;
         let (sequence, delivered) = (info.stream_sequence, info.delivered);
         let handoff = self.ordered && {
-            let previous = self
-                .last_consumer_sequence
+            let previous = lock(&self.view.last_consumer_sequence)
                 .insert(info.consumer.to_owned(), info.consumer_sequence);
             previous.is_none_or(|last| last.saturating_add(1) != info.consumer_sequence)
         };
@@ -922,16 +937,16 @@ impl NatsSource {
     }
 
     /// Whether a partition message of `subject` must queue behind a parked one. Asks the
-    /// server only when this subscription parked the subject before or when another
-    /// subscription took a delivery of the partition since this one's last (`handoff`):
-    /// otherwise every park of the partition went through this subscription.
+    /// server only when this process parked (or saw parked) the subject, or when another
+    /// process took a delivery of the partition since this process's last (`handoff`):
+    /// otherwise every park of the partition went through this process's view.
     async fn waits_behind_parked(&self, subject: &str, handoff: bool) -> Result<bool, BusError> {
-        let known = lock(&self.parked).contains(subject);
+        let known = lock(&self.view.parked).contains(subject);
         if !known && !handoff {
             return Ok(false);
         }
         let parked = self.bus.is_parked(&self.group, subject).await?;
-        let mut view = lock(&self.parked);
+        let mut view = lock(&self.view.parked);
         if parked {
             view.insert(subject.to_owned());
         } else {
@@ -1028,8 +1043,8 @@ impl Source for NatsSource {
 struct NatsSettler {
     bus: NatsBus,
     ordered: bool,
-    /// The subscription's view of parked subjects (shared with its source).
-    parked: Arc<Mutex<HashSet<String>>>,
+    /// The process's view of the group's parked subjects (shared with the sources).
+    view: Arc<GroupView>,
 }
 
 impl NatsSettler {
@@ -1059,7 +1074,7 @@ impl Settle for NatsSettler {
             Settlement::Nack { delay, error } if self.ordered && !key.parked => {
                 // Park the subject: the message moves to its lane (due after the delay) and
                 // the partition moves on; later messages of the subject follow it there.
-                let parked = Arc::clone(&self.parked);
+                let view = Arc::clone(&self.view);
                 Box::pin(async move {
                     let now = Utc::now();
                     let due = now + chrono::Duration::from_std(delay).unwrap_or_default();
@@ -1073,7 +1088,7 @@ impl Settle for NatsSettler {
                         first_failure,
                     )
                     .await?;
-                    lock(&parked).insert(message.envelope.subject.clone());
+                    lock(&view.parked).insert(message.envelope.subject.clone());
                     bounded(client.publish(reply, "+ACK".into())).await
                 })
             }

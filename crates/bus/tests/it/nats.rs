@@ -256,26 +256,40 @@ mod parking {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_parked_subject_keeps_its_order_across_competing_consumers() -> anyhow::Result<()> {
-        // Goal: two subscriptions of one group share one partition; A's first message fails
-        // once and is parked by whichever subscription got it, and A's later messages, taken
-        // from the partition by either subscription, queue behind it: A is handled 1..=6 in
-        // order, once each, and B's messages all arrive.
+        // Goal: two subscriptions of one group share one partition, first in one process
+        // (one connection), then as two processes would (two connections, which share no
+        // memory); A's first message fails once and is parked by whichever subscription got
+        // it, and A's later messages, taken from the partition by either subscription, queue
+        // behind it: A is handled 1..=6 in order, once each, and B's messages all arrive.
         let Some(nats) = trellis_testkit::nats("parked_competing").await else {
             return Ok(());
         };
-        let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix).with_partitions(1))
-            .await?;
+        let config = NatsBusConfig::new(&nats.url, &nats.prefix).with_partitions(1);
+        let shared = NatsBus::connect(config.clone()).await?;
+        competing_scenario([shared.clone(), shared], "oneprocess").await?;
+        let apart = [
+            NatsBus::connect(config.clone()).await?,
+            NatsBus::connect(config).await?,
+        ];
+        competing_scenario(apart, "twoprocesses").await
+    }
+
+    async fn competing_scenario(buses: [NatsBus; 2], group: &str) -> anyhow::Result<()> {
         let retry = RetryPolicy::new(5)?
             .with_backoff(Duration::from_millis(500), Duration::from_millis(500), 1.0)?
             .without_jitter();
         let options = SubscribeOptions::default().with_retry(retry);
         let mut subs = Vec::new();
-        for _ in 0..2 {
-            subs.push(bus.subscribe("parts.*", "pair", options.clone()).await?);
+        for bus in &buses {
+            subs.push(
+                bus.subscribe(&format!("{group}.*"), group, options.clone())
+                    .await?,
+            );
         }
+        let topic = |subject: &str| format!("{group}.{subject}");
         for n in 1..=6 {
-            bus.publish("parts.a", event("A", n)).await?;
-            bus.publish("parts.b", event("B", n)).await?;
+            buses[0].publish(&topic("a"), event("A", n)).await?;
+            buses[0].publish(&topic("b"), event("B", n)).await?;
         }
         let handled: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
         let failed_once = Arc::new(Mutex::new(false));
