@@ -81,6 +81,8 @@ pub(crate) struct DeliveryKey {
     pub(crate) reply: Option<String>,
     /// NATS: the delivery comes from the group's park lane, not from a partition.
     pub(crate) parked: bool,
+    /// NATS: when the message first failed, as its retry copy's headers carry it.
+    pub(crate) first_failure: Option<DateTime<Utc>>,
 }
 
 /// What a consumer decided about a delivery.

@@ -256,6 +256,7 @@ impl MemorySource {
                     lease,
                     reply: None,
                     parked: false,
+                    first_failure: None,
                 },
             });
         }

@@ -31,7 +31,11 @@
 //!   lane message's headers, so a dead letter made after a restart keeps it.
 //! - [`crate::SubscribeOptions::with_unordered`] uses one consumer per group over every
 //!   partition (`<group>_all`, filter `<prefix>.bus.*.<pattern>`) with the in-flight limit as
-//!   its ack window, and `-NAK {"delay"}` for retries. A group is either ordered or unordered.
+//!   its ack window. A message's first failure republishes it to its partition as a retry
+//!   copy for that group only (`Trellis-Only-Group`, with its attempt count, due time and
+//!   first-failure time in headers; its first delivery only schedules it with a NAK delay)
+//!   and acks the original; later failures NAK the copy with their delay. So the
+//!   first-failure time survives a restart here too. A group is either ordered or unordered.
 //! - Stream `<PREFIX>_DLQ` is the dead-letter queue: records under `<prefix>.dlq.letter.<group>`,
 //!   archived ones under `<prefix>.dlq.archived.<group>`, and the action log under
 //!   `<prefix>.dlq.action`. A redrive republishes to the bus stream with a
@@ -101,8 +105,9 @@ const PARKED_TOPIC_HEADER: &str = "Trellis-Topic";
 const PARKED_ATTEMPTS_HEADER: &str = "Trellis-Attempts";
 const PARKED_DUE_HEADER: &str = "Trellis-Due-Ms";
 const FIRST_FAILURE_HEADER: &str = "Trellis-First-Failure-Ms";
-/// Most remembered first-failure times (for dead letters); cleared when exceeded.
-const FIRST_FAILURES_MAX: usize = 100_000;
+/// Most remembered first-failure times of lane messages that carry none in their headers
+/// (queued behind a parked message, then failing themselves); cleared when exceeded.
+const LANE_FIRST_FAILURES_MAX: usize = 100_000;
 
 /// How to connect a [`NatsBus`].
 #[derive(Debug, Clone)]
@@ -184,11 +189,12 @@ struct Inner {
     park_stream: stream::Stream,
     partitions: u32,
     message_bytes_max: usize,
-    /// First-failure times of messages retried in place (unordered groups), by group,
-    /// stream sequence and whether the sequence is the park stream's.
-    first_failures: Mutex<HashMap<(String, u64, bool), DateTime<Utc>>>,
     /// Each ordered group's view of its park lanes, shared by the group's subscriptions.
     group_views: Mutex<HashMap<String, Arc<GroupView>>>,
+    /// First failures of lane messages without one in their headers, by group and park
+    /// stream sequence. A lane message cannot be rewritten without losing its place, so
+    /// this one case stays in memory (after a restart the letter shows the last failure).
+    lane_first_failures: Mutex<HashMap<(String, u64), DateTime<Utc>>>,
 }
 
 async fn bounded<T, E: std::fmt::Display>(
@@ -199,6 +205,19 @@ async fn bounded<T, E: std::fmt::Display>(
         Ok(Err(error)) => Err(BusError::nats(error)),
         Err(_) => Err(BusError::Timeout(REQUEST_TIMEOUT)),
     }
+}
+
+/// A failed message on its way to another try: a park lane's entry, or an unordered
+/// group's retry copy.
+#[derive(Debug, Clone, Copy)]
+struct RetryCopy<'a> {
+    topic: &'a str,
+    envelope: &'a Envelope,
+    /// Deliveries made before this copy.
+    attempts: u32,
+    /// When the copy may be handled.
+    due: DateTime<Utc>,
+    first_failure: Option<DateTime<Utc>>,
 }
 
 /// Whether a publish error is JetStream refusing a message because the stream (discard
@@ -353,8 +372,8 @@ impl NatsBus {
                 park_stream,
                 partitions: config.partitions,
                 message_bytes_max: config.message_bytes_max,
-                first_failures: Mutex::new(HashMap::new()),
                 group_views: Mutex::new(HashMap::new()),
+                lane_first_failures: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -403,8 +422,44 @@ impl NatsBus {
         due: DateTime<Utc>,
         first_failure: Option<DateTime<Utc>>,
     ) -> Result<(), BusError> {
+        let lane = self.lane_subject(group, &envelope.subject);
+        let retry = RetryCopy {
+            topic,
+            envelope,
+            attempts,
+            due,
+            first_failure,
+        };
+        self.publish_retry_copy(lane, &retry, None).await
+    }
+
+    /// Publishes the retry copy of a message that failed in an unordered group: to its
+    /// partition again, for `group` only, due after its retry delay, its first failure in
+    /// its headers (a restart does not lose it, as a NAK in place would).
+    async fn requeue(&self, group: &str, retry: &RetryCopy<'_>) -> Result<(), BusError> {
+        let partition = partition_of(&retry.envelope.subject, self.inner.partitions);
+        let subject = self.bus_subject(partition, retry.topic);
+        self.publish_retry_copy(subject, retry, Some(group)).await
+    }
+
+    async fn publish_retry_copy(
+        &self,
+        subject: String,
+        retry: &RetryCopy<'_>,
+        only_group: Option<&str>,
+    ) -> Result<(), BusError> {
+        let RetryCopy {
+            topic,
+            envelope,
+            attempts,
+            due,
+            first_failure,
+        } = *retry;
         let bytes = serde_json::to_vec(envelope).map_err(BusError::corrupt)?;
         let mut headers = HeaderMap::new();
+        if let Some(group) = only_group {
+            headers.insert(ONLY_GROUP_HEADER, group);
+        }
         headers.insert(PARKED_TOPIC_HEADER, topic);
         headers.insert(PARKED_ATTEMPTS_HEADER, attempts.to_string().as_str());
         headers.insert(
@@ -417,11 +472,10 @@ impl NatsBus {
                 at.timestamp_millis().to_string().as_str(),
             );
         }
-        let lane = self.lane_subject(group, &envelope.subject);
         let ack = bounded(
             self.inner
                 .context
-                .publish_with_headers(lane, headers, bytes.into()),
+                .publish_with_headers(subject, headers, bytes.into()),
         )
         .await?;
         bounded(std::future::IntoFuture::into_future(ack)).await?;
@@ -699,7 +753,9 @@ impl Bus for NatsBus {
             options.in_flight_max.min(PULL_BATCH_MAX)
         };
         for consumer in consumers {
-            pullers.spawn(pull_forever(consumer, batch, false, sender.clone()));
+            // Unordered groups retry through copies whose first delivery schedules them.
+            let schedule_for = (!options.per_subject_order).then(|| group.to_owned());
+            pullers.spawn(pull_forever(consumer, batch, schedule_for, sender.clone()));
         }
         if options.per_subject_order {
             // The park lanes: one consumer over all of the group's lanes, one message in
@@ -724,7 +780,7 @@ impl Bus for NatsBus {
             pullers.spawn(pull_forever(
                 lanes,
                 ORDERED_PULL_BATCH,
-                true,
+                Some(group.to_owned()),
                 sender.clone(),
             ));
         }
@@ -761,12 +817,13 @@ impl Bus for NatsBus {
 /// subscription (the receiver) is dropped. Messages buffered when it is dropped were never
 /// acked, so the server redelivers them after the ack wait.
 ///
-/// With `lanes` (the park lanes' consumer), a message's first delivery only schedules it
+/// With `schedule_for` (a group name: the park lanes' consumer, an unordered consumer), the
+/// first delivery of a retry copy meant for that group only schedules it
 /// ([`schedule_if_new`]).
 async fn pull_forever(
     consumer: consumer::PullConsumer,
     batch: usize,
-    lanes: bool,
+    schedule_for: Option<String>,
     sender: tokio::sync::mpsc::Sender<jetstream::Message>,
 ) {
     const REOPEN_PAUSE: Duration = Duration::from_millis(200);
@@ -789,7 +846,9 @@ async fn pull_forever(
         while let Some(next) = stream.next().await {
             match next {
                 Ok(message) => {
-                    if lanes && schedule_if_new(&message).await {
+                    if let Some(group) = &schedule_for
+                        && schedule_if_new(&message, group).await
+                    {
                         continue;
                     }
                     if sender.send(message).await.is_err() {
@@ -808,19 +867,23 @@ async fn pull_forever(
     }
 }
 
-/// The first delivery of a lane message only schedules it: a NAK with the time left until
+/// The first delivery of a retry copy (a lane message, an unordered group's retry) only
+/// schedules it: a NAK with the time left until
 /// it is due (none for a message queued behind a parked one). Its lane consumer has one
 /// message in flight, and a NAKed message stays in flight until redelivered, so nothing of
 /// the group's lanes passes it; and the server keeps the schedule, so it holds across a
 /// restart of the consumer. Returns whether the message was scheduled (not to be handled).
-async fn schedule_if_new(message: &jetstream::Message) -> bool {
+async fn schedule_if_new(message: &jetstream::Message, group: &str) -> bool {
     let first = message.info().is_ok_and(|info| info.delivered == 1);
-    if !first {
+    let ours = header(message, ONLY_GROUP_HEADER).is_none_or(|only| only == group);
+    let Some(due_ms) =
+        header(message, PARKED_DUE_HEADER).and_then(|value| value.parse::<i64>().ok())
+    else {
+        return false;
+    };
+    if !first || !ours {
         return false;
     }
-    let due_ms = header(message, PARKED_DUE_HEADER)
-        .and_then(|value| value.parse::<i64>().ok())
-        .unwrap_or_default();
     let left_ms = due_ms.saturating_sub(Utc::now().timestamp_millis()).max(0);
     let delay = (left_ms > 0).then(|| Duration::from_millis(left_ms.unsigned_abs()));
     // If the NAK is lost, the message comes back after the ack wait instead.
@@ -923,15 +986,17 @@ impl NatsSource {
             message.ack().await.map_err(BusError::nats)?;
             return Ok(None);
         }
+        let (attempt, first_failure) = retry_copy_history(&message, delivered);
         Ok(Some(RawDelivery {
             topic,
             envelope,
-            attempt: u32::try_from(delivered).unwrap_or(u32::MAX),
+            attempt,
             key: DeliveryKey {
                 sequence,
                 lease: 0,
                 reply,
                 parked: false,
+                first_failure,
             },
         }))
     }
@@ -960,48 +1025,53 @@ impl NatsSource {
     fn lane_to_raw(&self, message: jetstream::Message) -> Result<Option<RawDelivery>, BusError> {
         let info = message.info().map_err(BusError::nats)?;
         let (sequence, delivered) = (info.stream_sequence, info.delivered);
-        let before: u32 = header(&message, PARKED_ATTEMPTS_HEADER)
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0);
-        if let Some(at) = header(&message, FIRST_FAILURE_HEADER)
-            .and_then(|value| value.parse::<i64>().ok())
-            .and_then(DateTime::from_timestamp_millis)
-        {
-            remember_first_failure(&self.bus, (self.group.clone(), sequence, true), at);
-        }
+        let (attempt, first_failure) = retry_copy_history(&message, delivered);
         let topic = header(&message, PARKED_TOPIC_HEADER)
             .unwrap_or_default()
             .to_owned();
         let envelope = serde_json::from_slice::<Envelope>(&message.payload)
             .map_err(|_| String::from_utf8_lossy(&message.payload).into_owned());
-        // The first lane delivery only scheduled the message (see `schedule_if_new`).
-        let delivered = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
         Ok(Some(RawDelivery {
             topic,
             envelope,
-            attempt: before.saturating_add(delivered),
+            attempt,
             key: DeliveryKey {
                 sequence,
                 lease: 0,
                 reply: message.reply.as_ref().map(ToString::to_string),
                 parked: true,
+                first_failure,
             },
         }))
     }
+}
+
+/// The attempt number and first failure of a retry copy (a lane message or an unordered
+/// group's retry) from its headers: its attempts continue where the original's left off
+/// (its first delivery only scheduled it, see `schedule_if_new`), and its first failure
+/// survives restarts. `None` for a message that is not a retry copy.
+fn retry_copy_history(
+    message: &jetstream::Message,
+    delivered: i64,
+) -> (u32, Option<DateTime<Utc>>) {
+    let delivered = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let Some(before) = header(message, PARKED_ATTEMPTS_HEADER).and_then(|v| v.parse::<u32>().ok())
+    else {
+        return (delivered, None);
+    };
+    let first_failure = header(message, FIRST_FAILURE_HEADER)
+        .and_then(|value| value.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis);
+    (
+        before.saturating_add(delivered.saturating_sub(1)),
+        first_failure,
+    )
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn remember_first_failure(bus: &NatsBus, key: (String, u64, bool), at: DateTime<Utc>) {
-    let mut map = lock(&bus.inner.first_failures);
-    if map.len() >= FIRST_FAILURES_MAX {
-        map.clear();
-    }
-    map.entry(key).or_insert(at);
 }
 
 impl Source for NatsSource {
@@ -1047,12 +1117,6 @@ struct NatsSettler {
     view: Arc<GroupView>,
 }
 
-impl NatsSettler {
-    fn take_first_failure(&self, key: &(String, u64, bool)) -> Option<DateTime<Utc>> {
-        lock(&self.bus.inner.first_failures).remove(key)
-    }
-}
-
 impl Settle for NatsSettler {
     fn settle(
         &self,
@@ -1066,7 +1130,6 @@ impl Settle for NatsSettler {
             return Box::pin(async { Err(BusError::LeaseLost) });
         };
         let client = bus.inner.client.clone();
-        let failure_key = (message.group.clone(), key.sequence, key.parked);
         match settlement {
             Settlement::Ack => {
                 Box::pin(async move { bounded(client.publish(reply, "+ACK".into())).await })
@@ -1092,17 +1155,50 @@ impl Settle for NatsSettler {
                     bounded(client.publish(reply, "+ACK".into())).await
                 })
             }
+            Settlement::Nack {
+                delay,
+                error: Some(_),
+            } if !key.parked && key.first_failure.is_none() => {
+                // An unordered group's first failure: the retry goes out as a copy carrying
+                // the failure's time, and the original is acked.
+                Box::pin(async move {
+                    let now = Utc::now();
+                    let retry = RetryCopy {
+                        topic: &message.topic,
+                        envelope: &message.envelope,
+                        attempts: attempt,
+                        due: now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                        first_failure: Some(now),
+                    };
+                    bus.requeue(&message.group, &retry).await?;
+                    bounded(client.publish(reply, "+ACK".into())).await
+                })
+            }
             Settlement::Nack { delay, error } => {
-                if error.is_some() {
-                    remember_first_failure(&self.bus, failure_key, Utc::now());
+                if key.parked && key.first_failure.is_none() && error.is_some() {
+                    let mut first = lock(&bus.inner.lane_first_failures);
+                    if first.len() >= LANE_FIRST_FAILURES_MAX {
+                        first.clear();
+                    }
+                    first
+                        .entry((message.group.clone(), key.sequence))
+                        .or_insert_with(Utc::now);
                 }
-                // A lane has one message in flight, and a NAKed message stays in flight
-                // until its redelivery: the delay keeps the lane's order.
+                // A retry copy (or a plain nack) is retried in place. A lane has one message
+                // in flight, and a NAKed message stays in flight until its redelivery: the
+                // delay keeps the lane's order.
                 let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
                 Box::pin(async move { bounded(client.publish(reply, body.into())).await })
             }
             Settlement::DeadLetter(failure) => {
-                let first = self.take_first_failure(&failure_key).unwrap_or(failure.at);
+                let remembered = key
+                    .parked
+                    .then(|| {
+                        lock(&bus.inner.lane_first_failures)
+                            .remove(&(message.group.clone(), key.sequence))
+                    })
+                    .flatten();
+                let first = key.first_failure.or(remembered).unwrap_or(failure.at);
                 Box::pin(async move {
                     let letter = DeadLetter {
                         id: Uuid::now_v7(),

@@ -598,6 +598,7 @@ async fn fetch_in(
                 lease: lease.unsigned_abs(),
                 reply: None,
                 parked: false,
+                first_failure: None,
             },
         });
     }

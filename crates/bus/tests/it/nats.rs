@@ -337,9 +337,9 @@ mod parking {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_letters_first_failure_survives_reopening_the_nats_bus() -> anyhow::Result<()> {
-        // Goal: a message fails once, the bus is dropped and connected again (a restart), and
-        // the second failure dead-letters it: the letter's first-failure time is the first
-        // failure's, not the time of the last one.
+        // Goal: for an ordered and an unordered group, a message fails once, the bus is
+        // stopped and connected again (a restart), and the second failure dead-letters it:
+        // the letter's first-failure time is the first failure's, not the last one's.
         let Some(nats) = trellis_testkit::nats("first_failure_restart").await else {
             return Ok(());
         };
@@ -347,15 +347,23 @@ mod parking {
             .with_backoff(Duration::from_secs(1), Duration::from_secs(1), 1.0)?
             .without_jitter();
         // A short ack wait, so a delivery stranded by the restart comes back quickly.
-        let options = SubscribeOptions::default()
+        let ordered = SubscribeOptions::default()
             .with_retry(retry)
             .with_ack_wait(Duration::from_secs(2))?;
+        first_failure_survives_a_restart(&nats, "ordered", ordered.clone()).await?;
+        first_failure_survives_a_restart(&nats, "unordered", ordered.with_unordered()).await
+    }
+
+    async fn first_failure_survives_a_restart(
+        nats: &trellis_testkit::TestNats,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> anyhow::Result<()> {
+        let pattern = format!("{group}.*");
         let first_failed_by = {
             let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix)).await?;
-            let mut sub = bus
-                .subscribe("late.*", "restarting", options.clone())
-                .await?;
-            bus.publish("late.one", event("R", 1)).await?;
+            let mut sub = bus.subscribe(&pattern, group, options.clone()).await?;
+            bus.publish(&format!("{group}.one"), event("R", 1)).await?;
             let delivery = sub
                 .fetch(1, Duration::from_secs(10))
                 .await?
@@ -364,21 +372,31 @@ mod parking {
             delivery
                 .fail(&HandlerError::transient("test", "first failure"))
                 .await?;
-            chrono::Utc::now()
+            let failed_by = chrono::Utc::now();
+            // A graceful stop: the subscription goes, and a request on the same connection
+            // makes sure the server has processed everything sent before it (acks are
+            // fire-and-forget) before the connection closes.
+            drop(sub);
+            trellis_bus::DeadLetters::actions(&bus, 1).await?;
+            failed_by
         };
         let bus = NatsBus::connect(NatsBusConfig::new(&nats.url, &nats.prefix)).await?;
-        let mut sub = bus.subscribe("late.*", "restarting", options).await?;
+        let mut sub = bus.subscribe(&pattern, group, options).await?;
         let delivery = sub
             .fetch(1, Duration::from_secs(20))
             .await?
             .pop()
-            .context("second delivery")?;
-        ensure!(delivery.attempt() == 2, "attempt {}", delivery.attempt());
+            .with_context(|| format!("{group}: the second delivery"))?;
+        ensure!(
+            delivery.attempt() == 2,
+            "{group}: attempt {}",
+            delivery.attempt()
+        );
         delivery
             .fail(&HandlerError::transient("test", "second failure"))
             .await?;
         let filter = trellis_bus::DeadLetterFilter {
-            group: Some("restarting".to_owned()),
+            group: Some(group.to_owned()),
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + SCENARIO_WAIT_MAX;
@@ -392,7 +410,7 @@ mod parking {
         ensure!(
             letter.first_failure_at <= first_failed_by
                 && letter.first_failure_at < letter.last_failure_at,
-            "first failure {} (first failed by {first_failed_by}), last {}",
+            "{group}: first failure {} (first failed by {first_failed_by}), last {}",
             letter.first_failure_at,
             letter.last_failure_at
         );
