@@ -874,13 +874,14 @@ async fn pull_forever(
 /// the group's lanes passes it; and the server keeps the schedule, so it holds across a
 /// restart of the consumer. Returns whether the message was scheduled (not to be handled).
 async fn schedule_if_new(message: &jetstream::Message, group: &str) -> bool {
-    let first = message.info().is_ok_and(|info| info.delivered == 1);
-    let ours = header(message, ONLY_GROUP_HEADER).is_none_or(|only| only == group);
+    // Most messages are not retry copies: look at the headers before parsing the reply.
     let Some(due_ms) =
         header(message, PARKED_DUE_HEADER).and_then(|value| value.parse::<i64>().ok())
     else {
         return false;
     };
+    let ours = header(message, ONLY_GROUP_HEADER).is_none_or(|only| only == group);
+    let first = message.info().is_ok_and(|info| info.delivered == 1);
     if !first || !ours {
         return false;
     }
