@@ -79,9 +79,7 @@ async fn run(
                     .map(String::as_str)
                     .zip(lines.iter().map(|l| l.1))
                     .collect();
-                let answer = client
-                    .reserve(reserve_request(&order_id(*o), &pairs))
-                    .await;
+                let answer = client.reserve(reserve_request(&order_id(*o), &pairs)).await;
                 // Ok(reserved?) or the gRPC code of a refusal.
                 let expected: Result<bool, Code> = match model.orders.get(o) {
                     Some((_, recorded)) if recorded != lines => Err(Code::AlreadyExists),
