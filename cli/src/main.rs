@@ -15,6 +15,7 @@ mod dlq;
 mod load;
 mod saga;
 mod shop;
+mod users;
 
 /// trellis: resilient, event-driven microservices in Rust.
 #[derive(Debug, Parser)]
@@ -57,6 +58,9 @@ enum Command {
     /// Drives the shop's public API at a constant arrival rate (browse, order, check) and
     /// reports latency percentiles, order outcomes, errors and the invariants.
     Load(load::LoadArgs),
+    /// Works on a users database without the service: `create-admin` makes the first
+    /// administrator of a shop run with `trellis serve`.
+    Users(users::UsersArgs),
 }
 
 /// Settings of `trellis gateway`.
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
             Command::Up(args) => args.run().await,
             Command::Serve(args) => args.run().await,
             Command::Load(args) => args.run().await,
+            Command::Users(args) => args.run().await,
             Command::Gateway(args) => trellis_gateway::run_on(&args.config, args.listen)
                 .await
                 .with_context(|| format!("gateway with {}", args.config.display())),

@@ -98,13 +98,7 @@ impl UpArgs {
         config.operator_port = self.operator_port;
         config.provider = self.provider.config()?;
         config.bus_url = self.bus.clone();
-        let email = std::env::var("TRELLIS_ADMIN_EMAIL").ok();
-        let password = std::env::var("TRELLIS_ADMIN_PASSWORD").ok();
-        match (email, password) {
-            (Some(email), Some(password)) => config.admin = Some((email, password)),
-            (None, None) => {}
-            _ => bail!("set both TRELLIS_ADMIN_EMAIL and TRELLIS_ADMIN_PASSWORD, or neither"),
-        }
+        config.admin = admin_from_env()?;
         let shop = shop_app::up(config).await.with_context(|| {
             format!("starting the shop with data in {}", self.data_dir.display())
         })?;
@@ -123,10 +117,20 @@ impl UpArgs {
             println!("  {name:<16} http://{addr}");
         }
         let admin = shop.admin();
-        match (&admin.password, admin.created) {
-            (Some(password), true) => println!(
+        match (&admin.password, admin.created, admin.generated) {
+            (Some(password), true, true) => println!(
                 "  admin account created: {} / {password}  (set TRELLIS_ADMIN_EMAIL and \
                  TRELLIS_ADMIN_PASSWORD to choose it)",
+                admin.email
+            ),
+            // A password the user chose is never echoed (it would land in logs).
+            (_, true, false) => println!(
+                "  admin account created: {} (the password from TRELLIS_ADMIN_PASSWORD)",
+                admin.email
+            ),
+            (_, false, false) => println!(
+                "  admin account: {} (the password from TRELLIS_ADMIN_PASSWORD when it was \
+                 created)",
                 admin.email
             ),
             _ => println!(
@@ -145,6 +149,18 @@ impl UpArgs {
         println!("stopping: draining in-flight requests");
         shop.shutdown().await;
         Ok(())
+    }
+}
+
+/// The administrator account `TRELLIS_ADMIN_EMAIL` / `TRELLIS_ADMIN_PASSWORD` name, created on
+/// first start by `up` and by `serve users`.
+fn admin_from_env() -> anyhow::Result<Option<(String, String)>> {
+    let email = std::env::var("TRELLIS_ADMIN_EMAIL").ok();
+    let password = std::env::var("TRELLIS_ADMIN_PASSWORD").ok();
+    match (email, password) {
+        (Some(email), Some(password)) => Ok(Some((email, password))),
+        (None, None) => Ok(None),
+        _ => bail!("set both TRELLIS_ADMIN_EMAIL and TRELLIS_ADMIN_PASSWORD, or neither"),
     }
 }
 
@@ -176,6 +192,10 @@ pub(crate) struct ServeArgs {
     /// ports on 127.0.0.1).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, String)>,
+    /// For `products`: create the small seed catalog `trellis up` creates, when the catalog is
+    /// empty (once the inventory answers; never twice).
+    #[arg(long)]
+    seed_catalog: bool,
     /// For `gateway`: where its operator endpoints (/metrics, /healthz, /readyz) listen; they
     /// are not served on the public listener.
     #[arg(long, default_value = "127.0.0.1:8089")]
@@ -295,6 +315,8 @@ impl ServeArgs {
                 saga: self.saga.into(),
                 provider: self.provider.config()?,
                 service_key,
+                admin: admin_from_env()?,
+                seed_catalog: self.seed_catalog,
             },
             trellis_gateway::shutdown_signal(),
         )

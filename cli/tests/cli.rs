@@ -437,3 +437,60 @@ fn saga_choreography_show_prints_a_choreographed_flow_from_the_service_database(
     let out = trellis(&["saga", "choreography", "show", &id, "--db", &missing]);
     one_line_failure(&out, 1, "no database at");
 }
+
+fn users_create_admin(db: &str, email: &str, password: Option<&str>) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    command
+        .args(["users", "create-admin", "--db", db, "--email", email])
+        .env_remove("TRELLIS_ADMIN_EMAIL")
+        .env_remove("TRELLIS_ADMIN_PASSWORD")
+        .env_remove("TRELLIS_DB");
+    if let Some(password) = password {
+        command.env("TRELLIS_ADMIN_PASSWORD", password);
+    }
+    command.output().expect("the trellis binary runs")
+}
+
+#[tokio::test]
+async fn users_create_admin_creates_promotes_and_says_what_it_did() {
+    // Goal: a shop run with `trellis serve` gets its first administrator without SQL, and the
+    // command is safe to repeat. Method: create an admin in a fresh users database, repeat,
+    // demote the account by hand and promote it again, and ask for an account without a
+    // password in the environment (no terminal to prompt on).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = format!("sqlite://{}/users.db", dir.path().display());
+    let out = users_create_admin(&db, "Root@Example.com", Some("a long password"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("created"), "{stdout}");
+    assert!(
+        !stdout.contains("a long password"),
+        "the password is never printed"
+    );
+
+    let out = users_create_admin(&db, "root@example.com", None);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing changed"));
+
+    let pool = sqlx::SqlitePool::connect(&db).await.expect("the database");
+    sqlx::query("UPDATE users SET role = 'customer'")
+        .execute(&pool)
+        .await
+        .expect("demoted");
+    let out = users_create_admin(&db, "root@example.com", None);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("promoted"));
+    let roles: Vec<String> = sqlx::query_scalar("SELECT role FROM users")
+        .fetch_all(&pool)
+        .await
+        .expect("roles");
+    assert_eq!(roles, ["admin"], "one account, an administrator again");
+    pool.close().await;
+
+    let out = users_create_admin(&db, "new@example.com", None);
+    one_line_failure(&out, 1, "TRELLIS_ADMIN_PASSWORD");
+}

@@ -185,6 +185,8 @@ pub struct AdminAccount {
     pub password: Option<String>,
     /// Whether this start created it.
     pub created: bool,
+    /// Whether the password was generated here (and so must be shown once), rather than given.
+    pub generated: bool,
 }
 
 /// The running shop.
@@ -785,7 +787,8 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         service_key,
     };
     if config.seed_catalog {
-        seed_catalog(&shop).await?;
+        let products = format!("http://{}", shop.addrs["products"]);
+        seed_catalog_at(&products, &shop.service_key, 1).await?;
     }
     Ok(shop)
 }
@@ -806,6 +809,7 @@ async fn ensure_admin(db: &Db, given: Option<(String, String)>) -> Result<AdminA
         password: (created || !generated).then_some(password),
         email,
         created,
+        generated,
     })
 }
 
@@ -828,21 +832,65 @@ pub const CATALOG: &[(&str, i64, i64)] = &[
     ("Idempotent hoodie", 5_500, 100),
 ];
 
-async fn seed_catalog(shop: &Shop) -> Result<(), Error> {
+/// What [`seed_catalog_at`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeded {
+    /// The catalog was empty; the seed [`CATALOG`] was created.
+    Created,
+    /// The catalog had products already; nothing was created.
+    AlreadyStocked,
+}
+
+/// Pause between two tries of a seeding call that found the products service (or the
+/// inventory behind it) not answering yet.
+const SEED_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Creates the seed [`CATALOG`] through the products service at `products_url`
+/// (`http://host:port`), as an administrator signed with `service_key`, when its catalog is
+/// empty. Never twice: a catalog with any product is left alone, and each seed product is
+/// created under its own idempotency key, so a repeat after a partial run answers the first
+/// result. Each call is tried up to `tries` times, a second apart, while the service (or the
+/// inventory it sets stock through) does not answer: `trellis serve products --seed-catalog`
+/// may start before them.
+///
+/// # Errors
+/// [`Error::Service`] naming the call that kept failing or was refused.
+pub async fn seed_catalog_at(
+    products_url: &str,
+    service_key: &ServiceKey,
+    tries: u32,
+) -> Result<Seeded, Error> {
     let err = |e: &dyn std::fmt::Display| Error::Service {
         service: "products",
         message: format!("seeding the catalog: {e}"),
     };
-    let products = format!("http://{}", shop.addrs["products"]);
-    let admin_token = shop
-        .service_key
-        .signer("trellis-up")
-        .token("trellis-up", trellis_service::ROLE_ADMIN)
+    let admin_token = service_key
+        .signer("seed-catalog")
+        .token("seed-catalog", trellis_service::ROLE_ADMIN)
         .map_err(|e| err(&e))?;
     let client = reqwest_client().map_err(|e| err(&e))?;
-    let page: serde_json::Value = client
-        .get(format!("{products}/api/products?limit=1"))
-        .send()
+    let tries = tries.max(1);
+    // One call, tried again on a connection error or a 5xx.
+    let call = |request: reqwest::RequestBuilder| async move {
+        let mut last = String::new();
+        for attempt in 1..=tries {
+            let request = request
+                .try_clone()
+                .expect("the seeding requests have plain bodies");
+            match request.send().await {
+                Ok(response) if response.status().is_server_error() => {
+                    last = format!("{}", response.status());
+                }
+                Ok(response) => return Ok(response),
+                Err(e) => last = e.to_string(),
+            }
+            if attempt < tries {
+                tokio::time::sleep(SEED_RETRY_PAUSE).await;
+            }
+        }
+        Err(last)
+    };
+    let page: serde_json::Value = call(client.get(format!("{products_url}/api/products?limit=1")))
         .await
         .map_err(|e| err(&e))?
         .json()
@@ -852,24 +900,22 @@ async fn seed_catalog(shop: &Shop) -> Result<(), Error> {
         .as_array()
         .is_some_and(|items| !items.is_empty())
     {
-        return Ok(());
+        return Ok(Seeded::AlreadyStocked);
     }
     for (i, (name, price_cents, stock)) in CATALOG.iter().enumerate() {
-        let response = client
-            .post(format!("{products}/api/products"))
+        let request = client
+            .post(format!("{products_url}/api/products"))
             .header(IDENTITY_HEADER, admin_token.clone())
             .header("idempotency-key", format!("seed-catalog-{i}"))
-            .json(&serde_json::json!({"name": name, "price_cents": price_cents, "stock": stock}))
-            .send()
-            .await
-            .map_err(|e| err(&e))?;
+            .json(&serde_json::json!({"name": name, "price_cents": price_cents, "stock": stock}));
+        let response = call(request).await.map_err(|e| err(&e))?;
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
             return Err(err(&format!("{status}: {body}")));
         }
     }
-    Ok(())
+    Ok(Seeded::Created)
 }
 
 fn reqwest_client() -> Result<reqwest::Client, reqwest::Error> {
@@ -902,7 +948,17 @@ pub struct ServeConfig {
     /// The key the gateway and every service of this shop share (see
     /// [`trellis_service::auth`]): `ServiceKey::from_env_or_file` in `trellis serve`.
     pub service_key: ServiceKey,
+    /// For `users`: the administrator account (email, password) to create when no account has
+    /// that email, as `trellis up` does (`TRELLIS_ADMIN_EMAIL` / `TRELLIS_ADMIN_PASSWORD`).
+    pub admin: Option<(String, String)>,
+    /// For `products`: create the seed [`CATALOG`] when the catalog is empty, once the service
+    /// and the inventory answer (see [`seed_catalog_at`]).
+    pub seed_catalog: bool,
 }
+
+/// How long `serve products --seed-catalog` keeps trying while the inventory is not up yet:
+/// one try a second.
+pub const SEED_TRIES_SERVE: u32 = 120;
 
 /// Runs one service until `shutdown` completes: what `trellis serve NAME` does. With
 /// [`SagaStyle::Choreography`], orders, inventory, payments and shipping take part in the
@@ -924,6 +980,8 @@ pub async fn serve_one(
         saga,
         provider,
         service_key,
+        admin,
+        seed_catalog,
     } = config;
     let name = name.as_str();
     let bus_prefix = bus_prefix.as_str();
@@ -957,6 +1015,16 @@ pub async fn serve_one(
             })
             .await
             .map_err(|e| service_err("users")(&e))?;
+            if let Some((email, password)) = admin {
+                let created = shop_users::ensure_admin(&db, &email, &password, "Admin")
+                    .await
+                    .map_err(|e| service_err("users")(&e))?;
+                if created {
+                    tracing::info!(%email, "admin account created");
+                } else {
+                    tracing::info!(%email, "admin account exists; left as it is");
+                }
+            }
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
@@ -1026,6 +1094,7 @@ pub async fn serve_one(
                 .map_err(serve_err)
         }
         "products" => {
+            let service_key_for_seed = service_key.clone();
             let (router, db) = shop_products::app(shop_products::Config {
                 database_url,
                 inventory_addr: peer("inventory"),
@@ -1033,6 +1102,25 @@ pub async fn serve_one(
             })
             .await
             .map_err(|e| service_err("products")(&e))?;
+            if seed_catalog {
+                let mut own = listener.local_addr().map_err(|source| Error::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                if own.ip().is_unspecified() {
+                    own.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                }
+                let key = service_key_for_seed.clone();
+                tokio::spawn(async move {
+                    match seed_catalog_at(&format!("http://{own}"), &key, SEED_TRIES_SERVE).await {
+                        Ok(Seeded::Created) => tracing::info!("seed catalog created"),
+                        Ok(Seeded::AlreadyStocked) => {
+                            tracing::info!("the catalog has products; not seeded");
+                        }
+                        Err(error) => tracing::error!(%error, "the seed catalog was not created"),
+                    }
+                });
+            }
             trellis_service::serve(listener, router, Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)

@@ -122,13 +122,7 @@ pub(crate) struct State {
 /// [`Error::Open`] naming the URL when the database cannot be opened, [`Error::Schema`],
 /// [`Error::SigningKey`], or [`Error::Database`].
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
-    let db = Db::connect(&config.database_url)
-        .await
-        .map_err(|source| Error::Open {
-            url: redact(&config.database_url),
-            source,
-        })?;
-    db.run_schema(store::SCHEMA).await.map_err(Error::Schema)?;
+    let db = open(&config.database_url).await?;
     let keys = keys::KeyRing::load_or_create(&db).await?;
     let hasher = password::Hasher::new().await?;
     let state = State {
@@ -184,6 +178,56 @@ pub async fn ensure_admin(db: &Db, email: &str, password: &str, name: &str) -> R
             source,
         }),
     }
+}
+
+/// Opens the users database at `database_url` and applies the schema (for tools that work on
+/// it without serving, such as `trellis users create-admin`).
+///
+/// # Errors
+/// [`Error::Open`] naming the URL; [`Error::Schema`].
+pub async fn open(database_url: &str) -> Result<Db, Error> {
+    let db = Db::connect(database_url)
+        .await
+        .map_err(|source| Error::Open {
+            url: redact(database_url),
+            source,
+        })?;
+    db.run_schema(store::SCHEMA).await.map_err(Error::Schema)?;
+    Ok(db)
+}
+
+/// What [`promote_admin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    /// The account had another role and is an administrator now.
+    Promoted,
+    /// The account was an administrator already.
+    AlreadyAdmin,
+    /// No account has this email.
+    NoAccount,
+}
+
+/// Makes the account with `email` an administrator, leaving its password alone.
+///
+/// # Errors
+/// [`Error::Database`] when the lookup or the update fails.
+pub async fn promote_admin(db: &Db, email: &str) -> Result<Promotion, Error> {
+    let email = email.trim().to_lowercase();
+    let database = |what| move |source| Error::Database { what, source };
+    let changed = store::set_role(db, &email, trellis_service::ROLE_ADMIN)
+        .await
+        .map_err(database("promoting the account"))?;
+    if changed > 0 {
+        return Ok(Promotion::Promoted);
+    }
+    let found = store::find_by_email(db, &email)
+        .await
+        .map_err(database("looking up the account"))?;
+    Ok(if found.is_some() {
+        Promotion::AlreadyAdmin
+    } else {
+        Promotion::NoAccount
+    })
 }
 
 /// A database URL without its password, for error messages.

@@ -108,6 +108,19 @@ pub(crate) async fn find_by_email(db: &Db, email: &str) -> Result<Option<User>, 
         .map(|row| row.map(|row| user_from_row!(row))))
 }
 
+/// Gives the account with this (already lowercased) email `role`; the rows changed (0 when
+/// there is no such account or it has the role already).
+pub(crate) async fn set_role(db: &Db, email: &str, role: &str) -> Result<u64, sqlx::Error> {
+    on_db!(db, |pool| sqlx::query(
+        "UPDATE users SET role = $1 WHERE email = $2 AND role <> $1"
+    )
+    .bind(role)
+    .bind(email)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected()))
+}
+
 /// The user with this id.
 pub(crate) async fn find_by_id(db: &Db, id: &str) -> Result<Option<User>, sqlx::Error> {
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
