@@ -19,6 +19,8 @@ pub(crate) struct TestShop {
     pub(crate) base: String,
     pub(crate) dir: tempfile::TempDir,
     _databases: Vec<trellis_testkit::TestPostgres>,
+    /// The NATS prefix of a PostgreSQL + NATS shop: its streams are deleted when it drops.
+    _nats: Option<trellis_testkit::TestNats>,
     /// Held while a PostgreSQL-backed shop runs (dropped after the databases).
     _pg_turn: Option<tokio::sync::SemaphorePermit<'static>>,
     /// The bus URL and prefix the orders service relays to.
@@ -81,10 +83,12 @@ impl TestShop {
         } else {
             None
         };
+        let mut nats = None;
         if backend == Backend::Postgres {
-            let nats = trellis_testkit::nats(test).await?;
-            config.bus_url = Some(nats.url.clone());
-            config.bus_prefix = nats.prefix.clone();
+            let test_nats = trellis_testkit::nats(test).await?;
+            config.bus_url = Some(test_nats.url.clone());
+            config.bus_prefix = test_nats.prefix.clone();
+            nats = Some(test_nats);
         }
         let bus = (config.bus_url(), config.bus_prefix.clone());
         if backend == Backend::Postgres {
@@ -115,6 +119,7 @@ impl TestShop {
             base,
             dir,
             _databases: databases,
+            _nats: nats,
             _pg_turn: pg_turn,
             bus,
             admin_token: String::new(),
