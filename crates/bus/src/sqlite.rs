@@ -17,15 +17,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::future::BoxFuture;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
@@ -124,7 +121,7 @@ CREATE TABLE IF NOT EXISTS bus_dlq_actions (
 /// How to open a [`SqliteBus`].
 #[derive(Debug, Clone)]
 pub struct SqliteBusConfig {
-    options: SqliteConnectOptions,
+    url: String,
     message_bytes_max: usize,
     synchronous_full: bool,
     retention: Duration,
@@ -134,7 +131,7 @@ impl SqliteBusConfig {
     /// A file path, created if missing.
     #[must_use]
     pub fn from_path(path: impl AsRef<Path>) -> Self {
-        Self::from_options(SqliteConnectOptions::new().filename(path))
+        Self::from_location(format!("sqlite://{}", path.as_ref().display()))
     }
 
     /// A `sqlite://path` URL.
@@ -142,14 +139,17 @@ impl SqliteBusConfig {
     /// # Errors
     /// [`BusError::InvalidConfig`] for a URL sqlx does not parse.
     pub fn from_url(url: &str) -> Result<Self, BusError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|error| BusError::InvalidConfig(format!("sqlite url {url:?}: {error}")))?;
-        Ok(Self::from_options(options))
+        if !trellis_sqlite::is_sqlite_url(url) {
+            return Err(BusError::InvalidConfig(format!(
+                "sqlite url {url:?}: expected sqlite://PATH"
+            )));
+        }
+        Ok(Self::from_location(url.to_owned()))
     }
 
-    fn from_options(options: SqliteConnectOptions) -> Self {
+    fn from_location(url: String) -> Self {
         Self {
-            options,
+            url,
             message_bytes_max: MESSAGE_BYTES_MAX_DEFAULT,
             synchronous_full: true,
             retention: RETENTION_DEFAULT,
@@ -180,17 +180,16 @@ impl SqliteBusConfig {
         self
     }
 
-    fn connect_options(&self) -> SqliteConnectOptions {
-        self.options
-            .clone()
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
+    fn connect_options(&self) -> Result<SqliteConnectOptions, BusError> {
+        let options = trellis_sqlite::connect_options(&self.url)
+            .map_err(|error| BusError::InvalidConfig(error.to_string()))?;
+        Ok(options
             .synchronous(if self.synchronous_full {
                 SqliteSynchronous::Full
             } else {
                 SqliteSynchronous::Normal
             })
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(BUSY_TIMEOUT))
     }
 }
 
@@ -245,7 +244,7 @@ impl SqliteBus {
     /// # Errors
     /// The file cannot be opened or the schema cannot be created.
     pub async fn open(config: SqliteBusConfig) -> Result<Self, BusError> {
-        let options = config.connect_options();
+        let options = config.connect_options()?;
         let mut writer = SqliteConnection::connect_with(&options).await?;
         {
             let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;

@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{PgPool, SqlitePool};
 
 /// Most connections a PostgreSQL pool opens.
@@ -63,31 +63,18 @@ impl Db {
                 .await?;
             return Ok(Self::Postgres(pool));
         }
-        let Some(rest) = url.strip_prefix("sqlite:") else {
+        if !trellis_sqlite::is_sqlite_url(url) {
             return Err(DbError::UnsupportedUrl(url.to_owned()));
-        };
-        let memory = rest == ":memory:" || rest == "//:memory:";
-        let options = if memory {
-            SqliteConnectOptions::from_str("sqlite::memory:")?
-        } else {
-            let path = rest.trim_start_matches("//");
-            if let Some(dir) = std::path::Path::new(path).parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-            }
-            SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-        };
-        let options = options
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(SQLITE_BUSY_TIMEOUT)
-            .foreign_keys(true);
+        }
+        let memory = trellis_sqlite::is_memory_url(url);
+        let options = trellis_sqlite::connect_options(url)
+            .map_err(|e| match e {
+                trellis_sqlite::OpenError::CreateDir { path, source } => {
+                    DbError::CreateDir { path, source }
+                }
+                other => DbError::Sqlx(other.into()),
+            })?
+            .busy_timeout(SQLITE_BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             // One connection for an in-memory database: each connection would see its own.
             .max_connections(if memory { 1 } else { SQLITE_CONNECTIONS_MAX })

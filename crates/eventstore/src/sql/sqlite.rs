@@ -6,15 +6,11 @@
 //! `BEGIN IMMEDIATE` transaction, which holds SQLite's single write lock, and positions are
 //! `MAX(position) + 1` under that lock, so they are assigned in commit order.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row as _, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -80,12 +76,9 @@ impl SqliteStore {
     /// # Errors
     /// A backend error when the file cannot be opened or the schema not created.
     pub async fn open(url: &str) -> Result<Self, EventStoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+        let options = trellis_sqlite::connect_options(url)
+            .map_err(sqlx::Error::from)?
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS_MAX + 1)
             .connect_with(options)

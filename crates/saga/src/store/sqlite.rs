@@ -18,14 +18,10 @@
 //! a SQLite file share a host.
 
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection as _, Row as _, SqliteExecutor};
 use tokio::sync::{mpsc, oneshot};
 
@@ -82,12 +78,9 @@ impl SqliteSagaStore {
     /// # Errors
     /// A storage error when the file cannot be opened or the schema not created.
     pub async fn open(url: &str) -> Result<Self, SagaError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+        let options = trellis_sqlite::connect_options(url)
+            .map_err(sqlx::Error::from)?
+            .busy_timeout(BUSY_TIMEOUT);
         let mut writer = SqliteConnection::connect_with(&options).await?;
         sqlx::raw_sql(SCHEMA).execute(&mut writer).await?;
         let readers = SqlitePoolOptions::new()
@@ -811,11 +804,12 @@ async fn insert_record<'c>(
 
 #[cfg(test)]
 mod tests {
-    use std::str::FromStr as _;
     use std::time::Duration;
 
     use chrono::Utc;
     use sqlx::Connection as _;
+    use std::str::FromStr;
+
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
     use tokio::sync::oneshot;
 

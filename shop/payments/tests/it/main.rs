@@ -81,6 +81,9 @@ pub(crate) struct Harness {
     pub(crate) provider: ProviderHandle,
     pub(crate) clock: ManualClock,
     _keep: Keep,
+    /// For [`Front::Nobody`]: the provider's port, bound and never listened on, so every
+    /// connection is refused and no other test can take the port meanwhile.
+    _reserved: Option<tokio::net::TcpSocket>,
 }
 
 /// Test resilience settings: fast backoff and a breaker on a manual clock.
@@ -170,13 +173,19 @@ pub(crate) async fn start_behind(
         .await
         .expect("bind");
     let provider_addr = provider_listener.local_addr().expect("addr");
+    let mut reserved = None;
     let provider_url = match front {
         Front::Direct => format!("http://{provider_addr}"),
         Front::FirstConnectionHangs => hanging_first_relay(provider_addr).await,
         Front::Nobody => {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let url = format!("http://{}", closed.local_addr().expect("addr"));
-            drop(closed);
+            // Bound but not listening: connections are refused, and the port stays ours (a
+            // listener dropped at once could hand its port to another test's server).
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind("127.0.0.1:0".parse().expect("address"))
+                .expect("bind");
+            let url = format!("http://{}", socket.local_addr().expect("addr"));
+            reserved = Some(socket);
             url
         }
     };
@@ -221,6 +230,7 @@ pub(crate) async fn start_behind(
         provider,
         clock,
         _keep: keep,
+        _reserved: reserved,
     })
 }
 
