@@ -1,8 +1,8 @@
-//! The `trellis` command.
-//!
-//! Today it runs the resilience demo; the shop (`up`, `serve`), the gateway, `load`, `chaos`
-//! and `mcp` arrive as their issues land. Errors print one line and exit non-zero; they never
-//! panic with a backtrace.
+//! The `trellis` command: the reference shop in one process (`up`) or one process per
+//! service (`serve`), the gateway alone (`gateway`), the load generator (`load`), operator
+//! tools for sagas (`saga`), dead letters (`dlq`) and accounts (`users create-admin`), and the
+//! resilience demo (`demo`). `chaos`, `agent` and `mcp` are not built yet. Errors print one line
+//! and exit non-zero; they never panic with a backtrace.
 
 use std::process::ExitCode;
 
