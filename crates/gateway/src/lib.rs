@@ -106,7 +106,7 @@ mod error;
 mod hooks;
 mod path;
 mod proxy;
-mod ratelimit;
+mod rate_limit;
 mod route;
 mod server;
 mod upstream;

@@ -22,7 +22,7 @@ use crate::body::{BodyTimeoutReport, BoxError, GatewayBody, TimedBody, full};
 use crate::config::{AuthConfig, Config, UpstreamProtocol};
 use crate::error::{ConfigError, ProxyError, json_error};
 use crate::hooks::{GatewayHooks, HookDecision, RequestCtx};
-use crate::ratelimit::{RouteLimiter, Verdict};
+use crate::rate_limit::{RateLimitHeaders, RouteLimiter, Verdict};
 use crate::route::Matcher;
 use crate::upstream::{Cluster, Endpoint, Pick, spawn_health_checks};
 
@@ -437,16 +437,19 @@ pub(crate) async fn handle(
 fn finish_response(
     response: &mut Response<GatewayBody>,
     request_id: &str,
-    rate: Option<(u32, u32, u64)>,
+    rate_limit: Option<RateLimitHeaders>,
 ) {
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID, v);
     }
-    if let Some((limit, remaining, reset)) = rate {
-        headers.insert("ratelimit-limit", HeaderValue::from(limit));
-        headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-        headers.insert("ratelimit-reset", HeaderValue::from(reset));
+    if let Some(rate_limit) = rate_limit {
+        headers.insert("ratelimit-limit", HeaderValue::from(rate_limit.limit));
+        headers.insert(
+            "ratelimit-remaining",
+            HeaderValue::from(rate_limit.remaining),
+        );
+        headers.insert("ratelimit-reset", HeaderValue::from(rate_limit.reset_s));
     }
 }
 
@@ -588,7 +591,7 @@ async fn proxy(
     ctx: &mut RequestCtx,
     mut parts: http::request::Parts,
     body: Incoming,
-    rate_headers: &mut Option<(u32, u32, u64)>,
+    rate_headers: &mut Option<RateLimitHeaders>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     // Body size: refuse a declared oversize body before reading any of it.
     let declared = parts
@@ -623,11 +626,7 @@ async fn proxy(
             .check(ctx.peer.ip(), identity.as_deref(), &parts.headers)
             .await
         {
-            Verdict::Allowed {
-                limit,
-                remaining,
-                reset_s,
-            } => *rate_headers = Some((limit, remaining, reset_s)),
+            Verdict::Allowed(headers) => *rate_headers = Some(headers),
             Verdict::Limited { retry_after, limit } => {
                 return Err(ProxyError::RateLimited { retry_after, limit });
             }

@@ -7,15 +7,18 @@
 //! limiter answers instead (fail open to a per-replica limit), Redis is left alone for
 //! [`REDIS_RETRY_AFTER_FAILURE`], and `trellis_gateway_rate_limit_backend_errors_total` counts
 //! the failure. See docs/decisions/0005-gateway-design.md.
+//!
+//! The local limiter reads time only from the clock it is given ([`RouteLimiter::with_clock`]):
+//! governor's monotonic clock in production, a `FakeRelativeClock` in tests.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
@@ -27,7 +30,7 @@ use crate::auth::Identity;
 use crate::config::RateLimitConfig;
 use crate::error::ConfigError;
 
-type Keyed = RateLimiter<String, KeyTable, DefaultClock, StateInformationMiddleware>;
+type Keyed<C> = RateLimiter<String, KeyTable, C, StateInformationMiddleware>;
 
 /// Time Redis is not asked after it failed, so a dead Redis costs one timeout per this
 /// period rather than one per request.
@@ -128,11 +131,11 @@ impl Shared {
         };
         let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         match reply.as_slice() {
-            [1, remaining, reset_us] => Some(Verdict::Allowed {
+            [1, remaining, reset_us] => Some(Verdict::Allowed(RateLimitHeaders {
                 limit,
                 remaining: u32::try_from(*remaining).unwrap_or(0),
                 reset_s: micros(*reset_us).as_secs_f64().ceil() as u64,
-            }),
+            })),
             [0, retry_after_us] => Some(Verdict::Limited {
                 retry_after: micros(*retry_after_us),
                 limit,
@@ -165,17 +168,18 @@ pub(crate) enum KeySource {
     Header(HeaderName),
 }
 
-/// A route's limiter.
+/// A route's limiter, on clock `C` (governor's monotonic clock unless a test injects one).
 #[derive(Debug)]
-pub(crate) struct RouteLimiter {
+pub(crate) struct RouteLimiter<C: Clock = DefaultClock> {
     source: KeySource,
-    limiter: Keyed,
+    limiter: Keyed<C>,
+    clock: C,
     table: Arc<KeyTableState>,
     burst: u32,
     emission: Duration,
     keys_max: usize,
     /// When a full table was last swept of replenished keys.
-    last_sweep: Mutex<Instant>,
+    last_sweep: Mutex<C::Instant>,
     shared: Option<Shared>,
 }
 
@@ -271,25 +275,44 @@ fn theoretical_arrival(state: &InMemoryState) -> Option<Nanos> {
         .flatten()
 }
 
+/// The values of the `RateLimit-*` headers on an admitted request's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RateLimitHeaders {
+    /// `RateLimit-Limit`: the burst, requests.
+    pub(crate) limit: u32,
+    /// `RateLimit-Remaining`: requests left in the burst.
+    pub(crate) remaining: u32,
+    /// `RateLimit-Reset`: seconds until the burst is whole again.
+    pub(crate) reset_s: u64,
+}
+
 /// The verdict for one request.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    /// Admitted; the values for `RateLimit-*` headers.
-    Allowed {
-        limit: u32,
-        remaining: u32,
-        reset_s: u64,
-    },
+    /// Admitted, with the values for the `RateLimit-*` headers.
+    Allowed(RateLimitHeaders),
     /// Refused for this long.
     Limited { retry_after: Duration, limit: u32 },
 }
 
 impl RouteLimiter {
-    /// A limiter for route `route` following policy `name`.
+    /// A limiter for route `route` following policy `name`, on governor's monotonic clock.
     pub(crate) fn new(
         name: &str,
         route: &str,
         config: &RateLimitConfig,
+    ) -> Result<Self, ConfigError> {
+        Self::with_clock(name, route, config, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RouteLimiter<C> {
+    /// A limiter for route `route` following policy `name`, reading time from `clock`.
+    pub(crate) fn with_clock(
+        name: &str,
+        route: &str,
+        config: &RateLimitConfig,
+        clock: C,
     ) -> Result<Self, ConfigError> {
         let bad = |message: &str| ConfigError::Invalid {
             key: format!("rate_limits.{name}"),
@@ -340,15 +363,16 @@ impl RouteLimiter {
             full: AtomicBool::new(false),
             overflowed: metrics::counter!("trellis_gateway_rate_limit_overflow_total", "policy" => name.to_owned()),
         });
-        let limiter = Keyed::new(quota, KeyTable(Arc::clone(&table)), DefaultClock::default());
+        let limiter = Keyed::new(quota, KeyTable(Arc::clone(&table)), clock.clone());
         Ok(Self {
             source,
             limiter,
+            last_sweep: Mutex::new(clock.now()),
+            clock,
             table,
             burst: config.burst,
             emission,
             keys_max: config.keys_max,
-            last_sweep: Mutex::new(Instant::now()),
             shared,
         })
     }
@@ -391,14 +415,14 @@ impl RouteLimiter {
                 let remaining = snapshot.remaining_burst_capacity();
                 let used = self.burst.saturating_sub(remaining);
                 let reset = self.emission * used;
-                Verdict::Allowed {
+                Verdict::Allowed(RateLimitHeaders {
                     limit: self.burst,
                     remaining,
                     reset_s: reset.as_secs() + u64::from(reset.subsec_nanos() > 0),
-                }
+                })
             }
             Err(not_until) => Verdict::Limited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                retry_after: not_until.wait_time_from(self.clock.now()),
                 limit: self.burst,
             },
         };
@@ -416,10 +440,11 @@ impl RouteLimiter {
                 .last_sweep
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < KEY_TABLE_SWEEP_INTERVAL_MIN {
+            let now = self.clock.now();
+            if Duration::from(now.duration_since(*last)) < KEY_TABLE_SWEEP_INTERVAL_MIN {
                 return;
             }
-            *last = Instant::now();
+            *last = now;
         }
         self.limiter.retain_recent();
         let keys = self.limiter.len();
@@ -442,20 +467,28 @@ impl RouteLimiter {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use governor::clock::FakeRelativeClock;
     use http::HeaderValue;
 
     use super::*;
 
-    fn limiter(keys_max: usize) -> RouteLimiter {
+    fn limiter(keys_max: usize) -> (RouteLimiter<FakeRelativeClock>, FakeRelativeClock) {
         limiter_with_burst(keys_max, 2)
     }
 
-    fn limiter_with_burst(keys_max: usize, burst: u32) -> RouteLimiter {
+    /// A limiter at 1 request/s on a fake clock that only moves when the test advances it.
+    fn limiter_with_burst(
+        keys_max: usize,
+        burst: u32,
+    ) -> (RouteLimiter<FakeRelativeClock>, FakeRelativeClock) {
         let config: RateLimitConfig = toml::from_str(&format!(
             "key = \"header:x-tenant\"\nrequests_per_second = 1\nburst = {burst}\nkeys_max = {keys_max}"
         ))
         .expect("config");
-        RouteLimiter::new("t", "route", &config).expect("limiter")
+        let clock = FakeRelativeClock::default();
+        let limiter =
+            RouteLimiter::with_clock("t", "route", &config, clock.clone()).expect("limiter");
+        (limiter, clock)
     }
 
     fn tenant(name: impl std::fmt::Display) -> HeaderMap {
@@ -471,18 +504,17 @@ mod tests {
     async fn a_flooded_key_table_does_not_hand_out_fresh_bursts() {
         // Goal: a client that has spent its burst gets no new one when a flood of distinct
         // keys overfills the table, and the flood gets no burst per key beyond the table's
-        // room. Method: burst 10 at 1 request/s; whatever a bucket regains during the test
-        // is bounded by the whole seconds elapsed (an invariant of the rate, not a timing).
+        // room. Method: burst 10 at 1 request/s on a fake clock that stands still, so no
+        // bucket regains anything during the test.
         let keys_max = 100;
         let burst = 10;
-        let l = limiter_with_burst(keys_max, burst);
+        let (l, _clock) = limiter_with_burst(keys_max, burst);
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let started = std::time::Instant::now();
         let spender = tenant("spender");
         for _ in 0..burst {
             assert!(matches!(
                 l.check(peer, None, &spender).await,
-                Verdict::Allowed { .. }
+                Verdict::Allowed(_)
             ));
         }
         assert!(matches!(
@@ -492,7 +524,7 @@ mod tests {
 
         let mut flood_allowed: u64 = 0;
         for i in 0..5_000 {
-            if let Verdict::Allowed { .. } = l.check(peer, None, &tenant(i)).await {
+            if let Verdict::Allowed(_) = l.check(peer, None, &tenant(i)).await {
                 flood_allowed += 1;
             }
         }
@@ -504,14 +536,13 @@ mod tests {
             "the spender's state was evicted"
         );
 
-        // A bucket regains at most one request per started second.
-        let regained_max = started.elapsed().as_secs() + 1;
-        let per_bucket = u64::from(burst) + regained_max;
+        // The clock stood still: the spender has nothing back.
+        let per_bucket = u64::from(burst);
         match l.check(peer, None, &spender).await {
             Verdict::Limited { .. } => {}
-            Verdict::Allowed { remaining, .. } => assert!(
-                u64::from(remaining) < regained_max,
-                "the spender got a fresh burst: {remaining} requests left"
+            Verdict::Allowed(headers) => panic!(
+                "the spender got a fresh burst: {} requests left",
+                headers.remaining
             ),
         }
         // Every key the table had room for, plus one shared bucket for the rest.
@@ -524,7 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_key_table_stays_within_its_bound_under_a_flood_of_keys() {
-        let l = limiter(100);
+        let (l, _clock) = limiter(100);
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
         for i in 0..10_000 {
             let mut headers = HeaderMap::new();
@@ -536,7 +567,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_is_limited_after_its_burst_and_others_are_not() {
-        let l = limiter(100);
+        // Goal: one key's spent burst limits that key only, for exactly one emission
+        // interval. Method: burst 2 at 1 request/s on a fake clock advanced by hand.
+        let (l, clock) = limiter(100);
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut a = HeaderMap::new();
         a.insert("x-tenant", HeaderValue::from_static("a"));
@@ -544,22 +577,24 @@ mod tests {
         b.insert("x-tenant", HeaderValue::from_static("b"));
         assert!(matches!(
             l.check(peer, None, &a).await,
-            Verdict::Allowed { remaining: 1, .. }
+            Verdict::Allowed(RateLimitHeaders { remaining: 1, .. })
         ));
         assert!(matches!(
             l.check(peer, None, &a).await,
-            Verdict::Allowed { remaining: 0, .. }
+            Verdict::Allowed(RateLimitHeaders { remaining: 0, .. })
         ));
         match l.check(peer, None, &a).await {
             Verdict::Limited { retry_after, limit } => {
                 assert_eq!(limit, 2);
-                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+                assert_eq!(retry_after, Duration::from_secs(1));
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        assert!(matches!(l.check(peer, None, &b).await, Verdict::Allowed(_)));
+        clock.advance(Duration::from_secs(1));
         assert!(matches!(
-            l.check(peer, None, &b).await,
-            Verdict::Allowed { .. }
+            l.check(peer, None, &a).await,
+            Verdict::Allowed(RateLimitHeaders { remaining: 0, .. })
         ));
     }
 }
