@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::bus::Message;
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::topic;
@@ -138,6 +139,34 @@ pub struct DeadLetter {
     pub state: DeadLetterState,
     /// How many times the message had been redriven before it landed here again.
     pub redrive_count: u32,
+}
+
+impl DeadLetter {
+    /// The dead letter a backend stores when `message`'s delivery number `attempts` ends in
+    /// `failure`. `first_failure_at` is the backend's record of the message's first failure
+    /// (`None`: this is its first, so it is `failure.at`).
+    pub(crate) fn from_failure(
+        message: &Message,
+        attempts: u32,
+        failure: &Failure,
+        first_failure_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            group: message.group.clone(),
+            topic: message.topic.clone(),
+            envelope: message.envelope.clone(),
+            reason: failure.reason,
+            attempts,
+            first_failure_at: first_failure_at.unwrap_or(failure.at),
+            last_failure_at: failure.at,
+            fingerprint: failure.fingerprint(),
+            error_kind: failure.error_kind.clone(),
+            error: failure.error.clone(),
+            state: DeadLetterState::Dead,
+            redrive_count: message.envelope.redrive_count(),
+        }
+    }
 }
 
 /// What a dead-letter failure looks like before it is stored.
@@ -356,13 +385,30 @@ pub(crate) fn page_of(
     }
 }
 
-/// The dead-letter id a memory or SQLite cursor holds (`None`: from the start).
-pub(crate) fn id_cursor(filter: &DeadLetterFilter) -> Result<Option<Uuid>, BusError> {
+/// The position a filter's cursor holds, as the backend wrote it (`None`: from the start).
+/// Memory and SQLite write dead-letter ids, NATS stream sequences.
+pub(crate) fn cursor<T: std::str::FromStr>(
+    filter: &DeadLetterFilter,
+) -> Result<Option<T>, BusError> {
     match filter.cursor.as_deref() {
         None | Some("") => Ok(None),
-        Some(text) => Uuid::parse_str(text)
+        Some(text) => text
+            .parse::<T>()
             .map(Some)
             .map_err(|_| BusError::invalid("cursor", text, "is not a cursor of this backend")),
+    }
+}
+
+/// The dead-letter id a memory or SQLite cursor holds (`None`: from the start).
+pub(crate) fn id_cursor(filter: &DeadLetterFilter) -> Result<Option<Uuid>, BusError> {
+    cursor::<Uuid>(filter)
+}
+
+/// The error for a dead-letter id that is not (or no longer) in the queue.
+pub(crate) fn not_found(id: Uuid) -> BusError {
+    BusError::NotFound {
+        what: "dead letter",
+        id: id.to_string(),
     }
 }
 
@@ -465,6 +511,20 @@ pub struct DlqAction {
     pub message_id: Uuid,
     /// Who asked (a user name, `cli`, `http`, ...).
     pub actor: String,
+}
+
+impl DlqAction {
+    /// The log entry for `action` on `letter` by `actor`, now (the actor cut to
+    /// [`ACTION_TEXT_BYTES_MAX`]).
+    pub(crate) fn new(action: DlqActionKind, letter: &DeadLetter, actor: &str) -> Self {
+        Self {
+            at: Utc::now(),
+            action,
+            dead_letter_id: letter.id,
+            message_id: letter.envelope.id,
+            actor: truncate(actor, ACTION_TEXT_BYTES_MAX),
+        }
+    }
 }
 
 /// Most actions one [`DeadLetters::actions`] call returns.
@@ -599,6 +659,42 @@ mod tests {
             a,
             fingerprint("db", "order 17 not found for \"alice\" (id 0190a1b2-c3d4)")
         );
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_first_failure_its_backend_recorded() {
+        // Every backend builds its letters here: the first failure defaults to this one.
+        let message = Message {
+            topic: "orders.created".to_owned(),
+            group: "billing".to_owned(),
+            envelope: Envelope::new("order.created", "orders", "o-1", serde_json::json!({})),
+        };
+        let failure = Failure::new(DeadLetterReason::MaxDeliveries, "http", "order 17 gone");
+        let fresh = DeadLetter::from_failure(&message, 5, &failure, None);
+        assert_eq!(fresh.first_failure_at, failure.at);
+        assert_eq!(fresh.fingerprint, "http: order # gone");
+        let earlier = failure.at - chrono::Duration::minutes(3);
+        let retried = DeadLetter::from_failure(&message, 5, &failure, Some(earlier));
+        assert_eq!(retried.first_failure_at, earlier);
+        assert_eq!(retried.last_failure_at, failure.at);
+        assert_eq!(
+            (retried.attempts, retried.state),
+            (5, DeadLetterState::Dead)
+        );
+    }
+
+    #[test]
+    fn an_action_entry_cuts_a_long_actor_name() {
+        let message = Message {
+            topic: "t".to_owned(),
+            group: "g".to_owned(),
+            envelope: Envelope::new("k", "s", "x", serde_json::json!({})),
+        };
+        let failure = Failure::new(DeadLetterReason::Rejected, "k", "e");
+        let letter = DeadLetter::from_failure(&message, 1, &failure, None);
+        let entry = DlqAction::new(DlqActionKind::Archive, &letter, &"a".repeat(1_000));
+        assert_eq!(entry.actor.len(), ACTION_TEXT_BYTES_MAX);
+        assert_eq!(entry.message_id, message.envelope.id);
     }
 
     #[test]

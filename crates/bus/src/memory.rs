@@ -17,7 +17,7 @@ use crate::bus::{
 };
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
-    DlqAction, DlqActionKind, id_cursor, log_action, page_of, redriven_envelope,
+    DlqAction, DlqActionKind, id_cursor, log_action, not_found, page_of, redriven_envelope,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -344,23 +344,9 @@ impl MemorySettler {
                 }
             }
             Settlement::DeadLetter(failure) => {
-                let first_failure = pending.first_failure.unwrap_or(failure.at);
+                let first_failure = pending.first_failure;
                 group.pending.remove(&key.sequence);
-                let letter = DeadLetter {
-                    id: Uuid::now_v7(),
-                    group: message.group.clone(),
-                    topic: message.topic.clone(),
-                    envelope: message.envelope.clone(),
-                    reason: failure.reason,
-                    attempts: attempt,
-                    first_failure_at: first_failure,
-                    last_failure_at: failure.at,
-                    fingerprint: failure.fingerprint(),
-                    error_kind: failure.error_kind,
-                    error: failure.error,
-                    state: DeadLetterState::Dead,
-                    redrive_count: message.envelope.redrive_count(),
-                };
+                let letter = DeadLetter::from_failure(message, attempt, &failure, first_failure);
                 state.dead.insert(letter.id, letter);
             }
         }
@@ -372,18 +358,9 @@ impl InMemoryBus {
     fn act(&self, id: Uuid, actor: &str, action: DlqActionKind) -> Result<(), BusError> {
         let mut guard = self.inner.lock();
         let state = &mut *guard;
-        let letter = state.dead.get(&id).ok_or_else(|| BusError::NotFound {
-            what: "dead letter",
-            id: id.to_string(),
-        })?;
+        let letter = state.dead.get(&id).ok_or_else(|| not_found(id))?;
         log_action(action, letter, actor);
-        let entry = DlqAction {
-            at: Utc::now(),
-            action,
-            dead_letter_id: id,
-            message_id: letter.envelope.id,
-            actor: crate::dlq::truncate(actor, crate::dlq::ACTION_TEXT_BYTES_MAX),
-        };
+        let entry = DlqAction::new(action, letter, actor);
         match action {
             DlqActionKind::Redrive => {
                 if state.log.len() >= MEMORY_LOG_MESSAGES_MAX {
@@ -442,10 +419,7 @@ impl DeadLetters for InMemoryBus {
             .dead
             .get(&id)
             .cloned()
-            .ok_or_else(|| BusError::NotFound {
-                what: "dead letter",
-                id: id.to_string(),
-            })
+            .ok_or_else(|| not_found(id))
     }
 
     async fn redrive(&self, id: Uuid, actor: &str) -> Result<(), BusError> {

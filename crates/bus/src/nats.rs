@@ -77,7 +77,7 @@ use crate::bus::{
 };
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
-    DlqAction, DlqActionKind, log_action, page_of, redriven_envelope, truncate,
+    DlqAction, DlqActionKind, cursor, log_action, not_found, page_of, redriven_envelope,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -572,10 +572,7 @@ impl NatsBus {
             }
         }
         reader.close().await;
-        found.ok_or_else(|| BusError::NotFound {
-            what: "dead letter",
-            id: id.to_string(),
-        })
+        found.ok_or_else(|| not_found(id))
     }
 
     async fn act(&self, id: Uuid, actor: &str, action: DlqActionKind) -> Result<(), BusError> {
@@ -599,18 +596,9 @@ impl NatsBus {
         }
         let deleted = bounded(self.inner.dlq_stream.delete_message(sequence)).await?;
         if !deleted {
-            return Err(BusError::NotFound {
-                what: "dead letter",
-                id: id.to_string(),
-            });
+            return Err(not_found(id));
         }
-        let entry = DlqAction {
-            at: Utc::now(),
-            action,
-            dead_letter_id: id,
-            message_id: letter.envelope.id,
-            actor: truncate(actor, crate::dlq::ACTION_TEXT_BYTES_MAX),
-        };
+        let entry = DlqAction::new(action, &letter, actor);
         let payload = serde_json::to_vec(&entry).map_err(BusError::corrupt)?;
         self.publish_dlq(format!("{}.dlq.action", self.inner.prefix), payload)
             .await?;
@@ -1199,23 +1187,9 @@ impl Settle for NatsSettler {
                             .remove(&(message.group.clone(), key.sequence))
                     })
                     .flatten();
-                let first = key.first_failure.or(remembered).unwrap_or(failure.at);
+                let first = key.first_failure.or(remembered);
                 Box::pin(async move {
-                    let letter = DeadLetter {
-                        id: Uuid::now_v7(),
-                        group: message.group.clone(),
-                        topic: message.topic.clone(),
-                        envelope: message.envelope.clone(),
-                        reason: failure.reason,
-                        attempts: attempt,
-                        first_failure_at: first,
-                        last_failure_at: failure.at,
-                        fingerprint: failure.fingerprint(),
-                        error_kind: failure.error_kind,
-                        error: failure.error,
-                        state: DeadLetterState::Dead,
-                        redrive_count: message.envelope.redrive_count(),
-                    };
+                    let letter = DeadLetter::from_failure(&message, attempt, &failure, first);
                     let payload = serde_json::to_vec(&letter).map_err(BusError::corrupt)?;
                     let subject = format!("{}.dlq.letter.{}", bus.inner.prefix, letter.group);
                     // Stored in the DLQ first; only then is the original terminated (a lane
@@ -1234,12 +1208,7 @@ impl DeadLetters for NatsBus {
     async fn list_page(&self, filter: &DeadLetterFilter) -> Result<DeadLetterPage, BusError> {
         filter.validate()?;
         // The cursor is the stream sequence the next page starts at.
-        let start = match filter.cursor.as_deref() {
-            None | Some("") => 1,
-            Some(text) => text.parse::<u64>().map_err(|_| {
-                BusError::invalid("cursor", text, "is not a cursor of this backend")
-            })?,
-        };
+        let start = cursor::<u64>(filter)?.unwrap_or(1);
         let state = match filter.state.unwrap_or_default() {
             DeadLetterState::Dead => "letter",
             DeadLetterState::Archived => "archived",

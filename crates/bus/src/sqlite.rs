@@ -32,9 +32,9 @@ use crate::bus::{
     millis,
 };
 use crate::dlq::{
-    ACTION_TEXT_BYTES_MAX, ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage,
-    DeadLetterReason, DeadLetterState, DeadLetters, DlqAction, DlqActionKind, id_cursor,
-    log_action, page_of, redriven_envelope, truncate,
+    ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason,
+    DeadLetterState, DeadLetters, DlqAction, DlqActionKind, id_cursor, log_action, not_found,
+    page_of, redriven_envelope,
 };
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
@@ -657,27 +657,9 @@ async fn settle_in(
                 None => false,
                 Some(row) => {
                     let first: Option<i64> = row.try_get("first_failure_ms")?;
-                    let envelope =
-                        serde_json::to_string(&message.envelope).map_err(BusError::corrupt)?;
-                    sqlx::query(
-                        "INSERT INTO bus_dead_letters (id, grp, topic, envelope, reason, attempts, \
-                         first_failure_ms, last_failure_ms, error_kind, error, fingerprint, state, redrive_count) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'dead', ?)",
-                    )
-                    .bind(Uuid::now_v7().to_string())
-                    .bind(&message.group)
-                    .bind(&message.topic)
-                    .bind(envelope)
-                    .bind(failure.reason.as_str())
-                    .bind(i64::from(attempt))
-                    .bind(first.unwrap_or(millis(failure.at)))
-                    .bind(millis(failure.at))
-                    .bind(&failure.error_kind)
-                    .bind(&failure.error)
-                    .bind(failure.fingerprint())
-                    .bind(i64::from(message.envelope.redrive_count()))
-                    .execute(&mut *tx)
-                    .await?;
+                    let letter =
+                        DeadLetter::from_failure(message, attempt, failure, first.map(from_millis));
+                    insert_letter(tx, &letter).await?;
                     true
                 }
             }
@@ -843,6 +825,32 @@ fn like_prefix(pattern: &str) -> String {
     like
 }
 
+/// Stores a new dead letter.
+async fn insert_letter(tx: &mut SqliteConnection, letter: &DeadLetter) -> Result<(), BusError> {
+    let envelope = serde_json::to_string(&letter.envelope).map_err(BusError::corrupt)?;
+    sqlx::query(
+        "INSERT INTO bus_dead_letters (id, grp, topic, envelope, reason, attempts, \
+         first_failure_ms, last_failure_ms, error_kind, error, fingerprint, state, redrive_count) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(letter.id.to_string())
+    .bind(&letter.group)
+    .bind(&letter.topic)
+    .bind(envelope)
+    .bind(letter.reason.as_str())
+    .bind(i64::from(letter.attempts))
+    .bind(millis(letter.first_failure_at))
+    .bind(millis(letter.last_failure_at))
+    .bind(&letter.error_kind)
+    .bind(&letter.error)
+    .bind(&letter.fingerprint)
+    .bind(letter.state.as_str())
+    .bind(i64::from(letter.redrive_count))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 fn letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
     let id: String = row.try_get("id")?;
     let envelope: String = row.try_get("envelope")?;
@@ -875,12 +883,10 @@ impl SqliteBus {
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| BusError::NotFound {
-                what: "dead letter",
-                id: id.to_string(),
-            })?;
+            .ok_or_else(|| not_found(id))?;
         let letter = letter_from_row(&row)?;
-        let now = millis(Utc::now());
+        let entry = DlqAction::new(action, &letter, actor);
+        let now = millis(entry.at);
         match action {
             DlqActionKind::Redrive => {
                 let envelope = serde_json::to_string(&redriven_envelope(&letter))
@@ -917,10 +923,10 @@ impl SqliteBus {
             "INSERT INTO bus_dlq_actions (at_ms, action, dead_letter_id, message_id, actor) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(now)
-        .bind(action.as_str())
-        .bind(id.to_string())
-        .bind(letter.envelope.id.to_string())
-        .bind(truncate(actor, ACTION_TEXT_BYTES_MAX))
+        .bind(entry.action.as_str())
+        .bind(entry.dead_letter_id.to_string())
+        .bind(entry.message_id.to_string())
+        .bind(&entry.actor)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -999,10 +1005,7 @@ impl DeadLetters for SqliteBus {
             .bind(id.to_string())
             .fetch_optional(&self.inner.pool)
             .await?
-            .ok_or_else(|| BusError::NotFound {
-                what: "dead letter",
-                id: id.to_string(),
-            })?;
+            .ok_or_else(|| not_found(id))?;
         letter_from_row(&row)
     }
 
