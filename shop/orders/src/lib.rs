@@ -44,11 +44,14 @@
 
 pub mod aggregate;
 pub mod choreography;
-mod engine;
-mod http;
+mod placement;
 pub mod projection;
+mod read_model;
 mod relay;
+mod rest;
 pub mod saga;
+mod saga_runner;
+mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,11 +62,12 @@ use trellis_eventstore::{AnyStore, ProjectionRunner, Repository};
 use trellis_service::{Db, GrpcClientConfig, grpc_channel, on_db};
 
 use crate::aggregate::Order;
-use crate::engine::Engine;
 use crate::projection::OrderView;
 use crate::saga::Participants;
+use crate::saga_runner::{OrderSagaEngine, SagaQueue};
 
-pub use http::{IDEMPOTENCY_KEY_MAX, openapi};
+pub use placement::IDEMPOTENCY_KEY_MAX;
+pub use rest::openapi;
 
 /// Orders whose state is kept in memory (about 1 KB each).
 pub const ORDER_CACHE_ENTRIES: usize = 20_000;
@@ -231,7 +235,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     let db = Db::connect(&read_url)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
-    db.run_schema(http::SCHEMA)
+    db.run_schema(placement::SCHEMA)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
     db.run_schema(relay::SCHEMA)
@@ -271,7 +275,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     } else {
         let definition = saga::definition(&participants)?;
         Some(
-            Engine::open(&saga_url, definition)
+            OrderSagaEngine::open(&saga_url, definition)
                 .await
                 .map_err(|e| open_err(&saga_url, &e))?,
         )
@@ -304,17 +308,17 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     });
     tasks.push(projection_task);
 
-    let state = http::State::new(
+    let sagas = engine
+        .clone()
+        .map(|engine| SagaQueue::start(engine, config.saga_concurrency, stopped.clone()));
+    let state = state::State::new(
         repository.clone(),
         db.clone(),
-        engine
-            .clone()
-            .map(|engine| (engine, config.saga_concurrency)),
+        sagas.clone(),
         shop_contracts::proto::users_client::UsersClient::new(channel(&config.users_addr)?),
         shop_contracts::proto::products_client::ProductsClient::new(channel(
             &config.products_addr,
         )?),
-        stopped.clone(),
     );
 
     // Recovery, then the loops.
@@ -328,18 +332,20 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             }
         }));
     }
-    let sweeper = state.clone();
-    let sweep_interval = config.sweep_interval;
-    tasks.push(tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(sweep_interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            sweeper.sweep().await;
-        }
-    }));
+    if let Some(sagas) = sagas {
+        let (orders, read_db) = (repository.clone(), db.clone());
+        let sweep_interval = config.sweep_interval;
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(sweep_interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                sagas.sweep(&orders, &read_db).await;
+            }
+        }));
+    }
 
-    let mut router = http::router(state);
+    let mut router = rest::router(state);
     if let Some(url) = &config.bus_url {
         let bus = trellis_bus::AnyBus::connect(url, &config.bus_prefix)
             .await

@@ -1,18 +1,7 @@
-//! The REST API: place, read, list and cancel orders.
-//!
-//! # Placing an order twice
-//! `POST /api/orders` records its `Idempotency-Key` with the order id it chose and the body
-//! (`order_requests`, in the read-model database), then appends the order's `Created` event to
-//! the event store. The two are different databases (SQLite files, or at least different
-//! connections), so they cannot be one transaction; instead a retry completes what the first
-//! attempt left. A retry whose key is recorded but whose order has no events (the first
-//! attempt crashed, or is still between the two writes) prices the body again and creates the
-//! order under the recorded id. Pricing again is right: the first attempt never answered, so
-//! no price was promised. Creating an existing order is a no-op, so when the first attempt
-//! was only slow, whichever append comes first decides the order and both answer its id.
-
-use std::collections::HashMap;
-use std::sync::Arc;
+//! The REST API: place, read, list and cancel orders. Handlers only parse the request,
+//! call the module that does the work ([`crate::placement`], [`crate::read_model`], the
+//! Order aggregate) and shape the answer, so the OpenAPI annotations sit beside the code they
+//! describe.
 
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -26,267 +15,14 @@ use shop_contracts::api::{
     ErrorBody, OrderAccepted, OrderLineView, OrderPage, OrderStatus, OrderView, PAGE_LIMIT_DEFAULT,
     PAGE_LIMIT_MAX, PlaceOrder, TimelineEntry,
 };
-use shop_contracts::proto::products_client::ProductsClient;
-use shop_contracts::proto::users_client::UsersClient;
-use shop_contracts::proto::{GetUserRequest, PriceItemsRequest};
-use sqlx::Row;
-use tokio::sync::Semaphore;
-use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
-use trellis_service::{ApiError, ApiJson, Caller, Db, GrpcChannel, on_db, status_to_api_error};
+use trellis_eventstore::{Metadata, RepositoryError};
+use trellis_service::{ApiError, ApiJson, Caller};
 use utoipa::OpenApi;
 
-use crate::aggregate::{Order, OrderCommand, OrderError};
-use crate::engine::Engine;
-use crate::saga::OrderSagaContext;
-
-/// Tables of the orders service besides the read model.
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS order_requests (
-    user_id TEXT NOT NULL,
-    idem_key TEXT NOT NULL,
-    request TEXT NOT NULL,
-    order_id TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (user_id, idem_key)
-)";
-
-/// Longest `Idempotency-Key`, in bytes.
-pub const IDEMPOTENCY_KEY_MAX: usize = 200;
-/// Orders the sweeper starts per pass.
-const SWEEP_BATCH: i64 = 200;
-
-/// Shared by the handlers.
-#[derive(Clone)]
-pub(crate) struct State {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    orders: Arc<Repository<Order, AnyStore>>,
-    db: Db,
-    /// Orders waiting for a saga slot, in arrival order; `None` when the saga is
-    /// choreographed (the participants react to `order.created`).
-    queue: Option<tokio::sync::mpsc::Sender<OrderSagaContext>>,
-    /// Orders queued or with a saga running in this process (the sweeper skips them).
-    active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    users: UsersClient<GrpcChannel>,
-    /// Callers whose account the users service confirmed recently (accounts are never
-    /// deleted; the gateway already verified the caller's token).
-    known_users: std::sync::Mutex<HashMap<String, std::time::Instant>>,
-    products: ProductsClient<GrpcChannel>,
-}
-
-/// How long a confirmed account is trusted without asking the users service again.
-const KNOWN_USER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-/// Most accounts remembered; the memory is cleared when it is full.
-const KNOWN_USERS_MAX: usize = 100_000;
-
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State").finish_non_exhaustive()
-    }
-}
-
-impl State {
-    pub(crate) fn new(
-        orders: Arc<Repository<Order, AnyStore>>,
-        db: Db,
-        orchestrator: Option<(Engine, usize)>,
-        users: UsersClient<GrpcChannel>,
-        products: ProductsClient<GrpcChannel>,
-        stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Self {
-        let active = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-        let queue = orchestrator.map(|(engine, saga_concurrency)| {
-            let (queue, waiting) = tokio::sync::mpsc::channel(SAGA_QUEUE_MAX);
-            tokio::spawn(dispatch(
-                waiting,
-                Arc::new(Semaphore::new(saga_concurrency.max(1))),
-                engine,
-                active.clone(),
-                stop,
-            ));
-            queue
-        });
-        Self {
-            inner: Arc::new(Inner {
-                orders,
-                db,
-                queue,
-                active: active.clone(),
-                users,
-                known_users: std::sync::Mutex::new(HashMap::new()),
-                products,
-            }),
-        }
-    }
-
-    /// Whether the users service confirmed `user_id`'s account within [`KNOWN_USER_TTL`].
-    fn known_user(&self, user_id: &str) -> bool {
-        let known = self
-            .inner
-            .known_users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        known
-            .get(user_id)
-            .is_some_and(|at| at.elapsed() < KNOWN_USER_TTL)
-    }
-
-    fn remember_user(&self, user_id: &str) {
-        let mut known = self
-            .inner
-            .known_users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if known.len() >= KNOWN_USERS_MAX {
-            known.clear();
-        }
-        known.insert(user_id.to_owned(), std::time::Instant::now());
-    }
-
-    /// Queues the order's saga; it starts as soon as one of the `saga_concurrency` slots is
-    /// free. When the queue is full the sweeper starts it later.
-    fn spawn_saga(&self, order_id: &str, order: &Order) {
-        let Some(queue) = &self.inner.queue else {
-            return;
-        };
-        if order.choreographed {
-            return;
-        }
-        {
-            let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
-            if !active.insert(order_id.to_owned()) {
-                return; // already queued or running here
-            }
-        }
-        let context = OrderSagaContext {
-            order_id: order_id.to_owned(),
-            user_id: order.user_id.clone(),
-            lines: order.items.clone(),
-            total_cents: order.total_cents,
-            traceparent: trellis_telemetry::propagation::current_traceparent(),
-        };
-        if queue.try_send(context).is_err() {
-            self.inner
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(order_id);
-            tracing::warn!(order = %order_id, "saga queue full; the sweeper will start it");
-        }
-    }
-
-    /// Starts sagas for orders accepted without one (a crash between the order's creation
-    /// and its saga's start).
-    pub(crate) async fn sweep(&self) {
-        if self.inner.queue.is_none() {
-            return;
-        }
-        let cutoff =
-            chrono::Utc::now() - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
-        let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let ids: Result<Vec<String>, sqlx::Error> = on_db!(&self.inner.db, |pool| {
-            sqlx::query_scalar(
-                "SELECT id FROM order_view WHERE status = 'PENDING' AND saga_id IS NULL
-                 AND created_at < $1 ORDER BY id LIMIT $2",
-            )
-            .bind(&cutoff)
-            .bind(SWEEP_BATCH)
-            .fetch_all(pool)
-            .await
-        });
-        let ids = match ids {
-            Ok(ids) => ids,
-            Err(error) => {
-                tracing::debug!(%error, "order sweep skipped");
-                return;
-            }
-        };
-        for id in ids {
-            if self
-                .inner
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&id)
-            {
-                continue;
-            }
-            match self.inner.orders.load(&id).await {
-                Ok(loaded)
-                    if loaded.state.saga_id.is_none()
-                        && loaded.state.status() == OrderStatus::Pending =>
-                {
-                    tracing::info!(order = %id, "starting the saga of an order accepted without one");
-                    self.spawn_saga(&id, &loaded.state);
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(order = %id, %error, "sweep could not load the order"),
-            }
-        }
-    }
-}
-
-/// Orders that may wait for a saga slot before the queue refuses more (the sweeper then
-/// starts them).
-const SAGA_QUEUE_MAX: usize = 10_000;
-
-/// Starts queued sagas as slots free up, until the service stops.
-async fn dispatch(
-    mut waiting: tokio::sync::mpsc::Receiver<OrderSagaContext>,
-    slots: Arc<Semaphore>,
-    engine: Engine,
-    active: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let context = tokio::select! {
-            next = waiting.recv() => match next {
-                Some(context) => context,
-                None => return,
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let engine = engine.clone();
-        let active = active.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // On shutdown the saga stops where it is, as in a crash: its log has every
-            // transition, and the next start's recovery finishes it.
-            // The saga continues the trace of the request that placed the order; its gRPC
-            // calls carry it to the participants.
-            let span = tracing::info_span!("order.saga", order = %context.order_id);
-            if let Some(traceparent) = &context.traceparent {
-                let carrier = std::collections::HashMap::from([(
-                    trellis_telemetry::propagation::TRACEPARENT.to_owned(),
-                    traceparent.clone(),
-                )]);
-                trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
-            }
-            tokio::select! {
-                result = tracing::Instrument::instrument(engine.run(&context), span) => {
-                    if let Err(error) = result {
-                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
-                    }
-                }
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&context.order_id);
-        });
-    }
-}
+use crate::aggregate::{OrderCommand, OrderError};
+use crate::placement::{self, IDEMPOTENCY_KEY_MAX};
+use crate::read_model::{self, ListFilter};
+use crate::state::State;
 
 /// The router.
 pub(crate) fn router(state: State) -> Router {
@@ -384,255 +120,9 @@ async fn place_order(
     let key = idempotency_key(&headers)?;
     body.validate()
         .map_err(|(code, message)| ApiError::bad_request(code, message))?;
-    let request = serde_json::to_string(&body).map_err(ApiError::internal)?;
-
-    // Replays answer before any other work, unless the first attempt recorded its key and
-    // stopped before creating the order (a crash between the two writes): then this attempt
-    // completes it, under the order id the first one chose.
-    let recorded = match find_request(&state.inner.db, &caller.user_id, &key).await? {
-        Some(recorded) => match replay(&state, &request, &recorded).await? {
-            Replay::Answered(response) => return Ok(response),
-            Replay::Incomplete => Some(recorded.order_id),
-        },
-        None => None,
-    };
-
-    if !state.known_user(&caller.user_id) {
-        let mut users = state.inner.users.clone();
-        if let Err(status) = users
-            .get_user(GetUserRequest {
-                id: caller.user_id.clone(),
-            })
-            .await
-        {
-            return Err(match status.code() {
-                tonic::Code::NotFound => ApiError::forbidden("the caller's account does not exist"),
-                _ => status_to_api_error("users", &status),
-            });
-        }
-        state.remember_user(&caller.user_id);
-    }
-    let mut products = state.inner.products.clone();
-    let prices = products
-        .price_items(PriceItemsRequest {
-            product_ids: body.items.iter().map(|i| i.product_id.clone()).collect(),
-        })
-        .await
-        .map_err(|status| match status.code() {
-            tonic::Code::NotFound => ApiError::unprocessable("unknown_product", status.message()),
-            _ => status_to_api_error("products", &status),
-        })?
-        .into_inner();
-    let price_of: HashMap<&str, i64> = prices
-        .products
-        .iter()
-        .map(|p| (p.id.as_str(), p.price_cents))
-        .collect();
-    let mut items = Vec::with_capacity(body.items.len());
-    for item in &body.items {
-        let Some(price) = price_of.get(item.product_id.as_str()) else {
-            return Err(ApiError::unprocessable(
-                "unknown_product",
-                format!("no product {}", item.product_id),
-            ));
-        };
-        items.push(OrderLineView {
-            product_id: item.product_id.clone(),
-            quantity: item.quantity,
-            price_cents: *price,
-        });
-    }
-
-    if let Some(order_id) = recorded {
-        return create_order(&state, &caller, &order_id, items).await;
-    }
-    let candidate = uuid::Uuid::now_v7().hyphenated().to_string();
-    let inserted = on_db!(&state.inner.db, |pool| {
-        sqlx::query(
-            "INSERT INTO order_requests (user_id, idem_key, request, order_id, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idem_key) DO NOTHING",
-        )
-        .bind(&caller.user_id)
-        .bind(&key)
-        .bind(&request)
-        .bind(&candidate)
-        .bind(chrono::Utc::now().to_rfc3339())
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    if inserted == 0 {
-        // A concurrent request with the same key won: answer as it does, or, if it has not
-        // created its order (yet, or ever), create it: `Create` on an existing order is a
-        // no-op, so whichever of the two appends first decides the order.
-        let Some(recorded) = find_request(&state.inner.db, &caller.user_id, &key).await? else {
-            return Err(ApiError::internal("idempotency row vanished"));
-        };
-        return match replay(&state, &request, &recorded).await? {
-            Replay::Answered(response) => Ok(response),
-            Replay::Incomplete => create_order(&state, &caller, &recorded.order_id, items).await,
-        };
-    }
-    create_order(&state, &caller, &candidate, items).await
+    let order_id = placement::place(&state, &caller, &key, &body).await?;
+    Ok(accepted(&order_id))
 }
-
-/// An `Idempotency-Key` recorded by an earlier attempt.
-#[derive(Debug)]
-struct Recorded {
-    /// The order id that attempt chose.
-    order_id: String,
-    /// Its body, as JSON.
-    request: String,
-}
-
-/// What an earlier attempt with the same key left.
-enum Replay {
-    /// Its answer, given again (or the 422 for another body).
-    Answered(Response),
-    /// Its key without its order: this attempt must create it.
-    Incomplete,
-}
-
-/// Checks a recorded attempt against this one's body and answers as it did, when its order
-/// exists.
-async fn replay(state: &State, request: &str, recorded: &Recorded) -> Result<Replay, ApiError> {
-    if recorded.request != request {
-        return Err(ApiError::unprocessable(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with another body",
-        ));
-    }
-    let order = state
-        .inner
-        .orders
-        .load(&recorded.order_id)
-        .await
-        .map_err(ApiError::internal)?
-        .state;
-    if !order.exists {
-        return Ok(Replay::Incomplete);
-    }
-    Ok(Replay::Answered(accept_placement(
-        state,
-        &recorded.order_id,
-        &order,
-    )))
-}
-
-async fn find_request(db: &Db, user_id: &str, key: &str) -> Result<Option<Recorded>, ApiError> {
-    let row: Option<Recorded> = on_db!(db, |pool| {
-        sqlx::query(
-            "SELECT order_id, request FROM order_requests WHERE user_id = $1 AND idem_key = $2",
-        )
-        .bind(user_id)
-        .bind(key)
-        .fetch_optional(pool)
-        .await
-        .map(|row| {
-            row.map(|r| Recorded {
-                order_id: r.get("order_id"),
-                request: r.get("request"),
-            })
-        })
-    })?;
-    Ok(row)
-}
-
-/// Creates order `order_id` from `items` (a no-op when it exists), then answers as
-/// [`accept_placement`] does.
-async fn create_order(
-    state: &State,
-    caller: &Caller,
-    order_id: &str,
-    items: Vec<OrderLineView>,
-) -> Result<Response, ApiError> {
-    let metadata = Metadata {
-        correlation_id: uuid::Uuid::parse_str(order_id).ok(),
-        // The relay puts it on the bus message, so consumers continue the trace.
-        traceparent: trellis_telemetry::propagation::current_traceparent(),
-        ..Metadata::default()
-    };
-    let command = OrderCommand::Create {
-        user_id: caller.user_id.clone(),
-        items,
-        choreographed: state.inner.queue.is_none(),
-    };
-    // The id was made for this request (or by the attempt this one completes): nothing to
-    // read before the append; if the stream exists after all, `Create` does nothing.
-    let executed = state
-        .inner
-        .orders
-        .execute_on_new(order_id, command, metadata)
-        .await
-        .map_err(ApiError::internal)?;
-    if !executed.events.is_empty() {
-        metrics::counter!("shop_orders_placed_total").increment(1);
-    }
-    Ok(accept_placement(state, order_id, &executed.state))
-}
-
-/// Makes sure the saga of `order` (which exists) runs, and answers 202.
-fn accept_placement(state: &State, order_id: &str, order: &Order) -> Response {
-    debug_assert!(order.exists, "only an existing order is accepted");
-    if order.saga_id.is_none() && order.status() == OrderStatus::Pending {
-        state.spawn_saga(order_id, order);
-    }
-    accepted(order_id)
-}
-
-fn view_of(id: &str, order: &Order) -> OrderView {
-    OrderView {
-        id: id.to_owned(),
-        user_id: order.user_id.clone(),
-        status: order.status(),
-        items: order.items.clone(),
-        total_cents: order.total_cents,
-        reason: if order.status() == OrderStatus::Cancelled {
-            order.reason.clone()
-        } else {
-            None
-        },
-        timeline: order.timeline.clone(),
-    }
-}
-
-fn row_view(
-    row: &(String, String, String, String, i64, Option<String>, String),
-) -> Result<OrderView, ApiError> {
-    let (id, user_id, status, items, total_cents, reason, timeline) = row;
-    Ok(OrderView {
-        id: id.clone(),
-        user_id: user_id.clone(),
-        status: OrderStatus::parse(status)
-            .ok_or_else(|| ApiError::internal("bad status in read model"))?,
-        items: serde_json::from_str(items).map_err(ApiError::internal)?,
-        total_cents: *total_cents,
-        reason: reason.clone(),
-        timeline: serde_json::from_str(timeline).map_err(ApiError::internal)?,
-    })
-}
-
-type ViewRow = (String, String, String, String, i64, Option<String>, String);
-
-fn to_view_row<R: Row>(row: &R) -> ViewRow
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    (
-        row.get("id"),
-        row.get("user_id"),
-        row.get("status"),
-        row.get("items"),
-        row.get("total_cents"),
-        row.get("reason"),
-        row.get("timeline"),
-    )
-}
-
-const VIEW_COLUMNS: &str = "id, user_id, status, items, total_cents, reason, timeline";
 
 /// One order of the caller (any order for an admin).
 #[utoipa::path(get, path = "/api/orders/{id}", tag = "orders",
@@ -649,21 +139,12 @@ async fn get_order(
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id = order_id_of(&id)?;
-    let sql = format!("SELECT {VIEW_COLUMNS} FROM order_view WHERE id = $1");
-    let row: Option<ViewRow> = on_db!(&state.inner.db, |pool| {
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(&id)
-            .fetch_optional(pool)
-            .await
-            .map(|row| row.as_ref().map(to_view_row))
-    })?;
-    let view = match row {
-        Some(row) => row_view(&row)?,
+    let view = match read_model::find(state.db(), &id).await? {
+        Some(row) => row.into_view().map_err(ApiError::internal)?,
         None => {
             // Not projected yet: read the stream.
             let order = state
-                .inner
-                .orders
+                .orders()
                 .load(&id)
                 .await
                 .map_err(ApiError::internal)?
@@ -671,7 +152,7 @@ async fn get_order(
             if !order.exists {
                 return Err(ApiError::not_found("no such order"));
             }
-            view_of(&id, &order)
+            read_model::view_of(&id, &order)
         }
     };
     if view.user_id != caller.user_id && !caller.is_admin() {
@@ -737,36 +218,21 @@ async fn list_orders(
                 })?,
         ),
     };
-    let mut sql = format!("SELECT {VIEW_COLUMNS} FROM order_view WHERE 1 = 1");
-    let mut binds: Vec<String> = Vec::new();
-    if !caller.is_admin() {
-        binds.push(caller.user_id.clone());
-        sql.push_str(&format!(" AND user_id = ${}", binds.len()));
-    }
-    if let Some(status) = status {
-        binds.push(status.as_str().to_owned());
-        sql.push_str(&format!(" AND status = ${}", binds.len()));
-    }
-    if let Some(before) = before {
-        binds.push(before);
-        sql.push_str(&format!(" AND id < ${}", binds.len()));
-    }
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
-    let rows: Vec<ViewRow> = on_db!(&state.inner.db, |pool| {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-        for b in &binds {
-            q = q.bind(b);
-        }
-        q.fetch_all(pool)
-            .await
-            .map(|rows| rows.iter().map(to_view_row).collect())
-    })?;
+    let filter = ListFilter {
+        user_id: (!caller.is_admin()).then(|| caller.user_id.clone()),
+        status,
+        before,
+        // One more than the page, to know whether another page follows.
+        limit: limit + 1,
+    };
+    let rows = read_model::list(state.db(), filter).await?;
     let more = rows.len() > limit as usize;
     let items = rows
-        .iter()
+        .into_iter()
         .take(limit as usize)
-        .map(row_view)
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(read_model::ViewRow::into_view)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::internal)?;
     let next_cursor = if more {
         items
             .last()
@@ -794,8 +260,7 @@ async fn cancel_order(
 ) -> Result<Response, ApiError> {
     let id = order_id_of(&id)?;
     let order = state
-        .inner
-        .orders
+        .orders()
         .load(&id)
         .await
         .map_err(ApiError::internal)?
@@ -808,8 +273,7 @@ async fn cancel_order(
         ..Metadata::default()
     };
     match state
-        .inner
-        .orders
+        .orders()
         .execute(&id, OrderCommand::RequestCancel, metadata)
         .await
     {

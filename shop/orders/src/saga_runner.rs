@@ -1,4 +1,14 @@
-//! The saga engine on whichever saga log the URL names.
+//! Running the orchestrated order saga: the engine on whichever saga log the URL names, the
+//! queue that hands placed orders to a bounded number of saga slots, and the sweeper that
+//! starts the saga of an order accepted without one.
+//!
+//! # Why a queue and a sweeper
+//! Placing an order appends its `Created` event and then queues its saga; the two writes are
+//! not one transaction, and the queue is bounded ([`SAGA_QUEUE_MAX`]) so a burst cannot grow
+//! memory without limit. An order left without a saga (a crash between the writes, or a full
+//! queue) stays `PENDING` in the read model with no saga id, and the sweeper starts its saga
+//! once it is older than [`crate::SWEEP_AGE`]. Orders queued or running in this process are
+//! remembered, so the sweeper does not start them twice.
 //!
 //! # Lease owner
 //! Each saga is leased to the engine running it (trellis-saga's `Lease`, 30 s). An engine
@@ -11,24 +21,32 @@
 //! name two live engines at once (which the engine forbids), so each engine keeps a fresh
 //! owner there and a dead process's sagas are taken over when their leases expire.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use trellis_saga::{
-    PostgresSagaStore, SagaDefinition, SagaEngine, SagaError, SagaId, SqliteSagaStore,
-};
+use shop_contracts::api::OrderStatus;
+use tokio::sync::{Semaphore, mpsc, watch};
+use trellis_eventstore::{AnyStore, Repository};
+use trellis_saga::{AnySagaStore, SagaDefinition, SagaEngine, SagaError, SagaId};
+use trellis_service::{Db, on_db};
 
+use crate::aggregate::Order;
 use crate::saga::{OrderSagaContext, SAGA_NAME};
 
-/// A saga engine on SQLite or PostgreSQL.
+/// Orders that may wait for a saga slot before the queue refuses more (the sweeper then
+/// starts them).
+const SAGA_QUEUE_MAX: usize = 10_000;
+/// Orders the sweeper starts per pass.
+const SWEEP_BATCH: i64 = 200;
+
+/// The order saga's engine, on the saga log its URL names (trellis-saga's [`AnySagaStore`]:
+/// SQLite or PostgreSQL).
 #[derive(Debug, Clone)]
-pub(crate) enum Engine {
-    Sqlite(Arc<SagaEngine<SqliteSagaStore>>),
-    Postgres(Arc<SagaEngine<PostgresSagaStore>>),
-}
+pub(crate) struct OrderSagaEngine(Arc<SagaEngine<AnySagaStore>>);
 
 /// The stable lease owner of the engine on the SQLite saga log `url` (opened, so the file
-/// exists): derived from the file's canonical path. `None` for an in-memory log.
+/// exists): derived from the file's canonical path. `None` for another log.
 fn sqlite_owner(url: &str) -> Option<String> {
     let path = url.strip_prefix("sqlite://")?;
     let path = path.split_once('?').map_or(path, |(path, _)| path);
@@ -36,40 +54,188 @@ fn sqlite_owner(url: &str) -> Option<String> {
     Some(format!("orders@{}", path.display()))
 }
 
-impl Engine {
+impl OrderSagaEngine {
+    /// Opens the saga log `url` (`sqlite://PATH` or `postgres://…`) and registers
+    /// `definition`.
     pub(crate) async fn open(
         url: &str,
         definition: SagaDefinition<OrderSagaContext>,
     ) -> Result<Self, SagaError> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let store = PostgresSagaStore::connect(url).await?;
-            Ok(Self::Postgres(Arc::new(
-                SagaEngine::new(store).register(definition),
-            )))
-        } else {
-            let store = SqliteSagaStore::open(url).await?;
-            let mut engine = SagaEngine::new(store);
-            if let Some(owner) = sqlite_owner(url) {
-                engine = engine.with_owner(owner);
-            }
-            Ok(Self::Sqlite(Arc::new(engine.register(definition))))
+        let mut engine = SagaEngine::new(AnySagaStore::open(url).await?);
+        if let Some(owner) = sqlite_owner(url) {
+            engine = engine.with_owner(owner);
         }
+        Ok(Self(Arc::new(engine.register(definition))))
     }
 
     /// Starts the order saga and runs it to its end.
     pub(crate) async fn run(&self, context: &OrderSagaContext) -> Result<SagaId, SagaError> {
-        match self {
-            Self::Sqlite(engine) => engine.start(SAGA_NAME, context).await,
-            Self::Postgres(engine) => engine.start(SAGA_NAME, context).await,
-        }
+        self.0.start(SAGA_NAME, context).await
     }
 
     /// Recovers at once, then every `interval`.
     pub(crate) async fn run_recovery(&self, interval: Duration) {
-        match self {
-            Self::Sqlite(engine) => engine.run_recovery(interval).await,
-            Self::Postgres(engine) => engine.run_recovery(interval).await,
+        self.0.run_recovery(interval).await;
+    }
+}
+
+/// Orders queued for, or holding, one of this process's saga slots.
+#[derive(Debug, Clone)]
+pub(crate) struct SagaQueue {
+    /// Orders waiting for a slot, in arrival order.
+    queue: mpsc::Sender<OrderSagaContext>,
+    /// Orders queued or with a saga running in this process (the sweeper skips them).
+    active: Arc<Mutex<HashSet<String>>>,
+}
+
+impl SagaQueue {
+    /// Starts the dispatcher: queued sagas run on `engine`, at most `saga_concurrency` at
+    /// once, until `stop` turns true.
+    pub(crate) fn start(
+        engine: OrderSagaEngine,
+        saga_concurrency: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let active = Arc::new(Mutex::new(HashSet::new()));
+        let (queue, waiting) = mpsc::channel(SAGA_QUEUE_MAX);
+        tokio::spawn(dispatch(
+            waiting,
+            Arc::new(Semaphore::new(saga_concurrency.max(1))),
+            engine,
+            active.clone(),
+            stop,
+        ));
+        Self { queue, active }
+    }
+
+    /// Queues the order's saga; it starts as soon as one of the `saga_concurrency` slots is
+    /// free. When the queue is full the sweeper starts it later.
+    pub(crate) fn submit(&self, order_id: &str, order: &Order) {
+        if order.choreographed {
+            return;
         }
+        {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if !active.insert(order_id.to_owned()) {
+                return; // already queued or running here
+            }
+        }
+        let context = OrderSagaContext {
+            order_id: order_id.to_owned(),
+            user_id: order.user_id.clone(),
+            lines: order.items.clone(),
+            total_cents: order.total_cents,
+            traceparent: trellis_telemetry::propagation::current_traceparent(),
+        };
+        if self.queue.try_send(context).is_err() {
+            self.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(order_id);
+            tracing::warn!(order = %order_id, "saga queue full; the sweeper will start it");
+        }
+    }
+
+    /// Starts sagas for orders accepted without one (a crash between the order's creation
+    /// and its saga's start), found in the read model `db`.
+    pub(crate) async fn sweep(&self, orders: &Repository<Order, AnyStore>, db: &Db) {
+        let cutoff =
+            chrono::Utc::now() - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
+        let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let ids: Result<Vec<String>, sqlx::Error> = on_db!(db, |pool| {
+            sqlx::query_scalar(
+                "SELECT id FROM order_view WHERE status = 'PENDING' AND saga_id IS NULL
+                 AND created_at < $1 ORDER BY id LIMIT $2",
+            )
+            .bind(&cutoff)
+            .bind(SWEEP_BATCH)
+            .fetch_all(pool)
+            .await
+        });
+        let ids = match ids {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::debug!(%error, "order sweep skipped");
+                return;
+            }
+        };
+        for id in ids {
+            if self
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+            {
+                continue;
+            }
+            match orders.load(&id).await {
+                Ok(loaded)
+                    if loaded.state.saga_id.is_none()
+                        && loaded.state.status() == OrderStatus::Pending =>
+                {
+                    tracing::info!(order = %id, "starting the saga of an order accepted without one");
+                    self.submit(&id, &loaded.state);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(order = %id, %error, "sweep could not load the order"),
+            }
+        }
+    }
+}
+
+/// Starts queued sagas as slots free up, until the service stops.
+async fn dispatch(
+    mut waiting: mpsc::Receiver<OrderSagaContext>,
+    slots: Arc<Semaphore>,
+    engine: OrderSagaEngine,
+    active: Arc<Mutex<HashSet<String>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let context = tokio::select! {
+            next = waiting.recv() => match next {
+                Some(context) => context,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let engine = engine.clone();
+        let active = active.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // On shutdown the saga stops where it is, as in a crash: its log has every
+            // transition, and the next start's recovery finishes it.
+            // The saga continues the trace of the request that placed the order; its gRPC
+            // calls carry it to the participants.
+            let span = tracing::info_span!("order.saga", order = %context.order_id);
+            if let Some(traceparent) = &context.traceparent {
+                let carrier = HashMap::from([(
+                    trellis_telemetry::propagation::TRACEPARENT.to_owned(),
+                    traceparent.clone(),
+                )]);
+                trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
+            }
+            tokio::select! {
+                result = tracing::Instrument::instrument(engine.run(&context), span) => {
+                    if let Err(error) = result {
+                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&context.order_id);
+        });
     }
 }
 
@@ -78,7 +244,7 @@ mod tests {
     use tokio::sync::{Notify, mpsc};
     use trellis_saga::{SagaDefinition, SagaStatus, Step, StepContext};
 
-    use super::Engine;
+    use super::OrderSagaEngine;
     use crate::saga::{OrderSagaContext, SAGA_NAME, SAGA_VERSION};
 
     /// The order saga's name and version with one step that announces each run on `runs`
@@ -120,7 +286,7 @@ mod tests {
         };
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let first = Engine::open(&url, definition(runs, true))
+        let first = OrderSagaEngine::open(&url, definition(runs, true))
             .await
             .expect("engine 1");
         let running = {
@@ -134,13 +300,10 @@ mod tests {
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let second = Engine::open(&url, definition(runs, false))
+        let second = OrderSagaEngine::open(&url, definition(runs, false))
             .await
             .expect("engine 2");
-        let Engine::Sqlite(engine) = &second else {
-            panic!("a sqlite:// URL opens the SQLite log");
-        };
-        let report = engine.recover().await.expect("recovery pass");
+        let report = second.0.recover().await.expect("recovery pass");
         assert!(report.refused.is_empty(), "{:?}", report.refused);
         assert_eq!(
             report
