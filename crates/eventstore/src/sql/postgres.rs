@@ -26,18 +26,20 @@
 //! Appends `NOTIFY` the new head on the `trellis_es_head` channel, so subscriptions in every
 //! process wake up at once instead of polling.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use sqlx::{PgConnection, Row as _};
+use sqlx::{Postgres, Row as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::writer::{AppendRequest, QUEUE_APPENDS_MAX, fill_batch, replayed, to_i64, to_u64};
+use super::writer::{
+    AppendRequest, BatchState, BatchTx, Dialect, Plan, PlannedRow, spawn_writers, to_i64, to_u64,
+};
 use super::{RawEvent, raise};
 use crate::error::EventStoreError;
 use crate::store::EventStore;
@@ -109,11 +111,6 @@ $$;
 "#;
 
 const SELECT_EVENT: &str = "SELECT l.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, e.data::text AS data, e.metadata::text AS metadata, e.recorded_at FROM es_events e JOIN es_log l ON l.event_id = e.event_id";
-
-/// Writer tasks per store: they write events in parallel and take turns only to number them.
-const WRITERS: usize = 2;
-/// Attempts at a batch whose appends keep losing races (unique violations, deadlocks).
-const RACE_ATTEMPTS: u32 = 5;
 
 /// An event store in PostgreSQL. Cheap to clone; clones share the pool and the writer.
 #[derive(Debug, Clone)]
@@ -206,281 +203,121 @@ fn spawn_listener(pool: PgPool, head: Weak<watch::Sender<u64>>) {
     });
 }
 
-/// Starts the writer tasks, fed by the returned sender; they end when every sender is gone.
-fn spawn_writers(pool: &PgPool, head: &Arc<watch::Sender<u64>>) -> mpsc::Sender<AppendRequest> {
-    let (sender, receiver) = mpsc::channel::<AppendRequest>(QUEUE_APPENDS_MAX);
-    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
-    for _ in 0..WRITERS {
-        let (pool, receiver, head) = (pool.clone(), receiver.clone(), Arc::downgrade(head));
-        tokio::spawn(async move {
-            loop {
-                let batch = {
-                    let mut receiver = receiver.lock().await;
-                    let Some(first) = receiver.recv().await else {
-                        return;
-                    };
-                    fill_batch(first, &mut receiver)
-                };
-                let outcome = write_with_retries(&pool, &batch).await;
-                match outcome {
-                    Ok((results, last)) => {
-                        if let (Some(last), Some(head)) = (last, head.upgrade()) {
-                            raise(&head, last);
-                        }
-                        for (request, result) in batch.into_iter().zip(results) {
-                            let _ = request.reply.send(result);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, appends = batch.len(), "event store append transaction failed");
-                        let message = error.to_string();
-                        for request in batch {
-                            let _ = request
-                                .reply
-                                .send(Err(EventStoreError::Unavailable(message.clone())));
-                        }
-                    }
-                }
-            }
-        });
-    }
-    sender
+/// A batch on one pooled connection. Its read runs outside any transaction (a plain
+/// snapshot of committed state); its write is one statement, so one implicit transaction.
+pub(crate) struct PgBatch {
+    connection: PoolConnection<Postgres>,
 }
 
-type BatchOutcome = (Vec<Result<AppendResult, EventStoreError>>, Option<u64>);
+impl Dialect for PgPool {
+    type Batch = PgBatch;
+    /// Several: they write events in parallel and take turns only to number them.
+    const WRITERS: usize = 2;
 
-/// Writes a batch, deciding again on fresh state when it lost a race to another writer.
-async fn write_with_retries(
-    pool: &PgPool,
-    batch: &[AppendRequest],
-) -> Result<BatchOutcome, sqlx::Error> {
-    let mut attempt = 1;
-    loop {
-        match write_batch(pool, batch).await {
-            Err(error) if lost_race(&error) && attempt < RACE_ATTEMPTS => {
-                tracing::debug!(%error, attempt, "append batch lost a race; deciding again");
-                attempt += 1;
-            }
-            outcome => return outcome,
-        }
+    async fn begin(&self) -> Result<PgBatch, sqlx::Error> {
+        let connection = self.acquire().await?;
+        Ok(PgBatch { connection })
+    }
+
+    /// A unique violation (a stream version or event id taken concurrently) or a deadlock.
+    fn lost_race(error: &sqlx::Error) -> bool {
+        matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505" | "40P01")))
     }
 }
 
-/// A unique violation (a stream version or event id taken concurrently) or a deadlock.
-fn lost_race(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505" | "40P01")))
-}
+impl BatchTx for PgBatch {
+    /// Which ids are stored (with stream, version and position) and the streams' versions, in
+    /// one round trip. Joins against the unnested arrays keep the plans index lookups; a
+    /// generic plan for `= ANY($1)` can turn into a scan of the whole table as it grows.
+    async fn read_state(
+        &mut self,
+        ids: &[Uuid],
+        streams: &[String],
+    ) -> Result<BatchState, sqlx::Error> {
+        let (stored, versions): (String, String) = sqlx::query_as(
+            "SELECT
+                 (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.stream_id, e.version, l.position)), '[]')
+                    FROM UNNEST($1::uuid[]) AS ids(id)
+                    JOIN es_events e ON e.event_id = ids.id
+                    JOIN es_log l ON l.event_id = e.event_id)::text,
+                 (SELECT COALESCE(json_agg(json_build_array(s.stream_id, s.version)), '[]')
+                    FROM UNNEST($2::text[]) AS wanted(id) JOIN es_streams s ON s.stream_id = wanted.id)::text",
+        )
+        .bind(ids)
+        .bind(streams)
+        .fetch_one(&mut *self.connection)
+        .await?;
+        BatchState::from_json(&stored, &versions)
+    }
 
-/// What one append of a batch turned into.
-enum Decision {
-    /// Answered without writing (a conflict, or a replay of stored ids).
-    Answered(Result<AppendResult, EventStoreError>),
-    /// Written as rows `[first, first + count)` of the batch, reaching `next_version`.
-    Written {
-        first: usize,
-        count: usize,
-        next_version: u64,
-    },
-}
-
-/// One transaction for the whole batch: decide every append on committed state, write the
-/// events, then number them under the lock and commit.
-async fn write_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<BatchOutcome, sqlx::Error> {
-    let mut connection = pool.acquire().await?;
-    let ids: Vec<Uuid> = batch
-        .iter()
-        .flat_map(|r| r.events.iter().map(|e| e.id))
-        .collect();
-    let mut streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
-    streams.sort_unstable();
-    streams.dedup();
-    let (stored, versions) = read_state(&mut connection, &ids, &streams).await?;
-    let mut stored: HashMap<Uuid, (String, u64, u64)> = stored;
-    let mut versions: HashMap<String, u64> = versions;
-
-    // Rows to write, in batch order: (request index, event index, version).
-    let mut rows: Vec<(usize, usize, i64)> = Vec::new();
-    let mut decisions = Vec::with_capacity(batch.len());
-    for (index, request) in batch.iter().enumerate() {
-        let request_ids: Vec<Uuid> = request.events.iter().map(|e| e.id).collect();
-        let known: Vec<(Uuid, String, u64, u64)> = request_ids
-            .iter()
-            .filter_map(|id| stored.get(id).map(|(s, v, p)| (*id, s.clone(), *v, *p)))
+    /// Writes the events and the streams' new versions in one statement. Rows go in sorted by
+    /// (stream, version) so concurrent writers take index locks in the same order.
+    async fn write(mut self, batch: &[AppendRequest], plan: &Plan) -> Result<u64, sqlx::Error> {
+        // Numbered in plan order, so each append's positions follow from the head before.
+        let numbered: Vec<Uuid> = (plan.rows.iter())
+            .map(|row| batch[row.request].events[row.event].id)
             .collect();
-        if !known.is_empty() {
-            decisions.push(Decision::Answered(replayed(
-                &request.stream,
-                &request_ids,
-                known,
-            )));
-            continue;
-        }
-        let version = versions.get(request.stream.as_str()).copied().unwrap_or(0);
-        if !request.expected.matches(version) {
-            decisions.push(Decision::Answered(Err(
-                EventStoreError::WrongExpectedVersion {
-                    stream: request.stream.clone(),
-                    expected: request.expected,
-                    actual: version,
-                },
-            )));
-            continue;
-        }
-        let first = rows.len();
-        for (event_index, event) in request.events.iter().enumerate() {
-            let event_version = version + event_index as u64 + 1;
-            rows.push((index, event_index, to_i64(event_version)));
-            // Position 0 marks "written in this batch"; a second append of the same ids in
-            // the batch is then refused as a conflict rather than written twice.
-            stored.insert(
-                event.id,
-                (request.stream.as_str().to_owned(), event_version, 0),
+        let mut order: Vec<&PlannedRow> = plan.rows.iter().collect();
+        order.sort_by_key(|row| (batch[row.request].stream.as_str(), row.version));
+        let rows = plan.rows.len();
+        let mut streams = Vec::with_capacity(rows);
+        let mut row_versions = Vec::with_capacity(rows);
+        let mut ids = Vec::with_capacity(rows);
+        let mut types = Vec::with_capacity(rows);
+        let mut schema_versions = Vec::with_capacity(rows);
+        let mut data = Vec::with_capacity(rows);
+        let mut metadata = Vec::with_capacity(rows);
+        for row in order {
+            let (stream, event) = (
+                &batch[row.request].stream,
+                &batch[row.request].events[row.event],
             );
+            streams.push(stream.as_str());
+            row_versions.push(row.version);
+            ids.push(event.id);
+            types.push(event.event_type.as_str());
+            schema_versions.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
+            data.push(json_text(&event.data)?);
+            metadata.push(json_text(&event.metadata)?);
         }
-        let next_version = version + request.events.len() as u64;
-        versions.insert(request.stream.as_str().to_owned(), next_version);
-        decisions.push(Decision::Written {
-            first,
-            count: request.events.len(),
-            next_version,
-        });
+        let (touched, touched_versions): (Vec<&str>, Vec<i64>) =
+            plan.versions.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+        // One statement, so one implicit transaction and one round trip: the events and stream
+        // versions are written first (es_number's last argument consumes both CTEs, so they run
+        // to completion before it is called), then es_number takes the lock and numbers them,
+        // and the statement's commit releases the lock.
+        let before: i64 = sqlx::query_scalar(
+            "WITH inserted AS (
+                 INSERT INTO es_events (event_id, stream_id, version, event_type, schema_version, data, metadata, recorded_at)
+                 SELECT i, s, v, t, sv, d::jsonb, m::jsonb, $8
+                 FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int4[], $6::text[], $7::text[])
+                      AS x(i, s, v, t, sv, d, m)
+                 RETURNING 1
+             ), touched AS (
+                 INSERT INTO es_streams (stream_id, version)
+                 SELECT s, v FROM UNNEST($9::text[], $10::bigint[]) AS y(s, v)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE
+                 RETURNING 1
+             )
+             SELECT es_number($11, $12, $13, (SELECT count(*) FROM inserted) + (SELECT count(*) FROM touched))",
+        )
+        .bind(ids)
+        .bind(streams)
+        .bind(row_versions)
+        .bind(types)
+        .bind(schema_versions)
+        .bind(data)
+        .bind(metadata)
+        .bind(plan.recorded_at)
+        .bind(touched)
+        .bind(touched_versions)
+        .bind(&numbered)
+        .bind(HEAD_CHANNEL)
+        .bind(APPEND_LOCK_KEY)
+        .fetch_one(&mut *self.connection)
+        .await?;
+        Ok(to_u64(before))
     }
-    if rows.is_empty() {
-        let results = decisions.into_iter().map(|d| match d {
-            Decision::Answered(result) => result,
-            Decision::Written { .. } => {
-                Err(EventStoreError::Internal("written without rows".into()))
-            }
-        });
-        return Ok((results.collect(), None));
-    }
-
-    let before = to_u64(append_rows(&mut connection, batch, &rows, &versions).await?);
-    let results = decisions
-        .into_iter()
-        .map(|decision| match decision {
-            Decision::Answered(result) => result,
-            Decision::Written {
-                first,
-                count,
-                next_version,
-            } => Ok(AppendResult {
-                next_version,
-                global_position: before + (first + count) as u64,
-            }),
-        })
-        .collect();
-    Ok((results, Some(before + rows.len() as u64)))
-}
-
-/// Which ids are stored (with stream, version and position) and the streams' versions, in one
-/// round trip. Joins against the unnested arrays keep the plans index lookups; a generic plan
-/// for `= ANY($1)` can turn into a scan of the whole table as it grows.
-async fn read_state(
-    connection: &mut PgConnection,
-    ids: &[Uuid],
-    streams: &[&str],
-) -> Result<(HashMap<Uuid, (String, u64, u64)>, HashMap<String, u64>), sqlx::Error> {
-    let (stored, versions): (String, String) = sqlx::query_as(
-        "SELECT
-             (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.stream_id, e.version, l.position)), '[]')
-                FROM UNNEST($1::uuid[]) AS ids(id)
-                JOIN es_events e ON e.event_id = ids.id
-                JOIN es_log l ON l.event_id = e.event_id)::text,
-             (SELECT COALESCE(json_agg(json_build_array(s.stream_id, s.version)), '[]')
-                FROM UNNEST($2::text[]) AS wanted(id) JOIN es_streams s ON s.stream_id = wanted.id)::text",
-    )
-    .bind(ids)
-    .bind(streams)
-    .fetch_one(&mut *connection)
-    .await?;
-    let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
-    let stored: Vec<(Uuid, String, i64, i64)> = serde_json::from_str(&stored).map_err(decode)?;
-    let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
-    Ok((
-        stored
-            .into_iter()
-            .map(|(id, s, v, p)| (id, (s, to_u64(v), to_u64(p))))
-            .collect(),
-        versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
-    ))
-}
-
-/// Writes the events and the streams' new versions in one statement. Rows go in sorted by
-/// (stream, version) so concurrent writers take index locks in the same order.
-async fn append_rows(
-    connection: &mut PgConnection,
-    batch: &[AppendRequest],
-    rows: &[(usize, usize, i64)],
-    versions: &HashMap<String, u64>,
-) -> Result<i64, sqlx::Error> {
-    // Numbered in batch order, so each append's positions follow from the head before.
-    let numbered: Vec<Uuid> = rows
-        .iter()
-        .map(|(r, e, _)| batch[*r].events[*e].id)
-        .collect();
-    let mut order: Vec<&(usize, usize, i64)> = rows.iter().collect();
-    order.sort_by(|a, b| (batch[a.0].stream.as_str(), a.2).cmp(&(batch[b.0].stream.as_str(), b.2)));
-    let recorded_at = Utc::now();
-    let mut streams = Vec::with_capacity(rows.len());
-    let mut row_versions = Vec::with_capacity(rows.len());
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut types = Vec::with_capacity(rows.len());
-    let mut schema_versions = Vec::with_capacity(rows.len());
-    let mut data = Vec::with_capacity(rows.len());
-    let mut metadata = Vec::with_capacity(rows.len());
-    for (request, event, version) in order {
-        let (stream, event) = (&batch[*request].stream, &batch[*request].events[*event]);
-        streams.push(stream.as_str());
-        row_versions.push(*version);
-        ids.push(event.id);
-        types.push(event.event_type.as_str());
-        schema_versions.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
-        data.push(json_text(&event.data)?);
-        metadata.push(json_text(&event.metadata)?);
-    }
-    let mut touched: Vec<(&str, i64)> = rows
-        .iter()
-        .map(|(request, _, _)| batch[*request].stream.as_str())
-        .map(|stream| (stream, to_i64(versions.get(stream).copied().unwrap_or(0))))
-        .collect();
-    touched.sort_unstable();
-    touched.dedup();
-    let (touched, touched_versions): (Vec<&str>, Vec<i64>) = touched.into_iter().unzip();
-    // One statement, so one implicit transaction and one round trip: the events and stream
-    // versions are written first (es_number's last argument consumes both CTEs, so they run to
-    // completion before it is called), then es_number takes the lock and numbers them, and
-    // the statement's commit releases the lock.
-    sqlx::query_scalar(
-        "WITH inserted AS (
-             INSERT INTO es_events (event_id, stream_id, version, event_type, schema_version, data, metadata, recorded_at)
-             SELECT i, s, v, t, sv, d::jsonb, m::jsonb, $8
-             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int4[], $6::text[], $7::text[])
-                  AS x(i, s, v, t, sv, d, m)
-             RETURNING 1
-         ), touched AS (
-             INSERT INTO es_streams (stream_id, version)
-             SELECT s, v FROM UNNEST($9::text[], $10::bigint[]) AS y(s, v)
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = FALSE
-             RETURNING 1
-         )
-         SELECT es_number($11, $12, $13, (SELECT count(*) FROM inserted) + (SELECT count(*) FROM touched))",
-    )
-    .bind(ids)
-    .bind(streams)
-    .bind(row_versions)
-    .bind(types)
-    .bind(schema_versions)
-    .bind(data)
-    .bind(metadata)
-    .bind(recorded_at)
-    .bind(touched)
-    .bind(touched_versions)
-    .bind(&numbered)
-    .bind(HEAD_CHANNEL)
-    .bind(APPEND_LOCK_KEY)
-    .fetch_one(connection)
-    .await
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {

@@ -15,10 +15,10 @@ use sqlx::{Row as _, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::RawEvent;
 use super::writer::{
-    AppendRequest, BatchState, BatchTx, Row, StoredId, spawn_writer, to_i64, to_u64,
+    AppendRequest, BatchState, BatchTx, Dialect, Plan, spawn_writers, to_i64, to_u64,
 };
-use super::{RawEvent, raise};
 use crate::error::EventStoreError;
 use crate::store::EventStore;
 use crate::types::{
@@ -88,25 +88,7 @@ impl SqliteStore {
             .fetch_one(&pool)
             .await?;
         let head = Arc::new(watch::Sender::new(to_u64(head_now)));
-        let writer = {
-            let pool = pool.clone();
-            let head = Arc::downgrade(&head);
-            spawn_writer(
-                move || {
-                    let pool = pool.clone();
-                    async move {
-                        Ok(SqliteBatch {
-                            tx: pool.begin_with("BEGIN IMMEDIATE").await?,
-                        })
-                    }
-                },
-                move |position| {
-                    if let Some(head) = head.upgrade() {
-                        raise(&head, position);
-                    }
-                },
-            )
-        };
+        let writer = spawn_writers(&pool, &head);
         Ok(Self { pool, writer, head })
     }
 
@@ -116,8 +98,27 @@ impl SqliteStore {
     }
 }
 
-struct SqliteBatch {
+/// A batch inside `BEGIN IMMEDIATE`, which holds SQLite's single write lock, so the head read
+/// at its start is still the head when it commits.
+pub(crate) struct SqliteBatch {
     tx: Transaction<'static, Sqlite>,
+    head: u64,
+}
+
+impl Dialect for SqlitePool {
+    type Batch = SqliteBatch;
+    /// One: the database has a single write lock, so a second writer would only wait for it.
+    const WRITERS: usize = 1;
+
+    async fn begin(&self) -> Result<SqliteBatch, sqlx::Error> {
+        let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(SqliteBatch { tx, head: 0 })
+    }
+
+    /// Never: the write lock is held from the batch's first read, so no one can race it.
+    fn lost_race(_: &sqlx::Error) -> bool {
+        false
+    }
 }
 
 impl BatchTx for SqliteBatch {
@@ -142,45 +143,30 @@ impl BatchTx for SqliteBatch {
         .bind(streams)
         .fetch_one(&mut *self.tx)
         .await?;
-        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
-        let stored: Vec<(Uuid, String, i64, i64)> =
-            serde_json::from_str(&stored).map_err(decode)?;
-        let versions: Vec<(String, i64)> = serde_json::from_str(&versions).map_err(decode)?;
-        Ok(BatchState {
-            head: to_u64(head),
-            stored: stored
-                .into_iter()
-                .map(|(id, stream, version, position)| StoredId {
-                    id,
-                    stream,
-                    version: to_u64(version),
-                    position: to_u64(position),
-                })
-                .collect(),
-            versions: versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
-        })
+        self.head = to_u64(head);
+        BatchState::from_json(&stored, &versions)
     }
 
-    /// All rows in one `INSERT … SELECT FROM json_each`, the versions in a second statement.
-    async fn write(
-        mut self,
-        rows: &[Row],
-        versions: &[(String, i64)],
-        _head: u64,
-    ) -> Result<(), sqlx::Error> {
-        let rows: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|row| {
+    /// All rows in one `INSERT … SELECT FROM json_each`, numbered from the head read under the
+    /// lock, the versions in a second statement.
+    async fn write(mut self, batch: &[AppendRequest], plan: &Plan) -> Result<u64, sqlx::Error> {
+        let recorded_at = plan.recorded_at.to_rfc3339();
+        let rows: Vec<serde_json::Value> = (plan.rows.iter().enumerate())
+            .map(|(k, row)| {
+                let (stream, event) = (
+                    &batch[row.request].stream,
+                    &batch[row.request].events[row.event],
+                );
                 Ok(serde_json::json!([
-                    row.position,
-                    row.stream,
+                    to_i64(self.head + k as u64 + 1),
+                    stream.as_str(),
                     row.version,
-                    row.event.id.to_string(),
-                    row.event.event_type,
-                    row.event.schema_version,
-                    json_text(&row.event.data)?,
-                    json_text(&row.event.metadata)?,
-                    row.recorded_at.to_rfc3339(),
+                    event.id.to_string(),
+                    event.event_type,
+                    event.schema_version,
+                    json_text(&event.data)?,
+                    json_text(&event.metadata)?,
+                    recorded_at,
                 ]))
             })
             .collect::<Result<_, sqlx::Error>>()?;
@@ -196,10 +182,11 @@ impl BatchTx for SqliteBatch {
             "INSERT INTO es_streams (stream_id, version) SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
              ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = 0",
         )
-        .bind(json_text(&versions)?)
+        .bind(json_text(&plan.versions)?)
         .execute(&mut *self.tx)
         .await?;
-        self.tx.commit().await
+        self.tx.commit().await?;
+        Ok(self.head)
     }
 }
 

@@ -1,29 +1,38 @@
-//! Group commit: one writer task per store turns concurrent appends into one transaction.
+//! Group commit, written once for both engines: writer tasks turn concurrent appends into one
+//! transaction each, and one algorithm decides every append of a batch.
 //!
 //! A durable commit costs an fsync (about 90 µs on our disks), so committing every append on
-//! its own caps a store at a few thousand appends per second. The writer takes every append
+//! its own caps a store at a few thousand appends per second. A writer takes every append
 //! waiting in its queue (up to a limit), checks and writes each in one transaction, commits
 //! once, and only then answers each caller. Each append is still checked and answered on its
 //! own: a version conflict in one does not affect the others in the batch.
+//!
+//! What differs per engine is behind [`Dialect`]: how a batch transaction starts, how it reads
+//! the committed state, how it writes and numbers the rows, how many writers a store runs, and
+//! which errors mean "lost a race, decide again".
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use super::raise;
 use crate::error::EventStoreError;
 use crate::types::{AppendResult, ExpectedVersion, NewEvent, StreamId};
 
-/// The most appends waiting for the writer; callers wait for room beyond this.
+/// The most appends waiting for the writers; callers wait for room beyond this.
 pub(crate) const QUEUE_APPENDS_MAX: usize = 4_096;
 /// The most events written in one transaction.
 const BATCH_EVENTS_MAX: usize = 4_000;
 /// The most appends written in one transaction.
 const BATCH_APPENDS_MAX: usize = 512;
+/// Attempts at a batch whose appends keep losing races (see [`Dialect::lost_race`]).
+const RACE_ATTEMPTS: u32 = 5;
 
-/// One caller's append, waiting for the writer.
+/// One caller's append, waiting for a writer.
 pub(crate) struct AppendRequest {
     pub(crate) stream: StreamId,
     pub(crate) expected: ExpectedVersion,
@@ -31,96 +40,277 @@ pub(crate) struct AppendRequest {
     pub(crate) reply: oneshot::Sender<Result<AppendResult, EventStoreError>>,
 }
 
-/// One row to insert.
-pub(crate) struct Row {
-    pub(crate) position: i64,
-    pub(crate) stream: String,
-    pub(crate) version: i64,
-    pub(crate) event: NewEvent,
-    pub(crate) recorded_at: DateTime<Utc>,
+/// An engine: the few statements and behaviours in which SQLite and PostgreSQL differ.
+/// Implemented by each engine's pool type; everything else about a SQL store is shared.
+pub(crate) trait Dialect: Clone + Send + Sync + 'static {
+    /// A batch transaction, holding whatever the engine needs until it commits.
+    type Batch: BatchTx;
+    /// Writer tasks per store.
+    const WRITERS: usize;
+    /// Opens a batch transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Batch, sqlx::Error>> + Send;
+    /// Whether a failed batch lost a race to another writer and should be decided again on
+    /// fresh state.
+    fn lost_race(error: &sqlx::Error) -> bool;
 }
 
-/// An event id already in the store.
-pub(crate) struct StoredId {
-    pub(crate) id: Uuid,
-    pub(crate) stream: String,
-    pub(crate) version: u64,
-    pub(crate) position: u64,
-}
-
-/// What the batch algorithm needs to know before it decides.
-pub(crate) struct BatchState {
-    /// The newest position in the log.
-    pub(crate) head: u64,
-    /// Which of the batch's event ids are stored, with where.
-    pub(crate) stored: Vec<StoredId>,
-    /// The versions of the batch's streams (streams not listed are at version 0).
-    pub(crate) versions: Vec<(String, u64)>,
-}
-
-/// The database side of a batch, inside one open transaction that holds the store's write
-/// lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: an advisory lock). Two calls, so a backend
-/// can do each in as few round trips as it is able to.
+/// The database side of one batch, inside one transaction. Two calls, so an engine can do
+/// each in as few round trips as it is able to.
 pub(crate) trait BatchTx: Send {
-    /// Reads the head, which of `ids` are stored, and the versions of `streams`.
+    /// Reads which of `ids` are stored and the versions of `streams`, on committed state.
     fn read_state(
         &mut self,
         ids: &[Uuid],
         streams: &[String],
     ) -> impl Future<Output = Result<BatchState, sqlx::Error>> + Send;
-    /// Inserts the rows, records each stream's new version (undeleting it), and commits;
-    /// `head` is the new head position.
+    /// Inserts the plan's rows, numbering them in order after the head, records each touched
+    /// stream's new version (undeleting it), and commits. Returns the head before the rows.
     fn write(
         self,
-        rows: &[Row],
-        versions: &[(String, i64)],
-        head: u64,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+        batch: &[AppendRequest],
+        plan: &Plan,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 }
 
-/// Starts a writer task fed by the returned sender. `begin` opens a transaction holding the
-/// write lock; `on_commit` is told the new head after each successful commit.
-pub(crate) fn spawn_writer<T, B, BFut, C>(mut begin: B, on_commit: C) -> mpsc::Sender<AppendRequest>
-where
-    T: BatchTx + 'static,
-    B: FnMut() -> BFut + Send + 'static,
-    BFut: Future<Output = Result<T, sqlx::Error>> + Send,
-    C: Fn(u64) + Send + 'static,
-{
-    let (sender, mut receiver) = mpsc::channel::<AppendRequest>(QUEUE_APPENDS_MAX);
-    tokio::spawn(async move {
-        while let Some(first) = receiver.recv().await {
-            let mut batch = fill_batch(first, &mut receiver);
-            let outcomes = match begin().await {
-                Ok(tx) => write_batch(tx, &mut batch).await,
-                Err(error) => Err(error),
-            };
-            match outcomes {
-                Ok((results, head)) => {
-                    if let Some(head) = head {
-                        on_commit(head);
+/// Where an event id is: in the store, or in a row of this batch's plan.
+#[derive(Clone, Copy)]
+enum Place {
+    Stored(u64),
+    /// Row `k` of the plan, whose position is only known once the rows are numbered.
+    Planned(usize),
+}
+
+/// An event id already in the store or in the plan.
+struct StoredId {
+    stream: String,
+    version: u64,
+    place: Place,
+}
+
+/// What the batch algorithm needs to know before it decides.
+pub(crate) struct BatchState {
+    /// Which of the batch's event ids are stored, with where.
+    stored: HashMap<Uuid, StoredId>,
+    /// The versions of the batch's streams (streams not listed are at version 0).
+    versions: HashMap<String, u64>,
+}
+
+impl BatchState {
+    /// Parses the two JSON arrays both engines' state queries build: `[[id, stream, version,
+    /// position], …]` and `[[stream, version], …]`.
+    pub(crate) fn from_json(stored: &str, versions: &str) -> Result<Self, sqlx::Error> {
+        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+        let stored: Vec<(Uuid, String, i64, i64)> = serde_json::from_str(stored).map_err(decode)?;
+        let versions: Vec<(String, i64)> = serde_json::from_str(versions).map_err(decode)?;
+        Ok(Self {
+            stored: stored
+                .into_iter()
+                .map(|(id, stream, version, position)| {
+                    let (version, position) = (to_u64(version), to_u64(position));
+                    let place = Place::Stored(position);
+                    (
+                        id,
+                        StoredId {
+                            stream,
+                            version,
+                            place,
+                        },
+                    )
+                })
+                .collect(),
+            versions: versions.into_iter().map(|(s, v)| (s, to_u64(v))).collect(),
+        })
+    }
+}
+
+/// One row the plan writes: event `event` of append `request` in the batch.
+pub(crate) struct PlannedRow {
+    pub(crate) request: usize,
+    pub(crate) event: usize,
+    /// The event's version in its stream.
+    pub(crate) version: i64,
+}
+
+/// What one append of a batch turned into.
+enum Decision {
+    /// Refused without writing.
+    Refused(EventStoreError),
+    /// A replay of ids stored (or planned earlier in the batch), answered without writing.
+    Replayed { next_version: u64, place: Place },
+    /// Written as rows `[first, first + count)` of the plan, reaching `next_version`.
+    Written {
+        first: usize,
+        count: usize,
+        next_version: u64,
+    },
+}
+
+/// The decided batch: the rows to write, in position order, and each append's answer.
+pub(crate) struct Plan {
+    /// Row `k` gets position `head + k + 1`.
+    pub(crate) rows: Vec<PlannedRow>,
+    /// Each touched stream's version after the batch, sorted by stream.
+    pub(crate) versions: Vec<(String, i64)>,
+    pub(crate) recorded_at: DateTime<Utc>,
+    decisions: Vec<Decision>,
+}
+
+impl Plan {
+    /// Decides every append of the batch on the state read before it, in batch order, so a
+    /// later append sees the versions and ids an earlier one writes.
+    fn decide(batch: &[AppendRequest], state: BatchState) -> Self {
+        let BatchState {
+            mut stored,
+            mut versions,
+        } = state;
+        let mut rows = Vec::new();
+        let mut touched = Vec::new();
+        let mut decisions = Vec::with_capacity(batch.len());
+        for (index, request) in batch.iter().enumerate() {
+            let ids: Vec<Uuid> = request.events.iter().map(|e| e.id).collect();
+            let known: Vec<(Uuid, String, u64, Place)> = ids
+                .iter()
+                .filter_map(|id| {
+                    let s = stored.get(id)?;
+                    Some((*id, s.stream.clone(), s.version, s.place))
+                })
+                .collect();
+            if !known.is_empty() {
+                decisions.push(match replayed(&request.stream, &ids, known) {
+                    Ok((next_version, place)) => Decision::Replayed {
+                        next_version,
+                        place,
+                    },
+                    Err(error) => Decision::Refused(error),
+                });
+                continue;
+            }
+            let stream = request.stream.as_str();
+            let version = versions.get(stream).copied().unwrap_or(0);
+            if !request.expected.matches(version) {
+                decisions.push(Decision::Refused(EventStoreError::WrongExpectedVersion {
+                    stream: request.stream.clone(),
+                    expected: request.expected,
+                    actual: version,
+                }));
+                continue;
+            }
+            let first = rows.len();
+            for (event_index, event) in request.events.iter().enumerate() {
+                let event_version = version + event_index as u64 + 1;
+                // A later append of the same ids in the batch is then a replay (or a
+                // conflict), never a second write.
+                let stored_id = StoredId {
+                    stream: stream.to_owned(),
+                    version: event_version,
+                    place: Place::Planned(rows.len()),
+                };
+                stored.insert(event.id, stored_id);
+                rows.push(PlannedRow {
+                    request: index,
+                    event: event_index,
+                    version: to_i64(event_version),
+                });
+            }
+            let next_version = version + request.events.len() as u64;
+            versions.insert(stream.to_owned(), next_version);
+            touched.push(stream);
+            decisions.push(Decision::Written {
+                first,
+                count: request.events.len(),
+                next_version,
+            });
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let versions = touched
+            .into_iter()
+            .map(|s| (s.to_owned(), to_i64(versions.get(s).copied().unwrap_or(0))))
+            .collect();
+        Self {
+            rows,
+            versions,
+            recorded_at: Utc::now(),
+            decisions,
+        }
+    }
+
+    /// Each append's answer, given the head before the plan's rows were numbered.
+    fn results(self, before: u64) -> Vec<Result<AppendResult, EventStoreError>> {
+        let position = |place| match place {
+            Place::Stored(position) => position,
+            Place::Planned(row) => before + row as u64 + 1,
+        };
+        let results = self.decisions.into_iter().map(|decision| match decision {
+            Decision::Refused(error) => Err(error),
+            Decision::Replayed {
+                next_version,
+                place,
+            } => Ok(AppendResult {
+                next_version,
+                global_position: position(place),
+            }),
+            Decision::Written {
+                first,
+                count,
+                next_version,
+            } => Ok(AppendResult {
+                next_version,
+                global_position: before + (first + count) as u64,
+            }),
+        });
+        results.collect()
+    }
+}
+
+type BatchOutcome = (Vec<Result<AppendResult, EventStoreError>>, Option<u64>);
+
+/// Starts the engine's writer tasks, fed by the returned sender; they take turns at the queue
+/// and end when every sender is gone. Each successful commit raises `head`.
+pub(crate) fn spawn_writers<D: Dialect>(
+    pool: &D,
+    head: &Arc<watch::Sender<u64>>,
+) -> mpsc::Sender<AppendRequest> {
+    let (sender, receiver) = mpsc::channel::<AppendRequest>(QUEUE_APPENDS_MAX);
+    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    for _ in 0..D::WRITERS {
+        let (pool, receiver, head) = (pool.clone(), receiver.clone(), Arc::downgrade(head));
+        tokio::spawn(async move {
+            loop {
+                let batch = {
+                    let mut receiver = receiver.lock().await;
+                    let Some(first) = receiver.recv().await else {
+                        return;
+                    };
+                    fill_batch(first, &mut receiver)
+                };
+                match write_with_retries(&pool, &batch).await {
+                    Ok((results, last)) => {
+                        if let (Some(last), Some(head)) = (last, head.upgrade()) {
+                            raise(&head, last);
+                        }
+                        for (request, result) in batch.into_iter().zip(results) {
+                            let _ = request.reply.send(result);
+                        }
                     }
-                    for (request, result) in batch.into_iter().zip(results) {
-                        let _ = request.reply.send(result);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, appends = batch.len(), "event store append transaction failed");
-                    let message = error.to_string();
-                    for request in batch {
-                        let _ = request
-                            .reply
-                            .send(Err(EventStoreError::Unavailable(message.clone())));
+                    Err(error) => {
+                        tracing::warn!(%error, appends = batch.len(), "event store append transaction failed");
+                        let message = error.to_string();
+                        for request in batch {
+                            let _ = request
+                                .reply
+                                .send(Err(EventStoreError::Unavailable(message.clone())));
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
     sender
 }
 
 /// The appends waiting in the queue after `first`, up to the batch limits.
-pub(crate) fn fill_batch(
+fn fill_batch(
     first: AppendRequest,
     receiver: &mut mpsc::Receiver<AppendRequest>,
 ) -> Vec<AppendRequest> {
@@ -138,88 +328,55 @@ pub(crate) fn fill_batch(
     batch
 }
 
-/// Checks and writes every append of the batch in one transaction: one query finds which of
-/// the batch's event ids are stored, one reads the versions of its streams, one inserts every
-/// row. Returns each append's result and the new head (None when nothing was written).
-async fn write_batch<T: BatchTx>(
-    mut tx: T,
-    batch: &mut [AppendRequest],
-) -> Result<(Vec<Result<AppendResult, EventStoreError>>, Option<u64>), sqlx::Error> {
-    let all_ids: Vec<Uuid> = batch
+/// Writes a batch, deciding again on fresh state when it lost a race to another writer.
+async fn write_with_retries<D: Dialect>(
+    pool: &D,
+    batch: &[AppendRequest],
+) -> Result<BatchOutcome, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match write_batch(pool, batch).await {
+            Err(error) if D::lost_race(&error) && attempt < RACE_ATTEMPTS => {
+                tracing::debug!(%error, attempt, "append batch lost a race; deciding again");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Checks and writes every append of the batch in one transaction: one read of the stored
+/// ids and stream versions, then one write. Returns each append's result and the new head
+/// (None when nothing was written).
+async fn write_batch<D: Dialect>(
+    pool: &D,
+    batch: &[AppendRequest],
+) -> Result<BatchOutcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = batch
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.id))
         .collect();
     let mut streams: Vec<String> = batch.iter().map(|r| r.stream.as_str().to_owned()).collect();
     streams.sort_unstable();
     streams.dedup();
-    let state = tx.read_state(&all_ids, &streams).await?;
-    let mut head = state.head;
-    // Where each already-stored id is: (stream, version, position). Ids written earlier in
-    // this batch are added as they are assigned.
-    let mut stored: HashMap<Uuid, (String, u64, u64)> = state
-        .stored
-        .into_iter()
-        .map(|s| (s.id, (s.stream, s.version, s.position)))
-        .collect();
-    let mut versions: HashMap<String, u64> = state.versions.into_iter().collect();
-    let mut touched: HashMap<String, u64> = HashMap::new();
-    let mut rows = Vec::new();
-    let mut results = Vec::with_capacity(batch.len());
-    let recorded_at = Utc::now();
-    for request in batch.iter_mut() {
-        let ids: Vec<Uuid> = request.events.iter().map(|e| e.id).collect();
-        let known: Vec<(Uuid, String, u64, u64)> = ids
-            .iter()
-            .filter_map(|id| stored.get(id).map(|(s, v, p)| (*id, s.clone(), *v, *p)))
-            .collect();
-        if !known.is_empty() {
-            results.push(replayed(&request.stream, &ids, known));
-            continue;
-        }
-        let version = versions.get(request.stream.as_str()).copied().unwrap_or(0);
-        if !request.expected.matches(version) {
-            results.push(Err(EventStoreError::WrongExpectedVersion {
-                stream: request.stream.clone(),
-                expected: request.expected,
-                actual: version,
-            }));
-            continue;
-        }
-        let mut next = version;
-        for event in std::mem::take(&mut request.events) {
-            head += 1;
-            next += 1;
-            stored.insert(event.id, (request.stream.as_str().to_owned(), next, head));
-            rows.push(Row {
-                position: to_i64(head),
-                stream: request.stream.as_str().to_owned(),
-                version: to_i64(next),
-                event,
-                recorded_at,
-            });
-        }
-        versions.insert(request.stream.as_str().to_owned(), next);
-        touched.insert(request.stream.as_str().to_owned(), next);
-        results.push(Ok(AppendResult {
-            next_version: next,
-            global_position: head,
-        }));
-    }
-    if rows.is_empty() {
+    let plan = Plan::decide(batch, tx.read_state(&ids, &streams).await?);
+    if plan.rows.is_empty() {
         // Nothing to write: the transaction is dropped, which rolls it back.
-        return Ok((results, None));
+        return Ok((plan.results(0), None));
     }
-    let touched: Vec<(String, i64)> = touched.into_iter().map(|(s, v)| (s, to_i64(v))).collect();
-    tx.write(&rows, &touched, head).await?;
-    Ok((results, Some(head)))
+    let written = plan.rows.len() as u64;
+    let before = tx.write(batch, &plan).await?;
+    Ok((plan.results(before), Some(before + written)))
 }
 
-/// The answer to an append whose ids (some or all) are already stored.
-pub(crate) fn replayed(
+/// The answer to an append whose ids (some or all) are already stored: the stream version
+/// and place of its last event when it is a complete replay.
+fn replayed(
     stream: &StreamId,
     ids: &[Uuid],
-    mut stored: Vec<(Uuid, String, u64, u64)>,
-) -> Result<AppendResult, EventStoreError> {
+    mut stored: Vec<(Uuid, String, u64, Place)>,
+) -> Result<(u64, Place), EventStoreError> {
     let order: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     stored.sort_by_key(|(id, ..)| order.get(id).copied().unwrap_or(usize::MAX));
     let complete = stored.len() == ids.len()
@@ -235,11 +392,8 @@ pub(crate) fn replayed(
             event_id: stored[0].0,
         });
     }
-    let (_, _, version, position) = stored[stored.len() - 1];
-    Ok(AppendResult {
-        next_version: version,
-        global_position: position,
-    })
+    let (_, _, version, place) = stored[stored.len() - 1];
+    Ok((version, place))
 }
 
 pub(crate) fn to_i64(value: u64) -> i64 {
