@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use trellis_saga::choreography::{ChoreographyLog, Postgres, Sqlite};
 use trellis_saga::{
-    Inspector, PostgresSagaStore, SagaFilter, SagaId, SagaStatus, SagaStore, SagaSummary,
-    SqliteSagaStore,
+    AnyChoreographyLog, AnySagaStore, Inspector, SagaFilter, SagaId, SagaStatus, SagaStore,
+    SagaSummary,
 };
 use uuid::Uuid;
 
@@ -119,48 +118,44 @@ impl SagaArgs {
         if let SagaCommand::Choreography { command } = self.command {
             return choreography(&db, command).await;
         }
-        if let Some(rest) = db.strip_prefix("sqlite://") {
-            let path = rest.split('?').next().unwrap_or(rest);
-            if !std::path::Path::new(path).exists() {
-                bail!("no saga log at {path}");
-            }
-            let store = SqliteSagaStore::open(&db)
-                .await
-                .with_context(|| format!("saga log {db}"))?;
-            run(Inspector::new(store).with_operator(operator), self.command).await
-        } else if db.starts_with("postgres://") || db.starts_with("postgresql://") {
-            let store = PostgresSagaStore::connect(&db)
-                .await
-                .context("saga log on PostgreSQL")?;
-            run(Inspector::new(store).with_operator(operator), self.command).await
-        } else {
-            bail!("--db must be sqlite://PATH or postgres://..., got {db:?}")
+        refuse_missing_sqlite_file(&db, "no saga log")?;
+        let store = AnySagaStore::open(&db)
+            .await
+            .with_context(|| format!("saga log {}", redacted(&db)))?;
+        run(Inspector::new(store).with_operator(operator), self.command).await
+    }
+}
+
+/// An inspecting command must not create an empty SQLite file where the operator mistyped a
+/// path: it fails with `{what} at PATH` instead.
+fn refuse_missing_sqlite_file(db: &str, what: &str) -> anyhow::Result<()> {
+    if let Some(rest) = db.strip_prefix("sqlite://") {
+        let path = rest.split('?').next().unwrap_or(rest);
+        if !std::path::Path::new(path).exists() {
+            bail!("{what} at {path}");
         }
+    }
+    Ok(())
+}
+
+/// The URL for a message: a PostgreSQL URL (which may hold a password) is not printed.
+fn redacted(db: &str) -> &str {
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        "on PostgreSQL"
+    } else {
+        db
     }
 }
 
 /// `trellis saga choreography ...` on the service database at `db`.
 async fn choreography(db: &str, command: ChoreographyCommand) -> anyhow::Result<()> {
     let ChoreographyCommand::Show { correlation_id } = command;
-    let timeline = if let Some(rest) = db.strip_prefix("sqlite://") {
-        let path = rest.split('?').next().unwrap_or(rest);
-        if !std::path::Path::new(path).exists() {
-            bail!("no database at {path}");
-        }
-        ChoreographyLog::<Sqlite>::connect(db)
-            .await
-            .with_context(|| format!("choreography log in {db}"))?
-            .timeline(correlation_id)
-            .await
-    } else if db.starts_with("postgres://") || db.starts_with("postgresql://") {
-        ChoreographyLog::<Postgres>::connect(db)
-            .await
-            .context("choreography log on PostgreSQL")?
-            .timeline(correlation_id)
-            .await
-    } else {
-        bail!("--db must be sqlite://PATH or postgres://..., got {db:?}")
-    };
+    refuse_missing_sqlite_file(db, "no database")?;
+    let timeline = AnyChoreographyLog::connect(db)
+        .await
+        .with_context(|| format!("choreography log {}", redacted(db)))?
+        .timeline(correlation_id)
+        .await;
     let timeline = match timeline {
         Err(trellis_saga::SagaError::NotFound(_)) => {
             bail!("no choreography recorded for correlation id {correlation_id}")

@@ -83,6 +83,9 @@ pub enum SagaError {
     /// The store is unavailable for another reason (transient).
     #[error("saga store unavailable: {0}")]
     Unavailable(String),
+    /// The caller named a saga log by a URL whose scheme no backend serves.
+    #[error("{0}")]
+    InvalidUrl(String),
 }
 
 impl SagaError {
@@ -111,7 +114,8 @@ impl SagaError {
             | Self::LeaseExpired { .. }
             | Self::Rejected { .. }
             | Self::Context(_)
-            | Self::CorruptLog { .. } => false,
+            | Self::CorruptLog { .. }
+            | Self::InvalidUrl(_) => false,
         }
     }
 }

@@ -23,7 +23,8 @@
 //!
 //! Stores: [`InMemorySagaStore`] (tests), [`SqliteSagaStore`] (WAL, `synchronous = FULL`,
 //! `BEGIN IMMEDIATE`, group commit: many sagas' transitions share one transaction, each caller
-//! answered after the commit), [`PostgresSagaStore`].
+//! answered after the commit), [`PostgresSagaStore`]; [`AnySagaStore`] opens the one a URL names
+//! (`memory://`, `sqlite://PATH`, `postgres://…`).
 //!
 //! Several engines may share one log: each saga is leased to one engine at a time (a
 //! [`Lease`]: owner and expiry, claimed with `FOR UPDATE SKIP LOCKED` on PostgreSQL, renewed
@@ -92,6 +93,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod any;
 #[cfg(feature = "bus")]
 pub mod bus;
 #[cfg(feature = "bus")]
@@ -104,6 +106,9 @@ pub mod http;
 mod inspector;
 mod store;
 
+#[cfg(feature = "bus")]
+pub use any::AnyChoreographyLog;
+pub use any::AnySagaStore;
 pub use definition::{
     STEP_ATTEMPTS_DEFAULT, STEP_ATTEMPTS_MAX, STEP_TIMEOUT_DEFAULT, STEP_TIMEOUT_MAX, STEPS_MAX,
     SagaContext, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError, StepFuture,

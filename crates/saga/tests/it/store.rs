@@ -307,3 +307,20 @@ async fn the_postgres_store_keeps_the_store_contract() {
     };
     store_contract(PostgresSagaStore::connect(&db.url).await.expect("connect")).await;
 }
+
+#[tokio::test]
+async fn the_store_a_url_names_keeps_the_store_contract_on_every_backend() {
+    // Goal: AnySagaStore opened from each scheme's URL passes the same contract as the
+    // backend it wraps, so a binary that picks its log by URL loses nothing.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = format!("sqlite://{}", dir.path().join("any.db").display());
+    let postgres = trellis_testkit::postgres("saga_any_store_contract").await;
+    let mut urls = vec!["memory://".to_owned(), sqlite];
+    urls.extend(postgres.as_ref().map(|db| db.url.clone()));
+    for url in urls {
+        let store = trellis_saga::AnySagaStore::open(&url)
+            .await
+            .unwrap_or_else(|error| panic!("open {url}: {error}"));
+        store_contract(store).await;
+    }
+}
