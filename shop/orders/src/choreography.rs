@@ -1,14 +1,14 @@
 //! The orders service's part in the choreographed order saga.
 //!
 //! Nothing drives the flow: the orders service reacts to the participants' events like any
-//! other service, and its own events reach the bus through the event store's relay. It is the
-//! one place that decides between the customer's cancel and shipping (the order aggregate
-//! serialises `RequestCancel` and `StartShipping`), so it sits between `payment.completed` and
-//! the shipment:
+//! other service, and its own events reach the bus through the order outbox (the event store's
+//! log). It is the one place that decides between the customer's cancel and shipping (the
+//! order aggregate serialises `RequestCancel` and `StartShipping`), so it sits between
+//! `payment.completed` and the shipment:
 //!
 //! - `inventory.reserved`, `payment.refunded`, `shipment.created`: recorded on the timeline.
-//! - `payment.completed`: `StartShipping` (relayed as `order.shipping_started`), or, when the
-//!   customer cancelled first, `Fail` (relayed as `order.failed`: payments refunds, inventory
+//! - `payment.completed`: `StartShipping` (published as `order.shipping_started`), or, when the
+//!   customer cancelled first, `Fail` (published as `order.failed`: payments refunds, inventory
 //!   releases).
 //! - `inventory.failed`: the order is cancelled (nothing was held).
 //! - `payment.failed`, `shipment.failed`: the reason is noted; inventory's release follows.
@@ -39,7 +39,8 @@ pub(crate) struct OrdersParticipant {
     pub(crate) orders: Arc<Repository<Order, AnyStore>>,
 }
 
-/// Every handler emits nothing itself: the order's events are relayed from its stream.
+/// Every handler emits nothing itself: the order's events reach the bus from its stream,
+/// through the outbox.
 fn flow<D: ChoreographyDb>() -> Choreography<D> {
     let none = none::<D::Connection>;
     Choreography::new(FLOW, "shop.orders")
@@ -74,7 +75,7 @@ fn decode<T: serde::de::DeserializeOwned>(message: &Message) -> Result<T, Handle
 impl OrdersParticipant {
     /// Runs `command`; `Ok(None)` when the order refuses it (the refusal is the answer).
     /// The order is the trigger's subject; the events it appends name the trigger as their
-    /// cause, which the relay puts on the bus.
+    /// cause, which the outbox puts on the bus.
     async fn run(
         &self,
         trigger: &Envelope,

@@ -19,8 +19,9 @@
 //!
 //! - With a bus configured, order events (`order.created`, `order.confirmed`,
 //!   `order.cancelled`, and for choreographed orders `order.shipping_started` and
-//!   `order.failed`) are relayed from the event store's log to it, at least once from a
-//!   checkpoint, each with the event's id as the envelope id.
+//!   `order.failed`) reach it through an outbox (module `outbox`): the event store's log is
+//!   followed at least once from a checkpoint, each event published with its id as the
+//!   envelope id.
 //!
 //! Orchestrated, start-up runs saga recovery (sagas a previous process left are finished)
 //! and a sweeper starts the saga of any order accepted without one (a crash between the two
@@ -44,10 +45,10 @@
 
 pub mod aggregate;
 pub mod choreography;
+mod outbox;
 mod placement;
 pub mod projection;
 mod read_model;
-mod relay;
 mod rest;
 pub mod saga;
 mod saga_runner;
@@ -103,8 +104,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Time between saga recovery passes (sagas of dead engines sharing a PostgreSQL log).
     pub recovery_interval: Duration,
-    /// The bus order events are relayed to (`nats://…`, `sqlite://…`, `memory://`); no relay
-    /// when `None`.
+    /// The bus order events are published to through the outbox (`nats://…`, `sqlite://…`,
+    /// `memory://`); no outbox when `None`.
     pub bus_url: Option<String>,
     /// Prefix of the NATS streams and subjects (`[a-z0-9_]`).
     pub bus_prefix: String,
@@ -238,7 +239,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     db.run_schema(placement::SCHEMA)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
-    db.run_schema(relay::SCHEMA)
+    db.run_schema(outbox::SCHEMA)
         .await
         .map_err(|e| open_err(&read_url, &e))?;
     // Orders in progress stay in memory: a saga step's command appends without reading the
@@ -370,12 +371,12 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
                 .await?,
             );
         }
-        let relay = relay::run(store.clone(), repository.clone(), db.clone(), bus);
-        let mut relay_stop = stopped.clone();
+        let outbox = outbox::run(store.clone(), repository.clone(), db.clone(), bus);
+        let mut outbox_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
-                () = relay => {}
-                _ = relay_stop.wait_for(|s| *s) => {}
+                () = outbox => {}
+                _ = outbox_stop.wait_for(|s| *s) => {}
             }
         }));
     }

@@ -1,23 +1,28 @@
-//! Relays order lifecycle events from the event store's global log onto the bus:
-//! `order.created`, `order.confirmed` and `order.cancelled` (and, for choreographed orders,
-//! `order.shipping_started` and `order.failed`), each with the order id as
-//! `subject` and `correlation_id`, and the event's own id as the envelope id, so a message
-//! relayed twice (after a crash before the checkpoint was saved) is deduplicated by the
-//! consumers' inbox. Publishing is never "write then publish": the event is durable first and
-//! the relay follows the log at least once from a checkpoint in the read-model database.
+//! The order outbox: order lifecycle events reach the bus from the event store's global log,
+//! which serves as the outbox: `order.created`, `order.confirmed` and `order.cancelled` (and,
+//! for choreographed orders, `order.shipping_started` and `order.failed`), each with the order
+//! id as `subject` and `correlation_id`, and the event's own id as the envelope id, so a
+//! message published twice (after a crash before the checkpoint was saved) is deduplicated by
+//! the consumers' inbox. Publishing is never "write then publish": the event is durable first
+//! and the outbox follows the log at least once from a checkpoint in the read-model database.
+//!
+//! The tables and metrics keep the names they had when this module was called the relay
+//! (`bus_relay_checkpoints`, `relay_dead_letters`, `trellis_orders_relay_dead_letters_total`),
+//! so existing databases and dashboards keep working.
 //!
 //! # Decoding, and events that cannot be decoded
-//! The relay decodes with the order repository's upcasters (the same `Arc`), so an upcaster
-//! registered for the service reaches the relay too. An event it still cannot decode (or turn
-//! into a message) can never be relayed, and retrying it from the checkpoint would stop every
-//! order event behind it for good. Such an event goes to `relay_dead_letters` (position,
-//! stream, event id and type, reason, time) in the read-model database, the counter
-//! `trellis_orders_relay_dead_letters_total` is incremented, an error is logged, and the relay
-//! moves on. A table rather than the bus's dead-letter queue: that queue holds messages a
-//! consumer failed to handle, and here there is no message to hold, only an event that stays
-//! in the log; the table sits beside the relay's checkpoint, and its primary key (the
-//! position) keeps a re-relay after a crash from recording an event twice. Failures that may
-//! pass (reading an order, publishing, saving the checkpoint) still resume from the checkpoint.
+//! The outbox decodes with the order repository's upcasters (the same `Arc`), so an upcaster
+//! registered for the service reaches the outbox too. An event it still cannot decode (or
+//! turn into a message) can never be published, and retrying it from the checkpoint would
+//! stop every order event behind it for good. Such an event goes to `relay_dead_letters`
+//! (position, stream, event id and type, reason, time) in the read-model database, the counter
+//! `trellis_orders_relay_dead_letters_total` is incremented, an error is logged, and the
+//! outbox moves on. A table rather than the bus's dead-letter queue: that queue holds messages
+//! a consumer failed to handle, and here there is no message to hold, only an event that
+//! stays in the log; the table sits beside the outbox's checkpoint, and its primary key (the
+//! position) keeps a second pass after a crash from recording an event twice. Failures that
+//! may pass (reading an order, publishing, saving the checkpoint) still resume from the
+//! checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,9 +35,9 @@ use trellis_service::{Db, on_db};
 
 use crate::aggregate::{Order, OrderEvent};
 
-/// The relay's checkpoint name.
-const RELAY_NAME: &str = "order-events-to-bus";
-/// Events relayed between two checkpoint saves (a crash re-relays at most this many).
+/// The outbox's checkpoint name (and the `relay` column of its dead letters).
+const OUTBOX_NAME: &str = "order-events-to-bus";
+/// Events published between two checkpoint saves (a crash publishes at most this many again).
 const CHECKPOINT_EVERY: u64 = 100;
 /// Longest time between two checkpoint saves while events flow.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -52,17 +57,17 @@ CREATE TABLE IF NOT EXISTS relay_dead_letters (
     at TEXT NOT NULL
 )";
 
-/// Why one event was not relayed.
+/// Why one event was not published.
 #[derive(Debug)]
-enum RelayError {
+enum OutboxError {
     /// The event can never become a message (its data does not decode, even upcast): it is
-    /// dead-lettered and the relay moves on.
+    /// dead-lettered and the outbox moves on.
     Undecodable(String),
-    /// Something that may pass (reading the order): the relay resumes from its checkpoint.
+    /// Something that may pass (reading the order): the outbox resumes from its checkpoint.
     Transient(String),
 }
 
-/// Records `event` as one the relay skipped, with why.
+/// Records `event` as one the outbox skipped, with why.
 async fn dead_letter(db: &Db, event: &RecordedEvent, reason: &str) -> Result<(), sqlx::Error> {
     let position = i64::try_from(event.position).unwrap_or(i64::MAX);
     let at = chrono::Utc::now().to_rfc3339();
@@ -73,7 +78,7 @@ async fn dead_letter(db: &Db, event: &RecordedEvent, reason: &str) -> Result<(),
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (position) DO NOTHING",
         )
         .bind(position)
-        .bind(RELAY_NAME)
+        .bind(OUTBOX_NAME)
         .bind(event.stream.as_str())
         .bind(event.id.to_string())
         .bind(&event.event_type)
@@ -89,7 +94,7 @@ async fn dead_letter(db: &Db, event: &RecordedEvent, reason: &str) -> Result<(),
 async fn load_checkpoint(db: &Db) -> Result<u64, sqlx::Error> {
     let position: Option<i64> = on_db!(db, |pool| {
         sqlx::query_scalar("SELECT position FROM bus_relay_checkpoints WHERE name = $1")
-            .bind(RELAY_NAME)
+            .bind(OUTBOX_NAME)
             .fetch_optional(pool)
             .await
     })?;
@@ -103,7 +108,7 @@ async fn save_checkpoint(db: &Db, position: u64) -> Result<(), sqlx::Error> {
             "INSERT INTO bus_relay_checkpoints (name, position) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET position = excluded.position",
         )
-        .bind(RELAY_NAME)
+        .bind(OUTBOX_NAME)
         .bind(position)
         .execute(pool)
         .await
@@ -117,7 +122,7 @@ async fn envelope_for(
     event: &RecordedEvent,
     orders: &Repository<Order, AnyStore>,
     upcasters: &Upcasters,
-) -> Result<Option<Envelope>, RelayError> {
+) -> Result<Option<Envelope>, OutboxError> {
     let Some(order_id) = event
         .stream
         .as_str()
@@ -127,7 +132,7 @@ async fn envelope_for(
         return Ok(None);
     };
     let decoded: OrderEvent =
-        decode(event, upcasters).map_err(|e| RelayError::Undecodable(e.to_string()))?;
+        decode(event, upcasters).map_err(|e| OutboxError::Undecodable(e.to_string()))?;
     let (kind, data) = match decoded {
         OrderEvent::Created {
             user_id,
@@ -156,7 +161,7 @@ async fn envelope_for(
             let order = orders
                 .load_cached(&order_id)
                 .await
-                .map_err(|e| RelayError::Transient(e.to_string()))?
+                .map_err(|e| OutboxError::Transient(e.to_string()))?
                 .state;
             if !order.choreographed {
                 return Ok(None);
@@ -192,7 +197,7 @@ async fn envelope_for(
             let user_id = orders
                 .load_cached(&order_id)
                 .await
-                .map_err(|e| RelayError::Transient(e.to_string()))?
+                .map_err(|e| OutboxError::Transient(e.to_string()))?
                 .state
                 .user_id;
             let (kind, status, reason) = match decoded {
@@ -213,7 +218,7 @@ async fn envelope_for(
         }
         _ => return Ok(None),
     };
-    let data = data.map_err(|e| RelayError::Undecodable(format!("no message data: {e}")))?;
+    let data = data.map_err(|e| OutboxError::Undecodable(format!("no message data: {e}")))?;
     let mut envelope =
         Envelope::new(kind, "shop.orders", order_id.clone(), data).with_sequence(event.version);
     envelope.id = event.id;
@@ -242,7 +247,7 @@ pub(crate) async fn run(
         let from = match load_checkpoint(&db).await {
             Ok(position) => position + 1,
             Err(error) => {
-                tracing::warn!(%error, "bus relay cannot read its checkpoint; retrying");
+                tracing::warn!(%error, "order outbox cannot read its checkpoint; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -268,7 +273,7 @@ pub(crate) async fn run(
                             metrics::counter!("shop_orders_events_relayed_total").increment(1);
                         }
                         Ok(None) => {}
-                        Err(RelayError::Undecodable(reason)) => {
+                        Err(OutboxError::Undecodable(reason)) => {
                             if let Err(error) = dead_letter(&db, &event, &reason).await {
                                 break error.to_string();
                             }
@@ -279,10 +284,10 @@ pub(crate) async fn run(
                                 stream = %event.stream.as_str(),
                                 event_type = %event.event_type,
                                 %reason,
-                                "bus relay cannot decode an order event; dead-lettered it (relay_dead_letters) and moved on"
+                                "order outbox cannot decode an order event; dead-lettered it (relay_dead_letters) and moved on"
                             );
                         }
-                        Err(RelayError::Transient(error)) => break error,
+                        Err(OutboxError::Transient(error)) => break error,
                     }
                     last = event.position;
                     unsaved += 1;
@@ -298,7 +303,7 @@ pub(crate) async fn run(
                 saved_at = tokio::time::Instant::now();
             }
         };
-        tracing::warn!(error = %failure, "bus relay stopped; resuming from its checkpoint in 1 s");
+        tracing::warn!(error = %failure, "order outbox stopped; resuming from its checkpoint in 1 s");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -359,14 +364,14 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
-        let dir = std::env::temp_dir().join(format!("orders-relay-{}", uuid::Uuid::now_v7()));
+        let dir = std::env::temp_dir().join(format!("orders-outbox-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let store = AnyStore::open("memory:").await.expect("memory store");
         let orders = Arc::new(Repository::<Order, AnyStore>::new(store.clone()));
         let db = Db::connect(&format!("sqlite://{}", dir.join("read.db").display()))
             .await
             .expect("read db");
-        db.run_schema(super::SCHEMA).await.expect("relay schema");
+        db.run_schema(super::SCHEMA).await.expect("outbox schema");
         let bus = AnyBus::connect("memory://", "shop").await.expect("bus");
         Fixture {
             store,
@@ -396,7 +401,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_undecodable_event_is_dead_lettered_and_the_relay_moves_on() {
+    async fn an_undecodable_event_is_dead_lettered_and_the_outbox_moves_on() {
         // An order stream holds a `Created` whose data no upcaster can read, then a good
         // order follows: the good one must reach the bus and the bad one the dead letters.
         let f = fixture().await;
@@ -416,17 +421,17 @@ mod tests {
             .expect("append");
         let good = place(&f.orders).await;
 
-        let relay = tokio::spawn(super::run(
+        let outbox = tokio::spawn(super::run(
             f.store.clone(),
             f.orders.clone(),
             f.db.clone(),
             f.bus.clone(),
         ));
         let envelope = created(&mut subscription, &good).await;
-        relay.abort();
+        outbox.abort();
         assert!(
             envelope.is_some(),
-            "the event after the undecodable one is relayed"
+            "the event after the undecodable one is published"
         );
 
         let dead: Vec<(i64, String, String, String)> = trellis_service::on_db!(&f.db, |pool| {
@@ -450,10 +455,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_relay_decodes_with_the_services_upcasters() {
+    async fn the_outbox_decodes_with_the_services_upcasters() {
         // An order's `Created` in an older shape (`total` for `total_cents`, schema v0, built
         // in memory: today's Order events are all v1 and the store accepts no older version)
-        // is relayed through the upcasters the relay is given, and is undecodable without.
+        // is published through the upcasters the outbox is given, and is undecodable without.
         let f = fixture().await;
         let order_id = place(&f.orders).await;
         let mut old = f.store.read_all(1, 1).await.expect("read").remove(0);
@@ -471,13 +476,13 @@ mod tests {
         let envelope = super::envelope_for(&old, &f.orders, &upcasters)
             .await
             .expect("decodes")
-            .expect("relayed");
+            .expect("published");
         assert_eq!(envelope.kind, "order.created");
         assert_eq!(envelope.subject, order_id);
         assert_eq!(envelope.data["total_cents"], 100);
         assert!(matches!(
             super::envelope_for(&old, &f.orders, &Upcasters::default()).await,
-            Err(super::RelayError::Undecodable(_))
+            Err(super::OutboxError::Undecodable(_))
         ));
     }
 }
