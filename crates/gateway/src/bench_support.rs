@@ -23,7 +23,7 @@ impl RouteMatchers {
         let matchers = config
             .routes
             .iter()
-            .map(Matcher::from_config)
+            .map(|r| Matcher::from_rule(&r.match_rule()))
             .collect::<Result<_, _>>()?;
         Ok(Self { matchers })
     }

@@ -160,10 +160,11 @@ impl Table {
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
-            let matcher = Matcher::from_config(r).map_err(|message| ConfigError::Invalid {
-                key: key.clone(),
-                message,
-            })?;
+            let matcher =
+                Matcher::from_rule(&r.match_rule()).map_err(|message| ConfigError::Invalid {
+                    key: key.clone(),
+                    message,
+                })?;
             let cluster =
                 clusters
                     .get(&r.cluster)

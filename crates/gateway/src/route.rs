@@ -1,13 +1,87 @@
 //! Request matching (host, path, method, headers) and path rewriting. Pure: no I/O.
 //!
 //! Matching runs on the canonical path ([`crate::path::normalize`]); route paths from the
-//! configuration are brought to the same form when a route is compiled.
+//! configuration are brought to the same form when a route is compiled. This module judges
+//! route paths too ([`MatchRule::validate`], called by the configuration's checks), and knows
+//! nothing of the configuration file: a route's match section reaches it as a [`MatchRule`].
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::config::RouteConfig;
+/// A route's match section and path rewrite, as written in the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatchRule<'a> {
+    /// `Host` pattern: exact, or `*.suffix`.
+    pub(crate) host: Option<&'a str>,
+    pub(crate) path_exact: Option<&'a str>,
+    pub(crate) path_prefix: Option<&'a str>,
+    pub(crate) path_template: Option<&'a str>,
+    /// Methods; any when empty.
+    pub(crate) methods: &'a [String],
+    /// Headers that must be present with these values.
+    pub(crate) headers: &'a BTreeMap<String, String>,
+    pub(crate) strip_prefix: Option<&'a str>,
+    pub(crate) add_prefix: Option<&'a str>,
+}
+
+/// Why a [`MatchRule`]'s paths are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InvalidMatchRule {
+    /// The offending key (`path_template`, …), or `None` when the rule as a whole is wrong.
+    pub(crate) field: Option<&'static str>,
+    pub(crate) message: String,
+}
+
+impl MatchRule<'_> {
+    /// Checks the path fields: at most one path matcher, every path starting with `/` and
+    /// normalisable, and a template that parses.
+    ///
+    /// # Errors
+    /// The first problem, with the field it is in.
+    pub(crate) fn validate(&self) -> Result<(), InvalidMatchRule> {
+        let invalid = |field, message: &str| InvalidMatchRule {
+            field,
+            message: message.to_owned(),
+        };
+        let paths = usize::from(self.path_exact.is_some())
+            + usize::from(self.path_prefix.is_some())
+            + usize::from(self.path_template.is_some());
+        if paths > 1 {
+            return Err(invalid(
+                None,
+                "set at most one of `path_exact`, `path_prefix`, `path_template`",
+            ));
+        }
+        for (field, value) in [
+            ("path_exact", self.path_exact),
+            ("path_prefix", self.path_prefix),
+            ("path_template", self.path_template),
+            ("strip_prefix", self.strip_prefix),
+            ("add_prefix", self.add_prefix),
+        ] {
+            if let Some(v) = value
+                && !v.starts_with('/')
+            {
+                return Err(invalid(Some(field), "must start with /"));
+            }
+            if field != "path_template"
+                && let Some(v) = value
+                && let Err(e) = crate::path::normalize(v)
+            {
+                return Err(invalid(
+                    Some(field),
+                    &format!("cannot be normalised: {}", e.0),
+                ));
+            }
+        }
+        if let Some(t) = self.path_template {
+            PathTemplate::parse(t).map_err(|m| invalid(Some("path_template"), &m))?;
+        }
+        Ok(())
+    }
+}
 
 /// How a route matches the request path.
 #[derive(Debug, Clone)]
@@ -126,17 +200,17 @@ impl Matcher {
     /// Compiles a validated route's match section. Paths are brought to the canonical form
     /// request paths are matched in (see [`crate::path`]), so `/café` in the file matches a
     /// request for `/caf%C3%A9`.
-    pub(crate) fn from_config(route: &RouteConfig) -> Result<Self, String> {
+    pub(crate) fn from_rule(route: &MatchRule<'_>) -> Result<Self, String> {
         let canonical = |p: &str| {
             crate::path::normalize(p)
                 .map(Cow::into_owned)
                 .map_err(|e| format!("`{p}` cannot be normalised: {}", e.0))
         };
-        let path = if let Some(p) = &route.path_exact {
+        let path = if let Some(p) = route.path_exact {
             PathMatch::Exact(canonical(p)?)
-        } else if let Some(p) = &route.path_prefix {
+        } else if let Some(p) = route.path_prefix {
             PathMatch::Prefix(canonical(p)?.trim_end_matches('/').to_owned())
-        } else if let Some(t) = &route.path_template {
+        } else if let Some(t) = route.path_template {
             PathMatch::Template(PathTemplate::parse(t)?)
         } else {
             PathMatch::Any
@@ -157,19 +231,17 @@ impl Matcher {
             })
             .collect::<Result<_, String>>()?;
         Ok(Self {
-            host: route.host.as_deref().map(HostMatch::parse),
+            host: route.host.map(HostMatch::parse),
             path,
             methods,
             headers,
             strip_prefix: route
                 .strip_prefix
-                .as_deref()
                 .map(canonical)
                 .transpose()?
                 .map(|p| p.trim_end_matches('/').to_owned()),
             add_prefix: route
                 .add_prefix
-                .as_deref()
                 .map(canonical)
                 .transpose()?
                 .map(|p| p.trim_end_matches('/').to_owned()),
@@ -243,10 +315,15 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouteConfig;
 
     fn route(extra: &str) -> RouteConfig {
         let text = format!("name = \"r\"\ncluster = \"c\"\n{extra}");
         toml::from_str(&text).expect("route parses")
+    }
+
+    fn matcher(extra: &str) -> Matcher {
+        Matcher::from_rule(&route(extra).match_rule()).expect("valid")
     }
 
     fn matches(m: &Matcher, method: Method, host: Option<&str>, path: &str) -> bool {
@@ -255,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_prefix_matches_on_segment_boundaries_only() {
-        let m = Matcher::from_config(&route("path_prefix = \"/api/\"")).expect("valid");
+        let m = matcher("path_prefix = \"/api/\"");
         assert!(matches(&m, Method::GET, None, "/api"));
         assert!(matches(&m, Method::GET, None, "/api/orders"));
         assert!(!matches(&m, Method::GET, None, "/apix"));
@@ -263,12 +340,27 @@ mod tests {
 
     #[test]
     fn a_template_matches_one_non_empty_segment_per_parameter() {
-        let m =
-            Matcher::from_config(&route("path_template = \"/api/orders/{id}\"")).expect("valid");
+        let m = matcher("path_template = \"/api/orders/{id}\"");
         assert!(matches(&m, Method::GET, None, "/api/orders/42"));
         assert!(!matches(&m, Method::GET, None, "/api/orders/"));
         assert!(!matches(&m, Method::GET, None, "/api/orders/42/items"));
         assert!(!matches(&m, Method::GET, None, "/api/order/42"));
+    }
+
+    #[test]
+    fn a_rule_with_two_path_matchers_or_a_relative_path_is_refused() {
+        let both = route("path_exact = \"/a\"\npath_prefix = \"/b\"");
+        assert_eq!(both.match_rule().validate().map_err(|e| e.field), Err(None));
+        let relative = route("strip_prefix = \"api\"");
+        assert_eq!(
+            relative.match_rule().validate().map_err(|e| e.field),
+            Err(Some("strip_prefix"))
+        );
+        let template = route("path_template = \"/a/{id\"");
+        assert_eq!(
+            template.match_rule().validate().map_err(|e| e.field),
+            Err(Some("path_template"))
+        );
     }
 
     #[test]
@@ -280,10 +372,9 @@ mod tests {
 
     #[test]
     fn host_method_and_header_must_all_match() {
-        let m = Matcher::from_config(&route(
+        let m = matcher(
             "host = \"*.example.com\"\nmethods = [\"POST\"]\nheaders = { x-version = \"2\" }",
-        ))
-        .expect("valid");
+        );
         let mut headers = HeaderMap::new();
         headers.insert("x-version", HeaderValue::from_static("2"));
         assert!(m.matches(&Method::POST, Some("API.example.com"), "/", &headers));
@@ -299,8 +390,7 @@ mod tests {
 
     #[test]
     fn strip_and_add_prefix_rewrite_the_path() {
-        let m = Matcher::from_config(&route("strip_prefix = \"/api\"\nadd_prefix = \"/v1\""))
-            .expect("valid");
+        let m = matcher("strip_prefix = \"/api\"\nadd_prefix = \"/v1\"");
         assert_eq!(m.rewrite("/api/orders/1"), "/v1/orders/1");
         assert_eq!(m.rewrite("/api"), "/v1");
         assert_eq!(m.rewrite("/apix"), "/v1/apix");
