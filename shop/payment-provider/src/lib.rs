@@ -65,6 +65,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod error;
 mod routes;
 mod store;
 
@@ -82,6 +83,7 @@ use utoipa::{OpenApi, ToSchema};
 pub use crate::config::{
     CARD_LIMIT_CENTS_DEFAULT, ConfigError, LATENCY_MS_MAX, ProviderConfig, ProviderConfigUpdate,
 };
+pub use crate::error::{ErrorBody, ErrorDetail};
 pub use crate::routes::{
     AMOUNT_CENTS_MAX, ChargeList, ChargeRequest, IDEMPOTENCY_KEY_MAX, RefundRequest,
 };
@@ -261,7 +263,8 @@ pub fn app_with_capacity(
         ProviderStats,
         ProviderConfig,
         ProviderConfigUpdate,
-        shop_contracts::api::ErrorBody
+        ErrorBody,
+        ErrorDetail
     ))
 )]
 struct ApiDoc;

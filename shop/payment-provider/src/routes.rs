@@ -8,11 +8,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shop_contracts::api::ErrorBody;
-use trellis_service::{ApiError, ApiJson, Caller};
+use trellis_service::Caller;
 use utoipa::ToSchema;
 
 use crate::config::{ProviderConfig, ProviderConfigUpdate};
+use crate::error::{ErrorBody, ProviderError, ProviderJson};
 use crate::store::{Charge, ChargeStatus, Refund, RefundRefusal};
 use crate::{ProviderHandle, ProviderStats};
 
@@ -56,9 +56,9 @@ pub struct ChargeList {
     pub items: Vec<Charge>,
 }
 
-fn check_key(field: &str, key: &str) -> Result<(), ApiError> {
+fn check_key(field: &str, key: &str) -> Result<(), ProviderError> {
     if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
-        return Err(ApiError::bad_request(
+        return Err(ProviderError::bad_request(
             format!("invalid_{field}"),
             format!("{field} must be 1 to {IDEMPOTENCY_KEY_MAX} bytes"),
         ));
@@ -68,7 +68,7 @@ fn check_key(field: &str, key: &str) -> Result<(), ApiError> {
 
 /// The run-time faults every `/v1` call goes through before it touches any state: latency,
 /// then outage, then random failure.
-async fn inject_faults(handle: &ProviderHandle) -> Result<ProviderConfig, ApiError> {
+async fn inject_faults(handle: &ProviderHandle) -> Result<ProviderConfig, ProviderError> {
     let config = handle.config();
     if config.latency_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(config.latency_ms)).await;
@@ -78,7 +78,7 @@ async fn inject_faults(handle: &ProviderHandle) -> Result<ProviderConfig, ApiErr
             .inner
             .failures_injected
             .fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::unavailable(
+        return Err(ProviderError::unavailable(
             "provider_outage",
             "the payment provider is down (simulated outage)",
         ));
@@ -88,7 +88,7 @@ async fn inject_faults(handle: &ProviderHandle) -> Result<ProviderConfig, ApiErr
             .inner
             .failures_injected
             .fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::unavailable(
+        return Err(ProviderError::unavailable(
             "injected_failure",
             "the payment provider failed (simulated failure); nothing was done",
         ));
@@ -96,8 +96,8 @@ async fn inject_faults(handle: &ProviderHandle) -> Result<ProviderConfig, ApiErr
     Ok(config)
 }
 
-fn declined(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::PAYMENT_REQUIRED, "card_declined", message)
+fn declined(message: impl Into<String>) -> ProviderError {
+    ProviderError::new(StatusCode::PAYMENT_REQUIRED, "card_declined", message)
 }
 
 /// Creates a charge, or answers the one made earlier with the same key.
@@ -117,19 +117,19 @@ fn declined(message: impl Into<String>) -> ApiError {
 )]
 pub(crate) async fn create_charge(
     State(handle): State<ProviderHandle>,
-    ApiJson(request): ApiJson<ChargeRequest>,
-) -> Result<Response, ApiError> {
+    ProviderJson(request): ProviderJson<ChargeRequest>,
+) -> Result<Response, ProviderError> {
     let config = inject_faults(&handle).await?;
     check_key("idempotency_key", &request.idempotency_key)?;
     if !(1..=AMOUNT_CENTS_MAX).contains(&request.amount_cents) {
-        return Err(ApiError::bad_request(
+        return Err(ProviderError::bad_request(
             "invalid_amount_cents",
             format!("amount_cents must be between 1 and {AMOUNT_CENTS_MAX}"),
         ));
     }
     let currency = request.currency.unwrap_or_else(|| "USD".to_owned());
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(ApiError::bad_request(
+        return Err(ProviderError::bad_request(
             "invalid_currency",
             "currency must be three upper-case letters (ISO 4217)",
         ));
@@ -138,7 +138,7 @@ pub(crate) async fn create_charge(
     let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(existing) = store.by_key(&request.idempotency_key) {
         if existing.amount_cents != request.amount_cents || existing.currency != currency {
-            return Err(ApiError::unprocessable(
+            return Err(ProviderError::unprocessable(
                 "idempotency_key_reused",
                 format!(
                     "idempotency_key was used for charge {} of {} {}",
@@ -186,7 +186,7 @@ pub(crate) async fn create_charge(
     if config.fail_after_capture_rate > 0.0 && handle.roll(config.fail_after_capture_rate) {
         inner.failures_injected.fetch_add(1, Ordering::Relaxed);
         // 500, not 503: a 503 promises that nothing was done, and this charge was captured.
-        return Err(ApiError::new(
+        return Err(ProviderError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "injected_failure_after_capture",
             "the payment provider failed after capturing (simulated lost answer); \
@@ -213,8 +213,8 @@ pub(crate) async fn create_charge(
 )]
 pub(crate) async fn create_refund(
     State(handle): State<ProviderHandle>,
-    ApiJson(request): ApiJson<RefundRequest>,
-) -> Result<Response, ApiError> {
+    ProviderJson(request): ProviderJson<RefundRequest>,
+) -> Result<Response, ProviderError> {
     inject_faults(&handle).await?;
     check_key("idempotency_key", &request.idempotency_key)?;
     check_key("charge_id", &request.charge_id)?;
@@ -232,25 +232,25 @@ pub(crate) async fn create_refund(
             Ok((StatusCode::CREATED, Json(refund)).into_response())
         }
         Ok((refund, false)) => Ok((StatusCode::OK, Json(refund)).into_response()),
-        Err(RefundRefusal::UnknownCharge) => Err(ApiError::not_found(format!(
+        Err(RefundRefusal::UnknownCharge) => Err(ProviderError::not_found(format!(
             "no charge {}",
             request.charge_id
         ))),
-        Err(RefundRefusal::NotCaptured) => Err(ApiError::conflict(
+        Err(RefundRefusal::NotCaptured) => Err(ProviderError::conflict(
             "charge_not_captured",
             format!(
                 "charge {} was declined; there is nothing to refund",
                 request.charge_id
             ),
         )),
-        Err(RefundRefusal::AlreadyRefunded) => Err(ApiError::conflict(
+        Err(RefundRefusal::AlreadyRefunded) => Err(ProviderError::conflict(
             "charge_already_refunded",
             format!(
                 "charge {} was already refunded with another idempotency_key",
                 request.charge_id
             ),
         )),
-        Err(RefundRefusal::KeyReused { charge_id }) => Err(ApiError::unprocessable(
+        Err(RefundRefusal::KeyReused { charge_id }) => Err(ProviderError::unprocessable(
             "idempotency_key_reused",
             format!("idempotency_key was used to refund charge {charge_id}"),
         )),
@@ -271,10 +271,11 @@ pub(crate) async fn create_refund(
 pub(crate) async fn list_charges(
     State(handle): State<ProviderHandle>,
     query: Result<Query<ChargeQuery>, QueryRejection>,
-) -> Result<Json<ChargeList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+) -> Result<Json<ChargeList>, ProviderError> {
+    let Query(query) =
+        query.map_err(|e| ProviderError::bad_request("invalid_query", e.body_text()))?;
     let Some(key) = query.idempotency_key else {
-        return Err(ApiError::bad_request(
+        return Err(ProviderError::bad_request(
             "missing_idempotency_key",
             "GET /v1/charges needs ?idempotency_key=",
         ));
@@ -301,14 +302,14 @@ pub(crate) async fn list_charges(
 pub(crate) async fn get_charge(
     State(handle): State<ProviderHandle>,
     Path(id): Path<String>,
-) -> Result<Json<Charge>, ApiError> {
+) -> Result<Json<Charge>, ProviderError> {
     inject_faults(&handle).await?;
     let store = handle.inner.store.lock().unwrap_or_else(|p| p.into_inner());
     store
         .by_id(&id)
         .cloned()
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no charge {id}")))
+        .ok_or_else(|| ProviderError::not_found(format!("no charge {id}")))
 }
 
 /// Counters since start. Not subject to injected faults, so it can be read during an outage.
@@ -334,8 +335,8 @@ pub(crate) async fn stats(State(handle): State<ProviderHandle>) -> Json<Provider
 pub(crate) async fn get_config(
     caller: Caller,
     State(handle): State<ProviderHandle>,
-) -> Result<Json<ProviderConfig>, ApiError> {
-    caller.require_admin()?;
+) -> Result<Json<ProviderConfig>, ProviderError> {
+    caller.require_admin().map_err(ProviderError::from)?;
     Ok(Json(handle.config()))
 }
 
@@ -354,11 +355,11 @@ pub(crate) async fn get_config(
 pub(crate) async fn put_config(
     caller: Caller,
     State(handle): State<ProviderHandle>,
-    ApiJson(update): ApiJson<ProviderConfigUpdate>,
-) -> Result<Json<ProviderConfig>, ApiError> {
-    caller.require_admin()?;
+    ProviderJson(update): ProviderJson<ProviderConfigUpdate>,
+) -> Result<Json<ProviderConfig>, ProviderError> {
+    caller.require_admin().map_err(ProviderError::from)?;
     handle
         .update_config(&update)
         .map(Json)
-        .map_err(|e| ApiError::bad_request(format!("invalid_{}", e.field), e.to_string()))
+        .map_err(|e| ProviderError::bad_request(format!("invalid_{}", e.field), e.to_string()))
 }
