@@ -37,8 +37,8 @@
 //! operator actions: cancel (compensate now), retry a stuck or failed step, skip a step, purge
 //! old terminal sagas. [`http::router`] serves it as JSON endpoints; `trellis saga` is its CLI.
 //!
-//! Asynchronous steps ([`bus::command_step`]) publish a command on `trellis-bus` and wait for
-//! the reply correlated with the saga and step ([`bus::Replies`]), under the step's timeout.
+//! Asynchronous steps ([`command_step::command_step`]) publish a command on `trellis-bus` and wait for
+//! the reply correlated with the saga and step ([`command_step::Replies`]), under the step's timeout.
 //! Choreographed sagas ([`choreography::Choreography`]) are event handlers (`on` an event
 //! type: a side effect and the next event; compensating handlers on `*.failed` events), each
 //! exactly once per message through the bus inbox and outbox, on SQLite or PostgreSQL (the
@@ -56,7 +56,7 @@
 //! is its own store, separate from `trellis-eventstore`.
 //!
 //! Feature flags (both default): `http` adds [`http`], the inspector's axum router; `bus` adds
-//! [`bus`] and [`choreography`] (trellis-bus).
+//! [`command_step`] and [`choreography`] (trellis-bus).
 //!
 //! # Examples
 //! ```
@@ -94,10 +94,17 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod any;
+/// The former name of [`command_step`], kept so existing `trellis_saga::bus::…` imports
+/// compile.
 #[cfg(feature = "bus")]
-pub mod bus;
+#[doc(hidden)]
+pub mod bus {
+    pub use crate::command_step::*;
+}
 #[cfg(feature = "bus")]
 pub mod choreography;
+#[cfg(feature = "bus")]
+pub mod command_step;
 mod definition;
 mod engine;
 mod error;
