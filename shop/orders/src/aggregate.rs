@@ -1,5 +1,12 @@
 //! The Order aggregate: what happened to one order, as events.
+//!
+//! The aggregate reads no clock: each command arrives stamped with the time it is handled at
+//! ([`OrderCommand::at`], from the caller's [`Clock`]), so the events a command produces
+//! depend only on the order's state and the command, and tests pin the time.
 
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shop_contracts::api::{OrderLineView, OrderStatus, TimelineEntry};
 use trellis_eventstore::{Aggregate, DomainEvent};
@@ -114,6 +121,43 @@ pub enum OrderCommand {
     },
 }
 
+impl OrderCommand {
+    /// This command, handled at `now` (the time its events record).
+    pub fn at(self, now: DateTime<Utc>) -> StampedCommand {
+        StampedCommand { command: self, now }
+    }
+}
+
+/// An [`OrderCommand`] with the time it is handled at: what the aggregate takes.
+///
+/// A command retried after a version conflict keeps its time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StampedCommand {
+    /// The command.
+    pub command: OrderCommand,
+    /// When it is handled.
+    pub now: DateTime<Utc>,
+}
+
+/// The time source of the services that command orders.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock shared by the services of one process.
+pub type SharedClock = Arc<dyn Clock>;
+
 /// Why an order refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {
@@ -178,17 +222,20 @@ impl Order {
     }
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// `now` as the events record it: RFC 3339, milliseconds, `Z`.
+fn timestamp(now: DateTime<Utc>) -> String {
+    now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl Aggregate for Order {
     const TYPE: &'static str = "order";
-    type Command = OrderCommand;
+    type Command = StampedCommand;
     type Event = OrderEvent;
     type Error = OrderError;
 
-    fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, OrderError> {
+    fn handle(&self, stamped: StampedCommand) -> Result<Vec<OrderEvent>, OrderError> {
+        let StampedCommand { command, now } = stamped;
+        let now = || timestamp(now);
         if !self.exists {
             return match command {
                 OrderCommand::Create {
@@ -343,6 +390,13 @@ mod tests {
     use super::*;
     use trellis_eventstore::AggregateTest;
 
+    /// The fixed time every test command is handled at.
+    fn noon() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-01-02T12:00:00.250Z")
+            .expect("a valid time")
+            .with_timezone(&Utc)
+    }
+
     fn line() -> Line {
         Line {
             product_id: "p".into(),
@@ -364,14 +418,14 @@ mod tests {
     #[test]
     fn a_cancel_after_shipping_began_is_refused_and_shipping_after_a_cancel_too() {
         let err = AggregateTest::<Order>::given(vec![created(), OrderEvent::ShippingStarted])
-            .when(OrderCommand::RequestCancel)
+            .when(OrderCommand::RequestCancel.at(noon()))
             .then_expect_error();
         assert_eq!(err, OrderError::NotCancellable("shipping has begun"));
         let err = AggregateTest::<Order>::given(vec![
             created(),
             OrderEvent::CancelRequested { at: "t".into() },
         ])
-        .when(OrderCommand::StartShipping)
+        .when(OrderCommand::StartShipping.at(noon()))
         .then_expect_error();
         assert_eq!(err, OrderError::CancelRequested);
     }
@@ -385,9 +439,12 @@ mod tests {
                 reason: "cancelled_by_user".into(),
             },
         ])
-        .when(OrderCommand::Fail {
-            fallback: "other".into(),
-        })
+        .when(
+            OrderCommand::Fail {
+                fallback: "other".into(),
+            }
+            .at(noon()),
+        )
         .then_expect_events([OrderEvent::Failed {
             reason: "cancelled_by_user".into(),
         }]);
@@ -395,14 +452,20 @@ mod tests {
         for e in [created(), OrderEvent::Failed { reason: "x".into() }] {
             order.apply(&e);
         }
-        let again = order.handle(OrderCommand::Fail {
-            fallback: "y".into(),
-        });
+        let again = order.handle(
+            OrderCommand::Fail {
+                fallback: "y".into(),
+            }
+            .at(noon()),
+        );
         assert_eq!(again, Ok(vec![]));
         let err = AggregateTest::<Order>::given(vec![created(), OrderEvent::ShippingStarted])
-            .when(OrderCommand::Fail {
-                fallback: "x".into(),
-            })
+            .when(
+                OrderCommand::Fail {
+                    fallback: "x".into(),
+                }
+                .at(noon()),
+            )
             .then_expect_error();
         assert_eq!(err, OrderError::NotCancellable("shipping has begun"));
     }
@@ -420,14 +483,17 @@ mod tests {
         }
         assert!(
             order
-                .handle(OrderCommand::NoteFailure("x".into()))
+                .handle(OrderCommand::NoteFailure("x".into()).at(noon()))
                 .unwrap()
                 .is_empty()
         );
         let events = order
-            .handle(OrderCommand::Cancel {
-                fallback: "other".into(),
-            })
+            .handle(
+                OrderCommand::Cancel {
+                    fallback: "other".into(),
+                }
+                .at(noon()),
+            )
             .unwrap();
         assert!(
             matches!(&events[0], OrderEvent::Cancelled { reason, .. } if reason == "out_of_stock")
@@ -437,21 +503,48 @@ mod tests {
     #[test]
     fn commands_on_a_missing_order_are_refused_and_create_is_idempotent() {
         assert_eq!(
-            Order::default().handle(OrderCommand::Confirm),
+            Order::default().handle(OrderCommand::Confirm.at(noon())),
             Err(OrderError::NotFound)
         );
         let mut order = Order::default();
         order.apply(&created());
         assert!(
             order
-                .handle(OrderCommand::Create {
-                    user_id: "u".into(),
-                    items: vec![line()],
-                    choreographed: false,
-                })
+                .handle(
+                    OrderCommand::Create {
+                        user_id: "u".into(),
+                        items: vec![line()],
+                        choreographed: false,
+                    }
+                    .at(noon())
+                )
                 .unwrap()
                 .is_empty()
         );
         assert_eq!(order.total_cents, 300);
+    }
+
+    #[test]
+    fn events_record_the_time_the_command_was_handled_at_not_the_wall_clock() {
+        // A fixed time in, the same time out, in every event that records one.
+        AggregateTest::<Order>::given(vec![created()])
+            .when(OrderCommand::Confirm.at(noon()))
+            .then_expect_events([OrderEvent::Confirmed {
+                at: "2026-01-02T12:00:00.250Z".into(),
+            }]);
+        let events = Order::default()
+            .handle(
+                OrderCommand::Create {
+                    user_id: "u".into(),
+                    items: vec![line()],
+                    choreographed: false,
+                }
+                .at(noon()),
+            )
+            .expect("created");
+        assert!(
+            matches!(&events[..], [OrderEvent::Created { at, .. }] if at == "2026-01-02T12:00:00.250Z"),
+            "{events:?}"
+        );
     }
 }

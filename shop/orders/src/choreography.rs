@@ -29,7 +29,7 @@ use trellis_service::choreography::{
     Participant, PrepareFuture,
 };
 
-use crate::aggregate::{Order, OrderCommand, OrderError};
+use crate::aggregate::{Order, OrderCommand, OrderError, SharedClock};
 
 /// The choreography's name in the log.
 pub const FLOW: &str = "place-order";
@@ -37,6 +37,8 @@ pub const FLOW: &str = "place-order";
 /// The orders service as a participant.
 pub(crate) struct OrdersParticipant {
     pub(crate) orders: Arc<Repository<Order, AnyStore>>,
+    /// The time the order's events record.
+    pub(crate) clock: SharedClock,
 }
 
 /// Every handler emits nothing itself: the order's events reach the bus from its stream,
@@ -87,6 +89,7 @@ impl OrdersParticipant {
             causation_id: Some(trigger.id),
             traceparent: trellis_telemetry::propagation::current_traceparent(),
         };
+        let command = command.at(self.clock.now());
         match self.orders.execute(order_id, command, metadata).await {
             Ok(executed) => Ok(Ok(executed.state)),
             Err(RepositoryError::Domain(error)) => Ok(Err(error)),

@@ -62,7 +62,7 @@ use shop_contracts::events::SagaStyle;
 use trellis_eventstore::{AnyStore, ProjectionRunner, Repository};
 use trellis_service::{Db, GrpcClientConfig, grpc_channel, on_db};
 
-use crate::aggregate::Order;
+use crate::aggregate::{Order, SharedClock, SystemClock};
 use crate::projection::OrderView;
 use crate::saga::Participants;
 use crate::saga_runner::{OrderSagaEngine, SagaQueue};
@@ -255,8 +255,11 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         grpc_channel(addr, GrpcClientConfig::default(), identity.clone())
             .map_err(|e| Error::Address(e.message))
     };
+    // The one clock of the process: the order's events record its time.
+    let clock: SharedClock = Arc::new(SystemClock);
     let participants = Participants {
         orders: repository.clone(),
+        clock: clock.clone(),
         inventory: shop_contracts::proto::inventory_client::InventoryClient::new(channel(
             &config.inventory_addr,
         )?),
@@ -315,6 +318,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     let state = state::State::new(
         repository.clone(),
         db.clone(),
+        clock.clone(),
         sagas.clone(),
         shop_contracts::proto::users_client::UsersClient::new(channel(&config.users_addr)?),
         shop_contracts::proto::products_client::ProductsClient::new(channel(
@@ -334,14 +338,14 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         }));
     }
     if let Some(sagas) = sagas {
-        let (orders, read_db) = (repository.clone(), db.clone());
+        let (orders, read_db, sweep_clock) = (repository.clone(), db.clone(), clock.clone());
         let sweep_interval = config.sweep_interval;
         tasks.push(tokio::spawn(async move {
             let mut ticks = tokio::time::interval(sweep_interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                sagas.sweep(&orders, &read_db).await;
+                sagas.sweep(&orders, &read_db, sweep_clock.now()).await;
             }
         }));
     }
@@ -360,6 +364,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         if choreographed {
             let participant = Arc::new(choreography::OrdersParticipant {
                 orders: repository.clone(),
+                clock: clock.clone(),
             });
             tasks.extend(
                 trellis_service::choreography::start(

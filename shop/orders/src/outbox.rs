@@ -382,6 +382,13 @@ mod tests {
         }
     }
 
+    /// The fixed time the test orders are placed at.
+    fn placed_at() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339("2026-01-02T12:00:00Z")
+            .expect("a valid time")
+            .with_timezone(&chrono::Utc)
+    }
+
     async fn place(orders: &Repository<Order, AnyStore>) -> String {
         let order_id = uuid::Uuid::now_v7().hyphenated().to_string();
         let command = OrderCommand::Create {
@@ -394,7 +401,7 @@ mod tests {
             choreographed: false,
         };
         orders
-            .execute_on_new(&order_id, command, Metadata::default())
+            .execute_on_new(&order_id, command.at(placed_at()), Metadata::default())
             .await
             .expect("created");
         order_id

@@ -78,7 +78,7 @@ pub(crate) async fn place(
         .bind(key)
         .bind(&request)
         .bind(&candidate)
-        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(state.now().to_rfc3339())
         .execute(pool)
         .await
         .map(|r| r.rows_affected())
@@ -236,7 +236,7 @@ async fn create_order(
     // read before the append; if the stream exists after all, `Create` does nothing.
     let executed = state
         .orders()
-        .execute_on_new(order_id, command, metadata)
+        .execute_on_new(order_id, command.at(state.now()), metadata)
         .await
         .map_err(ApiError::internal)?;
     if !executed.events.is_empty() {

@@ -274,7 +274,7 @@ async fn cancel_order(
     };
     match state
         .orders()
-        .execute(&id, OrderCommand::RequestCancel, metadata)
+        .execute(&id, OrderCommand::RequestCancel.at(state.now()), metadata)
         .await
     {
         Ok(_) => Ok(accepted(&id)),

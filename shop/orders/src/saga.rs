@@ -24,7 +24,7 @@ use trellis_resilience::Backoff;
 use trellis_saga::{SagaDefinition, Step, StepContext, StepError, StepRetry};
 use trellis_service::GrpcChannel;
 
-use crate::aggregate::{Line, Order, OrderCommand, OrderError};
+use crate::aggregate::{Line, Order, OrderCommand, OrderError, SharedClock};
 
 /// The saga's name in the log.
 pub const SAGA_NAME: &str = "place-order";
@@ -56,6 +56,8 @@ pub struct OrderSagaContext {
 #[derive(Clone)]
 pub(crate) struct Participants {
     pub(crate) orders: Arc<Repository<Order, AnyStore>>,
+    /// The time the order's events record.
+    pub(crate) clock: SharedClock,
     pub(crate) inventory: InventoryClient<GrpcChannel>,
     pub(crate) payments: PaymentsClient<GrpcChannel>,
     pub(crate) shipping: ShippingClient<GrpcChannel>,
@@ -73,6 +75,7 @@ impl Participants {
             correlation_id: uuid::Uuid::parse_str(order_id).ok(),
             ..Metadata::default()
         };
+        let command = command.at(self.clock.now());
         match self.orders.execute(order_id, command, metadata).await {
             Ok(executed) => Ok(executed.state),
             Err(RepositoryError::Domain(error)) => Err(domain(error)),

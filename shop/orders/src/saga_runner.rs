@@ -137,10 +137,15 @@ impl SagaQueue {
     }
 
     /// Starts sagas for orders accepted without one (a crash between the order's creation
-    /// and its saga's start), found in the read model `db`.
-    pub(crate) async fn sweep(&self, orders: &Repository<Order, AnyStore>, db: &Db) {
-        let cutoff =
-            chrono::Utc::now() - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
+    /// and its saga's start) more than [`crate::SWEEP_AGE`] before `now`, found in the read
+    /// model `db`.
+    pub(crate) async fn sweep(
+        &self,
+        orders: &Repository<Order, AnyStore>,
+        db: &Db,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let cutoff = now - chrono::Duration::from_std(crate::SWEEP_AGE).unwrap_or_default();
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let ids: Result<Vec<String>, sqlx::Error> = on_db!(db, |pool| {
             sqlx::query_scalar(

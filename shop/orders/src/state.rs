@@ -15,7 +15,7 @@ use shop_contracts::proto::users_client::UsersClient;
 use trellis_eventstore::{AnyStore, Repository};
 use trellis_service::{Db, GrpcChannel};
 
-use crate::aggregate::Order;
+use crate::aggregate::{Order, SharedClock};
 use crate::saga_runner::SagaQueue;
 
 /// How long a confirmed account is trusted without asking the users service again.
@@ -32,6 +32,8 @@ pub(crate) struct State {
 struct Inner {
     orders: Arc<Repository<Order, AnyStore>>,
     db: Db,
+    /// The time the order's events (and the idempotency rows) record.
+    clock: SharedClock,
     /// Orders waiting for a saga slot; `None` when the saga is choreographed (the
     /// participants react to `order.created`).
     sagas: Option<SagaQueue>,
@@ -51,6 +53,7 @@ impl State {
     pub(crate) fn new(
         orders: Arc<Repository<Order, AnyStore>>,
         db: Db,
+        clock: SharedClock,
         sagas: Option<SagaQueue>,
         users: UsersClient<GrpcChannel>,
         products: ProductsClient<GrpcChannel>,
@@ -59,6 +62,7 @@ impl State {
             inner: Arc::new(Inner {
                 orders,
                 db,
+                clock,
                 sagas,
                 users,
                 known_users: Mutex::new(HashMap::new()),
@@ -75,6 +79,11 @@ impl State {
     /// The read-model database (also holding the idempotency table).
     pub(crate) fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// The time now, by the service's clock.
+    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.inner.clock.now()
     }
 
     /// The saga queue; `None` when the saga is choreographed.
