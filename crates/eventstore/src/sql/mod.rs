@@ -1,5 +1,17 @@
-//! The SQL backends and what they share.
+//! The SQL backends: one implementation, two dialects.
+//!
+//! SQLite and PostgreSQL share everything but a few statements and behaviours, which each
+//! engine's pool type states by implementing [`writer::Dialect`]: how a batch transaction
+//! starts and locks (`BEGIN IMMEDIATE` / an advisory lock taken by `es_number`), how it reads
+//! committed state and writes and numbers rows ([`writer::BatchTx`]), how many writer tasks
+//! run, which errors are lost races, where positions live and how the head is read. The group
+//! commit writer and the batch decision are plain generic code ([`writer`]); the
+//! `EventStore` impl is one macro body expanded per engine ([`event_store`] says why).
+//! Each engine module keeps its schema, its batch statements, `open` and, for PostgreSQL, the
+//! `LISTEN` task that wakes subscriptions in other processes.
 
+#[macro_use]
+mod event_store;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub(crate) mod writer;
@@ -61,6 +73,18 @@ impl RawEvent {
             recorded_at: self.recorded_at,
         })
     }
+}
+
+/// The `SELECT … FROM` of an event read: columns named as [`RawEvent`]'s fields, ids and JSON
+/// cast to text so both engines decode the same types, the events table aliased `e`.
+pub(crate) fn select_event<D: writer::Dialect>() -> String {
+    format!(
+        "SELECT {} AS position, e.stream_id, e.version, CAST(e.event_id AS TEXT) AS event_id, \
+         e.event_type, e.schema_version, CAST(e.data AS TEXT) AS data, \
+         CAST(e.metadata AS TEXT) AS metadata, e.recorded_at FROM {}",
+        D::POSITION,
+        D::EVENTS_FROM
+    )
 }
 
 /// Moves a head watch forward (never back), telling receivers only on a change.

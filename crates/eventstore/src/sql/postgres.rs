@@ -29,24 +29,17 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::types::Json;
-use sqlx::{Postgres, Row as _};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use super::raise;
 use super::writer::{
-    AppendRequest, BatchState, BatchTx, Dialect, Plan, PlannedRow, spawn_writers, to_i64, to_u64,
+    AppendRequest, BatchState, BatchTx, Dialect, Plan, PlannedRow, spawn_writers, to_u64,
 };
-use super::{RawEvent, raise};
 use crate::error::EventStoreError;
-use crate::store::EventStore;
-use crate::types::{
-    AppendResult, Direction, ExpectedVersion, Metadata, NewEvent, RecordedEvent, Snapshot,
-    StreamId, StreamInfo, StreamMetadata, validate_append, validate_limit,
-};
 
 /// The advisory lock key appends hold (ASCII "trellis" as a number).
 const APPEND_LOCK_KEY: i64 = 0x0074_7265_6c6c_6973;
@@ -110,8 +103,6 @@ END
 $$;
 "#;
 
-const SELECT_EVENT: &str = "SELECT l.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_version, e.data::text AS data, e.metadata::text AS metadata, e.recorded_at FROM es_events e JOIN es_log l ON l.event_id = e.event_id";
-
 /// An event store in PostgreSQL. Cheap to clone; clones share the pool and the writer.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -153,7 +144,7 @@ impl PostgresStore {
                 .await?;
             created?;
         }
-        let head_now: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_log")
+        let head_now: i64 = sqlx::query_scalar(<PgPool as Dialect>::SELECT_HEAD)
             .fetch_one(&pool)
             .await?;
         let head = Arc::new(watch::Sender::new(to_u64(head_now)));
@@ -213,6 +204,9 @@ impl Dialect for PgPool {
     type Batch = PgBatch;
     /// Several: they write events in parallel and take turns only to number them.
     const WRITERS: usize = 2;
+    const SELECT_HEAD: &'static str = "SELECT COALESCE(MAX(position), 0) FROM es_log";
+    const EVENTS_FROM: &'static str = "es_events e JOIN es_log l ON l.event_id = e.event_id";
+    const POSITION: &'static str = "l.position";
 
     async fn begin(&self) -> Result<PgBatch, sqlx::Error> {
         let connection = self.acquire().await?;
@@ -324,185 +318,4 @@ fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
-fn raw_event(row: &PgRow) -> Result<RawEvent, sqlx::Error> {
-    let data: String = row.try_get("data")?;
-    let metadata: String = row.try_get("metadata")?;
-    Ok(RawEvent {
-        position: row.try_get("position")?,
-        stream: row.try_get("stream_id")?,
-        version: row.try_get("version")?,
-        id: row.try_get("event_id")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        data: serde_json::from_str(&data).map_err(|e| e.to_string()),
-        metadata: serde_json::from_str::<Metadata>(&metadata).map_err(|e| e.to_string()),
-        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
-    })
-}
-
-fn events(rows: &[PgRow]) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    rows.iter()
-        .map(|row| raw_event(row)?.into_event())
-        .collect()
-}
-
-impl EventStore for PostgresStore {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, EventStoreError> {
-        validate_append(&events)?;
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            stream: stream.clone(),
-            expected,
-            events,
-            reply,
-        };
-        self.writer
-            .send(request)
-            .await
-            .map_err(|_| EventStoreError::Closed)?;
-        answer.await.map_err(|_| EventStoreError::Closed)?
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        from: u64,
-        direction: Direction,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-        validate_limit(limit)?;
-        let Some(info) = self.stream_info(stream).await? else {
-            return Ok(Vec::new());
-        };
-        let first = info.metadata.first_visible(info.version);
-        let rows = match direction {
-            Direction::Forwards => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"
-                )))
-                .bind(stream.as_str())
-                .bind(to_i64(from.max(first)))
-                .bind(to_i64(limit as u64))
-                .fetch_all(&self.pool)
-                .await?
-            }
-            Direction::Backwards => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE e.stream_id = $1 AND e.version <= $2 AND e.version >= $3 ORDER BY e.version DESC LIMIT $4"
-                )))
-                .bind(stream.as_str())
-                .bind(to_i64(from))
-                .bind(to_i64(first))
-                .bind(to_i64(limit as u64))
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        events(&rows)
-    }
-
-    async fn read_all(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-        validate_limit(limit)?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE l.position >= $1 ORDER BY l.position LIMIT $2"
-        )))
-        .bind(to_i64(from))
-        .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
-        .await?;
-        events(&rows)
-    }
-
-    async fn stream_info(&self, stream: &StreamId) -> Result<Option<StreamInfo>, EventStoreError> {
-        let row = sqlx::query("SELECT version, max_count, truncate_before, deleted FROM es_streams WHERE stream_id = $1")
-            .bind(stream.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let max_count: Option<i64> = row.try_get("max_count")?;
-        let truncate_before: Option<i64> = row.try_get("truncate_before")?;
-        Ok(Some(StreamInfo {
-            version: to_u64(row.try_get("version")?),
-            metadata: StreamMetadata {
-                max_count: max_count.map(to_u64),
-                truncate_before: truncate_before.map(to_u64),
-                deleted: row.try_get("deleted")?,
-            },
-        }))
-    }
-
-    async fn set_stream_metadata(
-        &self,
-        stream: &StreamId,
-        metadata: StreamMetadata,
-    ) -> Result<(), EventStoreError> {
-        sqlx::query(
-            "INSERT INTO es_streams (stream_id, version, max_count, truncate_before, deleted) VALUES ($1, 0, $2, $3, $4)
-             ON CONFLICT (stream_id) DO UPDATE SET max_count = excluded.max_count,
-                 truncate_before = excluded.truncate_before, deleted = excluded.deleted",
-        )
-        .bind(stream.as_str())
-        .bind(metadata.max_count.map(to_i64))
-        .bind(metadata.truncate_before.map(to_i64))
-        .bind(metadata.deleted)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn head(&self) -> Result<u64, EventStoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_log")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(to_u64(head))
-    }
-
-    fn watch_head(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
-    }
-
-    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, EventStoreError> {
-        let row = sqlx::query(
-            "SELECT version, schema_version, state FROM es_snapshots WHERE stream_id = $1",
-        )
-        .bind(stream.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let state: Json<serde_json::Value> = row.try_get("state")?;
-        Ok(Some(Snapshot {
-            version: to_u64(row.try_get("version")?),
-            schema_version: u32::try_from(row.try_get::<i32, _>("schema_version")?).unwrap_or(0),
-            state: state.0,
-        }))
-    }
-
-    async fn save_snapshot(
-        &self,
-        stream: &StreamId,
-        snapshot: Snapshot,
-    ) -> Result<(), EventStoreError> {
-        sqlx::query(
-            "INSERT INTO es_snapshots (stream_id, version, schema_version, state) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
-                 schema_version = excluded.schema_version, state = excluded.state
-             WHERE excluded.version >= es_snapshots.version",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(snapshot.version))
-        .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
-        .bind(Json(&snapshot.state))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-}
+sql_event_store!(PostgresStore, PgPool, PgRow);

@@ -9,22 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{Row as _, Sqlite, Transaction};
-use tokio::sync::{mpsc, oneshot, watch};
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::RawEvent;
 use super::writer::{
     AppendRequest, BatchState, BatchTx, Dialect, Plan, spawn_writers, to_i64, to_u64,
 };
 use crate::error::EventStoreError;
-use crate::store::EventStore;
-use crate::types::{
-    AppendResult, Direction, ExpectedVersion, Metadata, NewEvent, RecordedEvent, Snapshot,
-    StreamId, StreamInfo, StreamMetadata, validate_append, validate_limit,
-};
 
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,8 +52,6 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
 );
 "#;
 
-const SELECT_EVENT: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at FROM es_events";
-
 /// An event store in a SQLite file. Cheap to clone; clones share the pool and the writer.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -84,7 +75,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        let head_now: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+        let head_now: i64 = sqlx::query_scalar(<SqlitePool as Dialect>::SELECT_HEAD)
             .fetch_one(&pool)
             .await?;
         let head = Arc::new(watch::Sender::new(to_u64(head_now)));
@@ -109,6 +100,9 @@ impl Dialect for SqlitePool {
     type Batch = SqliteBatch;
     /// One: the database has a single write lock, so a second writer would only wait for it.
     const WRITERS: usize = 1;
+    const SELECT_HEAD: &'static str = "SELECT COALESCE(MAX(position), 0) FROM es_events";
+    const EVENTS_FROM: &'static str = "es_events e";
+    const POSITION: &'static str = "e.position";
 
     async fn begin(&self) -> Result<SqliteBatch, sqlx::Error> {
         let tx = self.begin_with("BEGIN IMMEDIATE").await?;
@@ -194,200 +188,4 @@ fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Er
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
-fn raw_event(row: &SqliteRow) -> Result<RawEvent, sqlx::Error> {
-    let id: String = row.try_get(3)?;
-    let recorded_at: String = row.try_get(8)?;
-    let data: String = row.try_get(6)?;
-    let metadata: String = row.try_get(7)?;
-    Ok(RawEvent {
-        position: row.try_get(0)?,
-        stream: row.try_get(1)?,
-        version: row.try_get(2)?,
-        id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        event_type: row.try_get(4)?,
-        schema_version: row.try_get(5)?,
-        data: serde_json::from_str(&data).map_err(|e| e.to_string()),
-        metadata: serde_json::from_str::<Metadata>(&metadata).map_err(|e| e.to_string()),
-        recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
-            .with_timezone(&Utc),
-    })
-}
-
-fn events(rows: &[SqliteRow]) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    rows.iter()
-        .map(|row| raw_event(row)?.into_event())
-        .collect()
-}
-
-fn metadata_of(row: &SqliteRow) -> Result<StreamInfo, sqlx::Error> {
-    let max_count: Option<i64> = row.try_get("max_count")?;
-    let truncate_before: Option<i64> = row.try_get("truncate_before")?;
-    let deleted: i64 = row.try_get("deleted")?;
-    Ok(StreamInfo {
-        version: to_u64(row.try_get("version")?),
-        metadata: StreamMetadata {
-            max_count: max_count.map(to_u64),
-            truncate_before: truncate_before.map(to_u64),
-            deleted: deleted != 0,
-        },
-    })
-}
-
-impl EventStore for SqliteStore {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, EventStoreError> {
-        validate_append(&events)?;
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            stream: stream.clone(),
-            expected,
-            events,
-            reply,
-        };
-        self.writer
-            .send(request)
-            .await
-            .map_err(|_| EventStoreError::Closed)?;
-        answer.await.map_err(|_| EventStoreError::Closed)?
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        from: u64,
-        direction: Direction,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-        validate_limit(limit)?;
-        let Some(info) = self.stream_info(stream).await? else {
-            return Ok(Vec::new());
-        };
-        let first = info.metadata.first_visible(info.version);
-        let rows = match direction {
-            Direction::Forwards => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
-                )))
-                .bind(stream.as_str())
-                .bind(to_i64(from.max(first)))
-                .bind(to_i64(limit as u64))
-                .fetch_all(&self.pool)
-                .await?
-            }
-            Direction::Backwards => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE stream_id = ? AND version <= ? AND version >= ? ORDER BY version DESC LIMIT ?"
-                )))
-                .bind(stream.as_str())
-                .bind(to_i64(from))
-                .bind(to_i64(first))
-                .bind(to_i64(limit as u64))
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        events(&rows)
-    }
-
-    async fn read_all(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-        validate_limit(limit)?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE position >= ? ORDER BY position LIMIT ?"
-        )))
-        .bind(to_i64(from))
-        .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
-        .await?;
-        events(&rows)
-    }
-
-    async fn stream_info(&self, stream: &StreamId) -> Result<Option<StreamInfo>, EventStoreError> {
-        let row = sqlx::query("SELECT version, max_count, truncate_before, deleted FROM es_streams WHERE stream_id = ?")
-            .bind(stream.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(metadata_of).transpose()?)
-    }
-
-    async fn set_stream_metadata(
-        &self,
-        stream: &StreamId,
-        metadata: StreamMetadata,
-    ) -> Result<(), EventStoreError> {
-        sqlx::query(
-            "INSERT INTO es_streams (stream_id, version, max_count, truncate_before, deleted) VALUES (?, 0, ?, ?, ?)
-             ON CONFLICT (stream_id) DO UPDATE SET max_count = excluded.max_count,
-                 truncate_before = excluded.truncate_before, deleted = excluded.deleted",
-        )
-        .bind(stream.as_str())
-        .bind(metadata.max_count.map(to_i64))
-        .bind(metadata.truncate_before.map(to_i64))
-        .bind(i64::from(metadata.deleted))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn head(&self) -> Result<u64, EventStoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(to_u64(head))
-    }
-
-    fn watch_head(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
-    }
-
-    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, EventStoreError> {
-        let row = sqlx::query(
-            "SELECT version, schema_version, state FROM es_snapshots WHERE stream_id = ?",
-        )
-        .bind(stream.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = row.try_get(2)?;
-        let Ok(state) = serde_json::from_str(&state) else {
-            // A snapshot is a cache: an unreadable one is ignored and rebuilt.
-            tracing::warn!(stream = %stream, "ignoring a snapshot whose stored JSON is malformed");
-            return Ok(None);
-        };
-        Ok(Some(Snapshot {
-            version: to_u64(row.try_get(0)?),
-            schema_version: u32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
-            state,
-        }))
-    }
-
-    async fn save_snapshot(
-        &self,
-        stream: &StreamId,
-        snapshot: Snapshot,
-    ) -> Result<(), EventStoreError> {
-        let state = serde_json::to_string(&snapshot.state)
-            .map_err(|e| EventStoreError::invalid(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO es_snapshots (stream_id, version, schema_version, state) VALUES (?, ?, ?, ?)
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
-                 schema_version = excluded.schema_version, state = excluded.state
-             WHERE excluded.version >= es_snapshots.version",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(snapshot.version))
-        .bind(i64::from(snapshot.schema_version))
-        .bind(state)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-}
+sql_event_store!(SqliteStore, SqlitePool, SqliteRow);

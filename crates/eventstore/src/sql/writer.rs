@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::raise;
 use crate::error::EventStoreError;
-use crate::types::{AppendResult, ExpectedVersion, NewEvent, StreamId};
+use crate::types::{AppendResult, ExpectedVersion, NewEvent, StreamId, validate_append};
 
 /// The most appends waiting for the writers; callers wait for room beyond this.
 pub(crate) const QUEUE_APPENDS_MAX: usize = 4_096;
@@ -47,6 +47,12 @@ pub(crate) trait Dialect: Clone + Send + Sync + 'static {
     type Batch: BatchTx;
     /// Writer tasks per store.
     const WRITERS: usize;
+    /// Reads the newest position in the log.
+    const SELECT_HEAD: &'static str;
+    /// The `FROM` clause of an event read, aliasing the events table `e`.
+    const EVENTS_FROM: &'static str;
+    /// The column holding an event's position in [`Self::EVENTS_FROM`].
+    const POSITION: &'static str;
     /// Opens a batch transaction.
     fn begin(&self) -> impl Future<Output = Result<Self::Batch, sqlx::Error>> + Send;
     /// Whether a failed batch lost a race to another writer and should be decided again on
@@ -307,6 +313,28 @@ pub(crate) fn spawn_writers<D: Dialect>(
         });
     }
     sender
+}
+
+/// Hands an append to the store's writers and waits for its answer.
+pub(crate) async fn append(
+    writer: &mpsc::Sender<AppendRequest>,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> Result<AppendResult, EventStoreError> {
+    validate_append(&events)?;
+    let (reply, answer) = oneshot::channel();
+    let request = AppendRequest {
+        stream: stream.clone(),
+        expected,
+        events,
+        reply,
+    };
+    writer
+        .send(request)
+        .await
+        .map_err(|_| EventStoreError::Closed)?;
+    answer.await.map_err(|_| EventStoreError::Closed)?
 }
 
 /// The appends waiting in the queue after `first`, up to the batch limits.
