@@ -1,0 +1,443 @@
+//! The JWT policy: static keys or a JWKS URL (fetched at start, refreshed periodically and
+//! on an unknown `kid`), the checks shared by its keys, and the claims it sends upstream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+use http_body_util::{BodyExt, Limited};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::body::empty;
+use crate::config::JwtConfig;
+use crate::error::ConfigError;
+use crate::upstream::HttpClient;
+
+use super::token_cache::TokenCache;
+use super::{AuthOutcome, Identity, bearer};
+
+/// Time a JWKS fetch may take.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted, bytes.
+const JWKS_BYTES_MAX: usize = 1024 * 1024;
+/// Longest token considered, bytes (longer ones are rejected unverified).
+pub(super) const TOKEN_BYTES_MAX: usize = 8 * 1024;
+
+/// One verification key and the only algorithm it is used with.
+struct KeyEntry {
+    algorithm: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeySet {
+    by_kid: HashMap<String, Arc<KeyEntry>>,
+    /// The key used for tokens without `kid`, when the policy has exactly one key.
+    only: Option<Arc<KeyEntry>>,
+}
+
+/// Checks shared by every key of a policy.
+#[derive(Debug, Clone)]
+struct Checks {
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    leeway_s: u64,
+}
+
+impl Checks {
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut v = Validation::new(algorithm);
+        v.leeway = self.leeway_s;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp"]);
+        if !self.issuers.is_empty() {
+            v.set_issuer(&self.issuers);
+        }
+        if self.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audiences);
+        }
+        v
+    }
+}
+
+#[derive(Debug)]
+struct Jwks {
+    uri: http::Uri,
+    client: HttpClient,
+    refresh: Duration,
+    refetch_min_interval: Duration,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// A JWT policy.
+#[derive(Debug)]
+pub(crate) struct JwtPolicy {
+    name: String,
+    checks: Checks,
+    static_keys: Vec<(Option<String>, Arc<KeyEntry>)>,
+    keys: ArcSwap<KeySet>,
+    jwks: Option<Jwks>,
+    pub(super) claims_to_headers: Vec<(String, HeaderName)>,
+    cache: TokenCache,
+}
+
+impl JwtPolicy {
+    /// Builds the policy; with a JWKS URL, fetches it once (a failure is logged and retried
+    /// later: tokens fail with 401 meanwhile) and starts the refresh task.
+    pub(crate) async fn new(
+        name: &str,
+        config: &JwtConfig,
+        client: HttpClient,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let checks = Checks {
+            issuers: config.issuers.clone(),
+            audiences: config.audiences.clone(),
+            leeway_s: config.leeway_s,
+        };
+        let mut static_keys = Vec::new();
+        for (i, k) in config.keys.iter().enumerate() {
+            let key_path = format!("auth.{name}.keys[{i}]");
+            let fail = |message: String| ConfigError::Key {
+                key: key_path.clone(),
+                message,
+            };
+            let algorithm: Algorithm = k
+                .alg
+                .parse()
+                .map_err(|_| fail(format!("unknown alg `{}`", k.alg)))?;
+            let pem = match (&k.pem, &k.pem_file) {
+                (Some(p), _) => Some(p.clone().into_bytes()),
+                (None, Some(file)) => Some(
+                    std::fs::read(file).map_err(|e| fail(format!("cannot read {file}: {e}")))?,
+                ),
+                (None, None) => None,
+            };
+            let key = match (algorithm, pem, &k.secret) {
+                (Algorithm::HS256, None, Some(secret)) => {
+                    DecodingKey::from_secret(secret.as_bytes())
+                }
+                (Algorithm::RS256, Some(pem), None) => {
+                    DecodingKey::from_rsa_pem(&pem).map_err(|e| fail(e.to_string()))?
+                }
+                (Algorithm::ES256, Some(pem), None) => {
+                    DecodingKey::from_ec_pem(&pem).map_err(|e| fail(e.to_string()))?
+                }
+                (Algorithm::EdDSA, Some(pem), None) => {
+                    DecodingKey::from_ed_pem(&pem).map_err(|e| fail(e.to_string()))?
+                }
+                _ => {
+                    return Err(fail(format!(
+                        "algorithm {algorithm:?} does not fit this key material"
+                    )));
+                }
+            };
+            let validation = checks.validation(algorithm);
+            static_keys.push((
+                k.kid.clone(),
+                Arc::new(KeyEntry {
+                    algorithm,
+                    key,
+                    validation,
+                }),
+            ));
+        }
+        let jwks = match &config.jwks_url {
+            Some(url) => Some(Jwks {
+                uri: url.parse().map_err(|_| ConfigError::Invalid {
+                    key: format!("auth.{name}.jwks_url"),
+                    message: "not a URL".to_owned(),
+                })?,
+                client,
+                refresh: Duration::from_millis(config.jwks_refresh_ms),
+                refetch_min_interval: Duration::from_millis(config.jwks_refetch_min_interval_ms),
+                last_fetch: tokio::sync::Mutex::new(None),
+            }),
+            None => None,
+        };
+        let mut claims_to_headers = Vec::new();
+        for (claim, h) in &config.claims_to_headers {
+            let header =
+                HeaderName::from_bytes(h.as_bytes()).map_err(|_| ConfigError::Invalid {
+                    key: format!("auth.{name}.claims_to_headers.{claim}"),
+                    message: "not a valid header name".to_owned(),
+                })?;
+            claims_to_headers.push((claim.clone(), header));
+        }
+        let policy = Arc::new(Self {
+            name: name.to_owned(),
+            checks,
+            static_keys,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            jwks,
+            claims_to_headers,
+            cache: TokenCache::new(config.token_cache_entries),
+        });
+        policy.install(Vec::new());
+        if policy.jwks.is_some() {
+            if let Err(e) = policy.fetch_jwks().await {
+                tracing::warn!(policy = %policy.name, error = %e, "initial JWKS fetch failed; will retry");
+            }
+            spawn_refresh(&policy);
+        }
+        Ok(policy)
+    }
+
+    /// Replaces the key set: static keys plus `fetched`.
+    fn install(&self, fetched: Vec<(Option<String>, Arc<KeyEntry>)>) {
+        let mut set = KeySet::default();
+        let all: Vec<_> = self.static_keys.iter().cloned().chain(fetched).collect();
+        if all.len() == 1 {
+            set.only = Some(Arc::clone(&all[0].1));
+        }
+        for (kid, entry) in all {
+            if let Some(kid) = kid {
+                set.by_kid.insert(kid, entry);
+            }
+        }
+        self.keys.store(Arc::new(set));
+    }
+
+    async fn fetch_jwks(&self) -> Result<usize, String> {
+        let Some(jwks) = &self.jwks else {
+            return Ok(0);
+        };
+        *jwks.last_fetch.lock().await = Some(Instant::now());
+        let request = Request::get(jwks.uri.clone())
+            .body(empty())
+            .map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, jwks.client.request(request))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("status {}", response.status()));
+        }
+        let bytes: Bytes = tokio::time::timeout(
+            JWKS_FETCH_TIMEOUT,
+            Limited::new(response.into_body(), JWKS_BYTES_MAX).collect(),
+        )
+        .await
+        .map_err(|_| "timed out reading the body".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+        let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let mut fetched = Vec::new();
+        for jwk in &set.keys {
+            let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(a), _) => match Algorithm::try_from(*a) {
+                    Ok(a @ (Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA)) => a,
+                    _ => continue,
+                },
+                (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+                (None, AlgorithmParameters::EllipticCurve(p)) if p.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                (None, AlgorithmParameters::OctetKeyPair(p))
+                    if p.curve == EllipticCurve::Ed25519 =>
+                {
+                    Algorithm::EdDSA
+                }
+                // Shared secrets do not belong in a published key set; other curves are not
+                // supported.
+                _ => continue,
+            };
+            let key = match (&jwk.algorithm, algorithm) {
+                (AlgorithmParameters::RSA(_), Algorithm::RS256)
+                | (AlgorithmParameters::EllipticCurve(_), Algorithm::ES256)
+                | (AlgorithmParameters::OctetKeyPair(_), Algorithm::EdDSA) => {
+                    match DecodingKey::from_jwk(jwk) {
+                        Ok(k) => k,
+                        Err(_) => continue,
+                    }
+                }
+                _ => continue,
+            };
+            fetched.push((
+                jwk.common.key_id.clone(),
+                Arc::new(KeyEntry {
+                    algorithm,
+                    key,
+                    validation: self.checks.validation(algorithm),
+                }),
+            ));
+        }
+        let count = fetched.len();
+        self.install(fetched);
+        tracing::debug!(policy = %self.name, keys = count, "JWKS fetched");
+        Ok(count)
+    }
+
+    /// Refetches the JWKS for an unknown `kid`, at most once per `refetch_min_interval`.
+    async fn refetch_for_unknown_kid(&self) {
+        let Some(jwks) = &self.jwks else {
+            return;
+        };
+        {
+            let last = jwks.last_fetch.lock().await;
+            if last.is_some_and(|at| at.elapsed() < jwks.refetch_min_interval) {
+                return;
+            }
+        }
+        if let Err(e) = self.fetch_jwks().await {
+            tracing::warn!(policy = %self.name, error = %e, "JWKS refetch failed");
+        }
+    }
+
+    pub(super) async fn authenticate(&self, headers: &HeaderMap) -> AuthOutcome {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return AuthOutcome::Missing;
+        };
+        let token = match value.to_str().ok().and_then(bearer) {
+            Some(t) => t,
+            None => return AuthOutcome::Missing,
+        };
+        match self.verify(token).await {
+            Ok(identity) => AuthOutcome::Authenticated(identity),
+            Err(reason) => AuthOutcome::Invalid(reason),
+        }
+    }
+
+    /// Verifies `token`, answering from the cache when it was verified before and has not
+    /// expired since.
+    pub(crate) async fn verify(&self, token: &str) -> Result<Arc<Identity>, String> {
+        if token.len() > TOKEN_BYTES_MAX {
+            return Err("token too long".to_owned());
+        }
+        if let Some(identity) = self.cached(token) {
+            return Ok(identity);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| "malformed token or unsupported algorithm".to_owned())?;
+        let mut entry = self.find_key(header.kid.as_deref());
+        if entry.is_none() && self.jwks.is_some() {
+            self.refetch_for_unknown_kid().await;
+            entry = self.find_key(header.kid.as_deref());
+        }
+        let Some(entry) = entry else {
+            return Err("unknown signing key (kid)".to_owned());
+        };
+        if header.alg != entry.algorithm {
+            return Err("token algorithm does not match its key".to_owned());
+        }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &entry.key, &entry.validation)
+            .map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token not yet valid",
+                    ErrorKind::InvalidIssuer => "wrong issuer",
+                    ErrorKind::InvalidAudience => "wrong audience",
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::InvalidAlgorithm => "token algorithm does not match its key",
+                    ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+                    _ => "invalid token",
+                }
+                .to_owned()
+            })?;
+        let claims = data.claims;
+        let identity = Arc::new(self.identity(&claims));
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            self.cache.insert(token, exp, Arc::clone(&identity));
+        }
+        Ok(identity)
+    }
+
+    /// The cached identity of an already verified, unexpired token (the hot path of
+    /// [`verify`](Self::verify)).
+    pub(crate) fn cached(&self, token: &str) -> Option<Arc<Identity>> {
+        self.cache.get(token, unix_now(), self.checks.leeway_s)
+    }
+
+    fn find_key(&self, kid: Option<&str>) -> Option<Arc<KeyEntry>> {
+        let set = self.keys.load();
+        match kid {
+            Some(kid) => set.by_kid.get(kid).cloned(),
+            None => set.only.clone(),
+        }
+    }
+
+    fn identity(&self, claims: &Map<String, Value>) -> Identity {
+        let strings = |v: Option<&Value>, split: bool| -> Vec<String> {
+            match v {
+                Some(Value::String(s)) if split => {
+                    s.split_whitespace().map(str::to_owned).collect()
+                }
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut scopes = strings(claims.get("scope"), true);
+        scopes.extend(strings(claims.get("scp"), true));
+        let mut roles = strings(claims.get("roles"), false);
+        roles.extend(strings(claims.get("role"), false));
+        let headers = self
+            .claims_to_headers
+            .iter()
+            .filter_map(|(claim, header)| {
+                let text = match claims.get(claim)? {
+                    Value::String(s) => s.clone(),
+                    Value::Array(a) => a
+                        .iter()
+                        .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                HeaderValue::from_str(&text)
+                    .ok()
+                    .map(|v| (header.clone(), v))
+            })
+            .collect();
+        Identity {
+            subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+            api_key_id: None,
+            scopes,
+            roles,
+            headers,
+        }
+    }
+}
+
+fn spawn_refresh(policy: &Arc<JwtPolicy>) {
+    let weak: Weak<JwtPolicy> = Arc::downgrade(policy);
+    let Some(refresh) = policy.jwks.as_ref().map(|j| j.refresh) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(refresh).await;
+            let Some(policy) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = policy.fetch_jwks().await {
+                tracing::warn!(policy = %policy.name, error = %e, "JWKS refresh failed");
+            }
+        }
+    });
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
