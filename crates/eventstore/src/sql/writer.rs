@@ -431,3 +431,76 @@ pub(crate) fn to_i64(value: u64) -> i64 {
 pub(crate) fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stream: &str, expected: ExpectedVersion, ids: &[Uuid]) -> AppendRequest {
+        let events = ids
+            .iter()
+            .map(|id| NewEvent::new("Tested", serde_json::json!({})).with_id(*id))
+            .collect();
+        AppendRequest {
+            stream: StreamId::new(stream).expect("valid stream id"),
+            expected,
+            events,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn empty_state() -> BatchState {
+        BatchState::from_json("[]", "[]").expect("valid state")
+    }
+
+    #[test]
+    fn appends_in_one_batch_are_numbered_in_batch_order_after_the_head() {
+        // Two streams, three events: positions follow the head in batch order.
+        let batch = [
+            request("a", ExpectedVersion::Any, &[Uuid::now_v7(), Uuid::now_v7()]),
+            request("b", ExpectedVersion::Any, &[Uuid::now_v7()]),
+        ];
+        let plan = Plan::decide(&batch, empty_state());
+        assert_eq!(plan.rows.len(), 3);
+        assert_eq!(plan.versions, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+        let results = plan.results(10);
+        let positions: Vec<u64> = results
+            .iter()
+            .map(|r| r.as_ref().expect("written").global_position)
+            .collect();
+        assert_eq!(positions, [12, 13]);
+    }
+
+    #[test]
+    fn a_retry_in_the_same_batch_is_answered_with_the_first_appends_result() {
+        // The same ids twice in one batch: written once, and the second append gets the
+        // first one's version and position, not a position of zero.
+        let ids = [Uuid::now_v7(), Uuid::now_v7()];
+        let batch = [
+            request("a", ExpectedVersion::Any, &ids),
+            request("a", ExpectedVersion::Any, &ids),
+        ];
+        let plan = Plan::decide(&batch, empty_state());
+        assert_eq!(plan.rows.len(), 2);
+        let results = plan.results(5);
+        let first = results[0].as_ref().expect("written");
+        let second = results[1].as_ref().expect("replayed");
+        assert_eq!((first.next_version, first.global_position), (2, 7));
+        assert_eq!((second.next_version, second.global_position), (2, 7));
+    }
+
+    #[test]
+    fn a_later_append_in_the_batch_sees_the_version_an_earlier_one_wrote() {
+        // Expecting version 0 after an earlier append in the batch took the stream to 1.
+        let batch = [
+            request("a", ExpectedVersion::Exact(0), &[Uuid::now_v7()]),
+            request("a", ExpectedVersion::Exact(0), &[Uuid::now_v7()]),
+        ];
+        let results = Plan::decide(&batch, empty_state()).results(0);
+        assert!(results[0].is_ok());
+        assert!(matches!(
+            results[1],
+            Err(EventStoreError::WrongExpectedVersion { actual: 1, .. })
+        ));
+    }
+}
