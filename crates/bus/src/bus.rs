@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::dlq::{DeadLetterReason, Failure};
@@ -94,6 +95,42 @@ pub(crate) enum Settlement {
         error: Option<(String, String)>,
     },
     DeadLetter(Failure),
+}
+
+/// A fetch that waits: calls `attempt` until it leases deliveries or `wait` has passed.
+///
+/// `attempt` returns the deliveries it leased and, when none, the earliest time it might
+/// find one (a retry delay ending, the next poll of a shared file; `None`: only when
+/// `changed` fires). Between attempts the fetch sleeps until then or until `changed` fires,
+/// never past the deadline. It registers for `changed` *before* each attempt, so a publish
+/// or settlement that lands between an empty attempt and the sleep still wakes it.
+pub(crate) async fn fetch_until<F, Fut>(
+    changed: &Notify,
+    wait: Duration,
+    mut attempt: F,
+) -> Result<Vec<RawDelivery>, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(Vec<RawDelivery>, Option<Instant>), BusError>>,
+{
+    let deadline = Instant::now() + wait;
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (deliveries, next_wake) = attempt().await?;
+        if !deliveries.is_empty() {
+            return Ok(deliveries);
+        }
+        if Instant::now() >= deadline {
+            return Ok(Vec::new());
+        }
+        let wake = next_wake.map_or(deadline, |at| at.min(deadline));
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
 }
 
 /// A backend's way to settle deliveries.
@@ -584,7 +621,78 @@ pub(crate) fn millis(time: DateTime<Utc>) -> i64 {
     time.timestamp_millis()
 }
 
+/// `duration` in whole milliseconds, for storage (saturating at `i64::MAX`).
+pub(crate) fn duration_millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The time `millis` milliseconds after the Unix epoch.
 pub(crate) fn from_millis(millis: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn one_delivery() -> Vec<RawDelivery> {
+        vec![RawDelivery {
+            topic: "t".to_owned(),
+            envelope: Err("x".to_owned()),
+            attempt: 1,
+            key: DeliveryKey::default(),
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_fetch_polls_at_the_backends_pace_and_gives_up_at_its_deadline() {
+        // An empty backend that asks to be polled every 10 ms, under a 35 ms wait.
+        let changed = Notify::new();
+        let attempts = AtomicU32::new(0);
+        let started = Instant::now();
+        let fetched = fetch_until(&changed, Duration::from_millis(35), || {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok((
+                Vec::new(),
+                Some(Instant::now() + Duration::from_millis(10)),
+            )))
+        })
+        .await
+        .expect("the attempts do not fail");
+        assert!(fetched.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_millis(35));
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            5,
+            "at 0, 10, 20, 30 and 35 ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_fetch_wakes_when_the_backend_changes() {
+        // The backend has nothing and no wake time; a change after 5 ms brings a delivery.
+        let changed = Arc::new(Notify::new());
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (notifier, flag) = (Arc::clone(&changed), Arc::clone(&ready));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            flag.store(true, Ordering::SeqCst);
+            notifier.notify_waiters();
+        });
+        let started = Instant::now();
+        let fetched = fetch_until(&changed, Duration::from_secs(60), || {
+            let found = if ready.load(Ordering::SeqCst) {
+                one_delivery()
+            } else {
+                Vec::new()
+            };
+            std::future::ready(Ok((found, None)))
+        })
+        .await
+        .expect("the attempts do not fail");
+        assert_eq!(fetched.len(), 1);
+        assert_eq!(started.elapsed(), Duration::from_millis(5));
+    }
 }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::bus::{
-    Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription,
+    Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription, fetch_until,
 };
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
@@ -270,26 +270,10 @@ impl Source for MemorySource {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<RawDelivery>, BusError>> {
-        Box::pin(async move {
-            let deadline = Instant::now() + wait;
-            loop {
-                let notified = self.inner.changed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let (deliveries, next_wake) = self.try_lease(max);
-                if !deliveries.is_empty() {
-                    return Ok(deliveries);
-                }
-                if Instant::now() >= deadline {
-                    return Ok(Vec::new());
-                }
-                let wake = next_wake.map_or(deadline, |at| at.min(deadline));
-                tokio::select! {
-                    () = &mut notified => {}
-                    () = tokio::time::sleep_until(wake) => {}
-                }
-            }
-        })
+        let source = &*self;
+        Box::pin(fetch_until(&source.inner.changed, wait, move || {
+            std::future::ready(Ok(source.try_lease(max)))
+        }))
     }
 }
 

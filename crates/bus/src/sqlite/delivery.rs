@@ -8,11 +8,15 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use sqlx::{Row, SqliteConnection};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::SqliteBus;
 use super::dlq::insert_letter;
 use super::writer::Command;
-use crate::bus::{DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, from_millis};
+use crate::bus::{
+    DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, duration_millis, fetch_until,
+    from_millis,
+};
 use crate::dlq::DeadLetter;
 use crate::error::BusError;
 use crate::topic;
@@ -74,7 +78,7 @@ pub(super) async fn fetch_in(
             .await?;
     }
     let lease = fastrand::i64(1..i64::MAX);
-    let visible_ms = now.saturating_add(i64::try_from(ack_wait.as_millis()).unwrap_or(i64::MAX));
+    let visible_ms = now.saturating_add(duration_millis(ack_wait));
     let leased = sqlx::query(
         "UPDATE bus_pending SET visible_ms = ?1, lease = ?2, attempts = attempts + 1 \
          WHERE grp = ?3 AND seq IN ( \
@@ -153,8 +157,7 @@ pub(super) async fn settle_in(
                 > 0
         }
         Settlement::Nack { delay, error } => {
-            let visible_ms =
-                now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+            let visible_ms = now.saturating_add(duration_millis(*delay));
             sqlx::query(
                 "UPDATE bus_pending SET visible_ms = ?, lease = NULL, \
                  first_failure_ms = CASE WHEN ? THEN COALESCE(first_failure_ms, ?) ELSE first_failure_ms END \
@@ -213,37 +216,22 @@ impl Source for SqliteSource {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<RawDelivery>, BusError>> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + wait;
-            loop {
-                let notified = self.bus.inner.changed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let (reply, answer) = oneshot::channel();
-                self.bus
-                    .send(Command::Fetch {
-                        group: self.group.clone(),
-                        max,
-                        ack_wait: self.ack_wait,
-                        ordered: self.ordered,
-                        reply,
-                    })
-                    .await?;
-                let deliveries = answer.await.map_err(|_| BusError::Closed)??;
-                if !deliveries.is_empty() {
-                    return Ok(deliveries);
-                }
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
-                    return Ok(Vec::new());
-                }
-                let wake = (now + POLL_INTERVAL).min(deadline);
-                tokio::select! {
-                    () = &mut notified => {}
-                    () = tokio::time::sleep_until(wake) => {}
-                }
-            }
-        })
+        let (bus, group) = (&self.bus, self.group.as_str());
+        let (ack_wait, ordered) = (self.ack_wait, self.ordered);
+        // Other processes write the same file without waking this one: poll.
+        Box::pin(fetch_until(&bus.inner.changed, wait, move || async move {
+            let (reply, answer) = oneshot::channel();
+            bus.send(Command::Fetch {
+                group: group.to_owned(),
+                max,
+                ack_wait,
+                ordered,
+                reply,
+            })
+            .await?;
+            let deliveries = answer.await.map_err(|_| BusError::Closed)??;
+            Ok((deliveries, Some(Instant::now() + POLL_INTERVAL)))
+        }))
     }
 }
 

@@ -8,7 +8,7 @@ use sqlx::{Connection, Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::SqliteBus;
-use crate::bus::{from_millis, millis};
+use crate::bus::{duration_millis, from_millis, millis};
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason,
     DeadLetterState, DeadLetters, DlqAction, DlqActionKind, id_cursor, log_action, not_found,
@@ -159,11 +159,8 @@ impl DeadLetters for SqliteBus {
         filter.validate()?;
         let mut after = id_cursor(filter)?.map(|id| id.to_string());
         let now = Utc::now();
-        let age_bound = |age: Option<Duration>| {
-            age.map(|age| {
-                millis(now).saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
-            })
-        };
+        let age_bound =
+            |age: Option<Duration>| age.map(|age| millis(now).saturating_sub(duration_millis(age)));
         let topic_prefix = filter.topic.as_deref().map(like_prefix);
         // Every filter but the topic pattern's wildcards runs in SQL; `accepts` checks the
         // rest. Rows are read in chunks of one page, until the page is full or the scan

@@ -9,7 +9,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::delivery::{fetch_in, settle_in};
-use crate::bus::{DeliveryKey, Message, RawDelivery, Settlement, millis};
+use crate::bus::{DeliveryKey, Message, RawDelivery, Settlement, duration_millis, millis};
 use crate::error::BusError;
 
 /// Most operations one group commit holds.
@@ -99,8 +99,7 @@ pub(super) async fn prune(
     connection: &mut SqliteConnection,
     retention: Duration,
 ) -> Result<u64, BusError> {
-    let cutoff =
-        millis(Utc::now()).saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    let cutoff = millis(Utc::now()).saturating_sub(duration_millis(retention));
     let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
     let removed = sqlx::query(
         "DELETE FROM bus_log WHERE seq IN (SELECT seq FROM bus_log \
