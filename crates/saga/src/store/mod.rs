@@ -3,6 +3,7 @@
 
 mod memory;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::fmt;
@@ -555,81 +556,4 @@ pub trait SagaStore: Send + Sync + 'static {
     /// # Errors
     /// A storage error.
     fn purge(&self, before: DateTime<Utc>) -> impl Future<Output = Result<u64, SagaError>> + Send;
-}
-
-/// Decodes a transition stored as JSON text.
-fn decode_transition(id: SagaId, text: &str) -> Result<Transition, SagaError> {
-    serde_json::from_str(text).map_err(|error| SagaError::CorruptLog {
-        id,
-        reason: format!("unreadable transition: {error}"),
-    })
-}
-
-/// Converts a sequence number or count for a signed 64-bit column.
-fn to_i64(id: SagaId, value: u64) -> Result<i64, SagaError> {
-    i64::try_from(value).map_err(|_| SagaError::CorruptLog {
-        id,
-        reason: format!("sequence {value} out of range"),
-    })
-}
-
-/// Converts a signed 64-bit column back.
-fn to_u64(id: SagaId, value: i64) -> Result<u64, SagaError> {
-    u64::try_from(value).map_err(|_| SagaError::CorruptLog {
-        id,
-        reason: format!("negative sequence {value}"),
-    })
-}
-
-/// Assembles an instance from its row and its log, checking the log has no gap.
-fn instance(
-    id: SagaId,
-    definition: String,
-    version: i64,
-    status: &str,
-    records: Vec<SagaRecord>,
-) -> Result<SagaInstance, SagaError> {
-    let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
-    let version = u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?;
-    let status = SagaStatus::parse(status).ok_or_else(|| corrupt(format!("status {status}")))?;
-    if records.is_empty() {
-        return Err(corrupt("empty log".to_owned()));
-    }
-    for (index, record) in records.iter().enumerate() {
-        if record.seq != index as u64 + 1 {
-            return Err(corrupt(format!("gap before sequence {}", record.seq)));
-        }
-    }
-    Ok(SagaInstance {
-        id,
-        definition,
-        version,
-        status,
-        records,
-    })
-}
-
-/// Assembles a summary from its columns.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn summary(
-    id: SagaId,
-    definition: String,
-    version: i64,
-    status: String,
-    last_seq: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    lease_owner: Option<String>,
-) -> Result<SagaSummary, SagaError> {
-    let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
-    Ok(SagaSummary {
-        id,
-        definition,
-        version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
-        status: SagaStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status}")))?,
-        transitions: to_u64(id, last_seq)?,
-        created_at,
-        updated_at,
-        lease_owner,
-    })
 }

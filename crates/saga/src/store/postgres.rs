@@ -13,9 +13,10 @@ use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
+use super::rows::{self, to_i64};
 use super::{
     LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX, SagaFilter, SagaId, SagaInstance, SagaRecord,
-    SagaStore, SagaSummary, decode_transition, instance, summary, to_i64, to_u64,
+    SagaStore, SagaSummary,
 };
 use crate::error::SagaError;
 
@@ -167,33 +168,14 @@ impl SagaStore for PostgresSagaStore {
         else {
             return Ok(None);
         };
-        let definition: String = row.try_get("definition")?;
-        let version: i64 = row.try_get("version")?;
-        let status: String = row.try_get("status")?;
-        let rows = sqlx::query(
+        let log = sqlx::query(
             "SELECT seq, transition::text AS transition, context::text AS context, at
              FROM saga_log WHERE saga_id = $1 ORDER BY seq",
         )
         .bind(id.as_uuid())
         .fetch_all(&self.pool)
         .await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.try_get("seq")?;
-            let transition: String = row.try_get("transition")?;
-            let context: String = row.try_get("context")?;
-            let at: DateTime<Utc> = row.try_get("at")?;
-            records.push(SagaRecord {
-                seq: to_u64(id, seq)?,
-                transition: decode_transition(id, &transition)?,
-                context: serde_json::from_str(&context).map_err(|error| SagaError::CorruptLog {
-                    id,
-                    reason: format!("unreadable context: {error}"),
-                })?,
-                at,
-            });
-        }
-        instance(id, definition, version, &status, records).map(Some)
+        rows::instance(id, &row, &log).map(Some)
     }
 
     async fn list_active(&self, limit: usize) -> Result<Vec<SagaId>, SagaError> {
@@ -315,19 +297,7 @@ impl SagaStore for PostgresSagaStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                let id = SagaId::from_uuid(row.try_get("id")?);
-                summary(
-                    id,
-                    row.try_get("definition")?,
-                    row.try_get("version")?,
-                    row.try_get("status")?,
-                    row.try_get("last_seq")?,
-                    row.try_get("created_at")?,
-                    row.try_get("updated_at")?,
-                    row.try_get("lease_owner")?,
-                )
-            })
+            .map(|row| rows::summary(SagaId::from_uuid(row.try_get("id")?), row))
             .collect()
     }
 

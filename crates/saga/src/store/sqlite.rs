@@ -25,9 +25,10 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection as _, Row as _, SqliteExecutor};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rows::{self, to_i64};
 use super::{
     LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX, SagaFilter, SagaId, SagaInstance, SagaRecord,
-    SagaStore, SagaSummary, decode_transition, instance, summary, to_i64, to_u64,
+    SagaStore, SagaSummary,
 };
 use crate::error::SagaError;
 
@@ -641,33 +642,14 @@ impl SagaStore for SqliteSagaStore {
         else {
             return Ok(None);
         };
-        let definition: String = row.try_get("definition")?;
-        let version: i64 = row.try_get("version")?;
-        let status: String = row.try_get("status")?;
-        let rows = sqlx::query(
+        let log = sqlx::query(
             "SELECT seq, transition, context, at FROM saga_log WHERE saga_id = ? ORDER BY seq",
         )
         .bind(id.to_string())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.try_get("seq")?;
-            let transition: String = row.try_get("transition")?;
-            let context: String = row.try_get("context")?;
-            let at: DateTime<Utc> = row.try_get("at")?;
-            records.push(SagaRecord {
-                seq: to_u64(id, seq)?,
-                transition: decode_transition(id, &transition)?,
-                context: serde_json::from_str(&context).map_err(|error| SagaError::CorruptLog {
-                    id,
-                    reason: format!("unreadable context: {error}"),
-                })?,
-                at,
-            });
-        }
-        instance(id, definition, version, &status, records).map(Some)
+        rows::instance(id, &row, &log).map(Some)
     }
 
     async fn list_active(&self, limit: usize) -> Result<Vec<SagaId>, SagaError> {
@@ -760,19 +742,7 @@ impl SagaStore for SqliteSagaStore {
         .fetch_all(&self.readers)
         .await?;
         rows.iter()
-            .map(|row| {
-                let id = parse_id(&row.try_get::<String, _>("id")?)?;
-                summary(
-                    id,
-                    row.try_get("definition")?,
-                    row.try_get("version")?,
-                    row.try_get("status")?,
-                    row.try_get("last_seq")?,
-                    row.try_get("created_at")?,
-                    row.try_get("updated_at")?,
-                    row.try_get("lease_owner")?,
-                )
-            })
+            .map(|row| rows::summary(parse_id(&row.try_get::<String, _>("id")?)?, row))
             .collect()
     }
 
