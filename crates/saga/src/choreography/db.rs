@@ -1,10 +1,9 @@
 //! [`ChoreographyDb`]: what a choreography needs of its database (inbox, outbox, log), for
 //! SQLite and PostgreSQL.
 
-use chrono::DateTime;
 use std::fmt;
 
-use sqlx::{PgConnection, Row, SqliteConnection};
+use sqlx::Row as _;
 use trellis_bus::inbox::{Handled, PgInbox, SqliteInbox};
 use trellis_bus::outbox::{PgOutbox, SqliteOutbox};
 use trellis_bus::{BusError, Envelope, HandlerError, Message};
@@ -69,7 +68,16 @@ pub trait ChoreographyDb: sqlx::Database + sealed::Sealed {
     ) -> BoxFuture<'_, Result<Loaded, sqlx::Error>>;
 }
 
-const SQLITE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS saga_choreography_log (
+/// How each engine stores the log's ids and times; everything else about the log is written
+/// once, in [`choreography_db!`].
+mod sqlite_columns {
+    use chrono::{DateTime, Utc};
+    use sqlx::Row as _;
+    use sqlx::sqlite::SqliteRow;
+    use uuid::Uuid;
+
+    /// Ids as TEXT, times as milliseconds since the epoch.
+    pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS saga_choreography_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     choreography TEXT NOT NULL,
     correlation_id TEXT NOT NULL,
@@ -85,7 +93,34 @@ CREATE INDEX IF NOT EXISTS saga_choreography_log_by_correlation
     ON saga_choreography_log (correlation_id, id);
 CREATE TABLE IF NOT EXISTS saga_choreographies (name TEXT PRIMARY KEY, steps TEXT NOT NULL)";
 
-const PG_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS saga_choreography_log (
+    pub(super) fn id(id: Uuid) -> String {
+        id.to_string()
+    }
+
+    pub(super) fn at(at: DateTime<Utc>) -> i64 {
+        at.timestamp_millis()
+    }
+
+    pub(super) fn event_id(row: &SqliteRow) -> Result<Uuid, sqlx::Error> {
+        let text: String = row.try_get("event_id")?;
+        Uuid::parse_str(&text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+    }
+
+    pub(super) fn at_of(row: &SqliteRow) -> Result<DateTime<Utc>, sqlx::Error> {
+        let at_ms: i64 = row.try_get("at_ms")?;
+        Ok(DateTime::from_timestamp_millis(at_ms).unwrap_or_default())
+    }
+}
+
+/// See [`sqlite_columns`].
+mod pg_columns {
+    use chrono::{DateTime, Utc};
+    use sqlx::Row as _;
+    use sqlx::postgres::PgRow;
+    use uuid::Uuid;
+
+    /// Native UUID and TIMESTAMPTZ columns.
+    pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS saga_choreography_log (
     id BIGSERIAL PRIMARY KEY,
     choreography TEXT NOT NULL,
     correlation_id UUID NOT NULL,
@@ -101,218 +136,142 @@ CREATE INDEX IF NOT EXISTS saga_choreography_log_by_correlation
     ON saga_choreography_log (correlation_id, id);
 CREATE TABLE IF NOT EXISTS saga_choreographies (name TEXT PRIMARY KEY, steps TEXT NOT NULL)";
 
+    pub(super) fn id(id: Uuid) -> Uuid {
+        id
+    }
+
+    pub(super) fn at(at: DateTime<Utc>) -> DateTime<Utc> {
+        at
+    }
+
+    pub(super) fn event_id(row: &PgRow) -> Result<Uuid, sqlx::Error> {
+        row.try_get("event_id")
+    }
+
+    pub(super) fn at_of(row: &PgRow) -> Result<DateTime<Utc>, sqlx::Error> {
+        row.try_get("at")
+    }
+}
+
 const UPSERT_DEFINITION: &str = "INSERT INTO saga_choreographies (name, steps) VALUES ($1, $2) \
      ON CONFLICT (name) DO UPDATE SET steps = excluded.steps";
 
-impl ChoreographyDb for Sqlite {
-    type Inbox = SqliteInbox;
+/// Implements [`ChoreographyDb`] for one engine: the body is written once and compiled per
+/// engine (as [`on_tx!`](crate::on_tx) does for effects), with `$columns` saying how the
+/// engine stores ids and times and `$at` naming its time column.
+macro_rules! choreography_db {
+    ($db:ident, $inbox:ident, $outbox:ident, $columns:ident, $at:literal) => {
+        impl ChoreographyDb for $db {
+            type Inbox = $inbox;
 
-    fn tx(connection: &mut SqliteConnection) -> Tx<'_> {
-        Tx::Sqlite(connection)
-    }
+            fn tx(connection: &mut <$db as sqlx::Database>::Connection) -> Tx<'_> {
+                Tx::$db(connection)
+            }
 
-    fn handle_once<'a>(
-        inbox: &'a SqliteInbox,
-        message: &'a Message,
-        run: Run<'a, Self>,
-    ) -> BoxFuture<'a, Result<Handled<()>, HandlerError>> {
-        Box::pin(inbox.handle_once(message, move |tx| run(tx)))
-    }
+            fn handle_once<'a>(
+                inbox: &'a $inbox,
+                message: &'a Message,
+                run: Run<'a, Self>,
+            ) -> BoxFuture<'a, Result<Handled<()>, HandlerError>> {
+                Box::pin(inbox.handle_once(message, move |tx| run(tx)))
+            }
 
-    fn enqueue<'t>(
-        tx: &'t mut SqliteConnection,
-        topic: &'t str,
-        event: &'t Envelope,
-    ) -> BoxFuture<'t, Result<(), BusError>> {
-        Box::pin(SqliteOutbox::enqueue(tx, topic, event))
-    }
+            fn enqueue<'t>(
+                tx: &'t mut <$db as sqlx::Database>::Connection,
+                topic: &'t str,
+                event: &'t Envelope,
+            ) -> BoxFuture<'t, Result<(), BusError>> {
+                Box::pin($outbox::enqueue(tx, topic, event))
+            }
 
-    fn install<'t>(
-        tx: &'t mut SqliteConnection,
-        definition: Option<(&'t str, &'t str)>,
-    ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::raw_sql(SQLITE_SCHEMA).execute(&mut *tx).await?;
-            if let Some((name, steps)) = definition {
-                sqlx::query(UPSERT_DEFINITION)
-                    .bind(name)
-                    .bind(steps)
+            fn install<'t>(
+                tx: &'t mut <$db as sqlx::Database>::Connection,
+                definition: Option<(&'t str, &'t str)>,
+            ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
+                Box::pin(async move {
+                    sqlx::raw_sql($columns::SCHEMA).execute(&mut *tx).await?;
+                    if let Some((name, steps)) = definition {
+                        sqlx::query(UPSERT_DEFINITION)
+                            .bind(name)
+                            .bind(steps)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            }
+
+            fn record<'t>(
+                tx: &'t mut <$db as sqlx::Database>::Connection,
+                entry: &'t ChoreographyLogEntry,
+            ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
+                Box::pin(async move {
+                    sqlx::query(concat!(
+                        "INSERT INTO saga_choreography_log (choreography, correlation_id, \
+                         event_id, event_type, step, compensating, outcome, error, ",
+                        $at,
+                        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                    ))
+                    .bind(&entry.choreography)
+                    .bind($columns::id(entry.correlation_id))
+                    .bind($columns::id(entry.event_id))
+                    .bind(&entry.event_type)
+                    .bind(&entry.step)
+                    .bind(entry.compensating)
+                    .bind(&entry.outcome)
+                    .bind(&entry.error)
+                    .bind($columns::at(entry.at))
                     .execute(&mut *tx)
                     .await?;
+                    Ok(())
+                })
             }
-            Ok(())
-        })
-    }
 
-    fn record<'t>(
-        tx: &'t mut SqliteConnection,
-        entry: &'t ChoreographyLogEntry,
-    ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::query(
-                "INSERT INTO saga_choreography_log (choreography, correlation_id, event_id, \
-                 event_type, step, compensating, outcome, error, at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(&entry.choreography)
-            .bind(entry.correlation_id.to_string())
-            .bind(entry.event_id.to_string())
-            .bind(&entry.event_type)
-            .bind(&entry.step)
-            .bind(entry.compensating)
-            .bind(&entry.outcome)
-            .bind(&entry.error)
-            .bind(entry.at.timestamp_millis())
-            .execute(&mut *tx)
-            .await?;
-            Ok(())
-        })
-    }
-
-    fn load(
-        pool: &sqlx::SqlitePool,
-        correlation_id: Uuid,
-    ) -> BoxFuture<'_, Result<Loaded, sqlx::Error>> {
-        Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT choreography, event_id, event_type, step, compensating, outcome, error, \
-                 at_ms FROM saga_choreography_log WHERE correlation_id = $1 ORDER BY id",
-            )
-            .bind(correlation_id.to_string())
-            .fetch_all(pool)
-            .await?;
-            let mut entries = Vec::with_capacity(rows.len());
-            for row in rows {
-                let event_id: String = row.try_get("event_id")?;
-                let at_ms: i64 = row.try_get("at_ms")?;
-                entries.push(ChoreographyLogEntry {
-                    choreography: row.try_get("choreography")?,
-                    correlation_id,
-                    event_id: Uuid::parse_str(&event_id)
-                        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-                    event_type: row.try_get("event_type")?,
-                    step: row.try_get("step")?,
-                    compensating: row.try_get("compensating")?,
-                    outcome: row.try_get("outcome")?,
-                    error: row.try_get("error")?,
-                    at: DateTime::from_timestamp_millis(at_ms).unwrap_or_default(),
-                });
-            }
-            let steps = match entries.first() {
-                Some(entry) => {
-                    sqlx::query_scalar("SELECT steps FROM saga_choreographies WHERE name = $1")
-                        .bind(&entry.choreography)
-                        .fetch_optional(pool)
-                        .await?
-                }
-                None => None,
-            };
-            Ok((entries, steps))
-        })
-    }
-}
-
-impl ChoreographyDb for Postgres {
-    type Inbox = PgInbox;
-
-    fn tx(connection: &mut PgConnection) -> Tx<'_> {
-        Tx::Postgres(connection)
-    }
-
-    fn handle_once<'a>(
-        inbox: &'a PgInbox,
-        message: &'a Message,
-        run: Run<'a, Self>,
-    ) -> BoxFuture<'a, Result<Handled<()>, HandlerError>> {
-        Box::pin(inbox.handle_once(message, move |tx| run(tx)))
-    }
-
-    fn enqueue<'t>(
-        tx: &'t mut PgConnection,
-        topic: &'t str,
-        event: &'t Envelope,
-    ) -> BoxFuture<'t, Result<(), BusError>> {
-        Box::pin(PgOutbox::enqueue(tx, topic, event))
-    }
-
-    fn install<'t>(
-        tx: &'t mut PgConnection,
-        definition: Option<(&'t str, &'t str)>,
-    ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::raw_sql(PG_SCHEMA).execute(&mut *tx).await?;
-            if let Some((name, steps)) = definition {
-                sqlx::query(UPSERT_DEFINITION)
-                    .bind(name)
-                    .bind(steps)
-                    .execute(&mut *tx)
+            fn load(
+                pool: &sqlx::Pool<$db>,
+                correlation_id: Uuid,
+            ) -> BoxFuture<'_, Result<Loaded, sqlx::Error>> {
+                Box::pin(async move {
+                    let rows = sqlx::query(concat!(
+                        "SELECT choreography, event_id, event_type, step, compensating, \
+                         outcome, error, ",
+                        $at,
+                        " FROM saga_choreography_log WHERE correlation_id = $1 ORDER BY id"
+                    ))
+                    .bind($columns::id(correlation_id))
+                    .fetch_all(pool)
                     .await?;
+                    let mut entries = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        entries.push(ChoreographyLogEntry {
+                            choreography: row.try_get("choreography")?,
+                            correlation_id,
+                            event_id: $columns::event_id(&row)?,
+                            event_type: row.try_get("event_type")?,
+                            step: row.try_get("step")?,
+                            compensating: row.try_get("compensating")?,
+                            outcome: row.try_get("outcome")?,
+                            error: row.try_get("error")?,
+                            at: $columns::at_of(&row)?,
+                        });
+                    }
+                    let steps = match entries.first() {
+                        Some(entry) => {
+                            sqlx::query_scalar(
+                                "SELECT steps FROM saga_choreographies WHERE name = $1",
+                            )
+                            .bind(&entry.choreography)
+                            .fetch_optional(pool)
+                            .await?
+                        }
+                        None => None,
+                    };
+                    Ok((entries, steps))
+                })
             }
-            Ok(())
-        })
-    }
-
-    fn record<'t>(
-        tx: &'t mut PgConnection,
-        entry: &'t ChoreographyLogEntry,
-    ) -> BoxFuture<'t, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::query(
-                "INSERT INTO saga_choreography_log (choreography, correlation_id, event_id, \
-                 event_type, step, compensating, outcome, error, at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(&entry.choreography)
-            .bind(entry.correlation_id)
-            .bind(entry.event_id)
-            .bind(&entry.event_type)
-            .bind(&entry.step)
-            .bind(entry.compensating)
-            .bind(&entry.outcome)
-            .bind(&entry.error)
-            .bind(entry.at)
-            .execute(&mut *tx)
-            .await?;
-            Ok(())
-        })
-    }
-
-    fn load(
-        pool: &sqlx::PgPool,
-        correlation_id: Uuid,
-    ) -> BoxFuture<'_, Result<Loaded, sqlx::Error>> {
-        Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT choreography, event_id, event_type, step, compensating, outcome, error, \
-                 at FROM saga_choreography_log WHERE correlation_id = $1 ORDER BY id",
-            )
-            .bind(correlation_id)
-            .fetch_all(pool)
-            .await?;
-            let mut entries = Vec::with_capacity(rows.len());
-            for row in rows {
-                entries.push(ChoreographyLogEntry {
-                    choreography: row.try_get("choreography")?,
-                    correlation_id,
-                    event_id: row.try_get("event_id")?,
-                    event_type: row.try_get("event_type")?,
-                    step: row.try_get("step")?,
-                    compensating: row.try_get("compensating")?,
-                    outcome: row.try_get("outcome")?,
-                    error: row.try_get("error")?,
-                    at: row.try_get("at")?,
-                });
-            }
-            let steps = match entries.first() {
-                Some(entry) => {
-                    sqlx::query_scalar("SELECT steps FROM saga_choreographies WHERE name = $1")
-                        .bind(&entry.choreography)
-                        .fetch_optional(pool)
-                        .await?
-                }
-                None => None,
-            };
-            Ok((entries, steps))
-        })
-    }
+        }
+    };
 }
+
+choreography_db!(Sqlite, SqliteInbox, SqliteOutbox, sqlite_columns, "at_ms");
+choreography_db!(Postgres, PgInbox, PgOutbox, pg_columns, "at");
