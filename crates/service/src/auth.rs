@@ -1,18 +1,18 @@
-//! Who is calling: identity tokens the gateway and the services sign with the shop's service
-//! key, checked by every service before it believes anything about its caller.
+//! Who is calling: identity tokens the gateway and the services sign with the deployment's
+//! service key, checked by every service before it believes anything about its caller.
 //!
 //! A service must not take the gateway's word on faith: its port may be reachable by any
 //! process on the host or the network (`serve --listen 0.0.0.0`, `--peer` on other hosts). So
 //! every request that claims an identity carries a short-lived token in
 //! [`IDENTITY_HEADER`], an HS256 JWT signed with the [`ServiceKey`] the gateway and the
-//! services of one shop share:
+//! services of one deployment share:
 //!
 //! - the gateway, after it verified the user's own JWT, signs a token with the user's id and
 //!   role ([`Signer::token`]); identity headers such as `x-user-id` are never read;
 //! - a service calling another (gRPC) signs one naming itself, with the role
 //!   [`ROLE_SERVICE`] ([`ServiceIdentity`], sent by [`ServiceIdentityClient`]);
 //! - [`protect`] wraps a service's router: a REST request with a valid token gets a
-//!   [`Caller`](crate::Caller), one with an invalid token gets 401, one with none reaches only
+//!   [`Caller`], one with an invalid token gets 401, one with none reaches only
 //!   the public endpoints (every handler that extracts a `Caller` answers 401); a gRPC
 //!   request needs a valid token with the service role, or gets `UNAUTHENTICATED`.
 //!
@@ -43,7 +43,8 @@ use crate::{ApiError, Caller, USER_ID_HEADER, USER_ROLE_HEADER};
 
 /// The header an identity token travels in, on REST and gRPC calls alike.
 pub const IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-trellis-identity");
-/// The role of a service calling another service.
+/// The kit's role for a service calling another service: what a [`ServiceIdentity`]'s tokens
+/// carry, and the only role [`protect`] lets make gRPC calls.
 pub const ROLE_SERVICE: &str = "service";
 /// The environment variable `trellis serve` reads the service key from (at least
 /// [`SERVICE_KEY_LEN_MIN`] bytes of text).
@@ -56,8 +57,9 @@ pub const SERVICE_KEY_LEN_MIN: usize = 32;
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// Clock difference between two hosts that a token's expiry tolerates.
 pub const CLOCK_LEEWAY: Duration = Duration::from_secs(5);
-/// The audience every identity token names, so a shop's user tokens (audience
-/// `trellis-shop`) can never pass for one even if signed with the same secret.
+/// The audience every identity token names, so the tokens a deployment issues to its users
+/// (the reference shop's have audience `trellis-shop`) can never pass for one even if signed
+/// with the same secret.
 const AUDIENCE: &str = "trellis-internal";
 /// A service token is re-signed once it is this old, well before it expires.
 const SERVICE_TOKEN_REFRESH: Duration = Duration::from_secs(30);
@@ -94,7 +96,7 @@ impl AuthError {
     }
 }
 
-/// The secret the gateway and the services of one shop share to sign identity tokens.
+/// The secret the gateway and the services of one deployment share to sign identity tokens.
 #[derive(Clone)]
 pub struct ServiceKey {
     encoding: EncodingKey,
@@ -268,7 +270,7 @@ impl Signer {
 }
 
 /// A service's own identity: a token with the [`ROLE_SERVICE`] role, signed once and reused
-/// until it is [`SERVICE_TOKEN_REFRESH`] old.
+/// until it is 30 seconds old (half its [`TOKEN_TTL`]).
 #[derive(Debug, Clone)]
 pub struct ServiceIdentity {
     signer: Signer,
@@ -356,8 +358,9 @@ pub fn protect(router: Router, key: &ServiceKey) -> Router {
     ))
 }
 
-/// Wraps an operator surface (a DLQ router, a console) so only an administrator reaches it:
-/// 401 without a verified caller, 403 for anyone else. Put it inside [`protect`], which
+/// Wraps an operator surface (a DLQ router, a console) so only a caller with the
+/// [`ROLE_ADMIN`](crate::ROLE_ADMIN) role reaches it: 401 without a verified caller, 403 for
+/// any other role. Put it inside [`protect`], which
 /// verifies the caller. The `x-actor` header the routes may log is set to the administrator's
 /// id, never taken as sent.
 pub fn admin_only(router: Router) -> Router {

@@ -34,7 +34,8 @@ pub enum Db {
 /// Why a database could not be opened or prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// The URL names neither `sqlite://` nor `postgres://`.
+    /// The URL names neither `sqlite://` nor `postgres://` (the caller's to fix). It holds
+    /// the URL as [`redact_url`] shows it.
     #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
     /// The SQLite file's directory could not be created.
@@ -48,6 +49,115 @@ pub enum DbError {
     /// The driver failed.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
+}
+
+impl DbError {
+    /// Whether trying again may succeed: the server did not answer in time, a connection
+    /// broke, or the pool had none free. A bad URL, a missing directory that cannot be made,
+    /// a refused login or a schema the engine rejects stay that way.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::UnsupportedUrl(_) | Self::CreateDir { .. } => false,
+            Self::Sqlx(e) => matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ),
+        }
+    }
+}
+
+/// Why [`Db::open_with_schema`] could not make a service's database ready. Both variants
+/// name the database by its URL with the password hidden ([`redact_url`]), so the message
+/// can go to a log or a terminal as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The database could not be opened (bad URL, unreachable server, refused login, a
+    /// directory that cannot be made).
+    #[error("cannot open {url}: {source}")]
+    Connect {
+        /// The database URL, password hidden.
+        url: String,
+        /// The cause.
+        source: DbError,
+    },
+    /// The database opened but the schema script failed.
+    #[error("cannot apply the schema to {url}: {source}")]
+    Schema {
+        /// The database URL, password hidden.
+        url: String,
+        /// The cause.
+        source: DbError,
+    },
+}
+
+impl OpenError {
+    /// The database URL, password hidden.
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Connect { url, .. } | Self::Schema { url, .. } => url,
+        }
+    }
+
+    /// Whether trying again may succeed (see [`DbError::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { source, .. } | Self::Schema { source, .. } => source.is_retryable(),
+        }
+    }
+}
+
+/// A database URL fit for an error message or a log: the password in the user info
+/// (`postgres://user:secret@host/db`) and a `password=` query parameter are replaced with
+/// `***`; anything else is kept, so the reader can still tell which database it was.
+///
+/// # Examples
+/// ```
+/// use trellis_service::redact_url;
+///
+/// assert_eq!(redact_url("postgres://shop:s3cret@db:5432/orders"), "postgres://shop:***@db:5432/orders");
+/// assert_eq!(redact_url("postgres://db/orders?user=shop&password=s3cret"), "postgres://db/orders?user=shop&password=***");
+/// assert_eq!(redact_url("sqlite://data/users.db"), "sqlite://data/users.db");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The authority ends at the path, the query or the fragment; its user info ends at the
+    // last `@` in it, so an unescaped `@` in the password does not leave a piece visible.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        None => tail.to_owned(),
+        Some((path, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((query, fragment)) => (query, Some(fragment)),
+                None => (query, None),
+            };
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.eq_ignore_ascii_case("password") => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            let mut tail = format!("{path}?{}", query.join("&"));
+            if let Some(fragment) = fragment {
+                tail.push('#');
+                tail.push_str(fragment);
+            }
+            tail
+        }
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 impl Db {
@@ -64,7 +174,7 @@ impl Db {
             return Ok(Self::Postgres(pool));
         }
         if !trellis_sqlite::is_sqlite_url(url) {
-            return Err(DbError::UnsupportedUrl(url.to_owned()));
+            return Err(DbError::UnsupportedUrl(redact_url(url)));
         }
         let memory = trellis_sqlite::is_memory_url(url);
         let options = trellis_sqlite::connect_options(url)
@@ -82,6 +192,43 @@ impl Db {
             .connect_with(options)
             .await?;
         Ok(Self::Sqlite(pool))
+    }
+
+    /// Opens the database `url` names, as [`connect`](Self::connect) does, and applies the
+    /// service's `schema` script with [`run_schema`](Self::run_schema): what a service does
+    /// first when it starts, and what a tool working on its database without serving does
+    /// too. Write the script so it can run on every start (`CREATE … IF NOT EXISTS`).
+    ///
+    /// # Examples
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), trellis_service::OpenError> {
+    /// use trellis_service::Db;
+    ///
+    /// const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS notes (id TEXT PRIMARY KEY, body TEXT NOT NULL)";
+    /// let db = Db::open_with_schema("sqlite::memory:", SCHEMA).await?;
+    /// # let _ = db;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`OpenError::Connect`] when the database cannot be opened, [`OpenError::Schema`] when
+    /// the script fails; both name the URL without its password.
+    pub async fn open_with_schema(url: &str, schema: &str) -> Result<Self, OpenError> {
+        let db = Self::connect(url)
+            .await
+            .map_err(|source| OpenError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+        if let Err(source) = db.run_schema(schema).await {
+            db.close().await;
+            return Err(OpenError::Schema {
+                url: redact_url(url),
+                source,
+            });
+        }
+        Ok(db)
     }
 
     /// Whether this is PostgreSQL.
@@ -209,5 +356,107 @@ mod tests {
     async fn an_unknown_scheme_is_refused() {
         let err = Db::connect("mysql://x").await.unwrap_err();
         assert!(err.to_string().contains("unsupported database URL"));
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_scheme_is_refused_without_showing_its_password() {
+        // Goal: the URL in the refusal cannot leak a password; method: a URL with one.
+        let err = Db::connect("mysql://shop:s3cret@db/x").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("mysql://shop:***@db/x"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn open_with_schema_returns_a_database_with_the_schema_applied() {
+        // Goal: one call opens and prepares; method: write to the table the schema made.
+        let db = Db::open_with_schema(
+            "sqlite::memory:",
+            "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY); CREATE INDEX IF NOT EXISTS t_k ON t (k)",
+        )
+        .await
+        .expect("opens");
+        let inserted = on_db!(&db, |pool| sqlx::query("INSERT INTO t (k) VALUES ($1)")
+            .bind("a")
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))
+        .expect("the table exists");
+        assert_eq!(inserted, 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_that_cannot_be_opened_is_named_by_its_redacted_url() {
+        // Goal: the open error says which database and hides its password; method: a URL
+        // with a password and a scheme the kit does not open.
+        let err = Db::open_with_schema("oracle://admin:hunter22@x/db", "")
+            .await
+            .expect_err("unsupported");
+        assert!(matches!(err, OpenError::Connect { .. }), "{err:?}");
+        assert_eq!(err.url(), "oracle://admin:***@x/db");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot open oracle://admin:***@x/db: "),
+            "{text}"
+        );
+        assert!(!text.contains("hunter22"), "{text}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_schema_the_engine_rejects_is_a_schema_error_naming_the_url() {
+        // Goal: a failing script is told apart from a failing open; method: invalid DDL.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/s.db", dir.path().display());
+        let err = Db::open_with_schema(&url, "CREATE TABLE (")
+            .await
+            .expect_err("bad DDL");
+        assert!(matches!(err, OpenError::Schema { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot apply the schema to {url}: ")),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn a_password_in_the_user_info_is_hidden() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgresql://:secret@h"), "postgresql://:***@h");
+        // An unescaped `@` in the password does not leave its tail visible.
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+    }
+
+    #[test]
+    fn a_password_query_parameter_is_hidden() {
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=secret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?PASSWORD=secret#frag"),
+            "postgres://h/db?PASSWORD=***#frag"
+        );
+    }
+
+    #[test]
+    fn urls_without_a_password_are_kept_as_they_are() {
+        for url in [
+            "sqlite://data/users.db",
+            "sqlite::memory:",
+            "postgres://u@h/db",
+            "postgres://h/db?user=u",
+            "not a url",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
     }
 }

@@ -7,14 +7,22 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
-/// Header the gateway puts the verified user id (`sub` claim) in for upstreams that trust
-/// it; trellis services never read it (they strip it and check an identity token instead).
+/// Header a gateway may put the verified user id (`sub` claim) in for upstreams that trust
+/// it; services built on the kit never read it ([`auth::protect`](crate::auth::protect)
+/// strips it and checks an identity token instead).
 pub const USER_ID_HEADER: &str = "x-user-id";
-/// Header the gateway puts the verified role claim in; never read by trellis services.
+/// Header a gateway may put the verified role claim in; never read by services built on the
+/// kit.
 pub const USER_ROLE_HEADER: &str = "x-user-role";
-/// The role of shop administrators.
+/// The kit's administrator role: the one role [`Caller::require_admin`] and
+/// [`auth::admin_only`](crate::auth::admin_only) accept. Give it to whoever may operate the
+/// system (dead letters, catalogue changes and the like); what else it allows is each
+/// service's decision.
 pub const ROLE_ADMIN: &str = "admin";
-/// The role of every registered customer.
+/// The kit's conventional role for an end user with no special rights. The kit itself checks
+/// nothing against it: it is neither [`ROLE_ADMIN`] nor
+/// [`ROLE_SERVICE`](crate::auth::ROLE_SERVICE), and services that distinguish end users by
+/// role use it for the plain one.
 pub const ROLE_CUSTOMER: &str = "customer";
 
 /// An error answer: a status and `{"error":{"code","message"}}`.
@@ -160,17 +168,22 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
 pub struct Caller {
     /// The user id (`sub`), or `service:NAME` for a service.
     pub user_id: String,
-    /// The role: `customer`, `admin`, or `service`.
+    /// The role as the token states it: by the kit's conventions [`ROLE_ADMIN`],
+    /// [`ROLE_CUSTOMER`] or [`ROLE_SERVICE`](crate::auth::ROLE_SERVICE), but any string a
+    /// signer chose.
     pub role: String,
 }
 
 impl Caller {
-    /// Whether the caller is an administrator.
+    /// Whether the caller has the [`ROLE_ADMIN`] role.
     pub fn is_admin(&self) -> bool {
         self.role == ROLE_ADMIN
     }
 
-    /// `Ok` for an administrator, 403 otherwise.
+    /// `Ok` for a caller with the [`ROLE_ADMIN`] role, 403 `forbidden` otherwise.
+    ///
+    /// # Errors
+    /// The 403 [`ApiError`] for any other role.
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin() {
             Ok(())
