@@ -248,10 +248,11 @@ async fn create_order(
 /// Makes sure the saga of `order` (which exists) runs, and answers its id.
 fn accept(state: &State, order_id: &str, order: &Order) -> String {
     debug_assert!(order.exists, "only an existing order is accepted");
-    if order.saga_id.is_none() && order.status() == OrderStatus::Pending {
-        if let Some(sagas) = state.sagas() {
-            sagas.submit(order_id, order);
-        }
+    if order.saga_id.is_none()
+        && order.status() == OrderStatus::Pending
+        && let Some(sagas) = state.sagas()
+    {
+        sagas.submit(order_id, order);
     }
     order_id.to_owned()
 }
