@@ -45,7 +45,7 @@ mod http;
 mod stock;
 
 use axum::Router;
-use trellis_service::{Db, DbError};
+use trellis_service::{Db, OpenError};
 
 pub use stock::{GET_STOCK_IDS_MAX, ID_BYTES_MAX};
 
@@ -64,17 +64,10 @@ pub struct Config {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The database could not be opened.
-    #[error("cannot open {url}: {source}")]
-    Open {
-        /// The database URL, password removed.
-        url: String,
-        /// The cause.
-        source: DbError,
-    },
-    /// The schema could not be created.
-    #[error("cannot create the inventory schema: {0}")]
-    Schema(DbError),
+    /// The database could not be opened or its schema applied; the message names the URL
+    /// without its password.
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// The choreography participant could not start.
     #[error("the inventory choreography could not start: {0}")]
     Choreography(#[from] trellis_service::choreography::ChoreographyError),
@@ -84,15 +77,9 @@ pub enum Error {
 /// (for `/readyz`).
 ///
 /// # Errors
-/// [`Error::Open`] naming the URL when the database cannot be opened; [`Error::Schema`].
+/// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
-    let db = Db::connect(&config.database_url)
-        .await
-        .map_err(|source| Error::Open {
-            url: redact(&config.database_url),
-            source,
-        })?;
-    db.run_schema(stock::SCHEMA).await.map_err(Error::Schema)?;
+    let db = Db::open_with_schema(&config.database_url, stock::SCHEMA).await?;
     let router = http::router(db.clone()).merge(grpc::router(db.clone()));
     let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
@@ -118,18 +105,4 @@ pub async fn app_choreographed(
 /// The service's part of the public OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     http::openapi()
-}
-
-/// A database URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -81,7 +81,7 @@ use std::time::Duration;
 use axum::Router;
 use shop_contracts::proto::payments_server::PaymentsServer;
 use trellis_resilience::SharedClock;
-use trellis_service::{Db, DbError};
+use trellis_service::{Db, OpenError};
 use utoipa::OpenApi;
 
 pub use crate::rest::PaymentView;
@@ -174,9 +174,10 @@ impl Default for ResilienceConfig {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The database could not be opened or its schema applied.
-    #[error("payments database: {0}")]
-    Db(#[from] DbError),
+    /// The database could not be opened or its schema applied; the message names the URL
+    /// without its password.
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// A setting is invalid.
     #[error("invalid payments configuration: {0}")]
     Config(String),
@@ -189,8 +190,8 @@ pub enum Error {
 /// REST admin routes) and the database.
 ///
 /// # Errors
-/// [`Error::Db`] when the database cannot be opened, [`Error::Config`] for a bad provider URL
-/// or resilience setting.
+/// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied,
+/// [`Error::Config`] for a bad provider URL or resilience setting.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
     let (router, db, _) = build(config).await?;
     Ok((router, db))
@@ -216,8 +217,7 @@ pub async fn app_choreographed(
 
 async fn build(config: Config) -> Result<(Router, Db, service::PaymentsService), Error> {
     let provider = provider::ProviderClient::new(&config.provider_url, &config.resilience)?;
-    let db = Db::connect(&config.database_url).await?;
-    db.run_schema(store::SCHEMA).await?;
+    let db = Db::open_with_schema(&config.database_url, store::SCHEMA).await?;
     let service = service::PaymentsService {
         db: db.clone(),
         provider,

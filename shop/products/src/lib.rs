@@ -39,7 +39,7 @@ mod http;
 
 use axum::Router;
 use shop_contracts::proto::inventory_client::InventoryClient;
-use trellis_service::{Db, DbError, GrpcChannel, GrpcClientConfig, grpc_channel};
+use trellis_service::{Db, GrpcChannel, GrpcClientConfig, OpenError, grpc_channel};
 
 /// Largest request body, bytes.
 pub const BODY_BYTES_MAX: usize = 16 * 1024;
@@ -64,17 +64,10 @@ pub struct Config {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The database could not be opened.
-    #[error("cannot open {url}: {source}")]
-    Open {
-        /// The database URL, password removed.
-        url: String,
-        /// The cause.
-        source: DbError,
-    },
-    /// The schema could not be created.
-    #[error("cannot create the products schema: {0}")]
-    Schema(DbError),
+    /// The database could not be opened or its schema applied; the message names the URL
+    /// without its password.
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// The inventory address is not a gRPC address.
     #[error("inventory_addr {addr:?}: {message}")]
     InventoryAddr {
@@ -96,7 +89,7 @@ pub(crate) struct State {
 /// and returns the router to serve plus the database (for `/readyz`).
 ///
 /// # Errors
-/// [`Error::Open`] naming the URL when the database cannot be opened; [`Error::Schema`];
+/// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied;
 /// [`Error::InventoryAddr`].
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
     let channel = grpc_channel(
@@ -108,15 +101,7 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         addr: config.inventory_addr.clone(),
         message: e.message,
     })?;
-    let db = Db::connect(&config.database_url)
-        .await
-        .map_err(|source| Error::Open {
-            url: redact(&config.database_url),
-            source,
-        })?;
-    db.run_schema(catalogue::SCHEMA)
-        .await
-        .map_err(Error::Schema)?;
+    let db = Db::open_with_schema(&config.database_url, catalogue::SCHEMA).await?;
     let state = State {
         db: db.clone(),
         inventory: InventoryClient::new(channel),
@@ -129,18 +114,4 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
 /// The service's part of the public OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     http::openapi()
-}
-
-/// A database URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -44,7 +44,7 @@ mod store;
 
 use axum::Router;
 use shop_contracts::proto::shipping_server::ShippingServer;
-use trellis_service::{Db, DbError};
+use trellis_service::{Db, OpenError};
 use utoipa::OpenApi;
 
 pub use crate::rest::ShipmentView;
@@ -65,9 +65,10 @@ pub struct Config {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The database could not be opened or its schema applied.
-    #[error("shipping database: {0}")]
-    Db(#[from] DbError),
+    /// The database could not be opened or its schema applied; the message names the URL
+    /// without its password.
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// The choreography participant could not start.
     #[error("the shipping choreography could not start: {0}")]
     Choreography(#[from] trellis_service::choreography::ChoreographyError),
@@ -77,10 +78,9 @@ pub enum Error {
 /// REST admin routes) and the database.
 ///
 /// # Errors
-/// [`Error::Db`] when the database cannot be opened.
+/// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
-    let db = Db::connect(&config.database_url).await?;
-    db.run_schema(store::SCHEMA).await?;
+    let db = Db::open_with_schema(&config.database_url, store::SCHEMA).await?;
     let grpc = ShippingServer::new(service::ShippingService { db: db.clone() })
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let router =
