@@ -2,7 +2,7 @@
 //!
 //! The statements are one text for both engines: `$1` placeholders (SQLite accepts them),
 //! `CAST(… AS TEXT)` where the column types differ (PostgreSQL's `UUID` and `JSONB`, SQLite's
-//! `TEXT`), and the engine's [`Dialect`](super::writer::Dialect) constants for what differs
+//! `TEXT`), and the engine's [`Dialect`](super::writer::Dialect) for what differs
 //! outright (where positions live, how the head is read). The macro expands this body once per
 //! engine, against its concrete pool and row types.
 //!
@@ -15,7 +15,7 @@
 //! driver is out (no uuid/json types).
 
 /// Implements [`EventStore`](crate::EventStore) for `$store`, a struct with the fields
-/// `pool: $pool` (a [`Dialect`](super::writer::Dialect)), `writer` and `head`; `$row` is the
+/// `pool: $pool` (a [`Dialect`](super::writer::Dialect)), `writers` (a `Writers`); `$row` is the
 /// engine's row type.
 macro_rules! sql_event_store {
     ($store:ty, $pool:ty, $row:ty) => {
@@ -46,7 +46,7 @@ macro_rules! sql_event_store {
                 expected: $crate::types::ExpectedVersion,
                 events: Vec<$crate::types::NewEvent>,
             ) -> Result<$crate::types::AppendResult, $crate::error::EventStoreError> {
-                $crate::sql::writer::append(&self.writer, stream, expected, events).await
+                self.writers.append(stream, expected, events).await
             }
 
             async fn read_stream(
@@ -154,15 +154,12 @@ macro_rules! sql_event_store {
             }
 
             async fn head(&self) -> Result<u64, $crate::error::EventStoreError> {
-                let head: i64 =
-                    sqlx::query_scalar(<$pool as $crate::sql::writer::Dialect>::SELECT_HEAD)
-                        .fetch_one(&self.pool)
-                        .await?;
-                Ok($crate::sql::writer::to_u64(head))
+                use $crate::sql::writer::Dialect as _;
+                Ok(self.pool.read_head().await?)
             }
 
             fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
-                self.head.subscribe()
+                self.writers.watch_head()
             }
 
             async fn load_snapshot(

@@ -26,18 +26,18 @@
 //! Appends `NOTIFY` the new head on the `trellis_es_head` channel, so subscriptions in every
 //! process wake up at once instead of polling.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::raise;
 use super::writer::{
-    AppendRequest, BatchState, BatchTx, Dialect, Plan, PlannedRow, spawn_writers, to_u64,
+    AppendRequest, BatchState, BatchTx, Dialect, Plan, PlannedRow, Writers, to_u64,
 };
 use crate::error::EventStoreError;
 
@@ -107,8 +107,7 @@ $$;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    writer: mpsc::Sender<AppendRequest>,
-    head: Arc<watch::Sender<u64>>,
+    writers: Writers,
 }
 
 impl PostgresStore {
@@ -144,13 +143,8 @@ impl PostgresStore {
                 .await?;
             created?;
         }
-        let head_now: i64 = sqlx::query_scalar(<PgPool as Dialect>::SELECT_HEAD)
-            .fetch_one(&pool)
-            .await?;
-        let head = Arc::new(watch::Sender::new(to_u64(head_now)));
-        spawn_listener(pool.clone(), Arc::downgrade(&head));
-        let writer = spawn_writers(&pool, &head);
-        Ok(Self { pool, writer, head })
+        let writers = Writers::start(&pool).await?;
+        Ok(Self { pool, writers })
     }
 
     /// The connection pool, for read models kept in the same database.
@@ -204,9 +198,21 @@ impl Dialect for PgPool {
     type Batch = PgBatch;
     /// Several: they write events in parallel and take turns only to number them.
     const WRITERS: usize = 2;
-    const SELECT_HEAD: &'static str = "SELECT COALESCE(MAX(position), 0) FROM es_log";
     const EVENTS_FROM: &'static str = "es_events e JOIN es_log l ON l.event_id = e.event_id";
     const POSITION: &'static str = "l.position";
+
+    async fn read_head(&self) -> Result<u64, sqlx::Error> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_log")
+            .fetch_one(self)
+            .await?;
+        Ok(to_u64(head))
+    }
+
+    /// `LISTEN` on the channel `es_number` notifies, so subscriptions in every process wake
+    /// at once instead of polling.
+    fn spawn_waker(&self, head: Weak<watch::Sender<u64>>) {
+        spawn_listener(self.clone(), head);
+    }
 
     async fn begin(&self) -> Result<PgBatch, sqlx::Error> {
         let connection = self.acquire().await?;

@@ -6,17 +6,15 @@
 //! `BEGIN IMMEDIATE` transaction, which holds SQLite's single write lock, and positions are
 //! `MAX(position) + 1` under that lock, so they are assigned in commit order.
 
-use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{Sqlite, Transaction};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::writer::{
-    AppendRequest, BatchState, BatchTx, Dialect, Plan, spawn_writers, to_i64, to_u64,
-};
+use super::writer::{AppendRequest, BatchState, BatchTx, Dialect, Plan, Writers, to_i64, to_u64};
 use crate::error::EventStoreError;
 
 /// How long a connection waits for another process's write lock.
@@ -56,8 +54,7 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: mpsc::Sender<AppendRequest>,
-    head: Arc<watch::Sender<u64>>,
+    writers: Writers,
 }
 
 impl SqliteStore {
@@ -75,12 +72,8 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        let head_now: i64 = sqlx::query_scalar(<SqlitePool as Dialect>::SELECT_HEAD)
-            .fetch_one(&pool)
-            .await?;
-        let head = Arc::new(watch::Sender::new(to_u64(head_now)));
-        let writer = spawn_writers(&pool, &head);
-        Ok(Self { pool, writer, head })
+        let writers = Writers::start(&pool).await?;
+        Ok(Self { pool, writers })
     }
 
     /// The connection pool, for read models kept in the same file.
@@ -100,9 +93,19 @@ impl Dialect for SqlitePool {
     type Batch = SqliteBatch;
     /// One: the database has a single write lock, so a second writer would only wait for it.
     const WRITERS: usize = 1;
-    const SELECT_HEAD: &'static str = "SELECT COALESCE(MAX(position), 0) FROM es_events";
     const EVENTS_FROM: &'static str = "es_events e";
     const POSITION: &'static str = "e.position";
+
+    async fn read_head(&self) -> Result<u64, sqlx::Error> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM es_events")
+            .fetch_one(self)
+            .await?;
+        Ok(to_u64(head))
+    }
+
+    /// Nothing: SQLite has no notifications, so a subscription learns of another process's
+    /// appends by polling (`SUBSCRIPTION_POLL`).
+    fn spawn_waker(&self, _: Weak<watch::Sender<u64>>) {}
 
     async fn begin(&self) -> Result<SqliteBatch, sqlx::Error> {
         let tx = self.begin_with("BEGIN IMMEDIATE").await?;

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,12 +47,15 @@ pub(crate) trait Dialect: Clone + Send + Sync + 'static {
     type Batch: BatchTx;
     /// Writer tasks per store.
     const WRITERS: usize;
-    /// Reads the newest position in the log.
-    const SELECT_HEAD: &'static str;
     /// The `FROM` clause of an event read, aliasing the events table `e`.
     const EVENTS_FROM: &'static str;
     /// The column holding an event's position in [`Self::EVENTS_FROM`].
     const POSITION: &'static str;
+    /// Reads the newest position in the log.
+    fn read_head(&self) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+    /// Starts whatever tells this store of appends made by other store instances (other
+    /// processes) by raising `head`; it ends once `head` is dropped.
+    fn spawn_waker(&self, head: Weak<watch::Sender<u64>>);
     /// Opens a batch transaction.
     fn begin(&self) -> impl Future<Output = Result<Self::Batch, sqlx::Error>> + Send;
     /// Whether a failed batch lost a race to another writer and should be decided again on
@@ -269,11 +272,53 @@ impl Plan {
     }
 }
 
+/// A store's writer tasks: the queue that feeds them and the head they raise.
+#[derive(Debug, Clone)]
+pub(crate) struct Writers {
+    queue: mpsc::Sender<AppendRequest>,
+    head: Arc<watch::Sender<u64>>,
+}
+
+impl Writers {
+    /// Reads the head, then starts the engine's waker and its writer tasks; they end when the
+    /// last clone of the returned value is dropped.
+    pub(crate) async fn start<D: Dialect>(pool: &D) -> Result<Self, sqlx::Error> {
+        let head = Arc::new(watch::Sender::new(pool.read_head().await?));
+        pool.spawn_waker(Arc::downgrade(&head));
+        let queue = spawn_writers(pool, &head);
+        Ok(Self { queue, head })
+    }
+
+    /// Hands an append to the writers and waits for its answer.
+    pub(crate) async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, EventStoreError> {
+        validate_append(&events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        (self.queue.send(request).await).map_err(|_| EventStoreError::Closed)?;
+        answer.await.map_err(|_| EventStoreError::Closed)?
+    }
+
+    /// The head as this store knows it: raised by its own commits and by the waker.
+    pub(crate) fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+}
+
 type BatchOutcome = (Vec<Result<AppendResult, EventStoreError>>, Option<u64>);
 
 /// Starts the engine's writer tasks, fed by the returned sender; they take turns at the queue
 /// and end when every sender is gone. Each successful commit raises `head`.
-pub(crate) fn spawn_writers<D: Dialect>(
+fn spawn_writers<D: Dialect>(
     pool: &D,
     head: &Arc<watch::Sender<u64>>,
 ) -> mpsc::Sender<AppendRequest> {
@@ -313,28 +358,6 @@ pub(crate) fn spawn_writers<D: Dialect>(
         });
     }
     sender
-}
-
-/// Hands an append to the store's writers and waits for its answer.
-pub(crate) async fn append(
-    writer: &mpsc::Sender<AppendRequest>,
-    stream: &StreamId,
-    expected: ExpectedVersion,
-    events: Vec<NewEvent>,
-) -> Result<AppendResult, EventStoreError> {
-    validate_append(&events)?;
-    let (reply, answer) = oneshot::channel();
-    let request = AppendRequest {
-        stream: stream.clone(),
-        expected,
-        events,
-        reply,
-    };
-    writer
-        .send(request)
-        .await
-        .map_err(|_| EventStoreError::Closed)?;
-    answer.await.map_err(|_| EventStoreError::Closed)?
 }
 
 /// The appends waiting in the queue after `first`, up to the batch limits.
