@@ -15,6 +15,7 @@ use crate::dlq::{DeadLetterReason, Failure};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::policy::{RETRY_DELAY_MAX, RetryPolicy, SubscribeOptions};
+use crate::topic;
 
 /// Most messages one [`Subscription::fetch`] returns.
 pub const FETCH_BATCH_MAX: usize = 1_024;
@@ -95,6 +96,29 @@ pub(crate) enum Settlement {
         error: Option<(String, String)>,
     },
     DeadLetter(Failure),
+}
+
+/// What every backend (and the outbox) does to a message before it stores a publish: checks
+/// the topic, fills in the trace context and serializes the envelope within `bytes_max`.
+pub(crate) fn prepare_publish(
+    topic: &str,
+    envelope: &mut Envelope,
+    bytes_max: usize,
+) -> Result<Vec<u8>, BusError> {
+    topic::validate_topic(topic)?;
+    envelope.fill_trace_context();
+    envelope.to_bytes_limited(bytes_max)
+}
+
+/// Counts a publish a backend stored (`trellis_bus_published_total`).
+pub(crate) fn count_published() {
+    metrics::counter!("trellis_bus_published_total").increment(1);
+}
+
+/// What every backend checks before it subscribes a group.
+pub(crate) fn validate_subscription(pattern: &str, group: &str) -> Result<(), BusError> {
+    topic::validate_pattern(pattern)?;
+    topic::validate_group(group)
 }
 
 /// A fetch that waits: calls `attempt` until it leases deliveries or `wait` has passed.

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::bus::{
-    Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription, fetch_until,
+    Bus, DeliveryKey, Message, RawDelivery, Settle, Settlement, Source, Subscription,
+    count_published, fetch_until, prepare_publish, validate_subscription,
 };
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterState, DeadLetters,
@@ -113,9 +114,7 @@ impl Inner {
 
 impl Bus for InMemoryBus {
     async fn publish(&self, topic: &str, mut envelope: Envelope) -> Result<(), BusError> {
-        topic::validate_topic(topic)?;
-        envelope.fill_trace_context();
-        envelope.to_bytes_limited(self.inner.message_bytes_max)?;
+        prepare_publish(topic, &mut envelope, self.inner.message_bytes_max)?;
         {
             let mut state = self.inner.lock();
             if state.log.len() >= MEMORY_LOG_MESSAGES_MAX {
@@ -130,7 +129,7 @@ impl Bus for InMemoryBus {
                 envelope: Arc::new(envelope),
             });
         }
-        metrics::counter!("trellis_bus_published_total").increment(1);
+        count_published();
         self.inner.changed.notify_waiters();
         Ok(())
     }
@@ -141,8 +140,7 @@ impl Bus for InMemoryBus {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
-        topic::validate_pattern(pattern)?;
-        topic::validate_group(group)?;
+        validate_subscription(pattern, group)?;
         {
             let mut state = self.inner.lock();
             let entry = state

@@ -35,10 +35,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row, SqliteConnection};
 
-use crate::bus::Bus;
+use crate::bus::{Bus, prepare_publish};
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
-use crate::topic;
 
 /// Most rows one relay round publishes.
 pub const RELAY_BATCH_MAX: i64 = 1_000;
@@ -77,10 +76,8 @@ pub struct RelayReport {
 }
 
 fn prepare(topic: &str, envelope: &Envelope) -> Result<(String, String), BusError> {
-    topic::validate_topic(topic)?;
     let mut envelope = envelope.clone();
-    envelope.fill_trace_context();
-    let bytes = envelope.to_bytes_limited(MESSAGE_BYTES_MAX_DEFAULT)?;
+    let bytes = prepare_publish(topic, &mut envelope, MESSAGE_BYTES_MAX_DEFAULT)?;
     let text = String::from_utf8(bytes).map_err(BusError::corrupt)?;
     Ok((envelope.subject, text))
 }

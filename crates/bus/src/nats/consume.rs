@@ -12,11 +12,10 @@ use futures_util::future::BoxFuture;
 use super::parking::{GroupView, PARKED_TOPIC_HEADER, retry_copy_history, schedule_if_new};
 use super::settle::NatsSettler;
 use super::{NatsBus, ONLY_GROUP_HEADER, bounded, header, lock};
-use crate::bus::{DeliveryKey, RawDelivery, Source, Subscription};
+use crate::bus::{DeliveryKey, RawDelivery, Source, Subscription, validate_subscription};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::policy::SubscribeOptions;
-use crate::topic;
 
 /// How long one pull request waits on the server; a stream that stopped receiving for any
 /// reason re-pulls after this.
@@ -37,8 +36,7 @@ impl NatsBus {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
-        topic::validate_pattern(pattern)?;
-        topic::validate_group(group)?;
+        validate_subscription(pattern, group)?;
         let max_ack_pending = if options.per_subject_order {
             1
         } else {

@@ -85,12 +85,10 @@ impl NatsBus {
         let (sequence, mut letter) = self.find_letter(id).await?;
         match action {
             DlqActionKind::Redrive => {
-                self.publish_raw(
-                    &letter.topic,
-                    &redriven_envelope(&letter),
-                    Some(&letter.group),
-                )
-                .await?;
+                let envelope = redriven_envelope(&letter);
+                let bytes = envelope.to_bytes_limited(self.inner.message_bytes_max)?;
+                self.publish_raw(&letter.topic, &envelope.subject, bytes, Some(&letter.group))
+                    .await?;
             }
             DlqActionKind::Discard => {}
             DlqActionKind::Archive => {

@@ -78,11 +78,10 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use chrono::{DateTime, Utc};
 
-use crate::bus::{Bus, Subscription};
+use crate::bus::{Bus, Subscription, count_published, prepare_publish};
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
 use crate::policy::SubscribeOptions;
-use crate::topic;
 
 pub use dlq::{DLQ_BATCH_MAX, DLQ_SCAN_MAX};
 
@@ -227,11 +226,11 @@ impl NatsBus {
     async fn publish_raw(
         &self,
         topic: &str,
-        envelope: &Envelope,
+        envelope_subject: &str,
+        bytes: Vec<u8>,
         only_group: Option<&str>,
     ) -> Result<(), BusError> {
-        let bytes = envelope.to_bytes_limited(self.inner.message_bytes_max)?;
-        let partition = partition_of(&envelope.subject, self.inner.partitions);
+        let partition = partition_of(envelope_subject, self.inner.partitions);
         let subject = self.bus_subject(partition, topic);
         let ack = match only_group {
             None => bounded(self.inner.context.publish(subject, bytes.into())).await?,
@@ -263,10 +262,10 @@ impl NatsBus {
 
 impl Bus for NatsBus {
     async fn publish(&self, topic: &str, mut envelope: Envelope) -> Result<(), BusError> {
-        topic::validate_topic(topic)?;
-        envelope.fill_trace_context();
-        self.publish_raw(topic, &envelope, None).await?;
-        metrics::counter!("trellis_bus_published_total").increment(1);
+        let bytes = prepare_publish(topic, &mut envelope, self.inner.message_bytes_max)?;
+        self.publish_raw(topic, &envelope.subject, bytes, None)
+            .await?;
+        count_published();
         Ok(())
     }
 

@@ -29,11 +29,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::bus::{Bus, Subscription};
+use crate::bus::{Bus, Subscription, count_published, prepare_publish, validate_subscription};
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
 use crate::error::BusError;
 use crate::policy::SubscribeOptions;
-use crate::topic;
 
 pub use delivery::POLL_INTERVAL;
 pub use writer::{PRUNE_INTERVAL, WRITE_BATCH_MAX, WRITE_QUEUE_MAX};
@@ -263,9 +262,7 @@ impl SqliteBus {
 
 impl Bus for SqliteBus {
     async fn publish(&self, topic: &str, mut envelope: Envelope) -> Result<(), BusError> {
-        topic::validate_topic(topic)?;
-        envelope.fill_trace_context();
-        let bytes = envelope.to_bytes_limited(self.inner.message_bytes_max)?;
+        let bytes = prepare_publish(topic, &mut envelope, self.inner.message_bytes_max)?;
         let text = String::from_utf8(bytes).map_err(BusError::corrupt)?;
         let (reply, answer) = oneshot::channel();
         self.send(Command::Publish {
@@ -276,7 +273,7 @@ impl Bus for SqliteBus {
         })
         .await?;
         answer.await.map_err(|_| BusError::Closed)??;
-        metrics::counter!("trellis_bus_published_total").increment(1);
+        count_published();
         Ok(())
     }
 
@@ -286,8 +283,7 @@ impl Bus for SqliteBus {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
-        topic::validate_pattern(pattern)?;
-        topic::validate_group(group)?;
+        validate_subscription(pattern, group)?;
         let mut connection = self.inner.pool.acquire().await?;
         let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT OR IGNORE INTO bus_groups (name, pattern, cursor) VALUES (?, ?, 0)")
