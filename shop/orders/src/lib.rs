@@ -28,6 +28,12 @@
 //! writes). Choreographed, there is no saga log: the bus and the participants' inboxes and
 //! outboxes carry an order's progress across restarts.
 //!
+//! # Layout
+//! Private modules, one concern each: `rest` (the handlers and the OpenAPI document), `state`
+//! (what the handlers share), `placement` (placing an order once per idempotency key),
+//! `read_model` (reading the projection's rows), `saga_runner` (the saga engine, its queue
+//! and slots, the sweeper) and `outbox` (order events from the event store to the bus).
+//!
 //! # Example
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
