@@ -6,6 +6,11 @@
 //! cluster, auth and rate-limit policies exist), ranges (every limit has a floor and a ceiling)
 //! and syntax inside strings (addresses, header names, path templates). Every error carries the
 //! dotted key path, for example `routes[2].cluster`.
+//!
+//! Each section's types sit in their own file next to their checks: `server`, `cluster`
+//! (with health checks, outlier ejection and the breaker), `auth`, `rate_limit` and `routes`.
+//! [`Config::validate`] runs them section by section; a route's path syntax is judged by the
+//! routing module (`crate::route::MatchRule::validate`), which knows nothing of this file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
