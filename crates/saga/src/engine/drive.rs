@@ -1,0 +1,164 @@
+//! Driving one saga: decide, write the transition, run the step, until the saga is terminal.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::decide::{Next, count_interrupted, next};
+use super::{Keeper, TRANSITIONS_MAX};
+use crate::definition::{SagaContext, SagaDefinition, StepContext, StepError};
+use crate::error::SagaError;
+use crate::store::{SagaInstance, SagaRecord, SagaStatus, SagaStore, Transition};
+
+/// Runs a saga from wherever its log stands until it is terminal.
+pub(super) async fn drive<S: SagaStore, C: SagaContext>(
+    definition: &SagaDefinition<C>,
+    keeper: Keeper<'_, S>,
+    instance: SagaInstance,
+) -> Result<SagaStatus, SagaError> {
+    let id = instance.id;
+    let mut records = instance.records;
+    let mut context: C = serde_json::from_value(
+        records
+            .last()
+            .ok_or_else(|| SagaError::CorruptLog {
+                id,
+                reason: "empty log".to_owned(),
+            })?
+            .context
+            .clone(),
+    )?;
+    // The log this drive starts from may end in an attempt another drive logged and never
+    // finished; later iterations only see attempts this drive logged itself.
+    let mut inherited = true;
+    loop {
+        let mut next = next(definition, id, &records)?;
+        if std::mem::take(&mut inherited) {
+            next = count_interrupted(definition, next);
+        }
+        let transition = match next {
+            Next::Done(status) => return Ok(status),
+            Next::Write { transition, after } => {
+                if !after.is_zero() {
+                    keeper.guard(tokio::time::sleep(after)).await?;
+                }
+                transition
+            }
+            Next::Execute { step, attempt } => {
+                let step = &definition.steps[step];
+                let before = records.last().map(|record| record.context.clone());
+                let outcome = keeper
+                    .guard(run(
+                        &step.execute,
+                        &mut context,
+                        StepContext::new(id, &step.name, attempt),
+                        step.timeout,
+                    ))
+                    .await?;
+                match outcome {
+                    Ok(()) => Transition::StepSucceeded {
+                        step: step.name.clone(),
+                    },
+                    Err(error) => {
+                        // A failed attempt leaves no trace in the context: the next attempt
+                        // sees what a recovery would see.
+                        if let Some(before) = before {
+                            context = serde_json::from_value(before)?;
+                        }
+                        tracing::warn!(saga = %id, step = %step.name, attempt, %error, "saga step failed");
+                        Transition::StepFailed {
+                            step: step.name.clone(),
+                            attempt,
+                            retryable: error.is_retryable(),
+                            error: error.message().to_owned(),
+                        }
+                    }
+                }
+            }
+            Next::Compensate { step, attempt } => {
+                let step = &definition.steps[step];
+                let compensate = step
+                    .compensate
+                    .as_ref()
+                    .ok_or_else(|| SagaError::CorruptLog {
+                        id,
+                        reason: format!("step {} has no compensation", step.name),
+                    })?;
+                let before = records.last().map(|record| record.context.clone());
+                match keeper
+                    .guard(run(
+                        compensate,
+                        &mut context,
+                        StepContext::new(id, &step.name, attempt),
+                        step.timeout,
+                    ))
+                    .await?
+                {
+                    Ok(()) => Transition::StepCompensated {
+                        step: step.name.clone(),
+                    },
+                    Err(error) => {
+                        if let Some(before) = before {
+                            context = serde_json::from_value(before)?;
+                        }
+                        tracing::warn!(saga = %id, step = %step.name, attempt, %error, "saga compensation failed");
+                        Transition::CompensationFailed {
+                            step: step.name.clone(),
+                            attempt,
+                            retryable: error.is_retryable(),
+                            error: error.message().to_owned(),
+                        }
+                    }
+                }
+            }
+        };
+        let seq = records.len() as u64 + 1;
+        if seq > TRANSITIONS_MAX {
+            return Err(SagaError::CorruptLog {
+                id,
+                reason: format!("more than {TRANSITIONS_MAX} transitions"),
+            });
+        }
+        let record = SagaRecord {
+            seq,
+            transition,
+            context: serde_json::to_value(&context)?,
+            at: Utc::now(),
+        };
+        keeper.append(&record).await?;
+        if let Transition::Stuck {
+            step,
+            compensating,
+            error,
+        } = &record.transition
+        {
+            metrics::counter!("trellis_saga_stuck_total", "definition" => definition.name.clone())
+                .increment(1);
+            tracing::error!(
+                saga = %id,
+                definition = %definition.name,
+                step = %step,
+                compensating,
+                %error,
+                "saga stuck: retry budget exhausted, an operator must resolve it"
+            );
+        }
+        records.push(record);
+    }
+}
+
+/// Runs one attempt of `execute` or `compensate` under its timeout.
+async fn run<C>(
+    function: &crate::definition::StepFn<C>,
+    context: &mut C,
+    step: StepContext,
+    timeout: Duration,
+) -> Result<(), StepError> {
+    match tokio::time::timeout(timeout, function(context, step)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(StepError::retryable(format!(
+            "timed out after {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
