@@ -340,9 +340,8 @@ impl InMemoryBus {
     fn act(&self, id: Uuid, actor: &str, action: DlqActionKind) -> Result<(), BusError> {
         let mut guard = self.inner.lock();
         let state = &mut *guard;
-        let letter = state.dead.get(&id).ok_or_else(|| not_found(id))?;
-        log_action(action, letter, actor);
-        let entry = DlqAction::new(action, letter, actor);
+        let letter = state.dead.get(&id).cloned().ok_or_else(|| not_found(id))?;
+        let entry = DlqAction::new(action, &letter, actor);
         match action {
             DlqActionKind::Redrive => {
                 if state.log.len() >= MEMORY_LOG_MESSAGES_MAX {
@@ -351,7 +350,7 @@ impl InMemoryBus {
                         limit: MEMORY_LOG_MESSAGES_MAX,
                     });
                 }
-                let letter = state.dead.remove(&id).expect("looked up above");
+                state.dead.remove(&id);
                 state.log.push(Logged {
                     topic: letter.topic.clone(),
                     only_group: Some(letter.group.clone()),
@@ -362,8 +361,8 @@ impl InMemoryBus {
                 state.dead.remove(&id);
             }
             DlqActionKind::Archive => {
-                if let Some(letter) = state.dead.get_mut(&id) {
-                    letter.state = DeadLetterState::Archived;
+                if let Some(stored) = state.dead.get_mut(&id) {
+                    stored.state = DeadLetterState::Archived;
                 }
             }
         }
@@ -372,6 +371,8 @@ impl InMemoryBus {
         }
         state.actions.push_back(entry);
         drop(guard);
+        // Traced and counted once done, as the other backends do (a refused redrive is not).
+        log_action(action, &letter, actor);
         self.inner.changed.notify_waiters();
         Ok(())
     }
