@@ -37,7 +37,7 @@
 //!   stays declined; 409/422: refused; 400/404: bad input or unknown id).
 //!
 //! The admin routes answer only an administrator: a request whose identity token (signed with
-//! the shop's [`ServiceKey`](trellis_service::auth::ServiceKey), see [`trellis_service::auth`])
+//! the shop's [`ServiceKey`], see [`trellis_service::auth`])
 //! names the admin role; 401 without one, 403 for anyone else. The shop's gateway exposes them
 //! as `/api/admin/provider` to administrators and signs that token. The `/v1` routes stand in
 //! for a vendor's public API and check no identity.
