@@ -8,8 +8,10 @@
 //! own: a version conflict in one does not affect the others in the batch.
 //!
 //! What differs per engine is behind [`Dialect`]: how a batch transaction starts, how it reads
-//! the committed state, how it writes and numbers the rows, how many writers a store runs, and
-//! which errors mean "lost a race, decide again".
+//! the committed state, how it writes and numbers the rows, how many writers a store runs,
+//! which errors mean "lost a race, decide again", how the head is read and what wakes a store
+//! when another process appends. This side is plain generic code: each engine implements the
+//! traits with its own concrete sqlx types, so no `sqlx::Database` bounds are needed.
 
 use std::collections::HashMap;
 use std::future::Future;
