@@ -13,9 +13,9 @@
 //!   service's schema script and names the database in its [`OpenError`] with the password
 //!   hidden ([`redact_url`]). Services write their SQL once, with `$1` placeholders and the
 //!   subset both engines accept, and run it through [`on_db!`], which compiles the same body
-//!   for each pool type. The alternatives were sqlx's `Any` driver (no uuid/json types, see
-//!   DEPENDENCIES.md) or a trait generic over `sqlx::Database` (bounds that drown the query
-//!   code); the macro keeps queries plain.
+//!   for each pool type. The alternatives were sqlx's `Any` driver (no uuid/json types) or a
+//!   trait generic over `sqlx::Database` (bounds that drown the query code); the macro keeps
+//!   queries plain (docs/decisions/0007-shop-services.md).
 //! - [`serve`] runs an axum router (REST, and tonic services merged with
 //!   [`tonic::service::Routes::into_axum_router`]) on one listener speaking HTTP/1.1 and h2c,
 //!   adds `/healthz`, `/readyz` (which pings the database) and `/metrics`, continues the W3C
