@@ -61,16 +61,12 @@ impl NatsBus {
         };
         let mut consumers = Vec::new();
         for (durable, filter_subject) in lanes {
-            let config = consumer::pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: filter_subject.clone(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: options.ack_wait,
-                max_deliver: -1,
+            let config = durable_config(
+                &durable,
+                filter_subject.clone(),
+                options.ack_wait,
                 max_ack_pending,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            };
+            );
             let consumer: consumer::PullConsumer = bounded(
                 self.inner
                     .bus_stream
@@ -106,16 +102,8 @@ impl NatsBus {
             // The park lanes: one consumer over all of the group's lanes, one message in
             // flight, so a lane's messages are handled in order across competing consumers.
             let durable = format!("{group}_parked");
-            let config = consumer::pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: format!("{}.park.{group}.>", self.inner.prefix),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: options.ack_wait,
-                max_deliver: -1,
-                max_ack_pending: 1,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            };
+            let lanes_subject = format!("{}.park.{group}.>", self.inner.prefix);
+            let config = durable_config(&durable, lanes_subject, options.ack_wait, 1);
             let lanes: consumer::PullConsumer = bounded(
                 self.inner
                     .park_stream
@@ -155,6 +143,27 @@ impl NatsBus {
             Arc::new(settler),
             options,
         ))
+    }
+}
+
+/// A group's durable pull consumer: explicit acks, every message from the start, and no
+/// server-side delivery limit (the client counts deliveries and dead-letters, so JetStream
+/// never drops a message silently).
+fn durable_config(
+    durable: &str,
+    filter_subject: String,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(durable.to_owned()),
+        filter_subject,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: -1,
+        max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
     }
 }
 
