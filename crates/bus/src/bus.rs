@@ -93,7 +93,9 @@ pub(crate) enum Settlement {
     Ack,
     Nack {
         delay: Duration,
-        error: Option<(String, String)>,
+        /// The handler failed (a retry), rather than asking for redelivery: a backend keeps
+        /// the first such time for the message's dead letter.
+        failed: bool,
     },
     DeadLetter(Failure),
 }
@@ -524,7 +526,7 @@ impl Delivery {
         }
         self.settle(Settlement::Nack {
             delay: delay.min(RETRY_DELAY_MAX),
-            error: None,
+            failed: false,
         })
         .await
     }
@@ -552,7 +554,7 @@ impl Delivery {
         metrics::counter!("trellis_bus_retries_total").increment(1);
         self.settle(Settlement::Nack {
             delay,
-            error: Some((error.kind.clone(), error.message.clone())),
+            failed: true,
         })
         .await
     }

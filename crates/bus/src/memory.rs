@@ -318,10 +318,10 @@ impl MemorySettler {
             Settlement::Ack => {
                 group.pending.remove(&key.sequence);
             }
-            Settlement::Nack { delay, error } => {
+            Settlement::Nack { delay, failed } => {
                 pending.visible_at = Instant::now() + delay;
                 pending.lease = None;
-                if error.is_some() {
+                if failed {
                     pending.first_failure.get_or_insert_with(Utc::now);
                 }
             }

@@ -36,14 +36,14 @@ impl Settle for NatsSettler {
             Settlement::Ack => {
                 Box::pin(async move { bounded(client.publish(reply, "+ACK".into())).await })
             }
-            Settlement::Nack { delay, error } if self.ordered && !key.parked => {
+            Settlement::Nack { delay, failed } if self.ordered && !key.parked => {
                 // Park the subject: the message moves to its lane (due after the delay) and
                 // the partition moves on; later messages of the subject follow it there.
                 let view = Arc::clone(&self.view);
                 Box::pin(async move {
                     let now = Utc::now();
                     let due = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    let first_failure = error.is_some().then_some(now);
+                    let first_failure = failed.then_some(now);
                     bus.park(
                         &message.group,
                         &message.topic,
@@ -59,7 +59,7 @@ impl Settle for NatsSettler {
             }
             Settlement::Nack {
                 delay,
-                error: Some(_),
+                failed: true,
             } if !key.parked && key.first_failure.is_none() => {
                 // An unordered group's first failure: the retry goes out as a copy carrying
                 // the failure's time, and the original is acked.
@@ -76,8 +76,8 @@ impl Settle for NatsSettler {
                     bounded(client.publish(reply, "+ACK".into())).await
                 })
             }
-            Settlement::Nack { delay, error } => {
-                if key.parked && key.first_failure.is_none() && error.is_some() {
+            Settlement::Nack { delay, failed } => {
+                if key.parked && key.first_failure.is_none() && failed {
                     let mut first = lock(&bus.inner.lane_first_failures);
                     if first.len() >= LANE_FIRST_FAILURES_MAX {
                         first.clear();

@@ -156,7 +156,7 @@ pub(super) async fn settle_in(
                 .rows_affected()
                 > 0
         }
-        Settlement::Nack { delay, error } => {
+        Settlement::Nack { delay, failed } => {
             let visible_ms = now.saturating_add(duration_millis(*delay));
             sqlx::query(
                 "UPDATE bus_pending SET visible_ms = ?, lease = NULL, \
@@ -164,7 +164,7 @@ pub(super) async fn settle_in(
                  WHERE grp = ? AND seq = ? AND lease = ?",
             )
             .bind(visible_ms)
-            .bind(error.is_some())
+            .bind(*failed)
             .bind(now)
             .bind(&message.group)
             .bind(seq)
