@@ -223,6 +223,9 @@ impl NatsBus {
         format!("{}.bus.p{partition}.{topic}", self.inner.prefix)
     }
 
+    /// Publishes a serialized envelope (already checked against the size limit) to the
+    /// partition of its subject, for one group only with `only_group` (a redrive). A full
+    /// stream's refusal is counted and says that nothing was dropped.
     async fn publish_raw(
         &self,
         topic: &str,
