@@ -51,10 +51,7 @@ where
     DateTime<Utc>: Column<R::Database>,
 {
     let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
-    let version: i64 = head.try_get("version")?;
-    let status: String = head.try_get("status")?;
-    let version = u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?;
-    let status = SagaStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status}")))?;
+    let (version, status) = version_and_status(id, head)?;
     let records = log
         .iter()
         .map(|row| record(id, row))
@@ -86,20 +83,37 @@ where
     Option<String>: Column<R::Database>,
     DateTime<Utc>: Column<R::Database>,
 {
-    let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
-    let version: i64 = row.try_get("version")?;
-    let status: String = row.try_get("status")?;
+    let (version, status) = version_and_status(id, row)?;
     let last_seq: i64 = row.try_get("last_seq")?;
     Ok(SagaSummary {
         id,
         definition: row.try_get("definition")?,
-        version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
-        status: SagaStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status}")))?,
+        version,
+        status,
         transitions: to_u64(id, last_seq)?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         lease_owner: row.try_get("lease_owner")?,
     })
+}
+
+/// Decodes a `saga_instances` row's `version` and `status`.
+fn version_and_status<R>(id: SagaId, row: &R) -> Result<(u32, SagaStatus), SagaError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    i64: Column<R::Database>,
+    String: Column<R::Database>,
+    Option<String>: Column<R::Database>,
+    DateTime<Utc>: Column<R::Database>,
+{
+    let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
+    let version: i64 = row.try_get("version")?;
+    let status: String = row.try_get("status")?;
+    Ok((
+        u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
+        SagaStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status}")))?,
+    ))
 }
 
 /// Decodes a transition stored as JSON text.
