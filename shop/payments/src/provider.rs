@@ -1,10 +1,14 @@
 //! The payment provider's HTTP API, called through the resilience stack.
+//!
+//! The provider is an outside system: what it accepts and answers is described here with
+//! private types of this module (only the fields payments sends or reads), as for any foreign
+//! API, and no Rust type is shared with the simulator that stands in for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use trellis_resilience::{
     Backoff, Bulkhead, CircuitBreaker, Resilience, ResilienceError, RetryBudget, RetryPolicy,
     SlidingWindow,
@@ -17,6 +21,20 @@ const ANSWER_BYTES_MAX: usize = 64 * 1024;
 /// How long an extra caller may wait for a provider call slot before it is refused.
 const BULKHEAD_WAIT: Duration = Duration::from_millis(500);
 
+/// `POST /v1/charges`.
+#[derive(Debug, Serialize)]
+struct ChargeRequest<'a> {
+    idempotency_key: &'a str,
+    amount_cents: i64,
+}
+
+/// `POST /v1/refunds`.
+#[derive(Debug, Serialize)]
+struct RefundRequest<'a> {
+    charge_id: &'a str,
+    idempotency_key: String,
+}
+
 /// A charge as the provider answers it (the fields payments reads).
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct ProviderCharge {
@@ -24,11 +42,13 @@ pub(crate) struct ProviderCharge {
     pub(crate) status: String,
 }
 
+/// `GET /v1/charges?idempotency_key=` answer.
 #[derive(Debug, Deserialize)]
 struct ChargeList {
     items: Vec<ProviderCharge>,
 }
 
+/// The body of the provider's error answers: `{"error": {"code", "message"}}`.
 #[derive(Debug, Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
@@ -198,7 +218,10 @@ impl ProviderClient {
         order_id: &str,
         amount_cents: i64,
     ) -> Result<ChargeOutcome, CallError> {
-        let body = serde_json::json!({"idempotency_key": order_id, "amount_cents": amount_cents});
+        let body = ChargeRequest {
+            idempotency_key: order_id,
+            amount_cents,
+        };
         let answer = self
             .send(|| {
                 self.http
@@ -239,7 +262,10 @@ impl ProviderClient {
         order_id: &str,
         charge_id: &str,
     ) -> Result<RefundOutcome, CallError> {
-        let body = serde_json::json!({"charge_id": charge_id, "idempotency_key": format!("refund-{order_id}")});
+        let body = RefundRequest {
+            charge_id,
+            idempotency_key: format!("refund-{order_id}"),
+        };
         let answer = self
             .send(|| {
                 self.http
