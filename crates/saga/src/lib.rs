@@ -37,8 +37,9 @@
 //! operator actions: cancel (compensate now), retry a stuck or failed step, skip a step, purge
 //! old terminal sagas. [`http::router`] serves it as JSON endpoints; `trellis saga` is its CLI.
 //!
-//! Asynchronous steps ([`command_step::command_step`]) publish a command on `trellis-bus` and wait for
-//! the reply correlated with the saga and step ([`command_step::Replies`]), under the step's timeout.
+//! Asynchronous steps ([`command_step::command_step`]) publish a command on `trellis-bus` and
+//! wait for the reply correlated with the saga and step ([`command_step::Replies`]), under the
+//! step's timeout.
 //! Choreographed sagas ([`choreography::Choreography`]) are event handlers (`on` an event
 //! type: a side effect and the next event; compensating handlers on `*.failed` events), each
 //! exactly once per message through the bus inbox and outbox, on SQLite or PostgreSQL (the

@@ -19,10 +19,12 @@ mod sealed {
     impl Sealed for sqlx::Postgres {}
 }
 
-/// A database a [`Choreography`](super::Choreography) runs on, with its bus inbox and outbox: [`Sqlite`]
-/// ([`SqliteInbox`], [`SqliteOutbox`]) or [`Postgres`] ([`PgInbox`], [`PgOutbox`]). Sealed.
+/// A database a [`Choreography`](super::Choreography) runs on, with its bus inbox and outbox:
+/// [`Sqlite`] ([`SqliteInbox`], [`SqliteOutbox`]) or [`Postgres`] ([`PgInbox`], [`PgOutbox`]).
+/// Sealed.
 pub trait ChoreographyDb: sqlx::Database + sealed::Sealed {
-    /// The bus inbox on this database, which [`Choreography::handle`](super::Choreography::handle) takes.
+    /// The bus inbox on this database, which
+    /// [`Choreography::handle`](super::Choreography::handle) takes.
     type Inbox: fmt::Debug + Send + Sync;
 
     /// The connection an effect gets (inside the inbox's transaction) as a [`Tx`], so an

@@ -24,8 +24,8 @@ struct Handler<D: ChoreographyDb> {
     effect: Effect<D>,
 }
 
-/// A choreographed saga on database `D` ([`Sqlite`] by default, or [`Postgres`](super::Postgres)): named
-/// event handlers, forward and compensating.
+/// A choreographed saga on database `D` ([`Sqlite`] by default, or
+/// [`Postgres`](super::Postgres)): named event handlers, forward and compensating.
 pub struct Choreography<D: ChoreographyDb = Sqlite> {
     name: String,
     source: String,
@@ -123,10 +123,10 @@ impl<D: ChoreographyDb> Choreography<D> {
     /// inside the inbox's transaction: a call to another service or an external API (or work
     /// through code that opens its own transactions). The caller makes that call first,
     /// idempotent by a business key (the order id) at the remote side, and passes its outcome
-    /// as `prepared`; the effects read it with [`prepared`](super::prepared) and return the event to emit,
-    /// which commits with the inbox record and the log entry as in [`Choreography::handle`].
-    /// Work on the service's own tables belongs in the effect instead, in the transaction
-    /// (see the module's "Local and remote effects").
+    /// as `prepared`; the effects read it with [`prepared`](super::prepared) and return the
+    /// event to emit, which commits with the inbox record and the log entry as in
+    /// [`Choreography::handle`]. Work on the service's own tables belongs in the effect
+    /// instead, in the transaction (see the module's "Local and remote effects").
     ///
     /// What holds: the call is at least once (a process that stops between the call and the
     /// commit repeats it on redelivery), and the remote side's deduplication by the key keeps
@@ -154,8 +154,9 @@ impl<D: ChoreographyDb> Choreography<D> {
     /// consumer group: its effect, its next event (through the outbox) and its entry in
     /// `saga_choreography_log` commit with the inbox record. A redelivered message runs
     /// nothing. Returns how many handlers ran. The first run in a process also creates the
-    /// log's tables if missing and records the declared steps (call [`ChoreographyLog::new`](super::ChoreographyLog::new)
-    /// at start-up to create them before concurrent handlers race to).
+    /// log's tables if missing and records the declared steps (call
+    /// [`ChoreographyLog::new`](super::ChoreographyLog::new) at start-up to create them before
+    /// concurrent handlers race to).
     ///
     /// # Errors
     /// A handler's error (its writes roll back, the bus retries per its policy) or a database

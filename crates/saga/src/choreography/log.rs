@@ -36,8 +36,8 @@ pub struct ChoreographyLogEntry {
 }
 
 /// A choreography log on database `D`: rebuilds a flow's timeline from the entries
-/// [`Choreography::handle`](super::Choreography::handle) recorded, without the choreography's code (what the inspector's
-/// endpoint and CLI use).
+/// [`Choreography::handle`](super::Choreography::handle) recorded, without the
+/// choreography's code (what the inspector's endpoint and CLI use).
 #[derive(Debug, Clone)]
 pub struct ChoreographyLog<D: ChoreographyDb = Sqlite> {
     pool: sqlx::Pool<D>,

@@ -2,10 +2,11 @@
 
 use sqlx::{PgConnection, SqliteConnection};
 
-/// The inbox transaction's connection on either database, as [`ChoreographyDb::tx`](super::ChoreographyDb::tx) gives
-/// it to an effect declared once for both (in a function generic over `D: ChoreographyDb`).
-/// Write the effect's SQL once with [`on_tx!`](crate::on_tx), which compiles it for each
-/// arm, using `$1` placeholders and the SQL both engines accept.
+/// The inbox transaction's connection on either database, as
+/// [`ChoreographyDb::tx`](super::ChoreographyDb::tx) gives it to an effect declared once for
+/// both (in a function generic over `D: ChoreographyDb`). Write the effect's SQL once with
+/// [`on_tx!`](crate::on_tx), which compiles it for each arm, using `$1` placeholders and the
+/// SQL both engines accept.
 #[derive(Debug)]
 pub enum Tx<'t> {
     /// A SQLite connection, inside the inbox's `BEGIN IMMEDIATE` transaction.

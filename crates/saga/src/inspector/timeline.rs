@@ -123,9 +123,10 @@ pub struct TimelineEntry {
 impl SagaTimeline {
     /// Builds the timeline of `instance` from its log.
     ///
-    /// An instance with an empty log (no store returns one; [`Inspector::show`] refuses it
-    /// with [`SagaError::CorruptLog`]) gives a timeline with no steps and no log, dated at the
-    /// Unix epoch, and a null context.
+    /// An instance with an empty log (no store returns one;
+    /// [`Inspector::show`](super::Inspector::show) refuses it with
+    /// [`SagaError::CorruptLog`](crate::SagaError::CorruptLog)) gives a timeline with no steps
+    /// and no log, dated at the Unix epoch, and a null context.
     pub fn from_instance(instance: &SagaInstance) -> Self {
         let (Some(first), Some(last)) = (instance.records.first(), instance.records.last()) else {
             return Self {
