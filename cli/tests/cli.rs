@@ -494,3 +494,26 @@ async fn users_create_admin_creates_promotes_and_says_what_it_did() {
     let out = users_create_admin(&db, "new@example.com", None);
     one_line_failure(&out, 1, "TRELLIS_ADMIN_PASSWORD");
 }
+
+#[test]
+fn saga_commands_refuse_a_database_url_no_backend_serves() {
+    // Goal: `trellis saga` names the URL and the schemes it accepts, for the saga log and for
+    // the choreography log (which has no in-memory form).
+    let out = trellis(&["saga", "--db", "mysql://host/db", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr was: {stderr}");
+    assert!(stderr.contains("mysql://host/db"), "stderr was: {stderr}");
+    assert!(stderr.contains("sqlite://PATH"), "stderr was: {stderr}");
+    let correlation_id = "0190b4a8-0000-7000-8000-000000000000";
+    let out = trellis(&[
+        "saga",
+        "--db",
+        "memory://",
+        "choreography",
+        "show",
+        correlation_id,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr was: {stderr}");
+    assert!(stderr.contains("service's database"), "stderr was: {stderr}");
+}
