@@ -1,7 +1,7 @@
 //! Integration tests for trellis-saga: behaviour, crash recovery and the SQL stores.
 
-mod bus;
 mod choreography;
+mod command_step;
 mod engine;
 mod inspector;
 mod leasing;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use trellis_bus::{Bus, InMemoryBus, Message, SubscribeOptions};
-use trellis_saga::bus::{IDEMPOTENCY_HEADER, Replies, command_step, reply_to};
+// `trellis_saga::bus` is the module's former name, kept as an alias: it must still resolve.
+use trellis_saga::bus::Replies as _;
+use trellis_saga::command_step::{IDEMPOTENCY_HEADER, Replies, command_step, reply_to};
 use trellis_saga::{InMemorySagaStore, SagaDefinition, SagaEngine, SagaStatus, Step, Transition};
 
 use crate::support::{Ledger, quick_retry};
