@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use trellis_bus::{Bus, InMemoryBus, Message, SubscribeOptions};
-// `trellis_saga::bus` is the module's former name, kept as an alias: it must still resolve.
-use trellis_saga::bus::Replies as _;
 use trellis_saga::command_step::{IDEMPOTENCY_HEADER, Replies, command_step, reply_to};
 use trellis_saga::{InMemorySagaStore, SagaDefinition, SagaEngine, SagaStatus, Step, Transition};
 
@@ -196,4 +194,13 @@ async fn a_reply_that_never_comes_times_out_each_attempt_then_compensates() {
             error: "timed out after 5000 ms".to_owned(),
         }));
     ledger.with(|state| assert_eq!(state.compensation_order, ["reserve"]));
+}
+
+#[test]
+fn the_former_bus_path_still_names_the_command_step_items() {
+    // Goal: code written against `trellis_saga::bus` (the module's former name) still compiles.
+    assert_eq!(
+        trellis_saga::bus::STEP_HEADER,
+        trellis_saga::command_step::STEP_HEADER
+    );
 }
