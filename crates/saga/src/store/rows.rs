@@ -9,25 +9,54 @@ use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 use super::{SagaId, SagaInstance, SagaRecord, SagaStatus, SagaSummary, Transition};
 use crate::error::SagaError;
 
-/// A column type that decodes the same way on both engines (the bounds every function here
-/// repeats: Rust does not carry a where clause of a helper trait to its users).
-pub(super) trait Column<DB: Database>: for<'r> Decode<'r, DB> + Type<DB> {}
+/// A row of either engine, read by column name and type: what the decoders below need. The
+/// sqlx bounds are stated once, in the blanket impl.
+pub(super) trait SagaRow {
+    /// An INTEGER / BIGINT column.
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
+    /// A TEXT column.
+    fn text(&self, column: &str) -> Result<String, sqlx::Error>;
+    /// A nullable TEXT column.
+    fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    /// A timestamp column.
+    fn time(&self, column: &str) -> Result<DateTime<Utc>, sqlx::Error>;
+}
 
-impl<DB: Database, T: for<'r> Decode<'r, DB> + Type<DB>> Column<DB> for T {}
-
-/// Decodes one `saga_log` row (`seq`, `transition` and `context` as JSON text, `at`).
-pub(super) fn record<R>(id: SagaId, row: &R) -> Result<SagaRecord, SagaError>
+impl<R: Row> SagaRow for R
 where
-    R: Row,
     for<'c> &'c str: ColumnIndex<R>,
     i64: Column<R::Database>,
     String: Column<R::Database>,
     Option<String>: Column<R::Database>,
     DateTime<Utc>: Column<R::Database>,
 {
-    let seq: i64 = row.try_get("seq")?;
-    let transition: String = row.try_get("transition")?;
-    let context: String = row.try_get("context")?;
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn text(&self, column: &str) -> Result<String, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.try_get(column)
+    }
+}
+
+/// A column type both engines decode.
+trait Column<DB: Database>: for<'r> Decode<'r, DB> + Type<DB> {}
+
+impl<DB: Database, T: for<'r> Decode<'r, DB> + Type<DB>> Column<DB> for T {}
+
+/// Decodes one `saga_log` row (`seq`, `transition` and `context` as JSON text, `at`).
+pub(super) fn record<R: SagaRow>(id: SagaId, row: &R) -> Result<SagaRecord, SagaError> {
+    let seq: i64 = row.int("seq")?;
+    let transition: String = row.text("transition")?;
+    let context: String = row.text("context")?;
     Ok(SagaRecord {
         seq: to_u64(id, seq)?,
         transition: decode_transition(id, &transition)?,
@@ -35,21 +64,17 @@ where
             id,
             reason: format!("unreadable context: {error}"),
         })?,
-        at: row.try_get("at")?,
+        at: row.time("at")?,
     })
 }
 
 /// Assembles an instance from its `saga_instances` row (`definition`, `version`, `status`)
 /// and its `saga_log` rows in order, checking the log has no gap.
-pub(super) fn instance<R>(id: SagaId, head: &R, log: &[R]) -> Result<SagaInstance, SagaError>
-where
-    R: Row,
-    for<'c> &'c str: ColumnIndex<R>,
-    i64: Column<R::Database>,
-    String: Column<R::Database>,
-    Option<String>: Column<R::Database>,
-    DateTime<Utc>: Column<R::Database>,
-{
+pub(super) fn instance<R: SagaRow>(
+    id: SagaId,
+    head: &R,
+    log: &[R],
+) -> Result<SagaInstance, SagaError> {
     let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
     let (version, status) = version_and_status(id, head)?;
     let records = log
@@ -66,7 +91,7 @@ where
     }
     Ok(SagaInstance {
         id,
-        definition: head.try_get("definition")?,
+        definition: head.text("definition")?,
         version,
         status,
         records,
@@ -74,42 +99,26 @@ where
 }
 
 /// Decodes a `saga_instances` row as a summary; `id` is its decoded `id` column.
-pub(super) fn summary<R>(id: SagaId, row: &R) -> Result<SagaSummary, SagaError>
-where
-    R: Row,
-    for<'c> &'c str: ColumnIndex<R>,
-    i64: Column<R::Database>,
-    String: Column<R::Database>,
-    Option<String>: Column<R::Database>,
-    DateTime<Utc>: Column<R::Database>,
-{
+pub(super) fn summary<R: SagaRow>(id: SagaId, row: &R) -> Result<SagaSummary, SagaError> {
     let (version, status) = version_and_status(id, row)?;
-    let last_seq: i64 = row.try_get("last_seq")?;
+    let last_seq: i64 = row.int("last_seq")?;
     Ok(SagaSummary {
         id,
-        definition: row.try_get("definition")?,
+        definition: row.text("definition")?,
         version,
         status,
         transitions: to_u64(id, last_seq)?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        lease_owner: row.try_get("lease_owner")?,
+        created_at: row.time("created_at")?,
+        updated_at: row.time("updated_at")?,
+        lease_owner: row.optional_text("lease_owner")?,
     })
 }
 
 /// Decodes a `saga_instances` row's `version` and `status`.
-fn version_and_status<R>(id: SagaId, row: &R) -> Result<(u32, SagaStatus), SagaError>
-where
-    R: Row,
-    for<'c> &'c str: ColumnIndex<R>,
-    i64: Column<R::Database>,
-    String: Column<R::Database>,
-    Option<String>: Column<R::Database>,
-    DateTime<Utc>: Column<R::Database>,
-{
+fn version_and_status<R: SagaRow>(id: SagaId, row: &R) -> Result<(u32, SagaStatus), SagaError> {
     let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
-    let version: i64 = row.try_get("version")?;
-    let status: String = row.try_get("status")?;
+    let version: i64 = row.int("version")?;
+    let status: String = row.text("status")?;
     Ok((
         u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
         SagaStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status}")))?,
