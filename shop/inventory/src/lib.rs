@@ -41,7 +41,7 @@
 
 pub mod choreography;
 mod grpc;
-mod http;
+mod rest;
 mod stock;
 
 use axum::Router;
@@ -80,7 +80,7 @@ pub enum Error {
 /// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
     let db = Db::open_with_schema(&config.database_url, stock::SCHEMA).await?;
-    let router = http::router(db.clone()).merge(grpc::router(db.clone()));
+    let router = rest::router(db.clone()).merge(grpc::router(db.clone()));
     let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
@@ -104,5 +104,5 @@ pub async fn app_choreographed(
 
 /// The service's part of the public OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    http::openapi()
+    rest::openapi()
 }

@@ -35,7 +35,7 @@
 
 mod catalogue;
 mod grpc;
-mod http;
+mod rest;
 
 use axum::Router;
 use shop_contracts::proto::inventory_client::InventoryClient;
@@ -106,12 +106,12 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         db: db.clone(),
         inventory: InventoryClient::new(channel),
     };
-    let router = http::router(state.clone()).merge(grpc::router(state));
+    let router = rest::router(state.clone()).merge(grpc::router(state));
     let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 
 /// The service's part of the public OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    http::openapi()
+    rest::openapi()
 }

@@ -36,7 +36,7 @@ pub use attempts::{LOGIN_ATTEMPT_INTERVAL, LOGIN_ATTEMPTS_BURST, LOGIN_RATE_PER_
 
 mod attempts;
 mod grpc;
-mod http;
+mod rest;
 mod keys;
 mod password;
 mod store;
@@ -124,14 +124,14 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         hasher: Arc::new(hasher),
         attempts: Arc::new(attempts::LoginAttempts::new()),
     };
-    let router = http::router(state.clone()).merge(grpc::router(state));
+    let router = rest::router(state.clone()).merge(grpc::router(state));
     let router = trellis_service::auth::protect(router, &config.service_key);
     Ok((router, db))
 }
 
 /// The service's part of the public OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    http::openapi()
+    rest::openapi()
 }
 
 /// Creates the administrator account (role `admin`) when no account has `email` (answers
@@ -142,7 +142,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// [`Error::Invalid`] when the email, password or name would be refused at registration;
 /// [`Error::Hash`] or [`Error::Database`] when storing fails.
 pub async fn ensure_admin(db: &Db, email: &str, password: &str, name: &str) -> Result<bool, Error> {
-    let input = http::validate_registration(email, password, name).map_err(|e| Error::Invalid {
+    let input = rest::validate_registration(email, password, name).map_err(|e| Error::Invalid {
         code: e.0,
         message: e.1,
     })?;
