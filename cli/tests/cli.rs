@@ -515,5 +515,8 @@ fn saga_commands_refuse_a_database_url_no_backend_serves() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr was: {stderr}");
-    assert!(stderr.contains("service's database"), "stderr was: {stderr}");
+    assert!(
+        stderr.contains("service's database"),
+        "stderr was: {stderr}"
+    );
 }

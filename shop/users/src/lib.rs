@@ -36,9 +36,9 @@ pub use attempts::{LOGIN_ATTEMPT_INTERVAL, LOGIN_ATTEMPTS_BURST, LOGIN_RATE_PER_
 
 mod attempts;
 mod grpc;
-mod rest;
 mod keys;
 mod password;
+mod rest;
 mod store;
 
 use std::sync::Arc;
