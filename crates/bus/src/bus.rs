@@ -1,4 +1,6 @@
 //! The `Bus` trait, subscriptions, deliveries and the consumer loop shared by every backend.
+//! (Over 600 lines: the contract, the consumer loop every backend runs and their tests read as
+//! one.)
 
 use std::fmt;
 use std::future::Future;

@@ -1,5 +1,7 @@
 //! The dead-letter queue as a product: list, inspect, group by failure fingerprint, redrive,
 //! discard and archive, every action logged.
+//! (Over 600 lines: the filter, the dead-letter bookkeeping the three backends share and their
+//! tests belong together.)
 //!
 //! Listing is paged in the store ([`DeadLetters::list_page`] with [`DeadLetterFilter::cursor`]):
 //! a queue can grow to any size during an incident, and a listing that read it whole (or

@@ -1,5 +1,6 @@
 //! The circuit breaker: CLOSED / OPEN / HALF_OPEN, count- or time-based windows, failure and
 //! slow-call rates, observable transitions.
+//! (Over 600 lines: the lock-free state machine on one atomic word reads best whole.)
 //!
 //! # How it works
 //! The whole state lives in one `AtomicU64`: the state kind, a generation that changes on

@@ -1,0 +1,262 @@
+//! One service per process (`trellis serve NAME`): what [`serve_one`] runs and how.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// What [`serve_one`] runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The service's name (`orders`, `payment-provider`, …).
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its database.
+    pub database_url: String,
+    /// The service names it calls, mapped to their addresses (DESIGN.md's ports on loopback
+    /// when absent).
+    pub peers: BTreeMap<String, String>,
+    /// The bus: orders relays its events to it; the participants of a choreographed saga
+    /// need it.
+    pub bus_url: Option<String>,
+    /// Prefix of NATS streams and subjects.
+    pub bus_prefix: String,
+    /// How the order saga runs; the same for every service of one shop.
+    pub saga: SagaStyle,
+    /// The payment provider simulator's faults (for `payment-provider`).
+    pub provider: ProviderConfig,
+    /// The key the gateway and every service of this shop share (see
+    /// [`trellis_service::auth`]): `ServiceKey::from_env_or_file` in `trellis serve`.
+    pub service_key: ServiceKey,
+    /// For `users`: the administrator account (email, password) to create when no account has
+    /// that email, as `trellis up` does (`TRELLIS_ADMIN_EMAIL` / `TRELLIS_ADMIN_PASSWORD`).
+    pub admin: Option<(String, String)>,
+    /// For `products`: create the seed [`CATALOG`] when the catalog is empty, once the service
+    /// and the inventory answer (see [`seed_catalog_at`]).
+    pub seed_catalog: bool,
+}
+
+/// How long `serve products --seed-catalog` keeps trying while the inventory is not up yet:
+/// one try a second.
+pub const SEED_TRIES_SERVE: u32 = 120;
+
+/// Runs one service until `shutdown` completes: what `trellis serve NAME` does. With
+/// [`SagaStyle::Choreography`], orders, inventory, payments and shipping take part in the
+/// choreographed saga on the bus, which they then need.
+///
+/// # Errors
+/// [`Error`] naming what could not start.
+pub async fn serve_one(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let ServeConfig {
+        name,
+        listen,
+        database_url,
+        peers,
+        bus_url,
+        bus_prefix,
+        saga,
+        provider,
+        service_key,
+        admin,
+        seed_catalog,
+    } = config;
+    let name = name.as_str();
+    let bus_prefix = bus_prefix.as_str();
+    let participant = matches!(name, "orders" | "inventory" | "payments" | "shipping");
+    if saga == SagaStyle::Choreography && participant && bus_url.is_none() {
+        return Err(Error::NoBus(name.to_owned()));
+    }
+    let metrics = trellis_telemetry::metrics::install_prometheus().ok();
+    let peer = |service: &str| {
+        peers
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", port_of(service)))
+    };
+    let listener = bind(listen.ip(), listen.port()).await?;
+    let serve_err = |e: trellis_service::ServeError| Error::Service {
+        service: "serve",
+        message: e.to_string(),
+    };
+    match name {
+        "payment-provider" => {
+            let (router, _handle) = shop_payment_provider::app(provider, &service_key);
+            trellis_service::serve(listener, router, None, metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "users" => {
+            let (router, db) = shop_users::app(shop_users::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("users")(&e))?;
+            if let Some((email, password)) = admin {
+                let created = shop_users::ensure_admin(&db, &email, &password, "Admin")
+                    .await
+                    .map_err(|e| service_err("users")(&e))?;
+                if created {
+                    tracing::info!(%email, "admin account created");
+                } else {
+                    tracing::info!(%email, "admin account exists; left as it is");
+                }
+            }
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "inventory" | "payments" | "shipping" if saga == SagaStyle::Choreography => {
+            let Some(url) = bus_url else {
+                return Err(Error::NoBus(name.to_owned()));
+            };
+            let bus = trellis_service::choreography::AnyBus::connect(&url, bus_prefix)
+                .await
+                .map_err(|e| Error::Bus {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
+            let (stop, stopped) = watch::channel(false);
+            let (router, db, tasks) = match name {
+                "inventory" => shop_inventory::app_choreographed(
+                    shop_inventory::Config {
+                        database_url,
+                        service_key,
+                    },
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("inventory")(&e))?,
+                "payments" => shop_payments::app_choreographed(
+                    shop_payments::Config::new(
+                        database_url,
+                        format!("http://{}", peer("payment-provider")),
+                        service_key,
+                    ),
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("payments")(&e))?,
+                _ => shop_shipping::app_choreographed(
+                    shop_shipping::Config {
+                        database_url,
+                        service_key,
+                    },
+                    bus,
+                    stopped,
+                )
+                .await
+                .map_err(|e| service_err("shipping")(&e))?,
+            };
+            let result = trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err);
+            let _ = stop.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
+            result
+        }
+        "inventory" => {
+            let (router, db) = shop_inventory::app(shop_inventory::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("inventory")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "products" => {
+            let service_key_for_seed = service_key.clone();
+            let (router, db) = shop_products::app(shop_products::Config {
+                database_url,
+                inventory_addr: peer("inventory"),
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("products")(&e))?;
+            if seed_catalog {
+                let mut own = listener.local_addr().map_err(|source| Error::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                if own.ip().is_unspecified() {
+                    own.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                }
+                let key = service_key_for_seed.clone();
+                tokio::spawn(async move {
+                    match seed_catalog_at(&format!("http://{own}"), &key, SEED_TRIES_SERVE).await {
+                        Ok(Seeded::Created) => tracing::info!("seed catalog created"),
+                        Ok(Seeded::AlreadyStocked) => {
+                            tracing::info!("the catalog has products; not seeded");
+                        }
+                        Err(error) => tracing::error!(%error, "the seed catalog was not created"),
+                    }
+                });
+            }
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "payments" => {
+            let (router, db) = shop_payments::app(shop_payments::Config::new(
+                database_url,
+                format!("http://{}", peer("payment-provider")),
+                service_key,
+            ))
+            .await
+            .map_err(|e| service_err("payments")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "shipping" => {
+            let (router, db) = shop_shipping::app(shop_shipping::Config {
+                database_url,
+                service_key,
+            })
+            .await
+            .map_err(|e| service_err("shipping")(&e))?;
+            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
+        "orders" => {
+            let mut config = shop_orders::Config::new(
+                database_url,
+                [
+                    &peer("users"),
+                    &peer("products"),
+                    &peer("inventory"),
+                    &peer("payments"),
+                    &peer("shipping"),
+                ],
+                service_key,
+            );
+            config.bus_url = bus_url;
+            config.bus_prefix = bus_prefix.to_owned();
+            config.saga = saga;
+            let orders = shop_orders::start(config)
+                .await
+                .map_err(|e| service_err("orders")(&e))?;
+            let result = trellis_service::serve(
+                listener,
+                orders.router(),
+                Some(orders.db()),
+                metrics,
+                shutdown,
+            )
+            .await
+            .map_err(serve_err);
+            orders.shutdown().await;
+            result
+        }
+        other => Err(Error::UnknownService(other.to_owned())),
+    }
+}
