@@ -196,6 +196,11 @@ pub(crate) struct ServeArgs {
     /// empty (once the inventory answers; never twice).
     #[arg(long)]
     seed_catalog: bool,
+    /// For `orders` on PostgreSQL: this replica's stable saga lease owner (its host and port,
+    /// say; unique per replica), so after a restart it resumes its sagas at once instead of
+    /// after their 30 s leases.
+    #[arg(long, env = "TRELLIS_SAGA_OWNER")]
+    saga_owner: Option<String>,
     /// For `gateway`: where its operator endpoints (/metrics, /healthz, /readyz) listen; they
     /// are not served on the public listener.
     #[arg(long, default_value = "127.0.0.1:8089")]
@@ -317,6 +322,7 @@ impl ServeArgs {
                 service_key,
                 admin: admin_from_env()?,
                 seed_catalog: self.seed_catalog,
+                saga_owner: self.saga_owner.clone(),
             },
             trellis_gateway::shutdown_signal(),
         )

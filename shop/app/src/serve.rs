@@ -33,6 +33,9 @@ pub struct ServeConfig {
     /// For `products`: create the seed [`CATALOG`] when the catalog is empty, once the service
     /// and the inventory answer (see [`seed_catalog_at`]).
     pub seed_catalog: bool,
+    /// For `orders` on a PostgreSQL saga log: this replica's stable lease owner name (see
+    /// `shop_orders::Config::saga_owner`).
+    pub saga_owner: Option<String>,
 }
 
 /// How long `serve products --seed-catalog` keeps trying while the inventory is not up yet:
@@ -61,6 +64,7 @@ pub async fn serve_one(
         service_key,
         admin,
         seed_catalog,
+        saga_owner,
     } = config;
     let name = name.as_str();
     let bus_prefix = bus_prefix.as_str();
@@ -242,6 +246,7 @@ pub async fn serve_one(
             config.bus_url = bus_url;
             config.bus_prefix = bus_prefix.to_owned();
             config.saga = saga;
+            config.saga_owner = saga_owner;
             let orders = shop_orders::start(config)
                 .await
                 .map_err(|e| service_err("orders")(&e))?;

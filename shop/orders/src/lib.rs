@@ -120,6 +120,10 @@ pub struct Config {
     /// The shop's key: the service believes only callers whose identity token it signed, and
     /// signs its own calls to the other services with it.
     pub service_key: trellis_service::auth::ServiceKey,
+    /// The saga engine's lease owner on a PostgreSQL saga log: a stable name per replica (its
+    /// host and port, say), so a restarted replica takes its sagas back at once. `None`: a
+    /// fresh owner per start (a SQLite log derives a stable one from its path).
+    pub saga_owner: Option<String>,
 }
 
 impl Config {
@@ -145,6 +149,7 @@ impl Config {
             bus_prefix: "shop".to_owned(),
             saga: SagaStyle::Orchestrated,
             service_key,
+            saga_owner: None,
         }
     }
 }
@@ -285,7 +290,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     } else {
         let definition = saga::definition(&participants)?;
         Some(
-            OrderSagaEngine::open(&saga_url, definition)
+            OrderSagaEngine::open(&saga_url, definition, config.saga_owner.clone())
                 .await
                 .map_err(|e| open_err(&saga_url, &e))?,
         )

@@ -18,8 +18,10 @@
 //! so the owner is derived from the file's canonical path (`orders@/…/orders-saga.db`): the
 //! same after every restart, and the restarted engine takes its sagas back on its first
 //! recovery pass. On PostgreSQL several orders processes share one log, and a derived id could
-//! name two live engines at once (which the engine forbids), so each engine keeps a fresh
-//! owner there and a dead process's sagas are taken over when their leases expire.
+//! name two live engines at once (which the engine forbids): there the owner is what the
+//! operator names (`Config::saga_owner`, `trellis serve orders --saga-owner`, one stable name
+//! per replica, such as its host and port), and without a name each engine gets a fresh one
+//! and a dead process's sagas are taken over when their leases expire.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -56,13 +58,15 @@ fn sqlite_owner(url: &str) -> Option<String> {
 
 impl OrderSagaEngine {
     /// Opens the saga log `url` (`sqlite://PATH` or `postgres://…`) and registers
-    /// `definition`.
+    /// `definition`; the engine's lease owner is `owner` when given, else derived from a
+    /// SQLite log's path, else fresh (see the module docs).
     pub(crate) async fn open(
         url: &str,
         definition: SagaDefinition<OrderSagaContext>,
+        owner: Option<String>,
     ) -> Result<Self, SagaError> {
         let mut engine = SagaEngine::new(AnySagaStore::open(url).await?);
-        if let Some(owner) = sqlite_owner(url) {
+        if let Some(owner) = owner.or_else(|| sqlite_owner(url)) {
             engine = engine.with_owner(owner);
         }
         Ok(Self(Arc::new(engine.register(definition))))
@@ -291,7 +295,7 @@ mod tests {
         };
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let first = OrderSagaEngine::open(&url, definition(runs, true))
+        let first = OrderSagaEngine::open(&url, definition(runs, true), None)
             .await
             .expect("engine 1");
         let running = {
@@ -305,7 +309,7 @@ mod tests {
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let second = OrderSagaEngine::open(&url, definition(runs, false))
+        let second = OrderSagaEngine::open(&url, definition(runs, false), None)
             .await
             .expect("engine 2");
         let report = second.0.recover().await.expect("recovery pass");
@@ -321,5 +325,53 @@ mod tests {
         );
         assert!(ran.try_recv().is_ok(), "the step ran again in engine 2");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_named_replica_resumes_its_sagas_on_postgres_at_once() {
+        // On a shared PostgreSQL log a replica restarted under its operator-given owner name
+        // takes back the saga its previous incarnation left in a step, on its first recovery
+        // pass (without the name it would wait out the 30 s lease).
+        let Some(pg) = trellis_testkit::postgres("orders_named_owner").await else {
+            return;
+        };
+        let context = OrderSagaContext {
+            order_id: uuid::Uuid::now_v7().to_string(),
+            user_id: "user-1".to_owned(),
+            lines: Vec::new(),
+            total_cents: 0,
+            traceparent: None,
+        };
+        let owner = || Some("orders@10.0.0.7:8104".to_owned());
+        let (runs, mut ran) = mpsc::unbounded_channel();
+        let first = OrderSagaEngine::open(&pg.url, definition(runs, true), owner())
+            .await
+            .expect("engine 1");
+        let running = {
+            let first = first.clone();
+            let context = context.clone();
+            tokio::spawn(async move { first.run(&context).await })
+        };
+        ran.recv().await.expect("the step started");
+        running.abort();
+        let _ = running.await;
+        drop(first);
+
+        let (runs, mut ran) = mpsc::unbounded_channel();
+        let second = OrderSagaEngine::open(&pg.url, definition(runs, false), owner())
+            .await
+            .expect("engine 2");
+        let report = second.0.recover().await.expect("recovery pass");
+        assert_eq!(
+            report
+                .resumed
+                .iter()
+                .map(|(_, status)| *status)
+                .collect::<Vec<_>>(),
+            [SagaStatus::Completed],
+            "the saga is taken back at once: {:?}",
+            report.refused
+        );
+        assert!(ran.try_recv().is_ok(), "the step ran again in engine 2");
     }
 }
