@@ -127,9 +127,11 @@ async fn idempotent_requests_are_retried_on_another_endpoint_and_posts_with_bodi
     // while a POST with a body that lands on the dead endpoint fails with 502 (never
     // replayed).
     let a = Upstream::start("a").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Bound, never listening: connections are refused and the port stays reserved.
+    let dead = tokio::net::TcpSocket::new_v4().expect("socket");
+    dead.bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
     let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
     let gw = TestGateway::start(&format!(
         r#"
         [clusters.app]

@@ -289,9 +289,11 @@ async fn rate_limits_are_shared_across_replicas_through_redis() {
 async fn an_unreachable_redis_falls_back_to_the_local_limiter() {
     // Goal: with Redis down, requests are neither refused nor delayed indefinitely: the local
     // limiter answers, so the burst of 3 still ends in a 429.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Bound, never listening: connections are refused and the port stays reserved.
+    let dead = tokio::net::TcpSocket::new_v4().expect("socket");
+    dead.bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
     let dead_url = format!("redis://{}", dead.local_addr().expect("addr"));
-    drop(dead);
     let up = Upstream::start("app").await;
     let gw = TestGateway::start(&shared_config(&up, "local-fallback", &dead_url)).await;
     let started = Instant::now();

@@ -168,9 +168,11 @@ async fn h2c_works_from_the_client_and_to_the_upstream() {
 async fn an_unreachable_upstream_gives_502_and_a_slow_one_504() {
     // Goal: upstream failures map to 502 (connect refused) and 504 (route timeout), with a
     // JSON body naming the cause.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Bound, never listening: connections are refused and the port stays reserved.
+    let dead = tokio::net::TcpSocket::new_v4().expect("socket");
+    dead.bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
     let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
     let slow = Upstream::start("slow").await;
     let gw = TestGateway::start(&format!(
         r#"

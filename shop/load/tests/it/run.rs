@@ -366,10 +366,11 @@ async fn slow_answers_are_counted_as_timeouts() {
 async fn setup_failures_name_the_step() {
     // Goal: a run that cannot start says why. Method: an unreachable target, a shop with
     // nothing in stock, wrong admin credentials, a bad config.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Bound but never listening: connections are refused, and no other test's server can take
+    // the port meanwhile (a listener dropped at once could hand it over).
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let err = shop_load::run(config(&format!("http://127.0.0.1:{port}"), 10.0, 100))
         .await
         .unwrap_err();
