@@ -187,6 +187,17 @@ pub enum ChoreographyError {
     Saga(#[from] SagaError),
 }
 
+impl ChoreographyError {
+    /// Whether starting again may work: the bus's or the saga log's own judgement of its
+    /// fault (a broker or database that did not answer, not a bad configuration).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Bus(e) => e.is_retryable(),
+            Self::Saga(e) => e.is_retryable(),
+        }
+    }
+}
+
 /// Starts `participant` on its own database `db` and `bus`: the consumer, the outbox relay
 /// and the inbox purge, until `stop` turns `true`. Await the returned tasks after that to
 /// let the deliveries in flight finish.
@@ -315,6 +326,15 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_bus_that_did_not_answer_is_retryable_and_a_bad_configuration_is_not() {
+        use super::ChoreographyError;
+        let down = ChoreographyError::Bus(trellis_bus::BusError::Unavailable("down".to_owned()));
+        let wrong = ChoreographyError::Bus(trellis_bus::BusError::InvalidConfig("bad".to_owned()));
+        assert!(down.is_retryable());
+        assert!(!wrong.is_retryable());
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -16,6 +16,20 @@ use crate::{ApiError, Db};
 #[error("serving failed: {0}")]
 pub struct ServeError(#[from] std::io::Error);
 
+impl ServeError {
+    /// Whether serving again may work: an interrupted or timed-out accept is passing; a
+    /// listener that failed for another reason (its address gone, too many open files) is not
+    /// fixed by trying again at once.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.0.kind(),
+            std::io::ErrorKind::Interrupted
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+        )
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
 ///
 /// Adds `GET /healthz` (the process answers), `GET /readyz` (503 `database_unavailable` when
@@ -61,4 +75,17 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeError;
+
+    #[test]
+    fn a_passing_accept_fault_is_retryable_and_a_lost_address_is_not() {
+        let passing = ServeError::from(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        let lasting = ServeError::from(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+        assert!(passing.is_retryable());
+        assert!(!lasting.is_retryable());
+    }
 }
