@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::Notify;
 use trellis_bus::inbox::{Handled, PgInbox, SqliteInbox};
@@ -17,19 +16,12 @@ use trellis_bus::{
 use crate::helpers::TempDir;
 
 async fn sqlite_pool(dir: &TempDir) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::new()
-        .filename(dir.file("service.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await?;
-    sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL, subject TEXT NOT NULL, n INTEGER NOT NULL)")
-        .execute(&pool)
-        .await?;
-    Ok(pool)
+    crate::helpers::service_db(
+        dir,
+        Duration::from_secs(5),
+        "CREATE TABLE effects (message_id TEXT NOT NULL, subject TEXT NOT NULL, n INTEGER NOT NULL)",
+    )
+    .await
 }
 
 fn message(group: &str, n: u64) -> Message {

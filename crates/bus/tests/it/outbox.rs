@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use tokio::sync::{Notify, Semaphore};
 use trellis_bus::outbox::{PgOutbox, SqliteOutbox};
 use trellis_bus::{Bus, BusError, Envelope, InMemoryBus, SubscribeOptions, Subscription};
@@ -57,21 +56,14 @@ impl Bus for GatedBus {
 }
 
 async fn service_pool(dir: &TempDir) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::new()
-        .filename(dir.file("service.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // Shorter than WRITE_WAIT_MAX: a write stuck behind the lock fails with "database is
-        // locked" instead of waiting for the timeout.
-        .busy_timeout(Duration::from_secs(3));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await?;
-    sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY)")
-        .execute(&pool)
-        .await?;
-    Ok(pool)
+    // A busy timeout shorter than WRITE_WAIT_MAX: a write stuck behind the lock fails with
+    // "database is locked" instead of waiting for the timeout.
+    crate::helpers::service_db(
+        dir,
+        Duration::from_secs(3),
+        "CREATE TABLE orders (id TEXT PRIMARY KEY)",
+    )
+    .await
 }
 
 fn update(subject: &str, n: u64) -> Envelope {
