@@ -93,6 +93,11 @@ pub(crate) struct ListFilter {
     pub(crate) user_id: Option<String>,
     /// Only orders in this status.
     pub(crate) status: Option<OrderStatus>,
+    /// Only orders placed at or after this time (`created_at` format: RFC 3339, UTC,
+    /// milliseconds, `Z`, which sorts as text in time order).
+    pub(crate) placed_from: Option<String>,
+    /// Only orders placed before this time (same format).
+    pub(crate) placed_before: Option<String>,
     /// Only orders with an id below this one (the previous page's last).
     pub(crate) before: Option<String>,
     /// Most rows returned.
@@ -128,6 +133,14 @@ pub(crate) async fn list(db: &Db, filter: ListFilter) -> Result<Vec<ViewRow>, sq
     if let Some(status) = filter.status {
         binds.push(status.as_str().to_owned());
         sql.push_str(&format!(" AND status = ${}", binds.len()));
+    }
+    if let Some(from) = filter.placed_from {
+        binds.push(from);
+        sql.push_str(&format!(" AND created_at >= ${}", binds.len()));
+    }
+    if let Some(placed_before) = filter.placed_before {
+        binds.push(placed_before);
+        sql.push_str(&format!(" AND created_at < ${}", binds.len()));
     }
     if let Some(before) = filter.before {
         binds.push(before);

@@ -168,19 +168,96 @@ struct ListQuery {
     status: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
+    user_id: Option<String>,
+    placed_from: Option<String>,
+    placed_to: Option<String>,
 }
 
-/// The caller's orders (all orders for an admin), newest first.
+/// Which end of a placement-time range a query parameter gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RangeEnd {
+    /// `placed_from`: orders placed at or after it (a date: from its first moment, UTC).
+    From,
+    /// `placed_to`: orders placed at or before it (a date: through its last moment, UTC).
+    To,
+}
+
+/// Parses `placed_from` / `placed_to` (an RFC 3339 time or a `YYYY-MM-DD` date, UTC) into a
+/// bound in the read model's `created_at` format (RFC 3339, UTC, milliseconds, `Z`), which
+/// sorts as text in time order: an inclusive lower bound for [`RangeEnd::From`], an exclusive
+/// upper bound for [`RangeEnd::To`]. Orders record their time to the millisecond, so "at or
+/// before `t`" is "before `t` truncated to the millisecond, plus one millisecond".
+fn placed_bound(name: &str, text: &str, end: RangeEnd) -> Result<String, ApiError> {
+    use chrono::{DateTime, Datelike, Days, NaiveDate, SecondsFormat, TimeDelta, Timelike, Utc};
+
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_date",
+            format!(
+                "{name} must be an RFC 3339 time (2026-01-31T09:30:00Z) or a date (2026-01-31) \
+                 in the years 1 to 9999"
+            ),
+        )
+    };
+    let text = text.trim();
+    let at: DateTime<Utc> = if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let day = match end {
+            RangeEnd::From => Some(date),
+            RangeEnd::To => date.checked_add_days(Days::new(1)),
+        };
+        day.and_then(|d| d.and_hms_opt(0, 0, 0))
+            .ok_or_else(invalid)?
+            .and_utc()
+    } else {
+        let time = DateTime::parse_from_rfc3339(text)
+            .map_err(|_| invalid())?
+            .with_timezone(&Utc);
+        let millis = time
+            .with_nanosecond(time.nanosecond() / 1_000_000 * 1_000_000)
+            .ok_or_else(invalid)?;
+        match end {
+            RangeEnd::From => millis,
+            RangeEnd::To => millis
+                .checked_add_signed(TimeDelta::milliseconds(1))
+                .ok_or_else(invalid)?,
+        }
+    };
+    // Four-digit years only: the text comparison needs one width.
+    if !(1..=9999).contains(&at.year()) {
+        return Err(invalid());
+    }
+    Ok(at.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// Whose orders a listing shows: the caller's own, or for an admin everyone's or the one
+/// customer `requested`. A customer naming another customer is refused rather than quietly
+/// shown their own orders, so a client never mistakes one for the other.
+fn owner_filter(caller: &Caller, requested: Option<&str>) -> Result<Option<String>, ApiError> {
+    let requested = requested.map(str::trim).filter(|id| !id.is_empty());
+    match requested {
+        _ if caller.is_admin() => Ok(requested.map(str::to_owned)),
+        Some(id) if id != caller.user_id => Err(ApiError::forbidden(
+            "only an admin may list another customer's orders",
+        )),
+        _ => Ok(Some(caller.user_id.clone())),
+    }
+}
+
+/// The caller's orders (all orders, or one customer's, for an admin), newest first.
 #[utoipa::path(get, path = "/api/orders", tag = "orders",
     params(
         ("status" = Option<String>, Query, description = "PENDING, CONFIRMED or CANCELLED"),
         ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("user_id" = Option<String>, Query, description = "Only this customer's orders: any customer for an admin, only the caller's own id for a customer"),
+        ("placed_from" = Option<String>, Query, description = "Only orders placed at or after this RFC 3339 time, or from the start of this date (YYYY-MM-DD, UTC)"),
+        ("placed_to" = Option<String>, Query, description = "Only orders placed at or before this RFC 3339 time, or through the end of this date (YYYY-MM-DD, UTC)"),
     ),
     responses(
         (status = 200, body = OrderPage, description = "A page of orders"),
-        (status = 400, body = ErrorBody, description = "Bad `status` (`invalid_status`), `limit` (`invalid_limit`), `cursor` (`invalid_cursor`) or an unknown parameter (`invalid_query`)"),
+        (status = 400, body = ErrorBody, description = "Bad `status` (`invalid_status`), `limit` (`invalid_limit`), `cursor` (`invalid_cursor`), `placed_from` or `placed_to` (`invalid_date`), `placed_from` after `placed_to` (`invalid_date_range`) or an unknown parameter (`invalid_query`)"),
         (status = 401, body = ErrorBody, description = "No verified caller (`unauthenticated`)"),
+        (status = 403, body = ErrorBody, description = "A customer asked for another customer's orders (`forbidden`)"),
         (status = 500, body = ErrorBody, description = "Internal error (`internal`)"),
     ))]
 async fn list_orders(
@@ -218,9 +295,30 @@ async fn list_orders(
                 })?,
         ),
     };
+    let user_id = owner_filter(&caller, query.user_id.as_deref())?;
+    let placed_from = query
+        .placed_from
+        .as_deref()
+        .map(|t| placed_bound("placed_from", t, RangeEnd::From))
+        .transpose()?;
+    let placed_before = query
+        .placed_to
+        .as_deref()
+        .map(|t| placed_bound("placed_to", t, RangeEnd::To))
+        .transpose()?;
+    if let (Some(from), Some(before)) = (&placed_from, &placed_before)
+        && from >= before
+    {
+        return Err(ApiError::bad_request(
+            "invalid_date_range",
+            "placed_from must be before placed_to",
+        ));
+    }
     let filter = ListFilter {
-        user_id: (!caller.is_admin()).then(|| caller.user_id.clone()),
+        user_id,
         status,
+        placed_from,
+        placed_before,
         before,
         // One more than the page, to know whether another page follows.
         limit: limit + 1,
@@ -282,5 +380,90 @@ async fn cancel_order(
             error @ (OrderError::NotCancellable(_) | OrderError::Ended(_)),
         )) => Err(ApiError::conflict("not_cancellable", error.to_string())),
         Err(error) => Err(ApiError::internal(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(user_id: &str, role: &str) -> Caller {
+        Caller {
+            user_id: user_id.to_owned(),
+            role: role.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_date_bounds_its_whole_day_in_utc() {
+        // From a date: its first moment; to a date: up to (not including) the next day.
+        let from = placed_bound("placed_from", "2026-01-31", RangeEnd::From).expect("a date");
+        let to = placed_bound("placed_to", "2026-01-31", RangeEnd::To).expect("a date");
+        assert_eq!(from, "2026-01-31T00:00:00.000Z");
+        assert_eq!(to, "2026-02-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_time_is_taken_to_the_millisecond_in_utc_and_an_upper_one_is_inclusive() {
+        // The read model records milliseconds in UTC: "at or before t" becomes "before t+1ms".
+        let from = placed_bound(
+            "placed_from",
+            "2026-01-31T10:00:00.1239+02:00",
+            RangeEnd::From,
+        )
+        .expect("a time");
+        let to = placed_bound("placed_to", "2026-01-31T10:00:00Z", RangeEnd::To).expect("a time");
+        assert_eq!(from, "2026-01-31T08:00:00.123Z");
+        assert_eq!(to, "2026-01-31T10:00:00.001Z");
+    }
+
+    #[test]
+    fn text_that_is_neither_a_time_nor_a_date_is_refused_naming_the_parameter() {
+        // Each bad form answers 400 invalid_date with the parameter's name.
+        for text in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-01-31T25:00:00Z",
+            "0000-01-01",
+            "9999-12-31",
+        ] {
+            let end = if text.starts_with("9999") {
+                RangeEnd::To
+            } else {
+                RangeEnd::From
+            };
+            let error = placed_bound("placed_to", text, end).expect_err(text);
+            assert_eq!(error.code, "invalid_date", "{text}");
+            assert!(error.message.contains("placed_to"), "{}", error.message);
+        }
+    }
+
+    #[test]
+    fn a_customer_lists_only_their_own_orders_and_may_not_name_another() {
+        // Without user_id or with their own: their orders; with another's: 403.
+        let customer = caller("user-a", "customer");
+        assert_eq!(
+            owner_filter(&customer, None).expect("own"),
+            Some("user-a".to_owned())
+        );
+        assert_eq!(
+            owner_filter(&customer, Some("user-a")).expect("own"),
+            Some("user-a".to_owned())
+        );
+        let error = owner_filter(&customer, Some("user-b")).expect_err("another's");
+        assert_eq!(error.status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn an_admin_lists_everyone_or_the_customer_named() {
+        // No user_id: every order; a user_id: that customer's.
+        let admin = caller("admin-1", "admin");
+        assert_eq!(owner_filter(&admin, None).expect("all"), None);
+        assert_eq!(owner_filter(&admin, Some(" ")).expect("all"), None);
+        assert_eq!(
+            owner_filter(&admin, Some("user-b")).expect("one"),
+            Some("user-b".to_owned())
+        );
     }
 }

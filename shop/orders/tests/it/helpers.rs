@@ -264,10 +264,23 @@ impl TestOrders {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        self.call_as(method, path, (user_id, "customer"), headers, body)
+            .await
+    }
+
+    /// Calls the service as `(user_id, role)`, with `headers` besides the identity.
+    pub(crate) async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        (user_id, role): (&str, &str),
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let token = self
             .key
             .signer("gateway")
-            .token(user_id, "customer")
+            .token(user_id, role)
             .expect("signs");
         let mut request = Request::builder()
             .method(method)

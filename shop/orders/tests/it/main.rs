@@ -1,4 +1,5 @@
-//! shop-orders against fake participants: order placement's idempotency.
+//! shop-orders against fake participants: order placement's idempotency, and listing.
 
 mod helpers;
+mod listing;
 mod placement;
