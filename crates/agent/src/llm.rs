@@ -256,10 +256,7 @@ impl OpenAiClient {
             .open_duration(Duration::from_secs(30))
             .build()
             .map_err(|e| LlmError::Unavailable(e.to_string()))?;
-        let url = format!(
-            "{}/chat/completions",
-            config.base_url.trim_end_matches('/')
-        );
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
         Ok(Self {
             http,
             url,
@@ -351,7 +348,8 @@ impl Llm for OpenAiClient {
     fn complete<'a>(&'a self, request: ChatRequest<'a>) -> BoxFuture<'a, Result<Reply, LlmError>> {
         Box::pin(async move {
             let body = self.body(&request);
-            let retry_if = |result: Result<&Reply, &Attempt>| matches!(result, Err(Attempt::Retry(_)));
+            let retry_if =
+                |result: Result<&Reply, &Attempt>| matches!(result, Err(Attempt::Retry(_)));
             match self
                 .retry
                 .call_if(&retry_if, None, || self.attempt(&body))

@@ -571,9 +571,11 @@ impl<S: SagaStore> Agent<S> {
                 if !waiting.is_empty() {
                     return Ok(RunOutcome::AwaitingApproval { calls: waiting });
                 }
-                if let Some(denied) = pending.iter().map(|&i| &state.calls[i]).find(|c| {
-                    c.decision.as_ref().is_some_and(|d| !d.approved)
-                }) {
+                if let Some(denied) = pending
+                    .iter()
+                    .map(|&i| &state.calls[i])
+                    .find(|c| c.decision.as_ref().is_some_and(|d| !d.approved))
+                {
                     let decision = denied.decision.clone().unwrap_or_else(|| unreachable!());
                     state.stop = Some(StopReason::Denied {
                         call: denied.label(),
@@ -583,7 +585,8 @@ impl<S: SagaStore> Agent<S> {
                     });
                     continue;
                 }
-                self.run_calls(&mut log, &mut state, caller, &pending).await?;
+                self.run_calls(&mut log, &mut state, caller, &pending)
+                    .await?;
                 continue;
             }
             if let Some(stop) = self.limit_reached(&state) {
@@ -610,7 +613,9 @@ impl<S: SagaStore> Agent<S> {
 
     fn wall_left(state: &RunState) -> Duration {
         let end = state.started_at
-            + chrono::Duration::seconds(i64::try_from(state.limits.max_wall_secs).unwrap_or(i64::MAX / 2));
+            + chrono::Duration::seconds(
+                i64::try_from(state.limits.max_wall_secs).unwrap_or(i64::MAX / 2),
+            );
         (end - Utc::now()).to_std().unwrap_or(Duration::ZERO)
     }
 
@@ -804,7 +809,11 @@ impl<S: SagaStore> Agent<S> {
         Ok(())
     }
 
-    async fn finish(&self, log: &mut Log<'_, S>, state: &RunState) -> Result<RunOutcome, AgentError> {
+    async fn finish(
+        &self,
+        log: &mut Log<'_, S>,
+        state: &RunState,
+    ) -> Result<RunOutcome, AgentError> {
         let stop = state.stop.clone().unwrap_or(StopReason::EndTurn);
         match &stop {
             StopReason::Error { message } => {
@@ -835,10 +844,16 @@ impl<S: SagaStore> Agent<S> {
             reason: "cancelled".into(),
         });
         let (failed_step, why) = match &stop {
-            StopReason::Denied { call, reason } => (format!("approve-{call}"), format!("denied by {reason}")),
+            StopReason::Denied { call, reason } => {
+                (format!("approve-{call}"), format!("denied by {reason}"))
+            }
             other => ("run".to_owned(), format!("{other:?}")),
         };
-        let instance = self.store.load(log.id).await?.ok_or(AgentError::NotFound(log.id))?;
+        let instance = self
+            .store
+            .load(log.id)
+            .await?
+            .ok_or(AgentError::NotFound(log.id))?;
         if instance.status != SagaStatus::Compensating {
             log.append(
                 Transition::Compensating {
@@ -851,7 +866,9 @@ impl<S: SagaStore> Agent<S> {
         }
         for i in (0..state.calls.len()).rev() {
             let call = state.calls[i].clone();
-            let Some(output) = call.output.clone() else { continue };
+            let Some(output) = call.output.clone() else {
+                continue;
+            };
             if call.undone || !call.outcome.as_ref().is_some_and(|o| o.ok) {
                 continue;
             }
@@ -872,7 +889,11 @@ impl<S: SagaStore> Agent<S> {
                     state,
                 )
                 .await?;
-                match self.tools.undo(&call.tool, args.clone(), output.clone(), &ctx).await {
+                match self
+                    .tools
+                    .undo(&call.tool, args.clone(), output.clone(), &ctx)
+                    .await
+                {
                     Ok(()) => {
                         state.calls[i].undone = true;
                         log.append(
@@ -908,7 +929,8 @@ impl<S: SagaStore> Agent<S> {
                                 state,
                             )
                             .await?;
-                            metrics::counter!("trellis_agent_runs_total", "stop" => "stuck").increment(1);
+                            metrics::counter!("trellis_agent_runs_total", "stop" => "stuck")
+                                .increment(1);
                             return Ok(finished(state));
                         }
                         tokio::time::sleep(Duration::from_millis(200) * attempt).await;
@@ -941,7 +963,11 @@ fn close_step(state: &mut RunState, step: u32) {
         .iter()
         .map(|c| Message::Tool {
             tool_call_id: c.id.clone(),
-            content: c.outcome.as_ref().map(|o| o.content.clone()).unwrap_or_default(),
+            content: c
+                .outcome
+                .as_ref()
+                .map(|o| o.content.clone())
+                .unwrap_or_default(),
         })
         .collect();
     state.messages.extend(results);
@@ -1187,7 +1213,11 @@ pub fn timings(instance: &SagaInstance) -> Vec<StepTiming> {
         });
     };
     let close = |out: &mut Vec<StepTiming>, step: &str, at: DateTime<Utc>, outcome: String| {
-        if let Some(t) = out.iter_mut().rev().find(|t| t.step == step && t.ended.is_none()) {
+        if let Some(t) = out
+            .iter_mut()
+            .rev()
+            .find(|t| t.step == step && t.ended.is_none())
+        {
             t.ended = Some(at);
             t.outcome = Some(outcome);
         }
@@ -1207,7 +1237,12 @@ pub fn timings(instance: &SagaInstance) -> Vec<StepTiming> {
                 close(&mut out, &format!("undo {step}"), at, "undone".into());
             }
             Transition::CompensationFailed { step, error, .. } => {
-                close(&mut out, &format!("undo {step}"), at, format!("failed: {error}"));
+                close(
+                    &mut out,
+                    &format!("undo {step}"),
+                    at,
+                    format!("failed: {error}"),
+                );
             }
             _ => {}
         }

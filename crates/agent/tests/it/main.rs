@@ -1,0 +1,7 @@
+//! trellis-agent's integration tests, one binary.
+
+mod agent_loop;
+mod durable;
+mod mcp;
+mod scripted;
+mod support;
