@@ -4,6 +4,7 @@
 //! (Crate documentation is completed with the loop; see the modules.)
 #![forbid(unsafe_code)]
 
+pub mod mcp;
 pub mod tool;
 
 pub use tool::{
