@@ -1,7 +1,7 @@
 //! The `trellis` command: the reference shop in one process (`up`) or one process per
 //! service (`serve`), the gateway alone (`gateway`), the load generator (`load`), operator
 //! tools for sagas (`saga`), dead letters (`dlq`) and accounts (`users create-admin`), and the
-//! resilience demo (`demo`). `chaos`, `agent` and `mcp` are not built yet. Errors print one line
+//! resilience demo (`demo`). `agent` runs an AI agent on the shop; `chaos` is not built yet. Errors print one line
 //! and exit non-zero; they never panic with a backtrace.
 
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use trellis_telemetry::{LogFormat, TelemetryConfig};
 
+mod agent;
 mod demo;
 mod dlq;
 mod load;
@@ -40,6 +41,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs a durable AI agent on the shop as a logged-in user (any OpenAI-compatible
+    /// endpoint), and lists, shows, approves, denies, cancels and resumes its runs.
+    Agent(agent::AgentArgs),
     /// Guided demonstrations of the toolkit.
     #[command(subcommand)]
     Demo(demo::Demo),
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Agent(args) => args.run().await,
             Command::Demo(demo) => demo.run().await,
             Command::Dlq(args) => args.run().await,
             Command::Saga(args) => args.run().await,

@@ -14,8 +14,8 @@ use trellis_resilience::{
     Backoff, CircuitBreaker, Clock, RetryBudget, RetryPolicy, SharedClock, SlidingWindow,
 };
 
-use crate::scripted::{Script, Turn, calls, text, tool_results};
 use crate::support::{Double, Lookup, agent, caller, client, memory};
+use trellis_agent::testing::{Script, Turn, calls, text, tool_results};
 
 fn finished(outcome: &RunOutcome) -> (StopReason, Option<String>) {
     match outcome {

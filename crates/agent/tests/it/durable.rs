@@ -11,8 +11,8 @@ use trellis_agent::run::{self, DEFINITION};
 use trellis_agent::{RunOutcome, StopReason};
 use trellis_saga::{SagaStatus, SagaStore, SqliteSagaStore, Transition};
 
-use crate::scripted::{Script, Turn, calls, text, tool_results};
 use crate::support::{FakeShop, agent, caller, client, registry};
+use trellis_agent::testing::{Script, Turn, calls, text, tool_results};
 
 fn place(id: &str) -> Turn {
     Turn::Answer(calls(&[(

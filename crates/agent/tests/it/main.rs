@@ -3,5 +3,4 @@
 mod agent_loop;
 mod durable;
 mod mcp;
-mod scripted;
 mod support;

@@ -15,7 +15,7 @@ use trellis_agent::{
 use trellis_resilience::{Backoff, RetryBudget, RetryPolicy};
 use trellis_saga::{InMemorySagaStore, Lease};
 
-use crate::scripted::Script;
+use trellis_agent::testing::Script;
 
 pub(crate) fn caller() -> Caller {
     Caller::new("user-1", "customer").with_bearer("token-of-user-1")

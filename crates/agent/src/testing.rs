@@ -1,5 +1,16 @@
-//! A scripted OpenAI-compatible chat-completions server: it plays the model in the tests.
-//! Each request takes the next entry of the script; every request body is kept.
+//! A scripted OpenAI-compatible chat-completions server that plays the model in tests, so an
+//! agent (and its tools, and its durability) is tested without a model or the internet. Each
+//! request takes the next [`Turn`] of the script; every request body is kept for assertions.
+//! Feature `testing`.
+//!
+//! ```
+//! use trellis_agent::testing::{Script, Turn, text};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let model = Script::start(vec![Turn::Answer(text("hello"))]).await;
+//! // OpenAiConfig::new(model.base_url(), "scripted") points a client at it.
+//! assert!(model.base_url().ends_with("/v1"));
+//! # }
+//! ```
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -14,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 /// What the scripted model does with one request.
-pub(crate) enum Turn {
+pub enum Turn {
     /// Answers this body.
     Answer(Value),
     /// Answers with a status and an error body.
@@ -23,6 +34,25 @@ pub(crate) enum Turn {
     Hang,
     /// Answers what the function returns for the request's body.
     With(Box<dyn Fn(&Value) -> Value + Send>),
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Answer(v) => f.debug_tuple("Answer").field(v).finish(),
+            Self::Status(code) => f.debug_tuple("Status").field(code).finish(),
+            Self::Hang => f.write_str("Hang"),
+            Self::With(_) => f.write_str("With(..)"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Script")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
@@ -35,14 +65,20 @@ struct Inner {
 
 /// The server's handle.
 #[derive(Clone)]
-pub(crate) struct Script {
+pub struct Script {
     inner: Arc<Mutex<Inner>>,
-    pub(crate) hung: Arc<Notify>,
-    pub(crate) addr: SocketAddr,
+    /// Notified when a [`Turn::Hang`] is served.
+    pub hung: Arc<Notify>,
+    /// The server's address.
+    pub addr: SocketAddr,
 }
 
 impl Script {
-    pub(crate) async fn start(turns: Vec<Turn>) -> Self {
+    /// Starts the server on a free loopback port with `turns`.
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(turns: Vec<Turn>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             turns: turns.into(),
             ..Inner::default()
@@ -52,27 +88,45 @@ impl Script {
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(complete))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free loopback port");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { inner, hung, addr }
     }
 
-    pub(crate) fn base_url(&self) -> String {
+    /// The base URL to give [`crate::OpenAiConfig::new`] (ends with `/v1`).
+    pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
 
-    /// Every later request (after the script) gets what `f` says.
-    pub(crate) fn otherwise(&self, f: impl Fn(&Value) -> Turn + Send + 'static) {
-        self.inner.lock().unwrap().fallback = Some(Box::new(f));
+    /// Every request after the script ran out gets what `f` says.
+    pub fn otherwise(&self, f: impl Fn(&Value) -> Turn + Send + 'static) {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fallback = Some(Box::new(f));
     }
 
-    pub(crate) fn push(&self, turn: Turn) {
-        self.inner.lock().unwrap().turns.push_back(turn);
+    /// Appends a turn to the script.
+    pub fn push(&self, turn: Turn) {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .turns
+            .push_back(turn);
     }
 
-    pub(crate) fn requests(&self) -> Vec<Value> {
-        self.inner.lock().unwrap().requests.clone()
+    /// Every request body received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .requests
+            .clone()
     }
 }
 
@@ -80,7 +134,9 @@ type AppState = (Arc<Mutex<Inner>>, Arc<Notify>);
 
 async fn complete(State((inner, hung)): State<AppState>, Json(body): Json<Value>) -> Response {
     let turn = {
-        let mut inner = inner.lock().unwrap();
+        let mut inner = inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.requests.push(body.clone());
         match inner.turns.pop_front() {
             Some(turn) => turn,
@@ -94,7 +150,7 @@ async fn complete(State((inner, hung)): State<AppState>, Json(body): Json<Value>
         Turn::Answer(value) => Json(value).into_response(),
         Turn::With(f) => Json(f(&body)).into_response(),
         Turn::Status(code) => (
-            StatusCode::from_u16(code).unwrap(),
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             Json(json!({"error": {"message": format!("scripted {code}")}})),
         )
             .into_response(),
@@ -106,7 +162,7 @@ async fn complete(State((inner, hung)): State<AppState>, Json(body): Json<Value>
 }
 
 /// A chat-completions answer with text.
-pub(crate) fn text(content: &str) -> Value {
+pub fn text(content: &str) -> Value {
     json!({
         "id": "chatcmpl-1", "object": "chat.completion", "model": "scripted",
         "choices": [{"index": 0, "finish_reason": "stop",
@@ -116,7 +172,7 @@ pub(crate) fn text(content: &str) -> Value {
 }
 
 /// A chat-completions answer asking for tool calls: `(id, name, arguments JSON text)`.
-pub(crate) fn calls(calls: &[(&str, &str, &str)]) -> Value {
+pub fn calls(calls: &[(&str, &str, &str)]) -> Value {
     let tool_calls: Vec<Value> = calls
         .iter()
         .map(|(id, name, args)| {
@@ -132,16 +188,16 @@ pub(crate) fn calls(calls: &[(&str, &str, &str)]) -> Value {
 }
 
 /// The `tool` messages of a request, as `(tool_call_id, content)`.
-pub(crate) fn tool_results(request: &Value) -> Vec<(String, String)> {
+pub fn tool_results(request: &Value) -> Vec<(String, String)> {
     request["messages"]
         .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .filter(|m| m["role"] == "tool")
         .map(|m| {
             (
-                m["tool_call_id"].as_str().unwrap().to_owned(),
-                m["content"].as_str().unwrap().to_owned(),
+                m["tool_call_id"].as_str().unwrap_or_default().to_owned(),
+                m["content"].as_str().unwrap_or_default().to_owned(),
             )
         })
         .collect()
