@@ -1,6 +1,8 @@
 //! End-to-end tests: the whole shop in this process on free ports, driven through the
 //! gateway's public API, on SQLite (temp dirs) and on PostgreSQL (one database per service).
 
+mod agent_run;
+mod agent_tools;
 mod choreography;
 mod harness;
 mod orders;
