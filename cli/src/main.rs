@@ -1,8 +1,9 @@
 //! The `trellis` command: the reference shop in one process (`up`) or one process per
 //! service (`serve`), the gateway alone (`gateway`), the load generator (`load`), operator
 //! tools for sagas (`saga`), dead letters (`dlq`) and accounts (`users create-admin`), and the
-//! resilience demo (`demo`). `agent` runs an AI agent on the shop; `chaos` is not built yet. Errors print one line
-//! and exit non-zero; they never panic with a backtrace.
+//! resilience demo (`demo`). `agent` runs an AI agent on the shop, `mcp` serves the shop's
+//! tools to MCP clients on stdio; `chaos` is not built yet. Errors print one line and exit
+//! non-zero; they never panic with a backtrace.
 
 use std::process::ExitCode;
 
@@ -14,6 +15,7 @@ mod agent;
 mod demo;
 mod dlq;
 mod load;
+mod mcp;
 mod saga;
 mod shop;
 mod users;
@@ -52,6 +54,9 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspects and acts on dead letters: list, show, replay, discard.
     Dlq(dlq::DlqArgs),
+    /// Serves the shop's agent tools over MCP on stdio, as the user whose token is in
+    /// TRELLIS_TOKEN (for MCP clients that start it; logs go to stderr).
+    Mcp(mcp::McpArgs),
     /// Inspects sagas and acts on them: list, show, retry, cancel, skip, purge.
     Saga(saga::SagaArgs),
     /// Runs the reference shop: the gateway and every service in one process, embedded
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => args.run().await,
             Command::Demo(demo) => demo.run().await,
             Command::Dlq(args) => args.run().await,
+            Command::Mcp(args) => args.run().await,
             Command::Saga(args) => args.run().await,
             Command::Up(args) => args.run().await,
             Command::Serve(args) => args.run().await,

@@ -70,6 +70,7 @@ burst = {login_burst}
         "payments",
         "shipping",
         "payment-provider",
+        "mcp",
     ] {
         toml.push_str(&format!(
             "\n[clusters.{name}]\nendpoints = [\"{}\"]\nload_balancing = \"least_outstanding\"\n",
@@ -124,6 +125,12 @@ cluster = "orders"
 auth = ["shop"]
 rate_limit = "per_user"
 timeout_ms = 15000"#,
+        r#"name = "mcp"
+path_exact = "/mcp"
+cluster = "mcp"
+auth = ["shop"]
+rate_limit = "per_user"
+timeout_ms = 30000"#,
         r#"name = "payments"
 path_prefix = "/api/payments"
 cluster = "payments"

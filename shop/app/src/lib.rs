@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod gateway;
+mod mcp;
 mod openapi;
 mod seed;
 mod serve;
@@ -36,14 +37,16 @@ use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 use trellis_telemetry::metrics::PrometheusHandle;
 
 pub use gateway::{RATE_PER_CLIENT, ShopHooks, config_toml};
+pub use mcp::MCP_PATH;
 pub use openapi::{BEARER_SCHEME, openapi};
 pub use seed::{CATALOG, Seeded, seed_catalog_at};
 pub use serve::{SEED_TRIES_SERVE, ServeConfig, serve_one};
 pub use shop_contracts::events::SagaStyle;
 pub use shop_payment_provider::{ProviderConfig, ProviderHandle};
 
-/// The services, in start order.
-pub const SERVICES: [&str; 7] = [
+/// The services, in start order. `mcp` serves the shop's agent tools over MCP (the gateway
+/// routes `/mcp` to it); its tools call the shop back through the gateway.
+pub const SERVICES: [&str; 8] = [
     "payment-provider",
     "users",
     "inventory",
@@ -51,6 +54,7 @@ pub const SERVICES: [&str; 7] = [
     "payments",
     "shipping",
     "orders",
+    "mcp",
 ];
 
 /// What [`up`] runs.
@@ -170,7 +174,7 @@ pub enum Error {
     NoBus(String),
     /// An unknown service name.
     #[error(
-        "no service named {0:?}; known: users, products, inventory, orders, payments, shipping, payment-provider"
+        "no service named {0:?}; known: users, products, inventory, orders, payments, shipping, payment-provider, mcp"
     )]
     UnknownService(String),
 }
@@ -516,6 +520,29 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
             source,
         })?;
     let operator_addr = SocketAddr::new(config.bind, config.operator_port);
+
+    // mcp: its tools call the shop back through the gateway, with the caller's token.
+    let mut gateway_for_tools = gateway_addr;
+    if gateway_for_tools.ip().is_unspecified() {
+        gateway_for_tools.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let router =
+        mcp::router(&format!("http://{gateway_for_tools}"), &service_key).map_err(|message| {
+            Error::Service {
+                service: "mcp",
+                message,
+            }
+        })?;
+    spawn_serve(
+        &mut tasks,
+        "mcp",
+        take("mcp"),
+        router,
+        None,
+        metrics.clone(),
+        &stopped,
+    );
+
     let toml = config_toml(gateway_addr, operator_addr, &addrs);
     let gateway_config =
         trellis_gateway::Config::from_toml(&toml).map_err(|e| Error::Gateway(e.to_string()))?;

@@ -262,6 +262,23 @@ pub async fn serve_one(
             orders.shutdown().await;
             result
         }
+        "mcp" => {
+            // The tools call the shop's public API through the gateway (`--peer gateway=…`).
+            let gateway = peers
+                .get("gateway")
+                .cloned()
+                .unwrap_or_else(|| format!("127.0.0.1:{}", shop_contracts::ports::GATEWAY));
+            let router =
+                mcp::router(&format!("http://{gateway}"), &service_key).map_err(|message| {
+                    Error::Service {
+                        service: "mcp",
+                        message,
+                    }
+                })?;
+            trellis_service::serve(listener, router, None, metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
         other => Err(Error::UnknownService(other.to_owned())),
     }
 }

@@ -16,6 +16,8 @@ pub const ORDERS: u16 = 8104;
 pub const PAYMENTS: u16 = 8105;
 /// The shipping service.
 pub const SHIPPING: u16 = 8106;
+/// The MCP endpoint of the shop's agent tools (the gateway serves it at `/mcp`).
+pub const MCP: u16 = 8107;
 /// The payment provider simulator.
 pub const PAYMENT_PROVIDER: u16 = 8190;
 
@@ -28,4 +30,5 @@ pub const SERVICES: &[(&str, u16)] = &[
     ("payments", PAYMENTS),
     ("shipping", SHIPPING),
     ("payment-provider", PAYMENT_PROVIDER),
+    ("mcp", MCP),
 ];
