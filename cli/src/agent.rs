@@ -504,6 +504,12 @@ async fn drive(
                     other => bail!("run {id}: {}", describe(&other)),
                 };
             }
+            RunOutcome::Stuck { step, error } => {
+                bail!(
+                    "run {id} is stuck: undoing {step} failed ({error}); the change is still in place. \
+                     Fix it by hand, then look at trellis agent show {id}"
+                );
+            }
             RunOutcome::AwaitingApproval { calls } => {
                 if approval.approve_all {
                     run::approve(agent.store(), id, None, &operator(None)).await?;

@@ -42,12 +42,19 @@ pub fn router<S: SagaStore>(store: Arc<S>) -> axum::Router {
         .with_state(store)
 }
 
-fn problem(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({ "error": error, "message": message.into() })),
-    )
-        .into_response()
+/// An error answer: a status and a JSON body naming the problem.
+#[derive(Debug)]
+struct Problem(StatusCode, &'static str, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let Self(status, error, message) = self;
+        (status, Json(json!({ "error": error, "message": message }))).into_response()
+    }
+}
+
+fn problem(status: StatusCode, error: &'static str, message: impl Into<String>) -> Response {
+    Problem(status, error, message.into()).into_response()
 }
 
 fn agent_error(error: AgentError) -> Response {
@@ -77,9 +84,9 @@ fn agent_error(error: AgentError) -> Response {
     }
 }
 
-fn parse_id(id: &str) -> Result<SagaId, Response> {
+fn parse_id(id: &str) -> Result<SagaId, Problem> {
     Uuid::parse_str(id).map(SagaId::from_uuid).map_err(|_| {
-        problem(
+        Problem(
             StatusCode::BAD_REQUEST,
             "invalid_id",
             format!("`{id}` is not a run id (a UUID)"),
@@ -124,7 +131,7 @@ async fn list<S: SagaStore>(State(store): State<Arc<S>>, Query(q): Query<ListQue
 async fn show<S: SagaStore>(State(store): State<Arc<S>>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(problem) => return problem.into_response(),
     };
     let loaded = async {
         let instance = store.load(id).await?.ok_or(AgentError::NotFound(id))?;
@@ -157,12 +164,12 @@ struct DecisionBody {
     reason: String,
 }
 
-fn check_operator(body: &DecisionBody) -> Result<(), Response> {
+fn check_operator(body: &DecisionBody) -> Result<(), Problem> {
     if body.operator.trim().is_empty() || body.operator.len() > 200 || body.reason.len() > 2000 {
-        return Err(problem(
+        return Err(Problem(
             StatusCode::BAD_REQUEST,
             "invalid_body",
-            "`operator` is 1 to 200 characters and `reason` at most 2000",
+            "`operator` is 1 to 200 characters and `reason` at most 2000".into(),
         ));
     }
     Ok(())
@@ -176,7 +183,7 @@ async fn decide<S: SagaStore>(
 ) -> Response {
     let id = match parse_id(id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(problem) => return problem.into_response(),
     };
     let Json(body) = match body {
         Ok(body) => body,
@@ -188,11 +195,11 @@ async fn decide<S: SagaStore>(
             );
         }
     };
-    if let Err(response) = check_operator(&body) {
-        return response;
+    if let Err(problem) = check_operator(&body) {
+        return problem.into_response();
     }
     match run::decide(
-        &*store,
+        store,
         id,
         body.call.as_deref(),
         approved,
@@ -232,7 +239,7 @@ async fn cancel<S: SagaStore>(
 ) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(problem) => return problem.into_response(),
     };
     let Json(body) = match body {
         Ok(body) => body,
@@ -244,8 +251,8 @@ async fn cancel<S: SagaStore>(
             );
         }
     };
-    if let Err(response) = check_operator(&body) {
-        return response;
+    if let Err(problem) = check_operator(&body) {
+        return problem.into_response();
     }
     match run::cancel(&*store, id, &body.operator, &body.reason).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),

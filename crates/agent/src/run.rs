@@ -154,6 +154,9 @@ pub struct CallRecord {
     pub arguments: String,
     /// What the tool does to the world (`None` for an unknown tool).
     pub effect: Option<Effect>,
+    /// When the call began to wait for approval, for a call that needs one.
+    #[serde(default)]
+    pub requested_at: Option<DateTime<Utc>>,
     /// The operator's decision, for a call that needs one.
     #[serde(default)]
     pub decision: Option<Decision>,
@@ -227,6 +230,24 @@ impl RunState {
             .unwrap_or("")
     }
 
+    /// Time spent waiting for operators' decisions, which the wall-time limit does not count.
+    pub fn waited(&self) -> chrono::Duration {
+        self.calls
+            .iter()
+            .filter_map(|c| Some(c.decision.as_ref()?.at - c.requested_at?))
+            .filter(|d| *d > chrono::Duration::zero())
+            .fold(chrono::Duration::zero(), |sum, d| sum + d)
+    }
+
+    /// When the wall-time limit passes: the start, plus the limit, plus the time spent waiting
+    /// for decisions.
+    pub fn deadline(&self) -> DateTime<Utc> {
+        let limit = i64::try_from(self.limits.max_wall_secs).unwrap_or(i64::MAX / 4);
+        self.started_at
+            + chrono::Duration::try_seconds(limit).unwrap_or(chrono::Duration::MAX / 4)
+            + self.waited()
+    }
+
     fn pending(&self) -> Vec<usize> {
         (0..self.calls.len())
             .filter(|&i| self.calls[i].outcome.is_none())
@@ -248,6 +269,14 @@ pub enum RunOutcome {
     AwaitingApproval {
         /// The calls.
         calls: Vec<CallRecord>,
+    },
+    /// Undoing a call failed for good: the run is `Stuck` and an operator must act (the
+    /// change is still in place).
+    Stuck {
+        /// The log's step whose undo failed.
+        step: String,
+        /// The last error.
+        error: String,
     },
 }
 
@@ -521,9 +550,8 @@ impl<S: SagaStore> Agent<S> {
             lease: &self.lease,
         };
         match instance.status {
-            SagaStatus::Completed | SagaStatus::Failed | SagaStatus::Stuck => {
-                return Ok(finished(&state));
-            }
+            SagaStatus::Stuck => return Ok(stuck(&instance)),
+            SagaStatus::Completed | SagaStatus::Failed => return Ok(finished(&state)),
             SagaStatus::Compensating => {
                 if state.stop.is_none() {
                     state.stop = Some(cancel_reason(&instance));
@@ -532,17 +560,6 @@ impl<S: SagaStore> Agent<S> {
             }
             SagaStatus::Running => {}
         }
-        let requested: std::collections::HashSet<String> = instance
-            .records
-            .iter()
-            .filter_map(|r| match &r.transition {
-                Transition::StepExecuting { step, .. } if step.starts_with("approve-") => {
-                    Some(step.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        let mut requested = requested;
         loop {
             if let Some(stop) = state.stop.clone() {
                 return if stop.aborts() {
@@ -557,16 +574,18 @@ impl<S: SagaStore> Agent<S> {
                 // decision has one.
                 let mut waiting = Vec::new();
                 for &i in &pending {
-                    let call = &state.calls[i];
-                    if call.needs_approval() && call.decision.is_none() {
-                        let step = call.approval_step();
-                        if requested.insert(step.clone()) {
-                            log.append(Transition::StepExecuting { step, attempt: 1 }, &state)
-                                .await?;
-                        }
-                        self.emit(RunEvent::AwaitingApproval { call: call.clone() });
-                        waiting.push(call.clone());
+                    if !state.calls[i].needs_approval() || state.calls[i].decision.is_some() {
+                        continue;
                     }
+                    if state.calls[i].requested_at.is_none() {
+                        state.calls[i].requested_at = Some(Utc::now());
+                        let step = state.calls[i].approval_step();
+                        log.append(Transition::StepExecuting { step, attempt: 1 }, &state)
+                            .await?;
+                    }
+                    let call = state.calls[i].clone();
+                    self.emit(RunEvent::AwaitingApproval { call: call.clone() });
+                    waiting.push(call);
                 }
                 if !waiting.is_empty() {
                     return Ok(RunOutcome::AwaitingApproval { calls: waiting });
@@ -599,12 +618,11 @@ impl<S: SagaStore> Agent<S> {
 
     fn limit_reached(&self, state: &RunState) -> Option<StopReason> {
         let limits = &state.limits;
-        let elapsed = (Utc::now() - state.started_at).num_seconds();
         if state.steps >= limits.max_steps {
             Some(StopReason::StepLimit)
         } else if state.usage.total() >= limits.max_tokens {
             Some(StopReason::TokenBudget)
-        } else if elapsed >= 0 && elapsed.unsigned_abs() >= limits.max_wall_secs {
+        } else if Utc::now() >= state.deadline() {
             Some(StopReason::WallTime)
         } else {
             None
@@ -612,11 +630,9 @@ impl<S: SagaStore> Agent<S> {
     }
 
     fn wall_left(state: &RunState) -> Duration {
-        let end = state.started_at
-            + chrono::Duration::seconds(
-                i64::try_from(state.limits.max_wall_secs).unwrap_or(i64::MAX / 2),
-            );
-        (end - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+        (state.deadline() - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Asks the model for the next answer and records it.
@@ -685,6 +701,7 @@ impl<S: SagaStore> Agent<S> {
                 tool: call.name.clone(),
                 arguments: call.arguments.clone(),
                 effect: self.tools.spec(&call.name).map(|s| s.effect),
+                requested_at: None,
                 decision: None,
                 outcome: None,
                 output: None,
@@ -931,7 +948,10 @@ impl<S: SagaStore> Agent<S> {
                             .await?;
                             metrics::counter!("trellis_agent_runs_total", "stop" => "stuck")
                                 .increment(1);
-                            return Ok(finished(state));
+                            return Ok(RunOutcome::Stuck {
+                                step: call.step_name(),
+                                error: error.to_string(),
+                            });
                         }
                         tokio::time::sleep(Duration::from_millis(200) * attempt).await;
                     }
@@ -978,6 +998,19 @@ fn finished(state: &RunState) -> RunOutcome {
         stop: state.stop.clone().unwrap_or(StopReason::EndTurn),
         answer: state.answer.clone(),
     }
+}
+
+fn stuck(instance: &SagaInstance) -> RunOutcome {
+    let (step, error) = instance
+        .records
+        .iter()
+        .rev()
+        .find_map(|r| match &r.transition {
+            Transition::Stuck { step, error, .. } => Some((step.clone(), error.clone())),
+            _ => None,
+        })
+        .unwrap_or_default();
+    RunOutcome::Stuck { step, error }
 }
 
 fn cancel_reason(instance: &SagaInstance) -> StopReason {

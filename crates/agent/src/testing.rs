@@ -55,12 +55,15 @@ impl std::fmt::Debug for Script {
     }
 }
 
+/// What answers once the script ran out.
+type Fallback = Box<dyn Fn(&Value) -> Turn + Send>;
+
 #[derive(Default)]
 struct Inner {
     turns: VecDeque<Turn>,
     requests: Vec<Value>,
     /// Served when the script has run out.
-    fallback: Option<Box<dyn Fn(&Value) -> Turn + Send>>,
+    fallback: Option<Fallback>,
 }
 
 /// The server's handle.

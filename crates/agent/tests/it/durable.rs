@@ -349,3 +349,87 @@ async fn another_user_cannot_drive_a_run() {
     ));
     assert!(script.requests().is_empty());
 }
+
+#[tokio::test]
+async fn an_undo_that_is_refused_leaves_the_run_stuck_for_an_operator() {
+    let script = Script::start(vec![place("c1"), place("c2")]).await;
+    let shop = Arc::new(FakeShop {
+        undo_refused: true,
+        ..FakeShop::default()
+    });
+    let store = crate::support::memory();
+    let agent = agent(
+        store.clone(),
+        Arc::new(client(&script)),
+        registry(&shop, true),
+    );
+    let (id, _) = agent.run(&caller(), "order twice").await.unwrap();
+    run::approve(&*store, id, None, "ops").await.unwrap();
+    agent.drive(id, &caller()).await.unwrap();
+    run::deny(&*store, id, None, "ops", "no").await.unwrap();
+    let outcome = agent.drive(id, &caller()).await.unwrap();
+    match &outcome {
+        RunOutcome::Stuck { step, error } => {
+            assert_eq!(step, "tool-1.1:place_order");
+            assert!(error.contains("shipped"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.load(id).await.unwrap().unwrap().status,
+        SagaStatus::Stuck
+    );
+    assert_eq!(
+        shop.live_orders(),
+        1,
+        "the order is still there, and the run says so"
+    );
+    // Driving a stuck run again changes nothing and says the same.
+    assert_eq!(agent.drive(id, &caller()).await.unwrap(), outcome);
+    assert_eq!(
+        shop.undos.load(Ordering::SeqCst),
+        1,
+        "a refusal is not retried"
+    );
+}
+
+#[test]
+fn time_spent_waiting_for_a_decision_does_not_count_against_the_wall_time_limit() {
+    use chrono::{TimeZone, Utc};
+    let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+    let call = |requested: i64, decided: i64| trellis_agent::CallRecord {
+        step: 1,
+        index: 1,
+        id: "c".into(),
+        tool: "place_order".into(),
+        arguments: "{}".into(),
+        effect: Some(trellis_agent::Effect::Changes { approval: true }),
+        requested_at: Some(at(requested)),
+        decision: Some(trellis_agent::run::Decision {
+            approved: true,
+            operator: "ops".into(),
+            reason: String::new(),
+            at: at(decided),
+        }),
+        outcome: None,
+        output: None,
+        undone: false,
+    };
+    let state = trellis_agent::RunState {
+        caller: trellis_agent::Caller::new("u", "customer"),
+        model: "m".into(),
+        limits: trellis_agent::Limits {
+            max_wall_secs: 60,
+            ..trellis_agent::Limits::default()
+        },
+        started_at: at(0),
+        messages: vec![],
+        steps: 1,
+        usage: trellis_agent::Usage::default(),
+        calls: vec![call(10, 3_610), call(20, 30)],
+        stop: None,
+        answer: None,
+    };
+    assert_eq!(state.waited(), chrono::Duration::seconds(3_610));
+    assert_eq!(state.deadline(), at(60 + 3_610));
+}

@@ -2,5 +2,6 @@
 
 mod agent_loop;
 mod durable;
+mod http;
 mod mcp;
 mod support;

@@ -116,6 +116,8 @@ pub(crate) struct FakeShop {
     pub(crate) undos: AtomicU32,
     /// When set, each execution takes a permit first (a test holds the call in flight).
     pub(crate) gate: Option<Arc<Semaphore>>,
+    /// When set, every undo is refused (the order shipped already).
+    pub(crate) undo_refused: bool,
 }
 
 impl FakeShop {
@@ -185,6 +187,11 @@ impl Tool for PlaceOrder {
         _ctx: &ToolContext,
     ) -> Result<(), ToolError> {
         self.shop.undos.fetch_add(1, Ordering::SeqCst);
+        if self.shop.undo_refused {
+            return Err(ToolError::refused(
+                "the order shipped and can no longer be cancelled",
+            ));
+        }
         for order in self.shop.orders.lock().unwrap().values_mut() {
             if order.0 == output.order_id {
                 order.1 = true;
