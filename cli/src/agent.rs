@@ -167,6 +167,14 @@ enum AgentCommand {
         #[arg(long)]
         operator: Option<String>,
     },
+    /// Serves the operator's HTTP surface for runs (list, show, approve, deny, cancel; see
+    /// trellis_agent::http) until Ctrl-C. It has no authentication: keep it on loopback or an
+    /// operator network.
+    Serve {
+        /// Listen here.
+        #[arg(long, env = "TRELLIS_AGENT_LISTEN", default_value = "127.0.0.1:8097")]
+        listen: std::net::SocketAddr,
+    },
     /// Carries on a run from its log (after a crash, or after a decision).
     Resume {
         /// The run.
@@ -255,6 +263,19 @@ impl AgentArgs {
                         summary.updated_at.format("%Y-%m-%d %H:%M:%S"),
                     );
                 }
+                Ok(())
+            }
+            Some(AgentCommand::Serve { listen }) => {
+                let app = trellis_agent::http::router(Arc::new(store));
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("listening on {listen}"))?;
+                eprintln!("agent runs served on http://{listen}/runs (Ctrl-C stops)");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
                 Ok(())
             }
             Some(AgentCommand::Show { id, json }) => {

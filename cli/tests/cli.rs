@@ -520,3 +520,160 @@ fn saga_commands_refuse_a_database_url_no_backend_serves() {
         "stderr was: {stderr}"
     );
 }
+
+/// `trellis agent` as a user runs it: a shop, a scripted OpenAI-compatible model, a customer
+/// logging in; the agent lists products and places an order (approved by --approve-all),
+/// prints each step and the answer; `runs` and `show` find the run in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_places_an_order_as_the_user_and_the_run_is_listed_and_shown() {
+    use serde_json::json;
+    use trellis_agent::testing::{Script, Turn, calls, text};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = shop_app::ShopConfig::ephemeral(dir.path());
+    config.admin = Some(("admin@cli.test".into(), "admin-password-1".into()));
+    config.seed_catalog = false;
+    let shop = shop_app::up(config).await.expect("the shop starts");
+    let gateway = shop.gateway_url();
+    let http = reqwest::Client::new();
+    let token = |email: &str, password: &str| {
+        let http = http.clone();
+        let url = format!("{gateway}/api/auth/token");
+        let body = json!({"email": email, "password": password});
+        async move {
+            let answer: serde_json::Value = http
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let admin = token("admin@cli.test", "admin-password-1").await;
+    let product: serde_json::Value = http
+        .post(format!("{gateway}/api/products"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "Teapot", "price_cents": 1_500, "stock": 5}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = product["id"].as_str().unwrap().to_owned();
+    let status = http
+        .post(format!("{gateway}/api/users"))
+        .json(&json!({"email": "cara@cli.test", "password": "password-123", "name": "Cara"}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 201);
+
+    let place = json!({"items": [{"product_id": product, "quantity": 1}]}).to_string();
+    let model = Script::start(vec![
+        Turn::Answer(calls(&[("c1", "list_products", "{}")])),
+        Turn::Answer(calls(&[("c2", "place_order", &place)])),
+        Turn::Answer(text("I ordered one Teapot for you.")),
+    ])
+    .await;
+    let store = format!("sqlite://{}", dir.path().join("agent.db").display());
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_trellis"))
+                .args(&args)
+                .env_remove("OPENAI_API_KEY")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(vec![
+        "agent".into(),
+        "buy me a teapot".into(),
+        "--gateway".into(),
+        gateway.clone(),
+        "--email".into(),
+        "cara@cli.test".into(),
+        "--password".into(),
+        "password-123".into(),
+        "--llm-base-url".into(),
+        model.base_url(),
+        "--llm-model".into(),
+        "scripted".into(),
+        "--store".into(),
+        store.clone(),
+        "--approve-all".into(),
+    ])
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("→ list_products"), "{stdout}");
+    assert!(stdout.contains("✓ list_products"), "{stdout}");
+    assert!(stdout.contains("Teapot"), "{stdout}");
+    assert!(stdout.contains("✓ place_order"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("I ordered one Teapot for you."),
+        "{stdout}"
+    );
+    let run_id = stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "run")
+        .nth(1)
+        .expect("the run id on stderr")
+        .to_owned();
+
+    // The order is Cara's, placed once.
+    let cara = token("cara@cli.test", "password-123").await;
+    let orders: serde_json::Value = http
+        .get(format!("{gateway}/api/orders"))
+        .bearer_auth(&cara)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(orders["items"].as_array().unwrap().len(), 1, "{orders}");
+
+    let out = run(vec![
+        "agent".into(),
+        "runs".into(),
+        "--store".into(),
+        store.clone(),
+    ])
+    .await
+    .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        listed.contains(&run_id) && listed.contains("completed"),
+        "{listed}"
+    );
+    let out = run(vec![
+        "agent".into(),
+        "show".into(),
+        run_id.clone(),
+        "--store".into(),
+        store,
+    ])
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    for needle in [
+        "llm-1",
+        "tool-1.1:list_products",
+        "approve-2.1:place_order",
+        "tool-2.1:place_order",
+        "user: buy me a teapot",
+    ] {
+        assert!(shown.contains(needle), "`{needle}` missing from:\n{shown}");
+    }
+    shop.shutdown().await;
+}
