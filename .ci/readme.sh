@@ -9,9 +9,13 @@
 #   load                 `trellis load` with the invariants checked
 #   serve                one process per service on PostgreSQL + NATS (orchestrated saga)
 #   serve-choreography   the same with the choreographed saga
+#   agent                `trellis agent` as Ann, then `trellis agent runs`
+#   mcp                  `tools/list` on the gateway's /mcp with Ann's token
 #   test                 `cargo test --workspace`: CI's own test step, not run again here
-# Phases: `up`, then `use` (the order must reach CONFIRMED) and `load` against it; the same
-# against `serve`, then against `serve-choreography`.
+# Phases: `up`, then `use` (the order must reach CONFIRMED), `agent`, `mcp` and `load` against
+# it; `use`, `mcp` and `load` against `serve`, then against `serve-choreography`.
+# The agent's model is .ci/readme-model.py, a fixed-rule stand-in on 127.0.0.1:8199 named by
+# OPENAI_BASE_URL, as a user names theirs: the loop, the tools and the shop are the real ones.
 #
 # Conventions (the only things varied from what a user types, as README.md says):
 # - `trellis` and `cargo run --release --` run the binary CI built ($CARGO_TARGET_DIR/debug/
@@ -151,6 +155,40 @@ use_and_confirm() {
   die "$phase: order $ORDER not confirmed after ${SETTLE_S} s: $status"
 }
 
+# The agent recipe against a stand-in model: the answer must name the order `use` placed.
+run_agent() {
+  local phase=$1 port=8199
+  python3 "$repo/.ci/readme-model.py" "$port" &
+  local model=$!
+  for _ in $(seq 1 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  if ! OPENAI_BASE_URL="http://127.0.0.1:$port/v1" OPENAI_MODEL=readme OPENAI_API_KEY="" \
+      bash -euo pipefail -c "$(block agent)" > "$work/$phase-agent.out" 2>&1; then
+    kill "$model" 2>/dev/null || true
+    cat "$work/$phase-agent.out" >&2
+    die "$phase: the 'agent' block failed"
+  fi
+  kill "$model" 2>/dev/null || true
+  grep -q "search_orders" "$work/$phase-agent.out" && grep -q "$ORDER" "$work/$phase-agent.out" \
+    && grep -q "completed" "$work/$phase-agent.out" \
+    || { cat "$work/$phase-agent.out" >&2; die "$phase: the agent did not find order $ORDER"; }
+  log "$phase: agent: $(grep -c '✓' "$work/$phase-agent.out") tool call(s), answer names order $ORDER"
+}
+
+# The MCP recipe: the gateway's /mcp lists the six tools for Ann.
+run_mcp() {
+  local phase=$1
+  GW="$GW" TOKEN="$TOKEN" bash -euo pipefail -c "$(block mcp)" > "$work/$phase-mcp.out" 2>&1 \
+    || { cat "$work/$phase-mcp.out" >&2; die "$phase: the 'mcp' block failed"; }
+  for tool in search_orders get_order cancel_order list_products check_stock place_order; do
+    grep -q "\"name\":\"$tool\"" "$work/$phase-mcp.out" \
+      || { cat "$work/$phase-mcp.out" >&2; die "$phase: /mcp did not list $tool"; }
+  done
+  log "$phase: mcp: the six tools listed"
+}
+
 run_load() {
   local phase=$1
   if ! bash -euo pipefail -c "$(block load)" > "$work/$phase-load.out" 2>&1; then
@@ -183,6 +221,8 @@ runner=$!
 runners+=("$runner")
 wait_for_catalog || { tail -30 "$work/$phase.log" >&2; die "$phase: the shop did not come up"; }
 use_and_confirm "$phase"
+run_agent "$phase"
+run_mcp "$phase"
 run_load "$phase"
 stop_all $(pgrep -P "$runner" || true)
 wait "$runner" 2>/dev/null || true
@@ -201,6 +241,7 @@ for phase in serve serve-choreography; do
     die "$phase: the shop did not come up with a catalog"
   fi
   use_and_confirm "$phase"
+  run_mcp "$phase"
   run_load "$phase"
   stop_all $(pgrep -P "$runner" || true)
   wait "$runner" 2>/dev/null || true

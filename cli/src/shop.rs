@@ -110,6 +110,10 @@ impl UpArgs {
         );
         println!("  gateway        {gateway}   (public API; OpenAPI at {gateway}/openapi.json)");
         println!(
+            "  mcp            {gateway}/mcp   (the shop's agent tools over MCP, with a user's \
+             bearer token; `trellis mcp` on stdio)"
+        );
+        println!(
             "  operator       {}   (/metrics, /healthz, /readyz; not on the public port)",
             shop.operator_url()
         );
