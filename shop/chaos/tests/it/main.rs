@@ -1,0 +1,3 @@
+//! shop-chaos's integration tests, one binary.
+
+mod scenario;
