@@ -23,4 +23,5 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod checks;
 pub mod scenario;

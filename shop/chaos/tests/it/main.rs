@@ -1,3 +1,4 @@
 //! shop-chaos's integration tests, one binary.
 
+mod checks;
 mod scenario;
