@@ -69,7 +69,7 @@ async fn provider_stats(shop: &Shop) -> ProviderStats {
     let url = shop
         .shop
         .addrs()
-        .into_iter()
+        .iter()
         .find(|(name, _)| **name == "payment-provider")
         .map(|(_, addr)| format!("http://{addr}/v1/stats"))
         .unwrap();
