@@ -5,3 +5,5 @@
 //! killed on demand, never orphaned) and a TCP fault proxy (latency, resets, blackholes,
 //! bandwidth limits, sliced writes; switchable at run time).
 #![forbid(unsafe_code)]
+
+pub mod supervisor;

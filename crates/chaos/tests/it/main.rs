@@ -1,0 +1,3 @@
+//! Integration tests of trellis-chaos.
+
+mod supervisor;
