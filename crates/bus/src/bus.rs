@@ -508,6 +508,9 @@ impl Delivery {
     /// [`BusError::LeaseLost`] when the ack wait had passed and the message went to another
     /// consumer; storage / network faults.
     pub async fn ack(self) -> Result<(), BusError> {
+        // The handler is done; the backend does not know yet (dropping `self` here leaves
+        // the message to be redelivered after the ack wait, as a crash would).
+        failpoint!(crate::failpoints::DELIVERY_BEFORE_ACK, &self.message.group);
         metrics::counter!("trellis_bus_acked_total").increment(1);
         self.settle(Settlement::Ack).await
     }

@@ -118,6 +118,8 @@ impl SqliteInbox {
         }
         let value = handler(&mut tx).await?;
         tx.commit().await?;
+        // The effect and the inbox record are durable; the delivery is not acked yet.
+        failpoint!(crate::failpoints::INBOX_AFTER_COMMIT, &message.group);
         Ok(Handled::Done(value))
     }
 
@@ -187,6 +189,8 @@ impl PgInbox {
         }
         let value = handler(&mut tx).await?;
         tx.commit().await?;
+        // The effect and the inbox record are durable; the delivery is not acked yet.
+        failpoint!(crate::failpoints::INBOX_AFTER_COMMIT, &message.group);
         Ok(Handled::Done(value))
     }
 

@@ -37,6 +37,7 @@
 //! | `sqlite` | yes | [`sqlite::SqliteBus`], the durable log |
 //! | `nats` | yes | [`nats::NatsBus`] (async-nats) |
 //! | `http` | yes | [`http::router`], the DLQ's JSON endpoints (axum) |
+//! | `failpoints` | no | `failpoints`: crash points at the durable boundaries, for tests |
 //!
 //! [`inbox`] and [`outbox`] (SQLite and PostgreSQL) are always built.
 //!
@@ -87,11 +88,27 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+/// `failpoint!(NAME, scope)`: returns `Err(error.into())` from the enclosing function when
+/// failpoint `NAME` fires for `scope` (feature `failpoints`, see [`failpoints`]); expands to
+/// nothing without the feature. Defined before the modules so they all see it.
+macro_rules! failpoint {
+    ($name:expr, $scope:expr) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if let Some(error) = $crate::failpoints::hit($name, $scope) {
+                return Err(error.into());
+            }
+        }
+    };
+}
+
 mod any;
 mod bus;
 pub mod dlq;
 mod envelope;
 mod error;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod inbox;

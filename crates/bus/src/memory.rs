@@ -131,6 +131,7 @@ impl Bus for InMemoryBus {
         }
         count_published();
         self.inner.changed.notify_waiters();
+        failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())
     }
 

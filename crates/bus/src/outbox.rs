@@ -86,9 +86,13 @@ fn record_lag(lag: Option<Duration>) {
     metrics::gauge!("trellis_bus_outbox_lag_seconds").set(lag.map_or(0.0, |lag| lag.as_secs_f64()));
 }
 
-/// Publishes each subject's rows in order (subjects concurrently); returns the ids the bus
-/// confirmed. A failure stops that subject, so its later rows stay behind the failed one.
-async fn publish_in_order<B: Bus>(bus: &B, rows: Vec<(i64, String, String, String)>) -> Vec<i64> {
+/// Publishes each subject's rows in order (subjects concurrently); returns the ids (and
+/// topics) the bus confirmed. A failure stops that subject, so its later rows stay behind the
+/// failed one.
+async fn publish_in_order<B: Bus>(
+    bus: &B,
+    rows: Vec<(i64, String, String, String)>,
+) -> Vec<(i64, String)> {
     let mut by_subject: BTreeMap<String, Vec<(i64, String, String)>> = BTreeMap::new();
     for (id, topic, subject, envelope) in rows {
         by_subject
@@ -107,7 +111,7 @@ async fn publish_in_order<B: Bus>(bus: &B, rows: Vec<(i64, String, String, Strin
                 }
             };
             match bus.publish(&topic, envelope).await {
-                Ok(()) => sent.push(id),
+                Ok(()) => sent.push((id, topic)),
                 Err(error) => {
                     tracing::warn!(id, %error, "outbox publish failed; will retry");
                     break;
@@ -239,6 +243,12 @@ impl SqliteOutbox {
             ));
         }
         let sent = publish_in_order(bus, decoded).await;
+        // Published, not yet deleted: a relay dying here publishes these rows again.
+        #[cfg(feature = "failpoints")]
+        for (_, topic) in &sent {
+            failpoint!(crate::failpoints::OUTBOX_AFTER_PUBLISH, topic);
+        }
+        let sent: Vec<i64> = sent.into_iter().map(|(id, _)| id).collect();
         if !sent.is_empty() {
             let ids = serde_json::to_string(&sent).map_err(BusError::corrupt)?;
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -350,6 +360,12 @@ impl PgOutbox {
             }
         }
         let sent = publish_in_order(bus, rows).await;
+        // Published, not yet deleted: returning here rolls the transaction back.
+        #[cfg(feature = "failpoints")]
+        for (_, topic) in &sent {
+            failpoint!(crate::failpoints::OUTBOX_AFTER_PUBLISH, topic);
+        }
+        let sent: Vec<i64> = sent.into_iter().map(|(id, _)| id).collect();
         sqlx::query("DELETE FROM bus_outbox WHERE id = ANY($1)")
             .bind(&sent)
             .execute(&mut *tx)

@@ -269,6 +269,7 @@ impl Bus for NatsBus {
         self.publish_raw(topic, &envelope.subject, bytes, None)
             .await?;
         count_published();
+        failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())
     }
 

@@ -274,6 +274,8 @@ impl Bus for SqliteBus {
         .await?;
         answer.await.map_err(|_| BusError::Closed)??;
         count_published();
+        // Committed (group commit answers after the commit); the publisher has not heard yet.
+        failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())
     }
 

@@ -5,6 +5,8 @@ mod conformance;
 mod dlq_http;
 mod dlq_paging;
 mod exactly_once;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod helpers;
 mod memory;
 mod nats;
