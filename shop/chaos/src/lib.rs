@@ -24,4 +24,5 @@
 #![forbid(unsafe_code)]
 
 pub mod checks;
+pub mod runner;
 pub mod scenario;
