@@ -77,9 +77,25 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+/// `failpoint!(NAME, scope)`: returns `Err(error.into())` from the enclosing function when
+/// failpoint `NAME` fires for `scope` (feature `failpoints`, see `failpoints`); expands to
+/// nothing without the feature.
+macro_rules! failpoint {
+    ($name:expr, $scope:expr) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if let Some(error) = $crate::failpoints::hit($name, $scope) {
+                return Err(error.into());
+            }
+        }
+    };
+}
+
 mod aggregate;
 mod any;
 mod error;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 mod memory;
 mod projection;
 mod repository;

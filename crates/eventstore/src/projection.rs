@@ -367,8 +367,12 @@ where
                     reason,
                 })?;
         }
+        // Applied, checkpoint not written: a crash here rolls both back (the batch reapplies).
+        failpoint!(crate::failpoints::PROJECTION_BEFORE_CHECKPOINT, name);
         DB::save_checkpoint(&mut tx, name, generation, last).await?;
         tx.commit().await?;
+        // Both committed: a crash here must not apply the batch again.
+        failpoint!(crate::failpoints::PROJECTION_AFTER_COMMIT, name);
         Ok((last, events.len()))
     }
 

@@ -4,5 +4,7 @@
 mod account;
 mod aggregates;
 mod conformance;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod open_and_subscribe;
 mod projections;
