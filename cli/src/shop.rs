@@ -83,6 +83,17 @@ pub(crate) struct UpArgs {
     /// sqlite://DATA_DIR/bus.db).
     #[arg(long, env = "TRELLIS_BUS")]
     bus: Option<String>,
+    /// Run each service, the mcp service, the payment provider simulator and the gateway as
+    /// a child process (`trellis serve NAME`) of this one, supervised: one that exits or is
+    /// killed is restarted with backoff, its log lines prefixed with its name; the children
+    /// stop when this process stops, however it stops.
+    #[arg(long)]
+    processes: bool,
+    /// Put every service on a free port instead of DESIGN.md's (8101…); the banner prints
+    /// them. With --port 0 and --operator-port 0 nothing is fixed (tests, several shops on
+    /// one machine).
+    #[arg(long)]
+    free_ports: bool,
     #[command(flatten)]
     provider: ProviderArgs,
 }
@@ -99,14 +110,96 @@ impl UpArgs {
         config.provider = self.provider.config()?;
         config.bus_url = self.bus.clone();
         config.admin = admin_from_env()?;
+        config.fixed_service_ports = !self.free_ports;
+        if self.processes {
+            return self.run_processes(config, stop_signal).await;
+        }
         let shop = shop_app::up(config).await.with_context(|| {
             format!("starting the shop with data in {}", self.data_dir.display())
         })?;
-        let gateway = shop.gateway_url();
+        let services = shop
+            .addrs()
+            .iter()
+            .map(|(name, addr)| ((*name).to_owned(), format!("http://{addr}")))
+            .collect::<Vec<_>>();
+        self.banner(
+            &shop.gateway_url(),
+            &shop.operator_url(),
+            &services,
+            shop.admin(),
+        );
+        println!("Ctrl-C stops it.");
+        let _ = stop_signal.await;
+        println!("stopping: draining in-flight requests");
+        shop.shutdown().await;
+        Ok(())
+    }
+
+    /// `trellis up --processes`: the shop as supervised child processes.
+    async fn run_processes(
+        &self,
+        config: ShopConfig,
+        stop_signal: tokio::task::JoinHandle<()>,
+    ) -> anyhow::Result<()> {
+        let config = shop_app::ProcessConfig::new(config)?;
+        let shop = shop_app::processes::spawn(config).await.with_context(|| {
+            format!(
+                "starting the shop as processes with data in {}",
+                self.data_dir.display()
+            )
+        })?;
+        let reporter = tokio::spawn(report_restarts(shop.supervisor().events()));
+        let pid = |name: &str| {
+            shop.pid(name)
+                .map_or_else(|| "down".to_owned(), |pid| format!("pid {pid}"))
+        };
+        let services = shop
+            .addrs()
+            .iter()
+            .map(|(name, addr)| {
+                (
+                    (*name).to_owned(),
+                    format!("http://{addr}   ({})", pid(name)),
+                )
+            })
+            .collect::<Vec<_>>();
+        self.banner(
+            &shop.gateway_url(),
+            &shop.operator_url(),
+            &services,
+            shop.admin(),
+        );
         println!(
-            "trellis shop is up (data in {}, {} order saga)",
+            "  processes      one per service, supervised (gateway {}); a child that exits is \
+             restarted with backoff",
+            pid(shop_app::processes::GATEWAY)
+        );
+        println!("Ctrl-C stops it.");
+        let _ = stop_signal.await;
+        println!("stopping: SIGTERM to every child (they drain in-flight requests)");
+        shop.shutdown().await;
+        reporter.abort();
+        println!("stopped");
+        Ok(())
+    }
+
+    /// What `up` prints once the shop answers.
+    fn banner(
+        &self,
+        gateway: &str,
+        operator: &str,
+        services: &[(String, String)],
+        admin: &shop_app::AdminAccount,
+    ) {
+        println!(
+            "trellis shop is up (data in {}, {} order saga{})",
             self.data_dir.display(),
-            shop_app::SagaStyle::from(self.saga).as_str()
+            shop_app::SagaStyle::from(self.saga).as_str(),
+            if self.processes {
+                ", one process per service"
+            } else {
+                ""
+            }
         );
         println!("  gateway        {gateway}   (public API; OpenAPI at {gateway}/openapi.json)");
         println!(
@@ -114,13 +207,11 @@ impl UpArgs {
              bearer token; `trellis mcp` on stdio)"
         );
         println!(
-            "  operator       {}   (/metrics, /healthz, /readyz; not on the public port)",
-            shop.operator_url()
+            "  operator       {operator}   (/metrics, /healthz, /readyz; not on the public port)"
         );
-        for (name, addr) in shop.addrs() {
-            println!("  {name:<16} http://{addr}");
+        for (name, addr) in services {
+            println!("  {name:<16} {addr}");
         }
-        let admin = shop.admin();
         match (&admin.password, admin.created, admin.generated) {
             (Some(password), true, true) => println!(
                 "  admin account created: {} / {password}  (set TRELLIS_ADMIN_EMAIL and \
@@ -148,11 +239,40 @@ impl UpArgs {
              -d '{{\"email\":\"{}\",\"password\":\"…\"}}'",
             admin.email
         );
-        println!("Ctrl-C stops it.");
-        let _ = stop_signal.await;
-        println!("stopping: draining in-flight requests");
-        shop.shutdown().await;
-        Ok(())
+    }
+}
+
+/// Prints the supervisor's exits and restarts (`[supervisor] orders exited (signal: 9) …`).
+async fn report_restarts(
+    mut events: tokio::sync::broadcast::Receiver<shop_app::processes::supervisor::Event>,
+) {
+    use shop_app::processes::supervisor::EventKind;
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        match event.kind {
+            EventKind::Exited { status, uptime } => println!(
+                "[supervisor] {} exited ({status}) after {:.1}s",
+                event.name,
+                uptime.as_secs_f64()
+            ),
+            EventKind::RestartScheduled { delay } => println!(
+                "[supervisor] {} restarts in {} ms",
+                event.name,
+                delay.as_millis()
+            ),
+            EventKind::Started { pid, restarts } if restarts > 0 => println!(
+                "[supervisor] {} restarted (pid {pid}, restart {restarts})",
+                event.name
+            ),
+            EventKind::SpawnFailed { error } => {
+                println!("[supervisor] {} could not start: {error}", event.name);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -214,8 +334,29 @@ pub(crate) struct ServeArgs {
     /// must share it (copy the file, or set the variable, on every machine).
     #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "trellis-data")]
     data_dir: PathBuf,
+    /// Stop (as on SIGTERM) when stdin reaches end-of-file. A supervising parent (`trellis up
+    /// --processes`) holds a pipe on the child's stdin, so the service never outlives it,
+    /// even when the parent is killed.
+    #[arg(long, env = "TRELLIS_EXIT_WITH_PARENT")]
+    exit_with_parent: bool,
     #[command(flatten)]
     provider: ProviderArgs,
+}
+
+/// SIGTERM or Ctrl-C, or with `exit_with_parent` also end-of-file on stdin.
+fn serve_shutdown(
+    exit_with_parent: bool,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    if !exit_with_parent {
+        return Box::pin(trellis_gateway::shutdown_signal());
+    }
+    let parent_gone = shop_app::processes::parent_gone();
+    Box::pin(async move {
+        tokio::select! {
+            () = trellis_gateway::shutdown_signal() => {}
+            () = parent_gone => eprintln!("stdin closed (the parent is gone): stopping"),
+        }
+    })
 }
 
 fn parse_peer(raw: &str) -> Result<(String, String), String> {
@@ -300,7 +441,7 @@ impl ServeArgs {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             println!("gateway listening on http://{listen}");
             let served = gateway
-                .serve(listener, trellis_gateway::shutdown_signal())
+                .serve(listener, serve_shutdown(self.exit_with_parent))
                 .await
                 .context("gateway");
             let _ = operator_stop.send(());
@@ -328,7 +469,7 @@ impl ServeArgs {
                 seed_catalog: self.seed_catalog,
                 saga_owner: self.saga_owner.clone(),
             },
-            trellis_gateway::shutdown_signal(),
+            serve_shutdown(self.exit_with_parent),
         )
         .await
         .with_context(|| format!("serving {}", self.name))?;

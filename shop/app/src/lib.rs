@@ -3,7 +3,9 @@
 //! [`up`] starts the gateway and every service in one process, each on its own loopback
 //! listener with its own database, talking over real HTTP and gRPC: what `trellis up` runs and
 //! what the end-to-end tests start on port 0. [`serve_one`] runs a single service, for one
-//! process per service (`trellis serve NAME --db postgres://…`).
+//! process per service (`trellis serve NAME --db postgres://…`). [`processes::spawn`] runs
+//! each service as a supervised child process of this one (`trellis up --processes`, and
+//! what `trellis chaos` kills services in).
 //!
 //! On first start `up` creates the admin account (from `TRELLIS_ADMIN_EMAIL` /
 //! `TRELLIS_ADMIN_PASSWORD` or generated) and a small catalog; a second start on the same data
@@ -22,6 +24,7 @@
 mod gateway;
 mod mcp;
 mod openapi;
+pub mod processes;
 mod seed;
 mod serve;
 
@@ -39,6 +42,7 @@ use trellis_telemetry::metrics::PrometheusHandle;
 pub use gateway::{RATE_PER_CLIENT, ShopHooks, config_toml};
 pub use mcp::MCP_PATH;
 pub use openapi::{BEARER_SCHEME, openapi};
+pub use processes::{ProcessConfig, ProcessShop};
 pub use seed::{CATALOG, Seeded, seed_catalog_at};
 pub use serve::{SEED_TRIES_SERVE, ServeConfig, serve_one};
 pub use shop_contracts::events::SagaStyle;
@@ -172,6 +176,20 @@ pub enum Error {
     /// A choreographed service was asked for without a bus.
     #[error("the {0} service takes part in the choreographed saga and needs --bus")]
     NoBus(String),
+    /// A child process could not be started or signalled (`trellis up --processes`).
+    #[error(transparent)]
+    Supervisor(#[from] trellis_chaos::supervisor::Error),
+    /// A child process did not answer `/healthz` in time.
+    #[error("{service} did not answer /healthz within {waited:?}")]
+    NotReady {
+        /// Which one.
+        service: String,
+        /// How long it was given.
+        waited: std::time::Duration,
+    },
+    /// The processes of the shop could not be set up.
+    #[error("{0}")]
+    Process(String),
     /// An unknown service name.
     #[error(
         "no service named {0:?}; known: users, products, inventory, orders, payments, shipping, payment-provider, mcp"
