@@ -6,4 +6,5 @@
 //! bandwidth limits, sliced writes; switchable at run time).
 #![forbid(unsafe_code)]
 
+pub mod proxy;
 pub mod supervisor;

@@ -1,3 +1,4 @@
 //! Integration tests of trellis-chaos.
 
+mod proxy;
 mod supervisor;
