@@ -14,6 +14,7 @@ use trellis_telemetry::{LogFormat, TelemetryConfig};
 mod agent;
 mod demo;
 mod dlq;
+mod fault_proxy;
 mod load;
 mod mcp;
 mod saga;
@@ -54,6 +55,9 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspects and acts on dead letters: list, show, replay, discard.
     Dlq(dlq::DlqArgs),
+    /// A TCP proxy to one upstream that injects faults (latency, resets, blackholes, bandwidth
+    /// limits, sliced writes, down), switched at run time over HTTP (--control).
+    FaultProxy(fault_proxy::FaultProxyArgs),
     /// Serves the shop's agent tools over MCP on stdio, as the user whose token is in
     /// TRELLIS_TOKEN (for MCP clients that start it; logs go to stderr).
     Mcp(mcp::McpArgs),
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => args.run().await,
             Command::Demo(demo) => demo.run().await,
             Command::Dlq(args) => args.run().await,
+            Command::FaultProxy(args) => args.run().await,
             Command::Mcp(args) => args.run().await,
             Command::Saga(args) => args.run().await,
             Command::Up(args) => args.run().await,
