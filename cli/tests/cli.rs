@@ -677,3 +677,252 @@ async fn agent_places_an_order_as_the_user_and_the_run_is_listed_and_shown() {
     }
     shop.shutdown().await;
 }
+
+/// The parent of `trellis up --processes`, SIGKILLed if a test ends without stopping it (its
+/// children then stop at end-of-file on stdin).
+struct Parent(std::process::Child);
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `pid` is gone (no such process, or a zombie waiting for a reaper).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// The next stdout line of the parent that `matches`, within `bound`.
+async fn line_where(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    bound: std::time::Duration,
+    matches: impl Fn(&str) -> bool,
+) -> String {
+    tokio::time::timeout(bound, async {
+        while let Some(line) = lines.recv().await {
+            if matches(&line) {
+                return line;
+            }
+        }
+        panic!("trellis up --processes ended its output");
+    })
+    .await
+    .expect("the expected line within its bound")
+}
+
+/// Places one order as `token` and waits (bounded) until it is CONFIRMED; retries the
+/// placing (same idempotency key) while the shop does not accept it yet.
+async fn order_confirmed(http: &reqwest::Client, gateway: &str, token: &str, product: &str) {
+    use serde_json::json;
+    let key = uuid::Uuid::now_v7().to_string();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let id = loop {
+        let answer = http
+            .post(format!("{gateway}/api/orders"))
+            .bearer_auth(token)
+            .header("idempotency-key", &key)
+            .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+            .send()
+            .await;
+        if let Ok(answer) = answer
+            && answer.status() == 202
+        {
+            let body: serde_json::Value = answer.json().await.unwrap();
+            break body["id"].as_str().unwrap().to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no order accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    loop {
+        let answer = http
+            .get(format!("{gateway}/api/orders/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+        if let Ok(answer) = answer
+            && answer.status() == 200
+        {
+            let body: serde_json::Value = answer.json().await.unwrap();
+            if body["status"] == "CONFIRMED" {
+                return;
+            }
+            assert_ne!(body["status"], "CANCELLED", "{body}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "order {id} not confirmed in time"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// `trellis up --processes` on free ports: one child process per service, an order served end
+/// to end; the orders process SIGKILLed (its pid from the banner) is restarted by the
+/// supervisor and the shop confirms orders again; Ctrl-C (SIGINT) stops every child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_processes_serves_orders_and_restarts_a_killed_service() {
+    use serde_json::json;
+    use std::io::BufRead;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut parent = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    parent
+        .args(["up", "--processes", "--free-ports", "--port", "0"])
+        .args(["--operator-port", "0", "--data-dir"])
+        .arg(dir.path())
+        .env("TRELLIS_ADMIN_EMAIL", "admin@processes.test")
+        .env("TRELLIS_ADMIN_PASSWORD", "admin-password-1")
+        .env_remove("TRELLIS_BUS")
+        .env_remove("TRELLIS_DB")
+        .env_remove("TRELLIS_SERVICE_KEY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut parent = Parent(parent.spawn().unwrap());
+    let stdout = parent.0.stdout.take().unwrap();
+    let (send, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // The banner: the gateway's URL and every child's pid.
+    let mut banner = Vec::new();
+    tokio::time::timeout(Duration::from_secs(240), async {
+        while let Some(line) = lines.recv().await {
+            let done = line == "Ctrl-C stops it.";
+            banner.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("trellis up --processes stopped before its banner");
+    })
+    .await
+    .expect("the shop starts as processes");
+    let field = |prefix: &str| {
+        banner
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in {banner:#?}"))
+            .trim()
+            .to_owned()
+    };
+    let gateway = field("  gateway ")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let pids: Vec<u32> = banner
+        .iter()
+        .filter(|l| l.starts_with("  "))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("pid ")?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), 9, "eight services and the gateway: {banner:#?}");
+    let orders_pid: u32 = field("  orders ")
+        .rsplit("pid ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+
+    // An order end to end, as a customer.
+    let http = reqwest::Client::new();
+    let status = http
+        .post(format!("{gateway}/api/users"))
+        .json(&json!({"email": "pat@processes.test", "password": "password-123", "name": "Pat"}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 201);
+    let token: serde_json::Value = http
+        .post(format!("{gateway}/api/auth/token"))
+        .json(&json!({"email": "pat@processes.test", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let products: serde_json::Value = http
+        .get(format!("{gateway}/api/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = products["items"][0]["id"]
+        .as_str()
+        .expect("the seed catalog")
+        .to_owned();
+    order_confirmed(&http, &gateway, &token, &product).await;
+
+    // SIGKILL the orders process: the supervisor restarts it and orders are confirmed again.
+    let killed = Command::new("kill")
+        .args(["-KILL", &orders_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let restarted = line_where(&mut lines, Duration::from_secs(30), |l| {
+        l.starts_with("[supervisor] orders restarted (pid ")
+    })
+    .await;
+    let new_pid: u32 = restarted
+        .split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {restarted:?}"));
+    assert_ne!(new_pid, orders_pid);
+    assert!(process_gone(orders_pid));
+    order_confirmed(&http, &gateway, &token, &product).await;
+
+    // Ctrl-C: every child stops, then the parent, cleanly.
+    let interrupted = Command::new("kill")
+        .args(["-INT", &parent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    line_where(&mut lines, Duration::from_secs(60), |l| l == "stopped").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(status) = parent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the parent did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    for pid in pids
+        .iter()
+        .copied()
+        .filter(|p| *p != orders_pid)
+        .chain([new_pid])
+    {
+        assert!(process_gone(pid), "child {pid} outlived the parent");
+    }
+}
