@@ -7,6 +7,25 @@
 //!                      └── control: set(Faults) in Rust, or PUT /faults over HTTP
 //! ```
 //!
+//! ```no_run
+//! use trellis_chaos::proxy::{FaultProxy, Faults, Latency, Reset};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // Between a service and its database: clients connect to the proxy's port instead.
+//! let proxy = FaultProxy::start("127.0.0.1:0", "127.0.0.1:5432", 42).await?;
+//! proxy.set(Faults {
+//!     latency: Some(Latency::new(100, 20)),
+//!     reset: Some(Reset::after_bytes(64 * 1024).with_probability(0.1)),
+//!     ..Faults::none()
+//! })?;
+//! // ... run the load ...
+//! println!("{:?}", proxy.stats().faults);
+//! proxy.clear();
+//! proxy.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Why an in-repo proxy
 //!
 //! toxiproxy is not available from our registries, and the kernel here refuses `tc ... netem`
@@ -1323,7 +1342,7 @@ struct Bucket {
 impl Bucket {
     fn new(bytes_per_sec: u64) -> Self {
         let rate = bytes_per_sec.max(1) as f64;
-        let capacity = (rate / 10.0).clamp(1.0, 16.0 * 1024.0);
+        let capacity = (rate / 10.0).floor().clamp(1.0, 16.0 * 1024.0);
         Bucket {
             rate,
             capacity,
