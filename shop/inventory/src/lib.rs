@@ -5,8 +5,10 @@
 //!   or none (not enough stock is the answer `reserved = false, reason = "out_of_stock"`, and
 //!   is recorded, so a repeat answers the same); `Release` gives held stock back; `Commit`
 //!   turns it into a sale; `SetStock` and `GetStock`. Every call is idempotent by order id.
-//!   `Release` answers the state after the call: `released`, or unchanged `committed`,
-//!   `rejected` (a refused reservation holds nothing) or `none` (unknown order). `Commit`
+//!   `Release` answers the state after the call: `released`, or unchanged `committed` or
+//!   `rejected` (a refused reservation holds nothing). Releasing an unknown order records it
+//!   as `released`, so a `Reserve` arriving after its `Release` (delayed, or retried by a
+//!   saga that gave up) is refused and holds nothing. `Commit`
 //!   answers `committed`, NOT_FOUND for an unknown order and FAILED_PRECONDITION for a
 //!   released or refused one. `GetStock` (and the REST `GET`) shows zeros for a product
 //!   never stocked.

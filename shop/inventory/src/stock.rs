@@ -199,15 +199,20 @@ macro_rules! reserve_on {
                 .collect();
                 // Sorted here, not by SQL: the database's collation may order ids differently.
                 recorded.sort();
-                return Ok::<Repeat, sqlx::Error>(if recorded != lines {
-                    Repeat::Mismatch
-                } else {
-                    match existing.as_str() {
-                        state::REJECTED => Repeat::Answer(Reserved::OutOfStock),
-                        state::RELEASED => Repeat::Released,
-                        _ => Repeat::Answer(Reserved::Yes),
-                    }
-                });
+                // A release recorded before any reservation (no lines) refuses it.
+                return Ok::<Repeat, sqlx::Error>(
+                    if existing == state::RELEASED && recorded.is_empty() {
+                        Repeat::Released
+                    } else if recorded != lines {
+                        Repeat::Mismatch
+                    } else {
+                        match existing.as_str() {
+                            state::REJECTED => Repeat::Answer(Reserved::OutOfStock),
+                            state::RELEASED => Repeat::Released,
+                            _ => Repeat::Answer(Reserved::Yes),
+                        }
+                    },
+                );
             }
             let mut held = 0;
             for (product_id, quantity) in lines {
@@ -362,7 +367,25 @@ macro_rules! settle_on {
                         .fetch_optional(&mut *$connection)
                         .await?
                         .map(|r| r.get("state"));
-                Ok(current.unwrap_or_else(|| state::NONE.to_owned()))
+                match current {
+                    Some(current) => Ok(current),
+                    // A release before any reservation (its Reserve still on the way, or
+                    // never sent) is recorded, so a Reserve arriving later is refused
+                    // instead of holding stock for an order that gave up.
+                    None if to == state::RELEASED => {
+                        sqlx::query(
+                            "INSERT INTO reservations (order_id, state, created_at) \
+                             VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+                        )
+                        .bind(order_id)
+                        .bind(state::RELEASED)
+                        .bind(now_ms())
+                        .execute(&mut *$connection)
+                        .await?;
+                        Ok(state::RELEASED.to_owned())
+                    }
+                    None => Ok(state::NONE.to_owned()),
+                }
             }
         }
     };
@@ -403,8 +426,9 @@ const RELEASE_SQL: &str = "UPDATE stock SET reserved = reserved - $2 WHERE produ
 const COMMIT_SQL: &str =
     "UPDATE stock SET total = total - $2, reserved = reserved - $2 WHERE product_id = $1";
 
-/// Returns an order's held stock. Idempotent: a released, committed, rejected or unknown
-/// order is left as it is and its state answered (`none` when unknown).
+/// Returns an order's held stock. Idempotent: a released, committed or rejected order is
+/// left as it is and its state answered; an unknown order is recorded as released (answered
+/// `released`), so a Reserve that arrives after its Release is refused.
 pub(crate) async fn release(db: &Db, order_id: &str) -> Result<String, StockError> {
     settle(On::Db(db), order_id, state::RELEASED, RELEASE_SQL).await
 }

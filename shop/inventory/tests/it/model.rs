@@ -82,6 +82,10 @@ async fn run(
                 let answer = client.reserve(reserve_request(&order_id(*o), &pairs)).await;
                 // Ok(reserved?) or the gRPC code of a refusal.
                 let expected: Result<bool, Code> = match model.orders.get(o) {
+                    // Released before it was ever reserved: refused.
+                    Some((state, recorded)) if *state == "released" && recorded.is_empty() => {
+                        Err(Code::FailedPrecondition)
+                    }
                     Some((_, recorded)) if recorded != lines => Err(Code::AlreadyExists),
                     Some((state, _)) => match *state {
                         "rejected" => Ok(false),
@@ -125,7 +129,11 @@ async fn run(
                         "released"
                     }
                     Some((state, _)) => *state,
-                    None => "none",
+                    // An unknown order is recorded as released: a later Reserve is refused.
+                    None => {
+                        model.orders.insert(*o, ("released", Vec::new()));
+                        "released"
+                    }
                 };
                 prop_assert_eq!(state.as_str(), expected, "{}", context);
             }

@@ -117,9 +117,17 @@ async fn repeats_are_no_ops(service: Service) {
         .unwrap()
         .into_inner()
         .state;
-    assert_eq!(state, "none");
-    let err = client.commit(order("unknown")).await.unwrap_err();
+    // Released before any reservation: recorded, so a Reserve arriving later is refused.
+    assert_eq!(state, "released");
+    let err = client
+        .reserve(reserve_request("unknown", &[("p", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = client.commit(order("never")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    let err = client.commit(order("unknown")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = client.commit(order("o1")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(level(&mut client, "p").await, (17, 0, 17));
