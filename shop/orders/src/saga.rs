@@ -1,12 +1,13 @@
-//! The order saga: order → inventory → payment-guard → payment → shipping (pivot) →
-//! complete (commit the stock, confirm the order).
+//! The order saga: order → inventory-guard → inventory → payment-guard → payment →
+//! shipping-guard → shipping (pivot) → complete (commit the stock, confirm the order).
 //!
 //! Each step calls its participant over gRPC with the order id as the idempotency key (the
 //! participants dedupe on it), records its outcome on the Order aggregate, and turns a business
 //! refusal into a permanent failure after noting the reason on the order. A failure before the
-//! pivot compensates in reverse: refund (by a guard step before the charge, so a charge whose
-//! answer was lost is refunded too), release, then the first step's compensation cancels the
-//! order with the noted reason. After the pivot the saga only goes forward.
+//! pivot compensates in reverse: cancel the shipment, refund, release (each by a guard step
+//! before its call, so an effect whose answer was lost, or that a step failing for good left
+//! behind, is undone too), then the first step's compensation cancels the order with the noted
+//! reason. After the pivot the saga only goes forward.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,6 +214,30 @@ pub(crate) fn definition(
     .retry(retry())
     .timeout(STEP_TIMEOUT);
 
+    // Reserving has no compensation of its own: a step that fails for good (the customer
+    // cancelled, or its last attempt got no answer) is not compensated, yet an earlier
+    // attempt's Reserve may have held the stock with its answer lost. This guard comes first,
+    // so whenever the saga compensates past it, Release runs by the order's key (and a
+    // Reserve arriving after it is refused).
+    let inventory_guard = Step::new(
+        "inventory-guard",
+        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
+    )
+    .compensate(step_fn!(p, |ctx, _step| {
+        let request = OrderRef {
+            order_id: ctx.order_id.clone(),
+        };
+        match p.inventory.clone().release(request).await {
+            Ok(answer) if answer.get_ref().state == "released" => {
+                p.record(&ctx.order_id, "inventory", "released").await
+            }
+            Ok(_) => Ok(()),
+            Err(status) => Err(transport("inventory", &status)),
+        }
+    }))
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
     let inventory = Step::new(
         "inventory",
         step_fn!(p, |ctx, step| {
@@ -241,18 +266,6 @@ pub(crate) fn definition(
             }
         }),
     )
-    .compensate(step_fn!(p, |ctx, _step| {
-        let request = OrderRef {
-            order_id: ctx.order_id.clone(),
-        };
-        match p.inventory.clone().release(request).await {
-            Ok(answer) if answer.get_ref().state == "released" => {
-                p.record(&ctx.order_id, "inventory", "released").await
-            }
-            Ok(_) => Ok(()),
-            Err(status) => Err(transport("inventory", &status)),
-        }
-    }))
     .retry(retry())
     .timeout(STEP_TIMEOUT);
 
@@ -326,6 +339,34 @@ pub(crate) fn definition(
     .retry(retry())
     .timeout(STEP_TIMEOUT);
 
+    // The shipping step is the pivot: when it fails for good its shipment may still exist
+    // (an attempt's answer lost) or arrive later (a delayed request). This guard comes before
+    // it, so the compensation cancels the shipment by the order's key, with the step's
+    // retries (a cancellation before any shipment is recorded and refuses a late one).
+    let shipping_guard = Step::new(
+        "shipping-guard",
+        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
+    )
+    .compensate(step_fn!(p, |ctx, _step| {
+        let request = OrderRef {
+            order_id: ctx.order_id.clone(),
+        };
+        match p.shipping.clone().cancel_shipment(request).await {
+            Ok(answer) if answer.get_ref().status == "cancelled" => {
+                p.record(&ctx.order_id, "shipping", "cancelled").await
+            }
+            // None was created; the cancellation is recorded against a late create.
+            Ok(answer) if answer.get_ref().status == "none" => Ok(()),
+            Ok(answer) => Err(StepError::retryable(format!(
+                "shipment is {}",
+                answer.get_ref().status
+            ))),
+            Err(status) => Err(transport("shipping", &status)),
+        }
+    }))
+    .retry(retry())
+    .timeout(STEP_TIMEOUT);
+
     let shipping = Step::new(
         "shipping",
         step_fn!(p, |ctx, step| {
@@ -355,15 +396,8 @@ pub(crate) fn definition(
                     answer.get_ref().status
                 ))),
                 Err(status) if last_attempt(&step) => {
-                    // The shipment may exist with its answer lost: cancel it (best effort)
-                    // before the order is compensated.
-                    let _ = p
-                        .shipping
-                        .clone()
-                        .cancel_shipment(OrderRef {
-                            order_id: ctx.order_id.clone(),
-                        })
-                        .await;
+                    // The shipment may exist with its answer lost: the shipping-guard's
+                    // compensation cancels it.
                     Err(p
                         .fail(
                             &ctx.order_id,
@@ -401,9 +435,11 @@ pub(crate) fn definition(
 
     SagaDefinition::builder(SAGA_NAME, SAGA_VERSION)
         .step(order)
+        .step(inventory_guard)
         .step(inventory)
         .step(payment_guard)
         .step(payment)
+        .step(shipping_guard)
         .pivot_step(shipping)
         .step(complete)
         .build()
