@@ -8,7 +8,8 @@
 #   .ci/fuzz.sh jwt_verify 600   one target, ten minutes
 #
 # cargo-fuzz is installed once into ~/.cache/trellis-ci/tools (about 30 s cold). The fuzz
-# crate builds in fuzz/target, apart from the workspace's target dir (different RUSTFLAGS).
+# crate builds in its own target dir, FUZZ_TARGET_DIR (default ~/.cache/trellis-ci/fuzz-target,
+# so CI's fresh clones build warm), apart from the workspace's (different RUSTFLAGS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ TOOLS="${HOME}/.cache/trellis-ci/tools"
 export PATH="${TOOLS}/bin:${PATH}"
 # The workspace's shared target dir must not be used: instrumented builds would evict it.
 unset CARGO_TARGET_DIR
+target_dir="${FUZZ_TARGET_DIR:-${HOME}/.cache/trellis-ci/fuzz-target}"
 
 log() { printf '[fuzz %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -38,9 +40,9 @@ fi
 log "building ${#targets[@]} target(s)"
 started=$(date +%s)
 if [[ ${#targets[@]} -eq 1 ]]; then
-  cargo fuzz build --fuzz-dir fuzz -s none "${targets[0]}"
+  cargo fuzz build --fuzz-dir fuzz --target-dir "${target_dir}" -s none "${targets[0]}"
 else
-  cargo fuzz build --fuzz-dir fuzz -s none
+  cargo fuzz build --fuzz-dir fuzz --target-dir "${target_dir}" -s none
 fi
 log "built in $(( $(date +%s) - started )) s"
 
@@ -49,7 +51,7 @@ for target in "${targets[@]}"; do
   # New inputs go to a scratch directory; the checked-in seeds are only read.
   scratch=$(mktemp -d)
   log "${target}: ${seconds} s"
-  if ! cargo fuzz run --fuzz-dir fuzz -s none "${target}" "${scratch}" "fuzz/corpus/${target}" -- \
+  if ! cargo fuzz run --fuzz-dir fuzz --target-dir "${target_dir}" -s none "${target}" "${scratch}" "fuzz/corpus/${target}" -- \
       -max_total_time="${seconds}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       >"${scratch}.log" 2>&1; then
     failed=1
