@@ -64,7 +64,17 @@ impl Checks {
         let mut v = Validation::new(algorithm);
         v.leeway = self.leeway_s;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // jsonwebtoken checks `iss` and `aud` only when the token has them: a policy that names
+        // issuers or audiences must also require the claims, or a token without them (or with
+        // `null`) passes. Found by the jwt_verify fuzz target.
+        let mut required = vec!["exp"];
+        if !self.issuers.is_empty() {
+            required.push("iss");
+        }
+        if !self.audiences.is_empty() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         if !self.issuers.is_empty() {
             v.set_issuer(&self.issuers);
         }

@@ -258,6 +258,27 @@ async fn a_wrong_audience_is_rejected() {
 }
 
 #[tokio::test]
+async fn a_token_without_the_issuer_or_audience_the_policy_names_is_rejected() {
+    // Goal: a policy with issuers and audiences requires the claims: a token signed by a
+    // trusted key with no `aud`, a `null` one or no `iss` is refused (the jwt_verify fuzz
+    // target found `"aud": null` accepted; fuzz/corpus/jwt_verify/aud_null).
+    let (_app, _jwks, gw) = setup().await;
+    for (claim, value) in [("aud", None), ("aud", Some(json!(null))), ("iss", None)] {
+        let mut c = claims();
+        match value {
+            Some(value) => c[claim] = value,
+            None => {
+                c.as_object_mut().expect("claims object").remove(claim);
+            }
+        }
+        assert_401(
+            &call(&gw, "/api/me", &rsa_token(&c)).await,
+            "a required claim is missing",
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_tampered_signature_is_rejected() {
     // Goal: a valid token with its payload changed (sub → admin) fails the signature check.
     let (_app, _jwks, gw) = setup().await;
