@@ -114,7 +114,7 @@ enum Tamper {
 
 #[derive(Debug, Arbitrary)]
 struct Claims {
-    right_issuer: bool,
+    issuer: u8,
     audience: u8,
     exp_offset_s: i32,
     sub: Option<String>,
@@ -158,10 +158,13 @@ fn build(alg: Alg, kid: Kid, claims: Claims, signer: Signer, tamper: Tamper) -> 
         Kid::Missing => {}
         Kid::Other(kid) => header["kid"] = Value::String(kid),
     }
-    let mut payload = json!({
-        "iss": if claims.right_issuer { ISSUER.to_owned() } else { "someone-else".to_owned() },
-        "exp": now() + i64::from(claims.exp_offset_s),
-    });
+    let mut payload = json!({ "exp": now() + i64::from(claims.exp_offset_s) });
+    match claims.issuer % 4 {
+        0 => payload["iss"] = json!(ISSUER),
+        1 => payload["iss"] = json!("someone-else"),
+        2 => payload["iss"] = Value::Null,
+        _ => {}
+    }
     payload["aud"] = match claims.audience % 4 {
         0 => json!(AUDIENCE),
         1 => json!([AUDIENCE, "other"]),
