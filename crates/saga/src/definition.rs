@@ -161,7 +161,15 @@ pub struct Step<C> {
     pub(crate) execute: StepFn<C>,
     pub(crate) compensate: Option<StepFn<C>>,
     pub(crate) retry: StepRetry,
+    pub(crate) compensate_retry: Option<StepRetry>,
     pub(crate) timeout: Duration,
+}
+
+impl<C> Step<C> {
+    /// The retry policy of the step's compensation.
+    pub(crate) fn compensation_retry(&self) -> StepRetry {
+        self.compensate_retry.unwrap_or(self.retry)
+    }
 }
 
 impl<C> fmt::Debug for Step<C> {
@@ -170,6 +178,7 @@ impl<C> fmt::Debug for Step<C> {
             .field("name", &self.name)
             .field("compensable", &self.compensate.is_some())
             .field("retry", &self.retry)
+            .field("compensate_retry", &self.compensate_retry)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -187,6 +196,7 @@ impl<C: SagaContext> Step<C> {
             execute: Arc::new(execute),
             compensate: None,
             retry: StepRetry::default(),
+            compensate_retry: None,
             timeout: STEP_TIMEOUT_DEFAULT,
         }
     }
@@ -201,11 +211,22 @@ impl<C: SagaContext> Step<C> {
         self
     }
 
-    /// The attempts and backoff, for `execute` and `compensate` alike.
+    /// The attempts and backoff, for `execute` (and `compensate`, unless
+    /// [`compensate_retry`](Self::compensate_retry) says otherwise).
     pub fn retry(mut self, retry: StepRetry) -> Self {
         self.retry = retry;
         self
     }
+
+    /// The attempts and backoff of `compensate` alone. A compensation that gives up leaves the
+    /// saga `Stuck` with an effect in place (a captured payment, held stock) until an operator
+    /// acts, so it usually deserves many more attempts, spread over minutes, than the forward
+    /// step, whose failure only turns the saga back.
+    pub fn compensate_retry(mut self, retry: StepRetry) -> Self {
+        self.compensate_retry = Some(retry);
+        self
+    }
+
 
     /// How long one attempt may run; an attempt past it fails as retryable.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -343,7 +364,9 @@ impl<C: SagaContext> SagaDefinitionBuilder<C> {
                     step.name
                 )));
             }
-            if !(1..=STEP_ATTEMPTS_MAX).contains(&step.retry.attempts_max) {
+            if !(1..=STEP_ATTEMPTS_MAX).contains(&step.retry.attempts_max)
+                || !(1..=STEP_ATTEMPTS_MAX).contains(&step.compensation_retry().attempts_max)
+            {
                 return Err(invalid(format!(
                     "step {} needs 1 to {STEP_ATTEMPTS_MAX} attempts",
                     step.name

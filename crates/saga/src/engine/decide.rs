@@ -166,7 +166,7 @@ pub(super) fn next<C>(
             retryable,
             error,
         } => {
-            let retry = definition.steps[index(step)?].retry;
+            let retry = definition.steps[index(step)?].compensation_retry();
             if *retryable && *attempt < retry.attempts_max {
                 Next::Write {
                     transition: Transition::StepCompensating {

@@ -429,3 +429,62 @@ async fn a_stuck_saga_is_counted_in_the_stuck_metric() {
     assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Stuck);
     assert_eq!(recorder.0.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// A two-step saga whose second step always fails; the first step's compensation fails
+/// (retryably) `failures` times before it succeeds.
+fn flaky_compensation(
+    failures: u32,
+    compensate_retry: Option<trellis_saga::StepRetry>,
+) -> (
+    SagaDefinition<Trip>,
+    std::sync::Arc<std::sync::atomic::AtomicU32>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let tries = Arc::new(AtomicU32::new(0));
+    let seen = tries.clone();
+    let mut hold = Step::new("hold", |_: &mut Trip, _: StepContext| {
+        Box::pin(async { Ok(()) })
+    })
+    .compensate(move |_: &mut Trip, _: StepContext| {
+        let tries = tries.clone();
+        Box::pin(async move {
+            if tries.fetch_add(1, Ordering::SeqCst) < failures {
+                Err(StepError::retryable("participant unreachable"))
+            } else {
+                Ok(())
+            }
+        })
+    })
+    .retry(quick_retry(3));
+    if let Some(retry) = compensate_retry {
+        hold = hold.compensate_retry(retry);
+    }
+    let fail = Step::new("fail", |_: &mut Trip, _: StepContext| {
+        Box::pin(async { Err(StepError::permanent("no")) })
+    });
+    let definition = SagaDefinition::builder("flaky-undo", 1)
+        .step(hold)
+        .step(fail)
+        .build()
+        .expect("valid");
+    (definition, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compensation_gets_its_own_longer_retry_budget() {
+    // Goal: a participant unreachable for longer than the forward step's retry budget leaves
+    // the saga Stuck (with its effect in place) unless the compensation has a budget of its
+    // own; with one, the saga ends Failed with everything undone. (`trellis chaos` found the
+    // shop's sagas Stuck after a 4-second partition of shipping.)
+    let (definition, _) = flaky_compensation(5, None);
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+    let id = engine.start("flaky-undo", &ada()).await.expect("start");
+    assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Stuck);
+
+    let (definition, tries) = flaky_compensation(5, Some(quick_retry(10)));
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+    let id = engine.start("flaky-undo", &ada()).await.expect("start");
+    assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Failed);
+    assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 6);
+}
