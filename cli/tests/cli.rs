@@ -926,3 +926,60 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
         assert!(process_gone(pid), "child {pid} outlived the parent");
     }
 }
+
+/// `trellis chaos` as CI runs it: the shop as processes behind fault proxies, every kind of
+/// fault once (shop/chaos/scenarios/ci.toml), and a report in which every invariant holds.
+#[test]
+fn chaos_runs_a_scenario_and_every_invariant_holds() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shop/chaos/scenarios/ci.toml"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "chaos",
+            "--scenario",
+            scenario,
+            "--seed",
+            "7",
+            "--quiet",
+            "--json",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("shop"))
+        .env_remove("TRELLIS_BUS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["kills"], 4, "{report}");
+    assert_eq!(report["network_faults"], 4, "{report}");
+    assert_eq!(report["provider_faults"], 1, "{report}");
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.iter().all(|f| f["error"].is_null()), "{report}");
+    assert!(
+        faults
+            .iter()
+            .filter(|f| f["kind"] == "kill")
+            .all(|f| f["recovered_after_s"].is_number()),
+        "{report}"
+    );
+    let db = &report["databases"];
+    for field in [
+        "lost_orders",
+        "double_captures",
+        "stock_mismatches",
+        "undelivered_messages",
+        "violation_count",
+    ] {
+        assert_eq!(db[field], 0, "{field}: {report}");
+    }
+    assert!(
+        report["load"]["orders"]["placed"].as_u64().unwrap() > 100,
+        "{report}"
+    );
+    assert_eq!(report["load"]["orders"]["pending"], 0, "{report}");
+}

@@ -1063,7 +1063,9 @@ async fn forward(
     let mut upstream = match connect {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
-            tracing::warn!(upstream = %shared.upstream, %error, "fault proxy: upstream connect failed");
+            // Expected while the upstream restarts (a chaos run kills it): counted in
+            // `upstream_errors`, logged at debug level only.
+            tracing::debug!(upstream = %shared.upstream, %error, "fault proxy: upstream connect failed");
             bump(&shared.counters.upstream_errors);
             return (Ending::Reset, None);
         }

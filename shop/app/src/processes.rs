@@ -66,6 +66,12 @@ pub struct ProcessConfig {
     pub options: Options,
     /// How long each child may take to answer `/healthz` at start.
     pub ready_timeout: Duration,
+    /// Ports chosen by the caller for some services (they win over DESIGN.md's ports and
+    /// `fixed_service_ports = false`).
+    pub service_ports: BTreeMap<String, u16>,
+    /// Where the other processes dial a service, when not at its own address: `trellis
+    /// chaos` puts a fault proxy there.
+    pub peers: BTreeMap<String, SocketAddr>,
 }
 
 impl ProcessConfig {
@@ -83,6 +89,8 @@ impl ProcessConfig {
             program,
             options: Options::default(),
             ready_timeout: Duration::from_secs(60),
+            service_ports: BTreeMap::new(),
+            peers: BTreeMap::new(),
         })
     }
 }
@@ -220,7 +228,9 @@ pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
     let shop = &config.shop;
     let mut addrs = BTreeMap::new();
     for service in SERVICES {
-        let port = if shop.fixed_service_ports {
+        let port = if let Some(port) = config.service_ports.get(service) {
+            *port
+        } else if shop.fixed_service_ports {
             port_of(service)
         } else {
             0
@@ -288,7 +298,10 @@ async fn start_children(
     let shop = &config.shop;
     let mut peers: Vec<String> = addrs
         .iter()
-        .map(|(name, addr)| format!("{name}={}", dialable(*addr)))
+        .map(|(name, addr)| {
+            let dial = config.peers.get(*name).copied().unwrap_or(dialable(*addr));
+            format!("{name}={dial}")
+        })
         .collect();
     peers.push(format!("{GATEWAY}={}", dialable(gateway)));
     let bus = shop.bus_url();

@@ -24,5 +24,6 @@
 #![forbid(unsafe_code)]
 
 pub mod checks;
+pub mod processes;
 pub mod runner;
 pub mod scenario;

@@ -42,11 +42,12 @@ pub trait Target: Send + Sync {
     fn provider_url(&self) -> String;
     /// The data directory holding the services' SQLite databases.
     fn data_dir(&self) -> &Path;
-    /// SIGKILL one service's process (it is restarted by its supervisor).
+    /// SIGKILLs one service's process (its supervisor restarts it); the future answers when a
+    /// new process of it started (`None`: not within [`RECOVERY_MAX`]).
     ///
     /// # Errors
     /// A message when the process could not be signalled.
-    fn kill(&self, service: &str) -> Result<(), String>;
+    fn kill(&self, service: &str) -> Result<BoxFuture<'static, Option<Instant>>, String>;
     /// Sets (or clears, with `None`) the network fault on connections into `service`.
     ///
     /// # Errors
@@ -87,9 +88,11 @@ pub struct FaultRecord {
     pub kind: String,
     /// Seconds from the run's start when it was healed (network and provider faults).
     pub healed_s: Option<f64>,
-    /// For a kill: seconds until the first order placed after it was confirmed (`None`: not
-    /// within [`RECOVERY_MAX`]).
+    /// For a kill: seconds until the first order placed after the killed processes ran again
+    /// was accepted (it then ended `CONFIRMED`); `None`: not within [`RECOVERY_MAX`].
     pub recovered_after_s: Option<f64>,
+    /// For a kill: seconds until every killed process ran again.
+    pub restarted_after_s: Option<f64>,
     /// Why it could not be injected, if it could not.
     pub error: Option<String>,
 }
@@ -200,7 +203,10 @@ impl ChaosReport {
                 .map(|h| format!(", healed at {h:.1} s"))
                 .unwrap_or_default();
             let recovered = match (fault.kind.as_str(), fault.recovered_after_s) {
-                ("kill", Some(r)) => format!(", recovered in {r:.1} s"),
+                ("kill", Some(r)) => format!(
+                    ", back up in {:.1} s, an order confirmed {r:.1} s after the kill",
+                    fault.restarted_after_s.unwrap_or(f64::NAN)
+                ),
                 ("kill", None) => ", NOT recovered".into(),
                 _ => String::new(),
             };
@@ -388,15 +394,39 @@ async fn setup_probe(api: &Api, admin: &str, seed: u64) -> Result<Probe, String>
     })
 }
 
-/// Places probe orders from `since` until one ends CONFIRMED; answers how long after `since`
-/// that order was placed.
+/// Waits for the killed processes to run again, then places probe orders until one ends
+/// CONFIRMED; answers how long after `since` the processes were back, and how long until that
+/// order was accepted.
 async fn recovery(
     api: Arc<Api>,
     probe: Arc<Probe>,
     since: Instant,
+    restarts: Vec<BoxFuture<'static, Option<Instant>>>,
     counter: Arc<AtomicU64>,
-) -> Option<Duration> {
+) -> (Option<Duration>, Option<Duration>) {
     let deadline = since + RECOVERY_MAX;
+    let mut back = since;
+    for restart in restarts {
+        match restart.await {
+            Some(at) => back = back.max(at),
+            None => return (None, None),
+        }
+    }
+    let restarted = back.saturating_duration_since(since);
+    let confirmed = first_confirmed(&api, &probe, deadline, &counter).await;
+    (
+        Some(restarted),
+        confirmed.map(|at| at.saturating_duration_since(since)),
+    )
+}
+
+/// Places probe orders until one ends CONFIRMED; answers when that order was accepted.
+async fn first_confirmed(
+    api: &Api,
+    probe: &Probe,
+    deadline: Instant,
+    counter: &AtomicU64,
+) -> Option<Instant> {
     while Instant::now() < deadline {
         let placed_at = Instant::now();
         let key = format!("chaos-probe-{}", counter.fetch_add(1, Ordering::Relaxed));
@@ -412,6 +442,7 @@ async fn recovery(
         if let Ok((202, body)) = placed
             && let Some(id) = body["id"].as_str()
         {
+            let accepted_at = Instant::now();
             let path = format!("/api/orders/{id}");
             while Instant::now() < deadline {
                 match api
@@ -419,7 +450,7 @@ async fn recovery(
                     .await
                 {
                     Ok((200, order)) if order["status"] == "CONFIRMED" => {
-                        return Some(placed_at - since);
+                        return Some(accepted_at);
                     }
                     Ok((200, order)) if order["status"] == "CANCELLED" => break,
                     _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -501,7 +532,8 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
     let counter = Arc::new(AtomicU64::new(0));
     let mut records: Vec<FaultRecord> = Vec::new();
     let mut heals: Vec<(Instant, usize, Planned)> = Vec::new();
-    let mut recoveries: Vec<(usize, tokio::task::JoinHandle<Option<Duration>>)> = Vec::new();
+    type Recovery = (Option<Duration>, Option<Duration>);
+    let mut recoveries: Vec<(usize, tokio::task::JoinHandle<Recovery>)> = Vec::new();
     let mut progress_at = start;
     let mut next = 0;
     loop {
@@ -524,15 +556,32 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
             let planned = plan[next].clone();
             next += 1;
             let injected_at = Instant::now();
-            let result = inject(&api, &admin, target.as_ref(), &planned.action).await;
             let index = records.len();
+            let (error, restarts) = match &planned.action {
+                Action::Kill { services } => {
+                    let mut errors = Vec::new();
+                    let mut restarts = Vec::new();
+                    for service in services {
+                        match target.kill(service) {
+                            Ok(restart) => restarts.push(restart),
+                            Err(e) => errors.push(format!("{service}: {e}")),
+                        }
+                    }
+                    ((!errors.is_empty()).then(|| errors.join("; ")), restarts)
+                }
+                action => (
+                    inject(&api, &admin, target.as_ref(), action).await.err(),
+                    Vec::new(),
+                ),
+            };
             records.push(FaultRecord {
                 at_s: since_start(injected_at),
                 what: planned.action.describe(),
                 kind: planned.action.kind().to_owned(),
                 healed_s: None,
                 recovered_after_s: None,
-                error: result.err(),
+                restarted_after_s: None,
+                error,
             });
             if let Action::Kill { .. } = planned.action {
                 recoveries.push((
@@ -541,6 +590,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
                         api.clone(),
                         probe.clone(),
                         injected_at,
+                        restarts,
                         counter.clone(),
                     )),
                 ));
@@ -590,7 +640,8 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         eprintln!("\n[chaos] faults healed; waiting for the load to settle and checking");
     }
     for (index, task) in recoveries {
-        let recovered = task.await.ok().flatten();
+        let (restarted, recovered) = task.await.unwrap_or((None, None));
+        records[index].restarted_after_s = restarted.map(|d| d.as_secs_f64());
         records[index].recovered_after_s = recovered.map(|d| d.as_secs_f64());
     }
     let (load, load_error) = match load_task.await {
@@ -679,19 +730,7 @@ async fn inject(
     action: &Action,
 ) -> Result<(), String> {
     match action {
-        Action::Kill { services } => {
-            let mut errors = Vec::new();
-            for service in services {
-                if let Err(e) = target.kill(service) {
-                    errors.push(format!("{service}: {e}"));
-                }
-            }
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(errors.join("; "))
-            }
-        }
+        Action::Kill { .. } => Err("kills are injected by the run loop".into()),
         Action::Network {
             service,
             fault,
