@@ -58,7 +58,7 @@ for target in "${targets[@]}"; do
     log "${target}: FAILED"
     tail -n 40 "${scratch}.log"
   else
-    grep -E '^stat::number_of_executed_units|^Done' "${scratch}.log" | tr '\n' ' '
+    grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|^Done' "${scratch}.log" | tr '\n' ' '
     echo
   fi
   rm -rf "${scratch}" "${scratch}.log"
