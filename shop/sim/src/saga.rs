@@ -16,7 +16,9 @@ use shop_contracts::proto::{
     ChargeRequest, CreateShipmentRequest, Line as ProtoLine, OrderRef, ReserveRequest,
 };
 use shop_orders::aggregate::{Line, Order, OrderCommand, OrderError, SharedClock};
-use shop_orders::saga::{OrderSagaContext, SAGA_NAME, SAGA_VERSION, STEP_ATTEMPTS, STEP_TIMEOUT};
+use shop_orders::saga::{
+    MUST_FINISH_ATTEMPTS, OrderSagaContext, SAGA_NAME, SAGA_VERSION, STEP_ATTEMPTS, STEP_TIMEOUT,
+};
 use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
 use trellis_resilience::Backoff;
 use trellis_saga::{SagaDefinition, Step, StepContext, StepError, StepRetry};
@@ -161,6 +163,18 @@ fn retry() -> StepRetry {
     )
 }
 
+fn must_finish() -> StepRetry {
+    StepRetry::new(
+        MUST_FINISH_ATTEMPTS,
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            full_jitter: true,
+        },
+    )
+}
+
 /// Whether this attempt is the step's last.
 fn last_attempt(step: &StepContext) -> bool {
     step.attempt() >= STEP_ATTEMPTS
@@ -205,6 +219,7 @@ pub(crate) fn definition(
         .map(drop)
     }))
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     // Reserving has no compensation of its own: a step that fails for good (the customer
@@ -229,6 +244,7 @@ pub(crate) fn definition(
         }
     }))
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     let inventory = Step::new(
@@ -260,6 +276,7 @@ pub(crate) fn definition(
         }),
     )
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     // Charging has no compensation of its own: a charge that failed for good may still have
@@ -287,6 +304,7 @@ pub(crate) fn definition(
         }
     }))
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     let payment = Step::new(
@@ -333,6 +351,7 @@ pub(crate) fn definition(
         }),
     )
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     // The shipping step is the pivot: when it fails for good its shipment may still exist
@@ -361,6 +380,7 @@ pub(crate) fn definition(
         }
     }))
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     let shipping = Step::new(
@@ -407,6 +427,7 @@ pub(crate) fn definition(
         }),
     )
     .retry(retry())
+    .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     // Committing the stock and confirming the order are one step after the pivot: both are
@@ -426,7 +447,7 @@ pub(crate) fn definition(
                 .map(drop)
         }),
     )
-    .retry(retry())
+    .retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
     SagaDefinition::builder(SAGA_NAME, SAGA_VERSION)
