@@ -356,6 +356,51 @@ impl Api {
     }
 }
 
+/// The stock every catalogue product gets before the run, so orders keep going through
+/// payment and shipping instead of ending `out_of_stock` once the seed catalogue's small stock
+/// is sold.
+pub const RESTOCK_TOTAL: i64 = 1_000_000;
+
+/// Sets every catalogue product's stock to [`RESTOCK_TOTAL`] (at most 1,000 products).
+async fn restock(api: &Api, admin: &str) -> Result<(), String> {
+    let mut cursor: Option<String> = None;
+    let mut done = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/products?limit=100&cursor={c}"),
+            None => "/api/products?limit=100".to_owned(),
+        };
+        let (status, page) = api
+            .call(reqwest::Method::GET, &path, None, None, None)
+            .await?;
+        if status != 200 {
+            return Err(format!("listing the catalogue: {status} {page}"));
+        }
+        for product in page["items"].as_array().into_iter().flatten() {
+            let Some(id) = product["id"].as_str() else {
+                continue;
+            };
+            let (status, body) = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/api/inventory/{id}"),
+                    Some(admin),
+                    Some(json!({ "total": RESTOCK_TOTAL })),
+                    None,
+                )
+                .await?;
+            if status != 200 {
+                return Err(format!("restocking {id}: {status} {body}"));
+            }
+            done += 1;
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() || done >= 1_000 {
+            return Ok(());
+        }
+    }
+}
+
 /// What the probe uses: a customer and a product with stock enough for every probe order.
 struct Probe {
     token: String,
@@ -508,6 +553,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
             Err(_) => return Err(ChaosError::NotReady(api.base.clone())),
         }
     };
+    restock(&api, &admin).await.map_err(ChaosError::Setup)?;
     let probe = Arc::new(
         setup_probe(&api, &admin, config.seed)
             .await
