@@ -32,8 +32,9 @@ pub(crate) struct ChaosArgs {
     /// directory, removed after a run that passed).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// How long to wait after the load for every order to end.
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    /// How long to wait after the load for every order to end, and then for the databases
+    /// to agree (a compensation may retry for about 4.5 minutes).
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
     settle: Duration,
     /// Print the report as JSON on stdout.
     #[arg(long)]

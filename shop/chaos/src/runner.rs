@@ -71,7 +71,9 @@ pub struct ChaosConfig {
     pub seed: u64,
     /// The admin's login (invariant checks through the API, provider faults).
     pub admin: (String, String),
-    /// How long to wait after the load for every order to end.
+    /// How long to wait after the load for every order to end (through the API), and then
+    /// for the databases to agree. A compensation may retry for minutes
+    /// (`shop_orders::saga::MUST_FINISH_ATTEMPTS`), so give it five.
     pub settle_timeout: Duration,
     /// Print a live progress line on stderr.
     pub progress: bool,
@@ -696,15 +698,18 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         Err(error) => (None, Some(format!("the load task failed: {error}"))),
     };
     // Quiescence: the probe's last orders, the relay and the projection catch up.
-    let provider = if target.provider_intact() {
-        provider_stats(&api.http, &target.provider_url()).await
-    } else {
-        None
-    };
+    // Quiescence: orders still in flight when the load's settle wait ended (compensations
+    // may retry for minutes), the probe's last orders, the relay and the projection catch up.
+    // The provider's counters are read on each pass, after the orders they must match.
     let mut databases = None;
     let mut database_error = None;
-    let settle_until = Instant::now() + Duration::from_secs(30);
+    let settle_until = Instant::now() + config.settle_timeout;
     loop {
+        let provider = if target.provider_intact() {
+            provider_stats(&api.http, &target.provider_url()).await
+        } else {
+            None
+        };
         match checks::check(target.data_dir(), provider).await {
             Ok(report) if report.hold() || Instant::now() >= settle_until => {
                 databases = Some(report);
