@@ -227,7 +227,6 @@ impl<C: SagaContext> Step<C> {
         self
     }
 
-
     /// How long one attempt may run; an attempt past it fails as retryable.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
