@@ -58,11 +58,29 @@ impl DbError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::UnsupportedUrl(_) | Self::CreateDir { .. } => false,
-            Self::Sqlx(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            ),
+            Self::Sqlx(e) => is_transient(e),
         }
+    }
+}
+
+/// Whether a driver error is one that trying again may cure: a broken or closed connection,
+/// no pooled connection in time, a PostgreSQL server shutting down, restarting or cutting
+/// connections (SQLSTATE class 08, 57P01–57P03), a serialization failure or deadlock
+/// (40001, 40P01), or SQLite busy or locked.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "5" | "6" | "517" | "262"
+                )
+        }),
+        _ => false,
     }
 }
 
@@ -282,6 +300,102 @@ impl Db {
     pub async fn close(&self) {
         crate::on_db!(self, |pool| pool.close().await);
     }
+}
+
+/// The URL of database `name` on the PostgreSQL server `server_url` names: its path (the
+/// database) replaced, its query kept.
+///
+/// ```
+/// assert_eq!(
+///     trellis_service::postgres_database_url("postgres://app@db:5432/postgres?sslmode=disable", "orders"),
+///     "postgres://app@db:5432/orders?sslmode=disable"
+/// );
+/// ```
+pub fn postgres_database_url(server_url: &str, name: &str) -> String {
+    let (base, query) = server_url
+        .split_once('?')
+        .map_or((server_url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// Whether `name` can be a database name here without quoting surprises: 1 to 63 of
+/// `[a-z0-9_]`, not starting with a digit.
+fn plain_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Creates database `name` on the PostgreSQL server `server_url` names when it does not
+/// exist yet (two callers racing both succeed), and returns its URL
+/// ([`postgres_database_url`]). What a service's first start on a fresh server needs.
+///
+/// # Errors
+/// [`DbError::UnsupportedUrl`] for a URL that is not `postgres://`, or a name outside
+/// `[a-z0-9_]{1,63}`; [`DbError::Sqlx`] when the server refuses.
+pub async fn create_postgres_database(server_url: &str, name: &str) -> Result<String, DbError> {
+    use sqlx::Connection as _;
+    if !(server_url.starts_with("postgres://") || server_url.starts_with("postgresql://"))
+        || !plain_identifier(name)
+    {
+        return Err(DbError::UnsupportedUrl(format!(
+            "{} (database {name:?})",
+            redact_url(server_url)
+        )));
+    }
+    let mut admin = sqlx::PgConnection::connect(server_url).await?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await;
+        match created {
+            Ok(_) => {}
+            // 42P04 duplicate_database, 23505 the catalog's unique index: another caller won.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(postgres_database_url(server_url, name))
+}
+
+/// Drops database `name` on the server `server_url` names, closing its connections first
+/// (`WITH (FORCE)`); nothing happens when it does not exist.
+///
+/// # Errors
+/// As [`create_postgres_database`].
+pub async fn drop_postgres_database(server_url: &str, name: &str) -> Result<(), DbError> {
+    use sqlx::Connection as _;
+    if !plain_identifier(name) {
+        return Err(DbError::UnsupportedUrl(format!(
+            "{} (database {name:?})",
+            redact_url(server_url)
+        )));
+    }
+    let mut admin = sqlx::PgConnection::connect(server_url).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    let _ = admin.close().await;
+    Ok(())
 }
 
 /// Runs the same body against whichever pool a [`Db`] holds.

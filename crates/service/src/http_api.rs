@@ -112,14 +112,34 @@ impl std::fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
+    /// The status and the JSON body; a 503 also says `Retry-After: 1`.
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// A database that cannot be reached for a moment (a broken connection, no free
+    /// connection in time, a server restarting: [`crate::is_transient`]) is 503
+    /// `database_unavailable`, which a client may retry; anything else is a 500.
     fn from(e: sqlx::Error) -> Self {
-        Self::internal(e)
+        if crate::db::is_transient(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            Self::unavailable(
+                "database_unavailable",
+                "the database is not reachable for a moment; try again",
+            )
+        } else {
+            Self::internal(e)
+        }
     }
 }
 
@@ -202,5 +222,35 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get::<Self>()
             .cloned()
             .ok_or_else(|| ApiError::unauthenticated("this call needs a bearer token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_database_connection_is_a_503_not_a_500() {
+        // What a chaos run saw: a PostgreSQL connection cut under a request answered 500, so
+        // clients could not tell "try again" from "bug".
+        let reset = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let error = ApiError::from(reset);
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.code, "database_unavailable");
+        let response = error.into_response();
+        assert_eq!(
+            response.headers().get(axum::http::header::RETRY_AFTER),
+            Some(&axum::http::HeaderValue::from_static("1"))
+        );
+        for transient in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            assert_eq!(
+                ApiError::from(transient).status,
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        // A bug stays a 500.
+        let bug = ApiError::from(sqlx::Error::ColumnNotFound("nope".into()));
+        assert_eq!(bug.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(bug.into_response().headers().get("retry-after").is_none());
     }
 }

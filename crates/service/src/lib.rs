@@ -112,7 +112,8 @@ mod server;
 
 pub use db::{
     ACQUIRE_TIMEOUT, Db, DbError, OpenError, POOL_CONNECTIONS_MAX, SQLITE_BUSY_TIMEOUT,
-    SQLITE_CONNECTIONS_MAX, redact_url,
+    SQLITE_CONNECTIONS_MAX, create_postgres_database, drop_postgres_database, is_transient,
+    postgres_database_url, redact_url,
 };
 pub use grpc::{GrpcChannel, GrpcClientConfig, grpc_channel, status_to_api_error};
 pub use http_api::{
