@@ -983,3 +983,122 @@ fn chaos_runs_a_scenario_and_every_invariant_holds() {
     );
     assert_eq!(report["load"]["orders"]["pending"], 0, "{report}");
 }
+
+/// The `nats-server` executable the remote chaos test starts (`TRELLIS_TEST_NATS_SERVER`, or
+/// Debian's), or `None` with a printed reason outside CI when it or PostgreSQL is missing.
+fn remote_chaos_backends(test: &str) -> Option<(String, String)> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let postgres = std::env::var("TRELLIS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let nats_server = std::env::var("TRELLIS_TEST_NATS_SERVER")
+        .unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+    let host_port = postgres
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .and_then(|rest| rest.split(['/', '?']).next())
+        .map(|authority| authority.rsplit_once('@').map_or(authority, |(_, h)| h))
+        .map(|h| {
+            if h.contains(':') {
+                h.to_owned()
+            } else {
+                format!("{h}:5432")
+            }
+        })
+        .unwrap_or_default();
+    let problem = if !std::path::Path::new(&nats_server).exists() {
+        Some(format!(
+            "no nats-server at {nats_server} (TRELLIS_TEST_NATS_SERVER)"
+        ))
+    } else if std::net::TcpStream::connect(&host_port).is_err() {
+        Some(format!("PostgreSQL is not reachable at {host_port}"))
+    } else {
+        None
+    };
+    match problem {
+        None => Some((postgres, nats_server)),
+        Some(problem) if in_ci => panic!("CI=true and {problem}"),
+        Some(problem) => {
+            eprintln!("skipping {test}: {problem}");
+            None
+        }
+    }
+}
+
+/// `trellis chaos` on PostgreSQL + NATS, the choreographed saga (every step a message on
+/// the bus): a kill, a restart of the NATS server the run started, every PostgreSQL
+/// connection killed, the database and the broker each partitioned; every invariant holds,
+/// and the run's databases are dropped afterwards.
+#[test]
+fn chaos_on_postgres_and_nats_restarts_the_broker_and_kills_connections() {
+    let Some((postgres, nats_server)) = remote_chaos_backends("chaos_on_postgres_and_nats") else {
+        return;
+    };
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shop/chaos/scenarios/ci-remote.toml"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "chaos",
+            "--scenario",
+            scenario,
+            "--seed",
+            "11",
+            "--saga",
+            "choreography",
+            "--quiet",
+            "--json",
+            "--db",
+            &postgres,
+            "--nats-server",
+            &nats_server,
+        ])
+        .env_remove("TRELLIS_BUS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["kills"], 3, "{report}");
+    assert_eq!(report["backend_faults"], 4, "{report}");
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.iter().all(|f| f["error"].is_null()), "{report}");
+    assert!(
+        faults
+            .iter()
+            .filter(|f| f["measured"] == true)
+            .all(|f| f["recovered_after_s"].is_number()),
+        "{report}"
+    );
+    let db = &report["databases"];
+    for field in [
+        "lost_orders",
+        "double_captures",
+        "stock_mismatches",
+        "undelivered_messages",
+        "violation_count",
+    ] {
+        assert_eq!(db[field], 0, "{field}: {report}");
+    }
+    assert!(
+        report["load"]["orders"]["placed"].as_u64().unwrap() > 100,
+        "{report}"
+    );
+    assert_eq!(report["load"]["orders"]["pending"], 0, "{report}");
+    // A passed run on a temporary data directory leaves no database behind (seed 11 is this
+    // test's own: `chaos_b_<pid>_<service>`).
+    let listed = Command::new("psql")
+        .args([
+            postgres.as_str(),
+            "-Atc",
+            "SELECT datname FROM pg_database WHERE datname LIKE 'chaos\\_b\\_%'",
+        ])
+        .output();
+    if let Ok(listed) = listed
+        && listed.status.success()
+    {
+        let names = String::from_utf8_lossy(&listed.stdout);
+        assert!(names.trim().is_empty(), "databases left: {names}");
+    }
+}

@@ -13,13 +13,13 @@
 //! use shop_chaos::scenario::{Action, Scenario};
 //!
 //! let storm = Scenario::built_in("storm").expect("a built-in");
-//! let plan = storm.schedule(Duration::from_secs(600), 7);
+//! let plan = storm.schedule(Duration::from_secs(600), 7, &Default::default());
 //! let kills: usize = plan.iter().map(|p| match &p.action {
 //!     Action::Kill { services } => services.len(),
 //!     _ => 0,
 //! }).sum();
 //! assert!(kills >= 40, "a 10-minute storm kills at least 40 processes");
-//! assert_eq!(plan, storm.schedule(Duration::from_secs(600), 7), "the same seed, the same plan");
+//! assert_eq!(plan, storm.schedule(Duration::from_secs(600), 7, &Default::default()), "the same seed, the same plan");
 //! ```
 #![forbid(unsafe_code)]
 

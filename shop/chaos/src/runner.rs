@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +20,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::checks::{self, DbReport, ProviderStats};
-use crate::scenario::{Action, NetFault, Planned, Scenario};
+use crate::checks::{self, DbReport, ProviderStats, Stores};
+use crate::scenario::{Action, BackendFault, Backends, NetFault, Planned, Scenario};
 
 /// The longest a recovery is waited for after a kill.
 pub const RECOVERY_MAX: Duration = Duration::from_secs(60);
@@ -40,8 +39,24 @@ pub trait Target: Send + Sync {
     fn gateway_url(&self) -> String;
     /// The payment-provider simulator's base URL (its public `/v1/stats`).
     fn provider_url(&self) -> String;
-    /// The data directory holding the services' SQLite databases.
-    fn data_dir(&self) -> &Path;
+    /// Where the services' databases and the bus keep their data (what the checks read).
+    fn stores(&self) -> Stores;
+    /// What this target can do to its database and broker (nothing on embedded backends).
+    fn backends(&self) -> Backends {
+        Backends::default()
+    }
+    /// Injects a backend fault (answers once it is injected: connections killed, the server
+    /// stopped and started); the future it gives answers when the backend serves again
+    /// (`None`: not within [`RECOVERY_MAX`]).
+    ///
+    /// # Errors
+    /// A message when the fault could not be injected (or this target has no such backend).
+    fn backend(
+        &self,
+        fault: BackendFault,
+    ) -> BoxFuture<'_, Result<BoxFuture<'static, Option<Instant>>, String>> {
+        Box::pin(async move { Err(format!("this shop has no backend for {}", fault.as_str())) })
+    }
     /// SIGKILLs one service's process (its supervisor restarts it); the future answers when a
     /// new process of it started (`None`: not within [`RECOVERY_MAX`]).
     ///
@@ -86,15 +101,20 @@ pub struct FaultRecord {
     pub at_s: f64,
     /// What (`SIGKILL orders`, `partition into payments`, …).
     pub what: String,
-    /// `kill`, `network` or `provider`.
+    /// `kill`, `network`, `backend` or `provider`.
     pub kind: String,
     /// Seconds from the run's start when it was healed (network and provider faults).
     pub healed_s: Option<f64>,
-    /// For a kill: seconds until the first order placed after the killed processes ran again
-    /// was accepted (it then ended `CONFIRMED`); `None`: not within [`RECOVERY_MAX`].
+    /// For a kill or a backend restart or connection kill: seconds until the first order
+    /// placed after the killed processes (or the backend) ran again was accepted (it then
+    /// ended `CONFIRMED`); `None`: not within [`RECOVERY_MAX`].
     pub recovered_after_s: Option<f64>,
-    /// For a kill: seconds until every killed process ran again.
+    /// For a kill or a backend restart: seconds until every killed process (or the backend)
+    /// ran again.
     pub restarted_after_s: Option<f64>,
+    /// Whether the recovery after it is measured (kills, NATS restarts, PostgreSQL
+    /// connection kills).
+    pub measured: bool,
     /// Why it could not be injected, if it could not.
     pub error: Option<String>,
 }
@@ -116,6 +136,9 @@ pub struct ChaosReport {
     pub network_faults: u64,
     /// Provider faults injected.
     pub provider_faults: u64,
+    /// Faults of the database or the broker injected (restarts, connection kills,
+    /// partitions).
+    pub backend_faults: u64,
     /// The load's report (latency, orders by outcome, errors, the API invariants).
     pub load: Option<shop_load::Report>,
     /// Why the load could not run, if it could not.
@@ -126,9 +149,9 @@ pub struct ChaosReport {
     pub database_error: Option<String>,
     /// Share of the load's requests that failed (the error budget spent).
     pub error_rate: f64,
-    /// The slowest recovery after a kill, seconds.
+    /// The slowest recovery after a kill or a backend restart, seconds.
     pub slowest_recovery_s: Option<f64>,
-    /// Kills the shop did not recover from within [`RECOVERY_MAX`].
+    /// Kills and backend restarts the shop did not recover from within [`RECOVERY_MAX`].
     pub unrecovered_kills: u64,
 }
 
@@ -172,7 +195,7 @@ impl ChaosReport {
         }
         if self.unrecovered_kills > 0 {
             out.push(format!(
-                "{} kills not recovered from within {} s",
+                "{} kills or backend restarts not recovered from within {} s",
                 self.unrecovered_kills,
                 RECOVERY_MAX.as_secs()
             ));
@@ -196,20 +219,20 @@ impl ChaosReport {
         );
         let _ = writeln!(
             out,
-            "faults: {} kills, {} network, {} provider",
-            self.kills, self.network_faults, self.provider_faults
+            "faults: {} kills, {} network, {} provider, {} backend",
+            self.kills, self.network_faults, self.provider_faults, self.backend_faults
         );
         for fault in &self.faults {
             let healed = fault
                 .healed_s
                 .map(|h| format!(", healed at {h:.1} s"))
                 .unwrap_or_default();
-            let recovered = match (fault.kind.as_str(), fault.recovered_after_s) {
-                ("kill", Some(r)) => format!(
-                    ", back up in {:.1} s, an order confirmed {r:.1} s after the kill",
+            let recovered = match (fault.measured, fault.recovered_after_s) {
+                (true, Some(r)) => format!(
+                    ", back up in {:.1} s, an order confirmed {r:.1} s after it",
                     fault.restarted_after_s.unwrap_or(f64::NAN)
                 ),
-                ("kill", None) => ", NOT recovered".into(),
+                (true, None) if fault.error.is_none() => ", NOT recovered".into(),
                 _ => String::new(),
             };
             let error = fault
@@ -278,7 +301,10 @@ impl ChaosReport {
             let _ = writeln!(out, "databases: not checked: {error}");
         }
         if let Some(slowest) = self.slowest_recovery_s {
-            let _ = writeln!(out, "slowest recovery after a kill: {slowest:.1} s");
+            let _ = writeln!(
+                out,
+                "slowest recovery after a kill or backend restart: {slowest:.1} s"
+            );
         }
         let violations = self.violations();
         if violations.is_empty() {
@@ -566,7 +592,18 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         password: config.admin.1.clone(),
         token: tokio::sync::Mutex::new(admin),
     };
-    let plan = config.scenario.schedule(config.duration, config.seed);
+    let backends = target.backends();
+    let plan = config
+        .scenario
+        .schedule(config.duration, config.seed, &backends);
+    if let Some(refused) = plan.iter().find(|p| !backends.allow(&p.action)) {
+        return Err(ChaosError::Setup(format!(
+            "the scenario asks for \"{}\", which this shop cannot do: a network fault into \
+             postgres or nats or a pg_terminate needs --db postgres:// or --bus nats://, a \
+             nats_restart needs --nats-server",
+            refused.action.describe()
+        )));
+    }
 
     let mut load = shop_load::LoadConfig::new(api.base.clone(), config.rate, config.duration)
         .with_admin(config.admin.0.clone(), config.admin.1.clone());
@@ -617,11 +654,17 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
                     }
                     ((!errors.is_empty()).then(|| errors.join("; ")), restarts)
                 }
+                Action::Backend { fault } => match target.backend(*fault).await {
+                    Ok(back) => (None, vec![back]),
+                    Err(e) => (Some(e), Vec::new()),
+                },
                 action => (
                     inject(&api, &admin, target.as_ref(), action).await.err(),
                     Vec::new(),
                 ),
             };
+            let measured = matches!(planned.action, Action::Kill { .. } | Action::Backend { .. });
+            let injected = matches!(planned.action, Action::Kill { .. }) || !restarts.is_empty();
             records.push(FaultRecord {
                 at_s: since_start(injected_at),
                 what: planned.action.describe(),
@@ -629,9 +672,10 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
                 healed_s: None,
                 recovered_after_s: None,
                 restarted_after_s: None,
+                measured,
                 error,
             });
-            if let Action::Kill { .. } = planned.action {
+            if measured && injected {
                 recoveries.push((
                     index,
                     tokio::spawn(recovery(
@@ -703,6 +747,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
     // The provider's counters are read on each pass, after the orders they must match.
     let mut databases = None;
     let mut database_error = None;
+    let stores = target.stores();
     let settle_until = Instant::now() + config.settle_timeout;
     loop {
         let provider = if target.provider_intact() {
@@ -710,7 +755,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         } else {
             None
         };
-        match checks::check(target.data_dir(), provider).await {
+        match checks::check(&stores, provider).await {
             Ok(report) if report.hold() || Instant::now() >= settle_until => {
                 databases = Some(report);
                 break;
@@ -740,7 +785,10 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
             errors as f64 / l.arrivals as f64
         }
     });
-    let kill_records: Vec<&FaultRecord> = records.iter().filter(|r| r.kind == "kill").collect();
+    let kill_records: Vec<&FaultRecord> = records
+        .iter()
+        .filter(|r| r.measured && (r.kind == "kill" || r.error.is_none()))
+        .collect();
     let slowest_recovery_s = kill_records
         .iter()
         .filter_map(|r| r.recovered_after_s)
@@ -757,6 +805,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         duration_s: config.duration.as_secs_f64(),
         network_faults: count("network"),
         provider_faults: count("provider"),
+        backend_faults: count("backend"),
         kills,
         faults: records,
         load,
@@ -781,7 +830,9 @@ async fn inject(
     action: &Action,
 ) -> Result<(), String> {
     match action {
-        Action::Kill { .. } => Err("kills are injected by the run loop".into()),
+        Action::Kill { .. } | Action::Backend { .. } => {
+            Err("kills and backend faults are injected by the run loop".into())
+        }
         Action::Network {
             service,
             fault,
@@ -805,7 +856,7 @@ async fn heal(
     action: &Action,
 ) -> Result<(), String> {
     match action {
-        Action::Kill { .. } => Ok(()),
+        Action::Kill { .. } | Action::Backend { .. } => Ok(()),
         Action::Network { service, .. } => target.network(service, None),
         Action::Provider { .. } => provider_config(api, admin, PROVIDER_CLEAN()).await,
     }

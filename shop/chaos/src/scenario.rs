@@ -28,6 +28,12 @@
 //! `reset`, `blackhole`, `bandwidth` (`bytes_per_second`), `slice` (`bytes`), `partition`
 //! (the service unreachable from everyone), each on the connections into `service` (or
 //! `"random"`), `share` of them; and `provider` (`latency_ms`, `failure_rate`, `outage`).
+//! With remote backends (`trellis chaos --db postgres://… --bus nats://…`) the network faults
+//! may also name `postgres` or `nats` (the connections of every service to it go through a
+//! proxy), and two more kinds apply: `nats_restart` (the NATS server stopped and started
+//! again; only for a server the run started itself, `--nats-server`) and `pg_terminate`
+//! (every PostgreSQL connection of the shop's databases killed with
+//! `pg_terminate_backend`). `[random] backend_per_minute` spreads these over a storm.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -53,6 +59,9 @@ pub const PROXIED: &[&str] = &[
     "payments",
     "shipping",
 ];
+/// Backends a network fault may name when the run has them remote (the services reach them
+/// through a proxy).
+pub const BACKEND_PROXIED: &[&str] = &["postgres", "nats"];
 /// The longest run a scenario may ask for.
 pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
 /// The most events a schedule may hold.
@@ -239,6 +248,11 @@ pub enum FaultSpec {
         /// The service (or `random`).
         service: String,
     },
+    /// The NATS server stopped (SIGTERM) and started again (needs `--nats-server`).
+    NatsRestart,
+    /// Every connection to the shop's PostgreSQL databases killed (`pg_terminate_backend`;
+    /// needs `--db postgres://…`).
+    PgTerminate,
     /// The payment-provider simulator's settings (see its `PUT /admin/config`).
     Provider {
         /// Latency of every call, milliseconds.
@@ -288,6 +302,11 @@ pub struct RandomSpec {
     /// Provider faults per minute (latency, failures, outage).
     #[serde(default)]
     pub provider_per_minute: f64,
+    /// Backend faults per minute, when the run has remote backends: a NATS restart, a
+    /// PostgreSQL connection kill, or a partition of the database or the broker (ignored
+    /// on embedded backends).
+    #[serde(default)]
+    pub backend_per_minute: f64,
     /// The shortest and longest hold of a network or provider fault.
     #[serde(default = "hold_range")]
     pub hold: (Span, Span),
@@ -418,7 +437,9 @@ impl Scenario {
             "storm" => Self {
                 name: name.into(),
                 description:
-                    "kills (some two at once), network faults and provider faults at random".into(),
+                    "kills (some two at once), network and provider faults, and with remote backends \
+                     database and broker faults, at random"
+                        .into(),
                 duration: Some(Span(Duration::from_secs(600))),
                 rate: Some(100.0),
                 events: Vec::new(),
@@ -427,6 +448,7 @@ impl Scenario {
                     double_kill_share: 0.25,
                     network_per_minute: 2.5,
                     provider_per_minute: 1.0,
+                    backend_per_minute: 0.6,
                     hold: hold_range(),
                 }),
             },
@@ -494,6 +516,7 @@ impl Scenario {
                 ("kills_per_minute", random.kills_per_minute),
                 ("network_per_minute", random.network_per_minute),
                 ("provider_per_minute", random.provider_per_minute),
+                ("backend_per_minute", random.backend_per_minute),
             ] {
                 if !(0.0..=60.0).contains(&value) {
                     return bad(format!("random.{field} must be between 0 and 60"));
@@ -511,8 +534,10 @@ impl Scenario {
 
     /// The seeded timeline of a run of `run` length: every event resolved (shares of the run,
     /// `random` services picked) and the storm laid out, sorted by time. The same scenario,
-    /// length and seed give the same timeline.
-    pub fn schedule(&self, run: Duration, seed: u64) -> Vec<Planned> {
+    /// length, seed and `backends` give the same timeline. `backends` are what this run can
+    /// do to its database and broker (nothing on embedded backends): a storm's backend faults
+    /// are picked among them, and none are planned when there are none.
+    pub fn schedule(&self, run: Duration, seed: u64, backends: &Backends) -> Vec<Planned> {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut plan = Vec::new();
         for event in &self.events {
@@ -521,7 +546,7 @@ impl Scenario {
             plan.push(resolve(&event.fault, at, hold, &mut rng));
         }
         if let Some(random) = &self.random {
-            storm(random, run, &mut rng, &mut plan);
+            storm(random, run, &mut rng, &mut plan, backends);
         }
         plan.sort_by_key(|p| p.at);
         plan.truncate(EVENTS_MAX);
@@ -538,12 +563,13 @@ fn check_share(share: f64) -> Result<(), String> {
 }
 
 fn check_service(service: &str) -> Result<(), String> {
-    if service == "random" || PROXIED.contains(&service) {
+    if service == "random" || PROXIED.contains(&service) || BACKEND_PROXIED.contains(&service) {
         Ok(())
     } else {
         Err(format!(
-            "unknown service {service:?} for a network fault (one of {}, or random)",
-            PROXIED.join(", ")
+            "unknown service {service:?} for a network fault (one of {}, {}, or random)",
+            PROXIED.join(", "),
+            BACKEND_PROXIED.join(", ")
         ))
     }
 }
@@ -609,6 +635,7 @@ fn check_fault(fault: &FaultSpec) -> Result<(), String> {
             Ok(())
         }
         FaultSpec::Partition { service } => check_service(service),
+        FaultSpec::NatsRestart | FaultSpec::PgTerminate => Ok(()),
         FaultSpec::Provider {
             latency_ms,
             failure_rate,
@@ -675,6 +702,11 @@ pub enum Action {
         /// Share of connections.
         share: f64,
     },
+    /// A fault of the database or the broker.
+    Backend {
+        /// Which.
+        fault: BackendFault,
+    },
     /// The provider's settings.
     Provider {
         /// Latency, ms.
@@ -687,11 +719,16 @@ pub enum Action {
 }
 
 impl Action {
-    /// `kill`, `network` or `provider`.
+    /// `kill`, `network`, `backend` or `provider` (a network fault into `postgres` or
+    /// `nats` is a `backend` fault).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Kill { .. } => "kill",
+            Self::Network { service, .. } if BACKEND_PROXIED.contains(&service.as_str()) => {
+                "backend"
+            }
             Self::Network { .. } => "network",
+            Self::Backend { .. } => "backend",
             Self::Provider { .. } => "provider",
         }
     }
@@ -722,6 +759,7 @@ impl Action {
                     format!("{what} into {service}")
                 }
             }
+            Self::Backend { fault } => fault.describe().to_owned(),
             Self::Provider {
                 latency_ms,
                 failure_rate,
@@ -739,6 +777,57 @@ impl Action {
                 }
                 format!("provider {}", parts.join(", "))
             }
+        }
+    }
+}
+
+/// What a run can do to its database and broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// The backend faults it can inject.
+    pub faults: Vec<BackendFault>,
+    /// The backends of [`BACKEND_PROXIED`] behind a fault proxy.
+    pub proxied: Vec<String>,
+}
+
+impl Backends {
+    /// Whether `action` can run here: every action but a backend fault or a network fault
+    /// into a backend, and those when this run has them.
+    pub fn allow(&self, action: &Action) -> bool {
+        match action {
+            Action::Backend { fault } => self.faults.contains(fault),
+            Action::Network { service, .. } if BACKEND_PROXIED.contains(&service.as_str()) => {
+                self.proxied.iter().any(|p| p == service)
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A fault of a remote backend that is not a network fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendFault {
+    /// The NATS server stopped (SIGTERM) and started again.
+    NatsRestart,
+    /// Every connection to the shop's PostgreSQL databases killed.
+    PgTerminate,
+}
+
+impl BackendFault {
+    /// `nats_restart` or `pg_terminate`, as a scenario writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NatsRestart => "nats_restart",
+            Self::PgTerminate => "pg_terminate",
+        }
+    }
+
+    /// A short description for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NatsRestart => "NATS server restart",
+            Self::PgTerminate => "pg_terminate_backend of every shop connection",
         }
     }
 }
@@ -833,6 +922,20 @@ fn resolve(fault: &FaultSpec, at: Duration, hold: Duration, rng: &mut fastrand::
             share,
         } => network(rng, s, NetFault::Slice { bytes: *bytes }, *share),
         FaultSpec::Partition { service: s } => network(rng, s, NetFault::Partition, 1.0),
+        FaultSpec::NatsRestart => Planned {
+            at,
+            action: Action::Backend {
+                fault: BackendFault::NatsRestart,
+            },
+            hold: None,
+        },
+        FaultSpec::PgTerminate => Planned {
+            at,
+            action: Action::Backend {
+                fault: BackendFault::PgTerminate,
+            },
+            hold: None,
+        },
         FaultSpec::Provider {
             latency_ms,
             failure_rate,
@@ -864,7 +967,13 @@ fn slots(rng: &mut fastrand::Rng, count: usize, start: Duration, end: Duration) 
         .collect()
 }
 
-fn storm(random: &RandomSpec, run: Duration, rng: &mut fastrand::Rng, plan: &mut Vec<Planned>) {
+fn storm(
+    random: &RandomSpec,
+    run: Duration,
+    rng: &mut fastrand::Rng,
+    plan: &mut Vec<Planned>,
+    backends: &Backends,
+) {
     // Faults start in the first 90% of the run, so the last ones have time to heal and the
     // shop to recover before the load stops.
     let start = run.mul_f64(0.05);
@@ -938,5 +1047,25 @@ fn storm(random: &RandomSpec, run: Duration, rng: &mut fastrand::Rng, plan: &mut
         };
         let held = hold(rng);
         plan.push(resolve(&fault, at, held, rng));
+    }
+    // Drawn last and only when the run has remote backends, so an embedded run's timeline
+    // for a seed is what it was before backend faults existed.
+    let choices = backends.faults.len() + backends.proxied.len();
+    if choices > 0 {
+        for at in slots(rng, count(random.backend_per_minute), start, end) {
+            let choice = rng.usize(..choices);
+            let (fault, held) = match backends.faults.get(choice) {
+                Some(BackendFault::NatsRestart) => (FaultSpec::NatsRestart, Duration::ZERO),
+                Some(BackendFault::PgTerminate) => (FaultSpec::PgTerminate, Duration::ZERO),
+                // A partition of the database or the broker, at most 10 s.
+                None => (
+                    FaultSpec::Partition {
+                        service: backends.proxied[choice - backends.faults.len()].clone(),
+                    },
+                    hold(rng).min(Duration::from_secs(10)),
+                ),
+            };
+            plan.push(resolve(&fault, at, held, rng));
+        }
     }
 }

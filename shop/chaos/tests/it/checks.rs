@@ -1,35 +1,75 @@
 //! The database checks against a real shop: they hold after clean orders, and they find what
-//! is broken when a database is tampered with.
+//! is broken when a database (or the bus) is tampered with; on the embedded backends and on
+//! PostgreSQL + NATS.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
-use shop_chaos::checks::{ProviderStats, check};
+use shop_chaos::checks::{BusStore, ProviderStats, Stores, check};
 
 struct Shop {
     shop: shop_app::Shop,
     http: reqwest::Client,
     base: String,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     admin: String,
+    stores: Stores,
+    _databases: Vec<trellis_testkit::TestPostgres>,
+    _nats: Option<trellis_testkit::TestNats>,
 }
 
-async fn start() -> Shop {
+/// The embedded shop (`remote` false), or the choreographed shop on PostgreSQL + NATS (so the
+/// bus has consumer groups to count); `None` when those servers are unreachable outside CI.
+async fn start(remote: bool, test: &str) -> Option<Shop> {
     let dir = tempfile::tempdir().unwrap();
     let mut config = shop_app::ShopConfig::ephemeral(dir.path());
     config.admin = Some(("admin@chaos.test".into(), "admin-password-1".into()));
     config.seed_catalog = false;
+    let mut stores = Stores::embedded(dir.path());
+    let mut databases = Vec::new();
+    let mut nats = None;
+    if remote {
+        let test_nats = trellis_testkit::nats(test).await?;
+        config.bus_url = Some(test_nats.url.clone());
+        config.bus_prefix = test_nats.prefix.clone();
+        config.saga = shop_app::SagaStyle::Choreography;
+        stores.bus = BusStore::Nats {
+            url: test_nats.url.clone(),
+            prefix: test_nats.prefix.clone(),
+        };
+        nats = Some(test_nats);
+        let mut urls = BTreeMap::new();
+        for service in [
+            "users",
+            "products",
+            "inventory",
+            "orders",
+            "payments",
+            "shipping",
+        ] {
+            let db = trellis_testkit::postgres(&format!("{test}_{service}")).await?;
+            urls.insert(service.to_owned(), db.url.clone());
+            databases.push(db);
+        }
+        config.database_urls = urls.clone();
+        stores.databases = urls;
+    }
     let shop = shop_app::up(config).await.unwrap();
     let base = shop.gateway_url();
     let http = reqwest::Client::new();
     let admin = token(&http, &base, "admin@chaos.test", "admin-password-1").await;
-    Shop {
+    Some(Shop {
         shop,
         http,
         base,
-        dir,
+        _dir: dir,
         admin,
-    }
+        stores,
+        _databases: databases,
+        _nats: nats,
+    })
 }
 
 async fn token(http: &reqwest::Client, base: &str, email: &str, password: &str) -> String {
@@ -85,7 +125,18 @@ async fn provider_stats(shop: &Shop) -> ProviderStats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_orders_pass_and_tampering_is_found() {
-    let shop = start().await;
+    clean_orders_pass_and_tampering_is_found_on(false, "checks_sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_orders_pass_and_tampering_is_found_on_postgres_and_nats() {
+    clean_orders_pass_and_tampering_is_found_on(true, "checks_pg").await;
+}
+
+async fn clean_orders_pass_and_tampering_is_found_on(remote: bool, test: &str) {
+    let Some(shop) = start(remote, test).await else {
+        return;
+    };
     let product: Value = shop
         .http
         .post(format!("{}/api/products", shop.base))
@@ -135,7 +186,7 @@ async fn clean_orders_pass_and_tampering_is_found() {
     // The relay and the projection catch up within moments.
     let mut report = None;
     for _ in 0..100 {
-        let r = check(shop.dir.path(), Some(stats)).await.unwrap();
+        let r = check(&shop.stores, Some(stats)).await.unwrap();
         if r.hold() {
             report = Some(r);
             break;
@@ -152,44 +203,48 @@ async fn clean_orders_pass_and_tampering_is_found() {
         captures: stats.captures + 1,
         ..stats
     };
-    let report = check(shop.dir.path(), Some(doubled)).await.unwrap();
+    let report = check(&shop.stores, Some(doubled)).await.unwrap();
     assert_eq!(report.double_captures, 1);
     assert!(!report.hold());
 
     // Tamper with the databases the way a lost effect would leave them.
-    let confirmed = ids[0].clone();
-    let dir = shop.dir.path().to_owned();
+    let confirmed = statuses
+        .iter()
+        .position(|s| s == "CONFIRMED")
+        .map(|i| ids[i].clone())
+        .unwrap();
+    let stores = shop.stores.clone();
     shop.shop.shutdown().await;
-    let exec = |file: &str, sql: String| {
-        let path = dir.join(file);
+    let exec = |service: &str, sql: String| {
+        let url = stores.databases[service].clone();
         async move {
-            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
-            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&pool)
+            let db = trellis_service::Db::connect(&url).await.unwrap();
+            trellis_service::on_db!(&db, |pool| sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(pool)
                 .await
-                .unwrap();
-            pool.close().await;
+                .map(|r| r.rows_affected()))
+            .unwrap();
+            db.close().await;
         }
     };
     exec(
-        "payments.db",
+        "payments",
         format!("UPDATE payments SET status = 'refunded' WHERE order_id = '{confirmed}'"),
     )
     .await;
     exec(
-        "shipping.db",
+        "shipping",
         format!("DELETE FROM shipments WHERE order_id = '{confirmed}'"),
     )
     .await;
     exec(
-        "inventory.db",
+        "inventory",
         format!(
             "UPDATE reservation_lines SET quantity = quantity + 1 WHERE order_id = '{confirmed}'"
         ),
     )
     .await;
-    let report = check(&dir, Some(stats)).await.unwrap();
+    let report = check(&stores, Some(stats)).await.unwrap();
     assert_eq!(report.payment_mismatches, 1, "{report:?}");
     assert_eq!(report.shipment_mismatches, 1, "{report:?}");
     assert_eq!(report.stock_mismatches, 1, "{report:?}");
@@ -197,4 +252,45 @@ async fn clean_orders_pass_and_tampering_is_found() {
         report.violations.iter().any(|v| v.contains(&confirmed)),
         "{report:?}"
     );
+    if let BusStore::Nats { url, prefix } = &stores.bus {
+        // A message a group has not taken is undelivered: publish one where a consumer of
+        // the bus stream listens while nothing runs to take it.
+        assert_eq!(report.undelivered_messages, 0, "{report:?}");
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let context = async_nats::jetstream::new(client);
+        let stream = context
+            .get_stream(format!("{}_BUS", prefix.to_uppercase()))
+            .await
+            .unwrap();
+        let consumers: Vec<_> = stream
+            .consumers()
+            .map(|c| c.unwrap())
+            .collect::<Vec<_>>()
+            .await;
+        let filters = |c: &async_nats::jetstream::consumer::Info| {
+            let mut all = c.config.filter_subjects.clone();
+            all.push(c.config.filter_subject.clone());
+            all
+        };
+        let filter = consumers
+            .iter()
+            .flat_map(filters)
+            .find(|f| !f.is_empty())
+            .expect("the choreographed shop's groups consume the bus stream");
+        // Every group whose consumer listens there has the message to take.
+        let takers = consumers
+            .iter()
+            .filter(|c| filters(c).contains(&filter))
+            .count() as u64;
+        let subject = filter.replace(['>', '*'], "tampered");
+        context
+            .publish(subject, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let report = check(&stores, Some(stats)).await.unwrap();
+        assert_eq!(report.undelivered_messages, takers, "{report:?}");
+        assert!(takers >= 1);
+    }
 }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use shop_chaos::scenario::{Action, BUILT_IN, KILLABLE, NetFault, Scenario};
+use shop_chaos::scenario::{
+    Action, BUILT_IN, BackendFault, Backends, KILLABLE, NetFault, Scenario,
+};
 
 fn kills(plan: &[shop_chaos::scenario::Planned]) -> usize {
     plan.iter()
@@ -20,14 +22,17 @@ fn every_built_in_loads_and_validates() {
         let scenario = Scenario::load(name).unwrap();
         scenario.validate().unwrap();
         let run = scenario.duration.unwrap().0;
-        assert!(!scenario.schedule(run, 1).is_empty(), "{name}");
+        assert!(
+            !scenario.schedule(run, 1, &Backends::default()).is_empty(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn kill_each_kills_every_killable_service_once_in_order_of_the_list() {
     let scenario = Scenario::built_in("kill-each").unwrap();
-    let plan = scenario.schedule(Duration::from_secs(70), 3);
+    let plan = scenario.schedule(Duration::from_secs(70), 3, &Backends::default());
     let killed: Vec<String> = plan
         .iter()
         .flat_map(|p| match &p.action {
@@ -47,7 +52,7 @@ fn kill_each_kills_every_killable_service_once_in_order_of_the_list() {
 fn a_ten_minute_storm_has_the_faults_the_scorecard_asks_for() {
     let storm = Scenario::built_in("storm").unwrap();
     for seed in 0..20 {
-        let plan = storm.schedule(Duration::from_secs(600), seed);
+        let plan = storm.schedule(Duration::from_secs(600), seed, &Backends::default());
         assert!(kills(&plan) >= 40, "seed {seed}: {} kills", kills(&plan));
         let network = plan.iter().filter(|p| p.action.kind() == "network").count();
         assert!(network >= 20, "seed {seed}: {network} network faults");
@@ -79,7 +84,7 @@ fn a_toml_scenario_reads_as_written() {
         fault = { kind = "provider", outage = true }
     "#;
     let scenario = Scenario::parse("mine.toml", text).unwrap();
-    let plan = scenario.schedule(Duration::from_secs(120), 9);
+    let plan = scenario.schedule(Duration::from_secs(120), 9, &Backends::default());
     assert_eq!(plan.len(), 3);
     assert_eq!(plan[0].at, Duration::from_secs(10));
     assert_eq!(
@@ -154,8 +159,8 @@ proptest! {
     fn schedules_are_seeded_sorted_and_inside_the_run(seed in any::<u64>(), secs in 10u64..3_600) {
         let storm = Scenario::built_in("storm").unwrap();
         let run = Duration::from_secs(secs);
-        let plan = storm.schedule(run, seed);
-        prop_assert_eq!(&plan, &storm.schedule(run, seed));
+        let plan = storm.schedule(run, seed, &Backends::default());
+        prop_assert_eq!(&plan, &storm.schedule(run, seed, &Backends::default()));
         prop_assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
         prop_assert!(plan.iter().all(|p| p.at < run));
         for p in &plan {
@@ -165,4 +170,91 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_storm_on_remote_backends_adds_backend_faults_and_leaves_the_rest_of_the_plan_alone() {
+    // The backend faults are drawn after everything else, so an embedded run's timeline for a
+    // seed does not move when remote backends exist; with them, the storm restarts NATS, kills
+    // PostgreSQL connections and partitions the proxied backends.
+    let storm = Scenario::built_in("storm").unwrap();
+    let run = Duration::from_secs(600);
+    let remote = Backends {
+        faults: vec![BackendFault::NatsRestart, BackendFault::PgTerminate],
+        proxied: vec!["postgres".into(), "nats".into()],
+    };
+    let mut kinds = std::collections::BTreeSet::new();
+    for seed in 0..10 {
+        let embedded = storm.schedule(run, seed, &Backends::default());
+        assert!(embedded.iter().all(|p| p.action.kind() != "backend"));
+        let plan = storm.schedule(run, seed, &remote);
+        let others: Vec<_> = plan
+            .iter()
+            .filter(|p| p.action.kind() != "backend")
+            .cloned()
+            .collect();
+        assert_eq!(others, embedded, "seed {seed}");
+        let backend: Vec<_> = plan
+            .iter()
+            .filter(|p| p.action.kind() == "backend")
+            .collect();
+        assert_eq!(backend.len(), 6, "seed {seed}: 0.6 a minute for 10 minutes");
+        for planned in backend {
+            assert!(remote.allow(&planned.action), "{planned:?}");
+            kinds.insert(planned.action.describe());
+        }
+    }
+    assert!(kinds.contains("NATS server restart"), "{kinds:?}");
+    assert!(
+        kinds.contains("pg_terminate_backend of every shop connection"),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains("partition into postgres"), "{kinds:?}");
+}
+
+#[test]
+fn backend_faults_read_from_toml_and_are_refused_where_the_run_lacks_them() {
+    let scenario = Scenario::parse(
+        "test",
+        r#"
+        name = "backends"
+        [[events]]
+        at = "10%"
+        fault = { kind = "nats_restart" }
+        [[events]]
+        at = "20%"
+        fault = { kind = "pg_terminate" }
+        [[events]]
+        at = "30%"
+        hold = "5s"
+        fault = { kind = "partition", service = "nats" }
+    "#,
+    )
+    .unwrap();
+    let plan = scenario.schedule(Duration::from_secs(100), 1, &Backends::default());
+    assert_eq!(plan.len(), 3);
+    let embedded = Backends::default();
+    assert!(plan.iter().all(|p| !embedded.allow(&p.action)));
+    let pg_only = Backends {
+        faults: vec![BackendFault::PgTerminate],
+        proxied: vec!["postgres".into()],
+    };
+    let allowed: Vec<_> = plan.iter().filter(|p| pg_only.allow(&p.action)).collect();
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(
+        allowed[0].action,
+        Action::Backend {
+            fault: BackendFault::PgTerminate
+        }
+    );
+    let unknown = Scenario::parse(
+        "test",
+        r#"
+        name = "bad"
+        [[events]]
+        at = "10%"
+        fault = { kind = "partition", service = "redis" }
+    "#,
+    );
+    assert!(unknown.unwrap_err().to_string().contains("postgres, nats"));
 }
