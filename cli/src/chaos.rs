@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use shop_chaos::checks::{BusStore, CHECKED, Stores};
 use shop_chaos::processes::{ProcessTarget, RemoteBackends};
+use shop_chaos::running::{RunningConfig, RunningTarget};
 
 use crate::shop::SagaStyle;
 use shop_chaos::runner::{self, ChaosConfig};
@@ -57,6 +59,34 @@ pub(crate) struct ChaosArgs {
     /// bus (every step a message, so bus faults hit every order).
     #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
     saga: SagaStyle,
+    /// Target a shop that is already running at this gateway URL instead of starting one
+    /// (kills need --kill-command; network faults are refused: nothing proxies its services).
+    /// Its data: --data-dir (SQLite files, read only), or --database SERVICE=URL for
+    /// orders, payments, shipping and inventory, and --bus/--bus-prefix.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["db", "nats_server"])]
+    gateway: Option<String>,
+    /// With --gateway: the payment-provider simulator (its counters are checked against the
+    /// confirmed orders; give it only when it ran as long as the databases held orders).
+    #[arg(long, value_name = "URL", requires = "gateway")]
+    provider: Option<String>,
+    /// With --gateway: one service's database, SERVICE=URL (repeat for orders, payments,
+    /// shipping and inventory; the others default to --data-dir's files).
+    #[arg(long, value_name = "SERVICE=URL", requires = "gateway")]
+    database: Vec<String>,
+    /// With --gateway and --bus nats://: the shop's stream prefix.
+    #[arg(long, default_value = "shop", requires = "gateway")]
+    bus_prefix: String,
+    /// With --gateway: the command that SIGKILLs one service, `{service}` replaced by its
+    /// name, run with `sh -c` (e.g. `pkill -KILL -f "trellis serve {service} "`); the
+    /// shop's own supervisor must restart it.
+    #[arg(long, value_name = "COMMAND", requires = "gateway")]
+    kill_command: Option<String>,
+    /// With --gateway: the admin's email.
+    #[arg(long, env = "TRELLIS_ADMIN_EMAIL")]
+    admin_email: Option<String>,
+    /// With --gateway: the admin's password.
+    #[arg(long, env = "TRELLIS_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -78,7 +108,17 @@ impl ChaosArgs {
             bail!("--rate must be above 0 and at most 5000");
         }
         let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
-        let (data_dir, temporary) = match self.data_dir {
+        if let Some(bus) = &self.bus
+            && !bus.starts_with("nats://")
+        {
+            bail!("--bus {bus:?}: expected nats://host:port (the embedded bus is the default)");
+        }
+        if self.gateway.is_some() {
+            return self
+                .run_against_running(scenario, duration, rate, seed)
+                .await;
+        }
+        let (data_dir, temporary) = match self.data_dir.clone() {
             Some(dir) => (dir, false),
             None => (
                 std::env::temp_dir().join(format!("trellis-chaos-{seed}-{}", std::process::id())),
@@ -97,11 +137,6 @@ impl ChaosArgs {
             duration.as_secs(),
             data_dir.display()
         );
-        if let Some(bus) = &self.bus
-            && !bus.starts_with("nats://")
-        {
-            bail!("--bus {bus:?}: expected nats://host:port (the embedded bus is the default)");
-        }
         if let Some(db) = &self.db
             && !(db.starts_with("postgres://") || db.starts_with("postgresql://"))
         {
@@ -138,22 +173,97 @@ impl ChaosArgs {
             Arc::try_unwrap(target).map_err(|_| anyhow::anyhow!("the target is still shared"))?;
         let passed = result.as_ref().is_ok_and(runner::ChaosReport::ok);
         target.shutdown(passed && temporary).await;
-        let report = result?;
+        self.finish(result?, temporary.then_some(&data_dir))
+    }
+
+    /// `trellis chaos --gateway URL`: a shop someone else runs.
+    async fn run_against_running(
+        &self,
+        scenario: Scenario,
+        duration: Duration,
+        rate: f64,
+        seed: u64,
+    ) -> anyhow::Result<()> {
+        let gateway = self.gateway.clone().unwrap_or_default();
+        let (Some(email), Some(password)) = (self.admin_email.clone(), self.admin_password.clone())
+        else {
+            bail!(
+                "--gateway needs the admin's login: --admin-email and --admin-password (or \
+                 TRELLIS_ADMIN_EMAIL and TRELLIS_ADMIN_PASSWORD)"
+            );
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("trellis-data"));
+        let mut stores = Stores::embedded(&data_dir);
+        for pair in &self.database {
+            let Some((service, url)) = pair.split_once('=') else {
+                bail!("--database {pair:?}: expected SERVICE=URL");
+            };
+            if !CHECKED.contains(&service) {
+                bail!(
+                    "--database {pair:?}: the checks read {} only",
+                    CHECKED.join(", ")
+                );
+            }
+            stores.databases.insert(service.to_owned(), url.to_owned());
+        }
+        if let Some(bus) = &self.bus {
+            stores.bus = BusStore::Nats {
+                url: bus.clone(),
+                prefix: self.bus_prefix.clone(),
+            };
+        }
+        eprintln!(
+            "[chaos] scenario {} ({}), {} s at {rate}/s, seed {seed}, against the shop at {gateway}",
+            scenario.name,
+            scenario.description,
+            duration.as_secs()
+        );
+        let target = Arc::new(RunningTarget::new(RunningConfig {
+            gateway,
+            provider: self.provider.clone(),
+            stores,
+            kill_command: self.kill_command.clone(),
+        }));
+        let config = ChaosConfig {
+            scenario,
+            duration,
+            rate,
+            seed,
+            admin: (email, password),
+            settle_timeout: self.settle,
+            progress: !self.quiet,
+        };
+        let report = runner::run(config, target).await?;
+        self.finish(report, None)
+    }
+
+    /// Prints the report; an error when an invariant broke. `temporary`: the data directory
+    /// to remove after a run that passed.
+    fn finish(
+        &self,
+        report: runner::ChaosReport,
+        temporary: Option<&PathBuf>,
+    ) -> anyhow::Result<()> {
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             print!("{}", report.render());
         }
         if report.ok() {
-            if temporary {
-                let _ = std::fs::remove_dir_all(&data_dir);
+            if let Some(dir) = temporary {
+                let _ = std::fs::remove_dir_all(dir);
             }
             Ok(())
         } else {
             bail!(
-                "chaos run failed ({}); the shop's data is kept in {}",
+                "chaos run failed ({}){}",
                 report.violations().join("; "),
-                data_dir.display()
+                temporary
+                    .map(|dir| format!("; the shop's data is kept in {}", dir.display()))
+                    .unwrap_or_default()
             )
         }
     }

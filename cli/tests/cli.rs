@@ -764,21 +764,23 @@ async fn order_confirmed(http: &reqwest::Client, gateway: &str, token: &str, pro
     }
 }
 
-/// `trellis up --processes` on free ports: one child process per service, an order served end
-/// to end; the orders process SIGKILLed (its pid from the banner) is restarted by the
-/// supervisor and the shop confirms orders again; Ctrl-C (SIGINT) stops every child.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_processes_serves_orders_and_restarts_a_killed_service() {
-    use serde_json::json;
+/// `trellis up --processes` on free ports with data in `dir`, as a child of this test; its
+/// banner (up to "Ctrl-C stops it.") and the stdout lines after it.
+async fn processes_shop(
+    dir: &std::path::Path,
+) -> (
+    Parent,
+    Vec<String>,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     use std::io::BufRead;
     use std::time::Duration;
 
-    let dir = tempfile::tempdir().unwrap();
     let mut parent = Command::new(env!("CARGO_BIN_EXE_trellis"));
     parent
         .args(["up", "--processes", "--free-ports", "--port", "0"])
         .args(["--operator-port", "0", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .env("TRELLIS_ADMIN_EMAIL", "admin@processes.test")
         .env("TRELLIS_ADMIN_PASSWORD", "admin-password-1")
         .env_remove("TRELLIS_BUS")
@@ -798,8 +800,6 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
             }
         }
     });
-
-    // The banner: the gateway's URL and every child's pid.
     let mut banner = Vec::new();
     tokio::time::timeout(Duration::from_secs(240), async {
         while let Some(line) = lines.recv().await {
@@ -813,6 +813,19 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
     })
     .await
     .expect("the shop starts as processes");
+    (parent, banner, lines)
+}
+
+/// `trellis up --processes` on free ports: one child process per service, an order served end
+/// to end; the orders process SIGKILLed (its pid from the banner) is restarted by the
+/// supervisor and the shop confirms orders again; Ctrl-C (SIGINT) stops every child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_processes_serves_orders_and_restarts_a_killed_service() {
+    use serde_json::json;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut parent, banner, mut lines) = processes_shop(dir.path()).await;
     let field = |prefix: &str| {
         banner
             .iter()
@@ -1101,4 +1114,89 @@ fn chaos_on_postgres_and_nats_restarts_the_broker_and_kills_connections() {
         let names = String::from_utf8_lossy(&listed.stdout);
         assert!(names.trim().is_empty(), "databases left: {names}");
     }
+}
+
+/// `trellis chaos --gateway URL` against a shop it did not start (`trellis up --processes`):
+/// the kill goes through the operator's command, the shop's own supervisor restarts the
+/// service, the provider fault through the admin API; the checks read the shop's data
+/// directory and the provider's counters. A network fault is refused before the shop is
+/// touched (nothing proxies a running shop's services).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_targets_a_running_shop_by_its_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_parent, banner, _lines) = processes_shop(dir.path()).await;
+    let url_of = |prefix: &str| {
+        banner
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no `{prefix}` line in {banner:#?}"))
+            .to_owned()
+    };
+    let gateway = url_of("  gateway ");
+    let provider = url_of("  payment-provider ");
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    // Only this test's shop: its children's command lines name its data directory.
+    let kill = format!(
+        "pkill -KILL -f 'serve {{service}} --exit-with-parent --listen [^ ]+ --data-dir {data_dir}( |$)'"
+    );
+    let chaos = |scenario: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        command
+            .args([
+                "chaos",
+                "--scenario",
+                scenario,
+                "--seed",
+                "5",
+                "--quiet",
+                "--json",
+            ])
+            .args(["--gateway", &gateway, "--provider", &provider])
+            .args(["--data-dir", &data_dir, "--kill-command", &kill])
+            .args(["--settle", "2m"])
+            .env("TRELLIS_ADMIN_EMAIL", "admin@processes.test")
+            .env("TRELLIS_ADMIN_PASSWORD", "admin-password-1")
+            .env_remove("TRELLIS_BUS");
+        command
+    };
+    let refused = tokio::task::spawn_blocking({
+        let mut command = chaos("partition-payments");
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("network faults need a fault proxy"),
+        "{stderr}"
+    );
+
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shop/chaos/scenarios/ci-running.toml"
+    );
+    let out = tokio::task::spawn_blocking({
+        let mut command = chaos(scenario);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["kills"], 1, "{report}");
+    assert_eq!(report["provider_faults"], 1, "{report}");
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.iter().all(|f| f["error"].is_null()), "{report}");
+    assert!(faults[0]["recovered_after_s"].is_number(), "{report}");
+    let db = &report["databases"];
+    assert_eq!(db["violation_count"], 0, "{report}");
+    assert_eq!(db["double_captures"], 0, "{report}");
+    assert!(
+        report["load"]["orders"]["placed"].as_u64().unwrap() > 50,
+        "{report}"
+    );
 }

@@ -4,8 +4,11 @@
 //! shop to settle, and check every DESIGN.md invariant through the API and in each service's
 //! database.
 //!
-//! This module set is built up in steps: [`scenario`] (built-in scenarios, TOML scenario files
-//! and the seeded schedule) comes first.
+//! [`scenario`] holds the built-in scenarios, TOML scenario files and the seeded schedule;
+//! [`runner`] runs one against a [`runner::Target`]: [`processes::ProcessTarget`] (the shop
+//! started as supervised processes behind fault proxies, on embedded backends or on
+//! PostgreSQL + NATS) or [`running::RunningTarget`] (a shop already running, given by its
+//! URLs); [`checks`] reads the invariants in the databases and the bus afterwards.
 //!
 //! # Example
 //! ```
@@ -26,4 +29,5 @@
 pub mod checks;
 pub mod processes;
 pub mod runner;
+pub mod running;
 pub mod scenario;

@@ -360,7 +360,7 @@ async fn nats_answers(addr: &str, wait: Duration) -> bool {
 }
 
 /// Kills every server-side connection to `databases` on `server`; answers how many.
-async fn pg_terminate(server: &str, databases: &[String]) -> Result<i64, String> {
+pub(crate) async fn pg_terminate(server: &str, databases: &[String]) -> Result<i64, String> {
     use sqlx::Connection as _;
     let mut admin =
         tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(server))

@@ -45,6 +45,22 @@ pub trait Target: Send + Sync {
     fn backends(&self) -> Backends {
         Backends::default()
     }
+    /// Whether this target can inject `action`; a run whose schedule holds one it cannot is
+    /// refused before it starts, with this message.
+    ///
+    /// # Errors
+    /// Why the action cannot be injected here.
+    fn supports(&self, action: &Action) -> Result<(), String> {
+        if self.backends().allow(action) {
+            Ok(())
+        } else {
+            Err(
+                "a network fault into postgres or nats or a pg_terminate needs --db \
+                 postgres:// or --bus nats://, a nats_restart needs --nats-server"
+                    .to_owned(),
+            )
+        }
+    }
     /// Injects a backend fault (answers once it is injected: connections killed, the server
     /// stopped and started); the future it gives answers when the backend serves again
     /// (`None`: not within [`RECOVERY_MAX`]).
@@ -570,6 +586,20 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         http,
         base: target.gateway_url(),
     });
+    let backends = target.backends();
+    let plan = config
+        .scenario
+        .schedule(config.duration, config.seed, &backends);
+    // Refuse a schedule this shop cannot carry out before touching the shop.
+    for planned in &plan {
+        if let Err(why) = target.supports(&planned.action) {
+            return Err(ChaosError::Setup(format!(
+                "the scenario asks for \"{}\", which this shop cannot do: {why}",
+                planned.action.describe()
+            )));
+        }
+    }
+
     // The shop answers a catalogue before every service is up: wait for an admin login.
     let ready = Instant::now() + READY_MAX;
     let admin = loop {
@@ -592,19 +622,6 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
         password: config.admin.1.clone(),
         token: tokio::sync::Mutex::new(admin),
     };
-    let backends = target.backends();
-    let plan = config
-        .scenario
-        .schedule(config.duration, config.seed, &backends);
-    if let Some(refused) = plan.iter().find(|p| !backends.allow(&p.action)) {
-        return Err(ChaosError::Setup(format!(
-            "the scenario asks for \"{}\", which this shop cannot do: a network fault into \
-             postgres or nats or a pg_terminate needs --db postgres:// or --bus nats://, a \
-             nats_restart needs --nats-server",
-            refused.action.describe()
-        )));
-    }
-
     let mut load = shop_load::LoadConfig::new(api.base.clone(), config.rate, config.duration)
         .with_admin(config.admin.0.clone(), config.admin.1.clone());
     load.seed = Some(config.seed);
