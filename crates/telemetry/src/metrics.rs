@@ -4,8 +4,14 @@
 //! (`metrics::counter!`, `metrics::histogram!`, …); the binary calls [`install_prometheus`] once
 //! and serves [`metrics_router`] on `/metrics`. See `docs/decisions/0002-metrics-facade.md`.
 //!
-//! Histograms whose names end in `_seconds` get [`LATENCY_BUCKETS_SECONDS`], so they render as
-//! Prometheus histograms (aggregatable across instances) rather than summaries.
+//! Histograms whose names end in `_seconds` get [`LATENCY_BUCKETS_SECONDS`] and those ending in
+//! `_batch_size` get [`BATCH_SIZE_BUCKETS`], so they render as Prometheus histograms
+//! (aggregatable across instances) rather than summaries.
+//!
+//! Every scrape ([`render`], which [`metrics_router`] serves) also carries the process basics
+//! (`process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`, … from
+//! `/proc/self` on Linux) and the Tokio runtime's (`trellis_runtime_workers`,
+//! `trellis_runtime_alive_tasks`, …). docs/metrics.md lists every metric trellis emits.
 //!
 //! ```
 //! let handle = trellis_telemetry::metrics::install_prometheus()?;
@@ -29,6 +35,8 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::TelemetryError;
 
+mod process;
+
 /// The content type of the Prometheus text exposition format served on `/metrics`.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
@@ -36,6 +44,12 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 /// millisecond (an in-memory hop) to ten seconds (a request about to time out).
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Upper bounds of the buckets for every histogram named `*_batch_size` (items per batch, such
+/// as appends per event-store commit): powers of two up to the largest batches trellis makes.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
 
 /// How often buffered histogram samples are folded into their buckets when nobody scrapes,
@@ -70,19 +84,33 @@ pub fn install_prometheus() -> Result<PrometheusHandle, TelemetryError> {
             Matcher::Suffix("_seconds".to_owned()),
             LATENCY_BUCKETS_SECONDS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_batch_size".to_owned()),
+            BATCH_SIZE_BUCKETS,
+        )?
         .install_recorder()?;
     spawn_upkeep(handle.clone());
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// An axum router serving `GET /metrics` from `handle` in the Prometheus text format.
+/// The text a scrape gets: everything recorded through the `metrics` facade, then the process
+/// and runtime basics, read now. The runtime families appear when called inside a Tokio
+/// runtime (as a request handler is), the process ones on Linux.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut body = handle.render();
+    process::render_into(&mut body);
+    body
+}
+
+/// An axum router serving `GET /metrics` from `handle` in the Prometheus text format (see
+/// [`render`]).
 ///
 /// Merge it into a service's router: `app.merge(metrics_router(handle))`.
 pub fn metrics_router(handle: PrometheusHandle) -> Router {
     Router::new().route(
         "/metrics",
         get(move || {
-            let body = handle.render();
+            let body = render(&handle);
             async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], body) }
         }),
     )
@@ -137,6 +165,22 @@ mod tests {
         );
         assert!(
             rendered.contains("telemetry_unit_latency_seconds_count 1"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn a_batch_size_histogram_renders_with_batch_buckets() {
+        // Histograms named *_batch_size get the power-of-two buckets.
+        let handle = install_prometheus().expect("install");
+        metrics::histogram!("telemetry_unit_append_batch_size").record(3.0);
+        let rendered = handle.render();
+        assert!(
+            rendered.contains("telemetry_unit_append_batch_size_bucket{le=\"4\"} 1"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("telemetry_unit_append_batch_size_bucket{le=\"2\"} 0"),
             "{rendered}"
         );
     }

@@ -1,4 +1,5 @@
-//! Tower middleware that carries W3C trace context across HTTP hops.
+//! Tower middleware that carries W3C trace context across HTTP hops, and measures a server's
+//! requests.
 //!
 //! - [`TraceContextServerLayer`] wraps a server: each request gets an `http.server` span whose
 //!   OpenTelemetry parent is the caller's `traceparent` (or a new trace when there is none or
@@ -6,6 +7,9 @@
 //! - [`TraceContextClientLayer`] wraps a client: each request gets an `http.client` span, a
 //!   child of the current span, and its context is written into the outgoing `traceparent` and
 //!   `tracestate` headers.
+//! - [`RequestMetricsLayer`] wraps a server's router: each request is counted and timed per
+//!   matched route (REST) or per RPC (gRPC), labelled with the service's name (the RED metrics
+//!   of docs/metrics.md).
 //!
 //! Both are generic over `http::Request<B>` / `http::Response<B>`, so they fit axum, hyper and
 //! hyper-util services alike. Spans are created at `INFO` level; [`init`](crate::init) makes sure
@@ -23,8 +27,14 @@
 
 mod client;
 mod future;
+mod request_metrics;
 mod server;
 
 pub use client::{TraceContextClient, TraceContextClientLayer};
 pub use future::{ClientResponseFuture, ServerResponseFuture};
+pub use request_metrics::{
+    GRPC_DURATION, GRPC_REQUESTS, HTTP_DURATION, HTTP_REQUESTS, RequestMetrics,
+    RequestMetricsFuture, RequestMetricsLayer, UNKNOWN_RPC, UNMATCHED_ROUTE,
+    describe_request_metrics,
+};
 pub use server::{TraceContextServer, TraceContextServerLayer};

@@ -8,3 +8,4 @@ mod http_propagation;
 mod init_once;
 mod map_propagation;
 mod metrics_endpoint;
+mod request_metrics;
