@@ -104,6 +104,7 @@ mod body;
 pub mod config;
 mod error;
 mod hooks;
+mod metric_help;
 mod path;
 mod proxy;
 mod rate_limit;

@@ -84,6 +84,7 @@ impl Gateway {
     /// # Errors
     /// [`GatewayError::Config`] naming the bad key.
     pub async fn from_config(config: Config) -> Result<Self, GatewayError> {
+        crate::metric_help::describe();
         let table = Table::build(&config).await?;
         Ok(Self {
             shared: Arc::new(Shared {

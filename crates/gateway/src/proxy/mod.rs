@@ -240,7 +240,7 @@ fn admin(shared: &Shared, request: &http::request::Parts) -> Option<Response<Gat
             Some(handle) => (
                 StatusCode::OK,
                 trellis_telemetry::metrics::CONTENT_TYPE,
-                Bytes::from(handle.render()),
+                Bytes::from(trellis_telemetry::metrics::render(handle)),
             ),
             None => return None,
         },

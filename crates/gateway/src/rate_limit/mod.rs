@@ -59,6 +59,8 @@ pub(crate) struct RouteLimiter<C: Clock = DefaultClock> {
     /// When a full table was last swept of replenished keys.
     last_sweep: Mutex<C::Instant>,
     shared: Option<SharedLimit>,
+    /// Requests this limit refused (`trellis_gateway_rate_limited_total`).
+    limited: metrics::Counter,
 }
 
 /// Least time between two sweeps of a full key table (each walks the whole table under its
@@ -234,6 +236,7 @@ impl<C: Clock + Clone> RouteLimiter<C> {
             emission,
             keys_max: config.keys_max,
             shared,
+            limited: metrics::counter!("trellis_gateway_rate_limited_total", "policy" => name.to_owned(), "route" => route.to_owned()),
         })
     }
 
@@ -261,12 +264,17 @@ impl<C: Clock + Clone> RouteLimiter<C> {
         headers: &HeaderMap,
     ) -> Verdict {
         let key = self.key(peer, identity, headers);
-        if let Some(shared) = &self.shared
-            && let Some(verdict) = shared.check(&key, self.burst).await
-        {
-            return verdict;
+        let verdict = match &self.shared {
+            Some(shared) => match shared.check(&key, self.burst).await {
+                Some(verdict) => verdict,
+                None => self.check_local(key),
+            },
+            None => self.check_local(key),
+        };
+        if matches!(verdict, Verdict::Limited { .. }) {
+            self.limited.increment(1);
         }
-        self.check_local(key)
+        verdict
     }
 
     fn check_local(&self, key: String) -> Verdict {
@@ -358,6 +366,38 @@ mod tests {
             HeaderValue::from_str(&name.to_string()).expect("header value"),
         );
         headers
+    }
+
+    /// A counter the test reads back.
+    #[derive(Debug, Default)]
+    struct Count(std::sync::atomic::AtomicU64);
+
+    impl metrics::CounterFn for Count {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::Relaxed);
+        }
+
+        fn absolute(&self, value: u64) {
+            self.0.store(value, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn each_refused_request_is_counted_once_and_admitted_ones_are_not() {
+        // Goal: trellis_gateway_rate_limited_total counts 429s only. Method: burst 2 on a
+        // clock that stands still, five requests: two admitted, three refused.
+        let (mut l, _clock) = limiter_with_burst(10, 2);
+        let count = Arc::new(Count::default());
+        l.limited = metrics::Counter::from_arc(count.clone());
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut refused = 0;
+        for _ in 0..5 {
+            if let Verdict::Limited { .. } = l.check(peer, None, &tenant("a")).await {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 3);
+        assert_eq!(count.0.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
