@@ -78,6 +78,7 @@ impl Bulkhead {
                 "must be at least 1",
             ));
         }
+        crate::metric_help::describe();
         Ok(Self {
             inner: Arc::new(BulkheadInner {
                 slots: Arc::new(Semaphore::new(max_concurrent)),

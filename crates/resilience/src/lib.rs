@@ -68,6 +68,7 @@ mod bulkhead;
 mod classify;
 mod clock;
 mod error;
+mod metric_help;
 mod rate_limit;
 mod retry;
 mod stack;

@@ -95,6 +95,7 @@ impl RateLimiterBuilder {
         let burst = NonZeroU32::new(self.burst.unwrap_or(self.per_second))
             .ok_or_else(|| ConfigError::new("rate limiter", "burst", "must be at least 1"))?;
         let quota = Quota::per_second(rate).allow_burst(burst);
+        crate::metric_help::describe();
         Ok(RateLimiter {
             inner: Arc::new(LimiterInner {
                 gcra: governor::RateLimiter::direct_with_clock(

@@ -245,6 +245,7 @@ struct BreakerMetrics {
 
 impl BreakerMetrics {
     fn new(name: &Arc<str>) -> Self {
+        crate::metric_help::describe();
         let calls = |outcome: &'static str| metrics::counter!("trellis_breaker_calls_total", "breaker" => name.to_string(), "outcome" => outcome);
         Self {
             success: calls("success"),

@@ -147,6 +147,7 @@ impl RetryPolicyBuilder {
                 "must not exceed backoff.max",
             ));
         }
+        crate::metric_help::describe();
         let rng = self
             .seed
             .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
