@@ -3,7 +3,9 @@
 use uuid::Uuid;
 
 use crate::bus::{Bus, Subscription};
-use crate::dlq::{DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetters, DlqAction};
+use crate::dlq::{
+    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterStats, DeadLetters, DlqAction,
+};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::memory::InMemoryBus;
@@ -91,6 +93,10 @@ impl DeadLetters for AnyBus {
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {
         each!(self, bus => bus.get(id).await)
+    }
+
+    async fn stats(&self) -> Result<Vec<DeadLetterStats>, BusError> {
+        each!(self, bus => bus.stats().await)
     }
 
     async fn redrive(&self, id: Uuid, actor: &str) -> Result<(), BusError> {

@@ -114,9 +114,9 @@ pub(crate) fn prepare_publish(
     envelope.to_bytes_limited(bytes_max)
 }
 
-/// Counts a publish a backend stored (`trellis_bus_published_total`).
-pub(crate) fn count_published() {
-    metrics::counter!("trellis_bus_published_total").increment(1);
+/// Counts a publish a backend stored (`trellis_bus_published_total`, by topic).
+pub(crate) fn count_published(topic: &str) {
+    metrics::counter!("trellis_bus_published_total", "topic" => topic.to_owned()).increment(1);
 }
 
 /// What every backend checks before it subscribes a group.
@@ -312,6 +312,7 @@ impl Subscription {
                 deliveries.push(delivery);
             }
         }
+        count_deliveries(&self.group, &deliveries);
         Ok(deliveries)
     }
 
@@ -367,6 +368,26 @@ impl Subscription {
         };
         while tasks.join_next().await.is_some() {}
         outcome
+    }
+}
+
+/// Counts deliveries handed to a consumer (`trellis_bus_delivered_total`) and records how long
+/// each first delivery came after its envelope's time (`trellis_bus_consumer_lag_seconds`):
+/// how far behind the publishers the group is. Redeliveries are not lag (their delay is the
+/// retry policy's), so only first deliveries are recorded.
+fn count_deliveries(group: &str, deliveries: &[Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    metrics::counter!("trellis_bus_delivered_total", "group" => group.to_owned())
+        .increment(deliveries.len() as u64);
+    let lag = metrics::histogram!("trellis_bus_consumer_lag_seconds", "group" => group.to_owned());
+    let now = chrono::Utc::now();
+    for delivery in deliveries.iter().filter(|d| d.attempt == 1) {
+        let behind = (now - delivery.message.envelope.time)
+            .to_std()
+            .unwrap_or_default();
+        lag.record(behind.as_secs_f64());
     }
 }
 
@@ -511,7 +532,8 @@ impl Delivery {
         // The handler is done; the backend does not know yet (dropping `self` here leaves
         // the message to be redelivered after the ack wait, as a crash would).
         failpoint!(crate::failpoints::DELIVERY_BEFORE_ACK, &self.message.group);
-        metrics::counter!("trellis_bus_acked_total").increment(1);
+        metrics::counter!("trellis_bus_acked_total", "group" => self.message.group.clone())
+            .increment(1);
         self.settle(Settlement::Ack).await
     }
 
@@ -556,7 +578,8 @@ impl Delivery {
             return self.dead_letter(failure).await;
         }
         let delay = self.policy.delay(self.attempt);
-        metrics::counter!("trellis_bus_retries_total").increment(1);
+        metrics::counter!("trellis_bus_retried_total", "group" => self.message.group.clone())
+            .increment(1);
         self.settle(Settlement::Nack {
             delay,
             failed: true,
@@ -592,8 +615,11 @@ impl Delivery {
             error = %failure.error,
             "message dead-lettered"
         );
-        metrics::counter!("trellis_bus_dead_lettered_total", "reason" => failure.reason.as_str())
-            .increment(1);
+        metrics::counter!(
+            "trellis_bus_dead_lettered_total",
+            "group" => self.message.group.clone(), "reason" => failure.reason.as_str()
+        )
+        .increment(1);
         self.settle(Settlement::DeadLetter(failure)).await
     }
 

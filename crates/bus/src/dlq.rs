@@ -532,6 +532,46 @@ impl DlqAction {
 /// Most actions one [`DeadLetters::actions`] call returns.
 pub const ACTIONS_LIMIT_MAX: usize = 1_000;
 
+/// How many dead letters wait in one group's queue, and since when: what
+/// [`DeadLetters::stats`] reports for operators and [`crate::DlqGauges`] exports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterStats {
+    /// The consumer group.
+    pub group: String,
+    /// Dead letters in state `dead` (archived ones are out of the working queue).
+    pub dead: u64,
+    /// When the oldest of them was dead-lettered (its last failure); `None` when there are none.
+    pub oldest_dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// Folds `letters` into per-group stats (groups in name order).
+pub(crate) fn stats_of<'a>(
+    letters: impl IntoIterator<Item = &'a DeadLetter>,
+) -> Vec<DeadLetterStats> {
+    let mut groups: BTreeMap<&str, DeadLetterStats> = BTreeMap::new();
+    for letter in letters {
+        if letter.state != DeadLetterState::Dead {
+            continue;
+        }
+        let stats = groups
+            .entry(letter.group.as_str())
+            .or_insert_with(|| DeadLetterStats {
+                group: letter.group.clone(),
+                dead: 0,
+                oldest_dead_lettered_at: None,
+            });
+        stats.dead += 1;
+        stats.oldest_dead_lettered_at = Some(
+            stats
+                .oldest_dead_lettered_at
+                .map_or(letter.last_failure_at, |oldest| {
+                    oldest.min(letter.last_failure_at)
+                }),
+        );
+    }
+    groups.into_values().collect()
+}
+
 /// A backend's dead-letter queue.
 ///
 /// Mutations are logged (see [`DeadLetters::actions`]) and traced at INFO level. A mutation on
@@ -574,6 +614,31 @@ pub trait DeadLetters: Send + Sync {
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DlqAction>, BusError>> + Send;
+
+    /// How many dead letters wait in each group's queue (state `dead`) and the time the oldest
+    /// was dead-lettered; groups with none are absent.
+    ///
+    /// The provided method pages through the whole queue, so it costs work in proportion to
+    /// the queue (the memory and NATS backends use it); the SQLite backend answers with one
+    /// aggregate query. Meant for a periodic sampler ([`crate::DlqGauges`]), not for every
+    /// request.
+    ///
+    /// # Errors
+    /// Storage faults.
+    fn stats(&self) -> impl Future<Output = Result<Vec<DeadLetterStats>, BusError>> + Send {
+        async move {
+            let mut filter = DeadLetterFilter::default();
+            let mut letters = Vec::new();
+            loop {
+                let page = self.list_page(&filter).await?;
+                letters.extend(page.dead_letters);
+                match page.next_cursor {
+                    Some(cursor) => filter.cursor = Some(cursor),
+                    None => return Ok(stats_of(&letters)),
+                }
+            }
+        }
+    }
 
     /// The selected dead letters grouped by failure fingerprint, largest group first.
     fn failure_groups(
@@ -697,6 +762,47 @@ mod tests {
         let entry = DlqAction::new(DlqActionKind::Archive, &letter, &"a".repeat(1_000));
         assert_eq!(entry.actor.len(), ACTION_TEXT_BYTES_MAX);
         assert_eq!(entry.message_id, message.envelope.id);
+    }
+
+    #[test]
+    fn stats_count_only_dead_letters_and_keep_the_oldest_per_group() {
+        // Two dead letters of one group, an archived one and another group's: the archived one
+        // is out of the working queue, and the oldest is the earliest dead-lettering.
+        let message = Message {
+            topic: "orders.created".to_owned(),
+            group: "billing".to_owned(),
+            envelope: Envelope::new("t", "s", "subject", serde_json::json!({})),
+        };
+        let failure = Failure::new(DeadLetterReason::Rejected, "kind", "error");
+        let at = |seconds: i64| DateTime::from_timestamp(seconds, 0).expect("a valid time");
+        let letter = |group: &str, dead_lettered: i64, state: DeadLetterState| {
+            let mut letter = DeadLetter::from_failure(&message, 1, &failure, None);
+            letter.group = group.to_owned();
+            letter.last_failure_at = at(dead_lettered);
+            letter.state = state;
+            letter
+        };
+        let letters = [
+            letter("billing", 200, DeadLetterState::Dead),
+            letter("billing", 100, DeadLetterState::Dead),
+            letter("billing", 50, DeadLetterState::Archived),
+            letter("audit", 300, DeadLetterState::Dead),
+        ];
+        assert_eq!(
+            stats_of(&letters),
+            vec![
+                DeadLetterStats {
+                    group: "audit".to_owned(),
+                    dead: 1,
+                    oldest_dead_lettered_at: Some(at(300)),
+                },
+                DeadLetterStats {
+                    group: "billing".to_owned(),
+                    dead: 2,
+                    oldest_dead_lettered_at: Some(at(100)),
+                },
+            ]
+        );
     }
 
     #[test]

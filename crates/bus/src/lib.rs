@@ -52,11 +52,16 @@
 //! ([`nats::REQUEST_TIMEOUT`]), DLQ list and redrive sizes ([`dlq::LIST_LIMIT_MAX`],
 //! [`dlq::REDRIVE_BATCH_MAX`], [`nats::DLQ_BATCH_MAX`], [`nats::DLQ_SCAN_MAX`]) and outbox
 //! rounds ([`outbox::RELAY_BATCH_MAX`]). Metrics go through the `metrics` facade:
-//! `trellis_bus_published_total`, `trellis_bus_acked_total`, `trellis_bus_retries_total`,
-//! `trellis_bus_dead_lettered_total{reason}`, `trellis_bus_dlq_actions_total{action}`,
-//! `trellis_bus_inbox_duplicates_total`, `trellis_bus_publish_refused_total{reason}` (NATS: a
-//! full stream refused a publish) and the gauges `trellis_bus_outbox_lag_seconds` and
-//! `trellis_bus_stream_max_age_seconds` (NATS: the bus stream's age limit, 0 for none).
+//! `trellis_bus_published_total{topic}`, `trellis_bus_delivered_total{group}`,
+//! `trellis_bus_acked_total{group}`, `trellis_bus_retried_total{group}`,
+//! `trellis_bus_dead_lettered_total{group,reason}`, the histogram
+//! `trellis_bus_consumer_lag_seconds{group}` (envelope time to first delivery),
+//! `trellis_bus_dlq_actions_total{action}`, `trellis_bus_inbox_duplicates_total`,
+//! `trellis_bus_publish_refused_total{reason}` (NATS: a full stream refused a publish) and the
+//! gauges `trellis_bus_outbox_lag_seconds` and `trellis_bus_stream_max_age_seconds` (NATS: the
+//! bus stream's age limit, 0 for none). The service that owns a bus runs a [`DlqGauges`] for
+//! `trellis_bus_dlq_messages{group}` and `trellis_bus_dlq_oldest_age_seconds{group}`.
+//! docs/metrics.md is the catalog.
 //!
 //! # Example
 //!
@@ -109,6 +114,7 @@ mod envelope;
 mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+mod gauges;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod inbox;
@@ -127,14 +133,15 @@ pub use bus::{
     consume_span,
 };
 pub use dlq::{
-    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason, DeadLetterState, DeadLetters,
-    DlqAction, DlqActionKind, FailureGroup,
+    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason, DeadLetterState,
+    DeadLetterStats, DeadLetters, DlqAction, DlqActionKind, FailureGroup,
 };
 pub use envelope::{
     ATTRIBUTE_BYTES_MAX, Envelope, HEADER_NAME_BYTES_MAX, HEADERS_COUNT_MAX,
     MESSAGE_BYTES_MAX_DEFAULT, REDRIVE_COUNT_HEADER, TRACESTATE_HEADER,
 };
 pub use error::BusError;
+pub use gauges::{DLQ_MESSAGES, DLQ_OLDEST_AGE, DLQ_SAMPLE_INTERVAL_DEFAULT, DlqGauges};
 pub use memory::{InMemoryBus, MEMORY_LOG_MESSAGES_MAX};
 pub use policy::{
     ACK_WAIT_MAX, ACK_WAIT_MIN, DELIVERIES_MAX, IN_FLIGHT_MAX, RETRY_DELAY_MAX, RetryPolicy,

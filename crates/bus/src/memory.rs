@@ -92,6 +92,7 @@ impl InMemoryBus {
     /// An empty bus refusing messages over `message_bytes_max` serialized bytes.
     #[must_use]
     pub fn with_message_bytes_max(message_bytes_max: usize) -> Self {
+        crate::gauges::describe();
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
@@ -129,7 +130,7 @@ impl Bus for InMemoryBus {
                 envelope: Arc::new(envelope),
             });
         }
-        count_published();
+        count_published(topic);
         self.inner.changed.notify_waiters();
         failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())

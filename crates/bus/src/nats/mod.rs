@@ -268,7 +268,7 @@ impl Bus for NatsBus {
         let bytes = prepare_publish(topic, &mut envelope, self.inner.message_bytes_max)?;
         self.publish_raw(topic, &envelope.subject, bytes, None)
             .await?;
-        count_published();
+        count_published(topic);
         failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())
     }

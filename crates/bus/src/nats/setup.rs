@@ -62,6 +62,7 @@ impl NatsBus {
     /// [`BusError::InvalidConfig`] for a bad prefix or partition count; the server is
     /// unreachable or refuses the streams.
     pub async fn connect(config: NatsBusConfig) -> Result<Self, BusError> {
+        crate::gauges::describe();
         let prefix_ok = !config.prefix.is_empty()
             && config.prefix.len() <= 64
             && config

@@ -11,8 +11,8 @@ use super::SqliteBus;
 use crate::bus::{duration_millis, from_millis, millis};
 use crate::dlq::{
     ACTIONS_LIMIT_MAX, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason,
-    DeadLetterState, DeadLetters, DlqAction, DlqActionKind, id_cursor, log_action, not_found,
-    page_of, redriven_envelope,
+    DeadLetterState, DeadLetterStats, DeadLetters, DlqAction, DlqActionKind, id_cursor, log_action,
+    not_found, page_of, redriven_envelope,
 };
 use crate::error::BusError;
 
@@ -213,6 +213,28 @@ impl DeadLetters for SqliteBus {
                 return Ok(page_of(found, filter.limit(), after));
             }
         }
+    }
+
+    /// One aggregate query over the dead letters' state index, however long the queue.
+    async fn stats(&self) -> Result<Vec<DeadLetterStats>, BusError> {
+        let rows = sqlx::query(
+            "SELECT grp, COUNT(*) AS dead, MIN(last_failure_ms) AS oldest_ms \
+             FROM bus_dead_letters WHERE state = ?1 GROUP BY grp ORDER BY grp",
+        )
+        .bind(DeadLetterState::Dead.as_str())
+        .fetch_all(&self.inner.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let dead: i64 = row.try_get("dead")?;
+                let oldest: Option<i64> = row.try_get("oldest_ms")?;
+                Ok(DeadLetterStats {
+                    group: row.try_get("grp")?,
+                    dead: u64::try_from(dead).unwrap_or_default(),
+                    oldest_dead_lettered_at: oldest.map(from_millis),
+                })
+            })
+            .collect()
     }
 
     async fn get(&self, id: Uuid) -> Result<DeadLetter, BusError> {

@@ -197,6 +197,7 @@ impl SqliteBus {
     /// # Errors
     /// The file cannot be opened or the schema cannot be created.
     pub async fn open(config: SqliteBusConfig) -> Result<Self, BusError> {
+        crate::gauges::describe();
         let options = config.connect_options()?;
         let mut writer = SqliteConnection::connect_with(&options).await?;
         {
@@ -273,7 +274,7 @@ impl Bus for SqliteBus {
         })
         .await?;
         answer.await.map_err(|_| BusError::Closed)??;
-        count_published();
+        count_published(topic);
         // Committed (group commit answers after the commit); the publisher has not heard yet.
         failpoint!(crate::failpoints::PUBLISH_AFTER_COMMIT, topic);
         Ok(())

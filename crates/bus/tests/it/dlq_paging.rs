@@ -1,4 +1,5 @@
-//! The dead-letter queue at scale: listing pages through every letter, however many.
+//! The dead-letter queue at scale: listing pages through every letter, however many, and
+//! counting them all for the DLQ gauges.
 
 use std::collections::HashSet;
 
@@ -113,6 +114,25 @@ async fn check_pages<D: DeadLetters>(dlq: &D, written: &[DeadLetter]) -> anyhow:
     ensure!(
         dlq.get(last.id).await?.id == last.id,
         "the last letter is found by id"
+    );
+
+    // The stats the DLQ gauges export count every letter, not a page of them.
+    let stats = dlq.stats().await?;
+    ensure!(
+        stats.len() == 1 && stats[0].group == "many" && stats[0].dead == LETTERS as u64,
+        "stats {stats:?}"
+    );
+    let oldest = written
+        .iter()
+        .map(|letter| letter.last_failure_at.timestamp_millis())
+        .min();
+    ensure!(
+        stats[0]
+            .oldest_dead_lettered_at
+            .map(|at| at.timestamp_millis())
+            == oldest,
+        "oldest {:?}, expected {oldest:?}",
+        stats[0].oldest_dead_lettered_at
     );
     Ok(())
 }
