@@ -97,6 +97,7 @@ mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
 mod memory;
+mod metric_help;
 mod projection;
 mod repository;
 mod sql;

@@ -293,6 +293,7 @@ where
     /// # Errors
     /// A database error.
     pub async fn new(projection: P, store: S, pool: Pool<DB>) -> Result<Self, ProjectionError> {
+        crate::metric_help::describe();
         DB::create_checkpoint_tables(&pool).await?;
         let runner = Self {
             projection: Arc::new(projection),
@@ -327,14 +328,16 @@ where
     }
 
     /// How far the active generation is behind the log (head − checkpoint), also exported as
-    /// the `trellis_projection_lag` gauge.
+    /// the `trellis_projection_lag_events` gauge. The runner sets the gauge after each
+    /// catch-up; a service calls this periodically too, so the gauge keeps moving while the
+    /// projection is stopped or failing.
     ///
     /// # Errors
     /// A store or database error.
     pub async fn lag(&self) -> Result<u64, ProjectionError> {
         let head = self.store.head().await?;
         let lag = head.saturating_sub(self.checkpoint().await?);
-        metrics::gauge!("trellis_projection_lag", "projection" => self.projection.name().to_owned()).set(lag as f64);
+        metrics::gauge!("trellis_projection_lag_events", "projection" => self.projection.name().to_owned()).set(lag as f64);
         Ok(lag)
     }
 
@@ -389,7 +392,7 @@ where
             // empty batch to find out.
             if read < PROJECTION_BATCH {
                 let head = *self.store.watch_head().borrow();
-                metrics::gauge!("trellis_projection_lag", "projection" => self.projection.name().to_owned())
+                metrics::gauge!("trellis_projection_lag_events", "projection" => self.projection.name().to_owned())
                     .set(head.saturating_sub(checkpoint) as f64);
                 return Ok(checkpoint);
             }

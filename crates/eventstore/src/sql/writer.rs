@@ -34,6 +34,12 @@ const BATCH_APPENDS_MAX: usize = 512;
 /// Attempts at a batch whose appends keep losing races (see [`Dialect::lost_race`]).
 const RACE_ATTEMPTS: u32 = 5;
 
+/// Seconds an append waited for its answer: queueing, its batch's transaction and the commit
+/// (a histogram).
+const APPEND_DURATION: &str = "trellis_eventstore_append_duration_seconds";
+/// Appends written in one transaction (a histogram): how well group commit batches.
+const APPEND_BATCH_SIZE: &str = "trellis_eventstore_append_batch_size";
+
 /// One caller's append, waiting for a writer.
 pub(crate) struct AppendRequest {
     pub(crate) stream: StreamId,
@@ -285,6 +291,7 @@ impl Writers {
     /// Reads the head, then starts the engine's waker and its writer tasks; they end when the
     /// last clone of the returned value is dropped.
     pub(crate) async fn start<D: Dialect>(pool: &D) -> Result<Self, sqlx::Error> {
+        crate::metric_help::describe();
         let head = Arc::new(watch::Sender::new(pool.read_head().await?));
         pool.spawn_waker(Arc::downgrade(&head));
         let queue = spawn_writers(pool, &head);
@@ -299,6 +306,7 @@ impl Writers {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, EventStoreError> {
         validate_append(&events)?;
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             stream: stream.clone(),
@@ -307,7 +315,10 @@ impl Writers {
             reply,
         };
         (self.queue.send(request).await).map_err(|_| EventStoreError::Closed)?;
-        answer.await.map_err(|_| EventStoreError::Closed)?
+        let result = answer.await.map_err(|_| EventStoreError::Closed)?;
+        // Queueing, the batch's transaction and its commit: what a caller waits for.
+        metrics::histogram!(APPEND_DURATION).record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// The head as this store knows it: raised by its own commits and by the waker.
@@ -337,6 +348,7 @@ fn spawn_writers<D: Dialect>(
                     };
                     fill_batch(first, &mut receiver)
                 };
+                metrics::histogram!(APPEND_BATCH_SIZE).record(batch.len() as f64);
                 match write_with_retries(&pool, &batch).await {
                     Ok((results, last)) => {
                         if let (Some(last), Some(head)) = (last, head.upgrade()) {
