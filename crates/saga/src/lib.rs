@@ -8,7 +8,9 @@
 //! compensates the completed steps in reverse order and the saga ends `Failed`. After the
 //! pivot the saga only goes forward; a step, or a compensation, that exhausts its attempts
 //! leaves the saga `Stuck` (metric `trellis_saga_stuck_total`, an error log line) for an
-//! operator.
+//! operator. The engine also counts sagas started, completed and failed, step compensations,
+//! and each step attempt's duration, and [`SagaEngine::export_status_gauges`] counts the
+//! compensating and stuck sagas in the log (docs/metrics.md lists them all).
 //!
 //! Every transition is appended to a [`SagaStore`] with a snapshot of the context *before*
 //! the engine acts on it, and the engine decides its next move from the log alone, so

@@ -5,6 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::decide::{Next, count_interrupted, next};
+use super::saga_metrics;
 use super::{Keeper, TRANSITIONS_MAX};
 use crate::definition::{SagaContext, SagaDefinition, StepContext, StepError};
 use crate::error::SagaError;
@@ -47,6 +48,7 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
             Next::Execute { step, attempt } => {
                 let step = &definition.steps[step];
                 let before = records.last().map(|record| record.context.clone());
+                let started = std::time::Instant::now();
                 let outcome = keeper
                     .guard(run(
                         &step.execute,
@@ -55,6 +57,13 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
                         step.timeout,
                     ))
                     .await?;
+                saga_metrics::record_attempt(
+                    &definition.name,
+                    &step.name,
+                    "execute",
+                    outcome.is_ok(),
+                    started.elapsed().as_secs_f64(),
+                );
                 match outcome {
                     Ok(()) => Transition::StepSucceeded {
                         step: step.name.clone(),
@@ -85,15 +94,23 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
                         reason: format!("step {} has no compensation", step.name),
                     })?;
                 let before = records.last().map(|record| record.context.clone());
-                match keeper
+                let started = std::time::Instant::now();
+                let outcome = keeper
                     .guard(run(
                         compensate,
                         &mut context,
                         StepContext::new(id, &step.name, attempt),
                         step.timeout,
                     ))
-                    .await?
-                {
+                    .await?;
+                saga_metrics::record_attempt(
+                    &definition.name,
+                    &step.name,
+                    "compensate",
+                    outcome.is_ok(),
+                    started.elapsed().as_secs_f64(),
+                );
+                match outcome {
                     Ok(()) => Transition::StepCompensated {
                         step: step.name.clone(),
                     },
@@ -126,14 +143,13 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
             at: Utc::now(),
         };
         keeper.append(&record).await?;
+        saga_metrics::count_transition(&definition.name, &record.transition);
         if let Transition::Stuck {
             step,
             compensating,
             error,
         } = &record.transition
         {
-            metrics::counter!("trellis_saga_stuck_total", "definition" => definition.name.clone())
-                .increment(1);
             tracing::error!(
                 saga = %id,
                 definition = %definition.name,

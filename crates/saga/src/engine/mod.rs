@@ -2,12 +2,13 @@
 
 mod decide;
 mod drive;
+mod saga_metrics;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -18,7 +19,8 @@ use tracing::Instrument as _;
 use crate::definition::{SagaContext, SagaDefinition};
 use crate::error::SagaError;
 use crate::store::{
-    LIST_ACTIVE_MAX, Lease, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore, Transition,
+    LIST_ACTIVE_MAX, Lease, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore,
+    Transition,
 };
 
 pub(crate) use decide::INTERRUPTED;
@@ -87,6 +89,9 @@ pub struct SagaEngine<S> {
     definitions: BTreeMap<(String, u32), Arc<dyn Runner<S>>>,
     lease: Lease,
     driving: Arc<Mutex<HashSet<SagaId>>>,
+    /// Definitions [`SagaEngine::export_status_gauges`] has set a gauge for, so one whose
+    /// sagas are all resolved goes back to 0.
+    gauged: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl<S> fmt::Debug for SagaEngine<S> {
@@ -115,11 +120,13 @@ impl<S: SagaStore> SagaEngine<S> {
     /// a stable owner with [`with_owner`](Self::with_owner) so a restarted process takes its
     /// sagas back without waiting for their leases to expire.
     pub fn new(store: S) -> Self {
+        saga_metrics::describe();
         Self {
             store: Arc::new(store),
             definitions: BTreeMap::new(),
             lease: Lease::new(format!("engine-{}", uuid::Uuid::now_v7()), LEASE_DEFAULT),
             driving: Arc::default(),
+            gauged: Arc::default(),
         }
     }
 
@@ -194,6 +201,7 @@ impl<S: SagaStore> SagaEngine<S> {
             .create(id, name, *version, &first, &self.lease)
             .await?;
         tracing::debug!(saga = %id, definition = %name, version, "saga started");
+        saga_metrics::count_transition(name, &first.transition);
         let instance = SagaInstance {
             id,
             definition: name.clone(),
@@ -292,6 +300,58 @@ impl<S: SagaStore> SagaEngine<S> {
             ticks.tick().await;
             if let Err(error) = self.recover().await {
                 tracing::warn!(%error, owner = %self.lease.owner(), "saga recovery failed; trying again");
+            }
+        }
+    }
+
+    /// Sets the `trellis_saga_instances` gauge: how many sagas of each definition are
+    /// compensating and how many are stuck, as the log says now (counted up to
+    /// [`LIST_ACTIVE_MAX`] per status). Every registered definition gets a series, 0 when it
+    /// has none, and so does a definition that had some before, so an alert on stuck sagas
+    /// resolves once an operator has dealt with them. Running sagas are not listed (there may
+    /// be thousands); the started and ended counters count them.
+    ///
+    /// # Errors
+    /// A store error; the gauges keep their last values.
+    pub async fn export_status_gauges(&self) -> Result<(), SagaError> {
+        let mut counts: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+        for status in saga_metrics::WATCHED_STATUSES {
+            let filter = SagaFilter::new().with_status(status);
+            for saga in self.store.list(&filter).await? {
+                *counts
+                    .entry((saga.definition, status.as_str()))
+                    .or_default() += 1;
+            }
+        }
+        let mut gauged = self.gauged.lock().unwrap_or_else(PoisonError::into_inner);
+        gauged.extend(self.definitions.keys().map(|(name, _)| name.clone()));
+        gauged.extend(counts.keys().map(|(name, _)| name.clone()));
+        for definition in gauged.iter() {
+            for status in saga_metrics::WATCHED_STATUSES {
+                let count = counts
+                    .get(&(definition.clone(), status.as_str()))
+                    .copied()
+                    .unwrap_or_default();
+                metrics::gauge!(
+                    saga_metrics::INSTANCES,
+                    "definition" => definition.clone(), "status" => status.as_str()
+                )
+                .set(count as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`export_status_gauges`](Self::export_status_gauges) every `interval`, forever;
+    /// a failed pass is logged and the next one tried. Spawn it and abort the task (or drop
+    /// the future) to stop.
+    pub async fn run_status_gauges(&self, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.export_status_gauges().await {
+                tracing::warn!(%error, "cannot count compensating and stuck sagas for the gauges");
             }
         }
     }

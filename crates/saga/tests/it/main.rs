@@ -6,6 +6,7 @@ mod engine;
 mod inspector;
 mod leasing;
 mod recovery;
+mod saga_metrics;
 mod sql;
 mod store;
 mod support;
