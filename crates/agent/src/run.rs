@@ -662,7 +662,8 @@ impl<S: SagaStore> Agent<S> {
         )
         .await;
         let took = started.elapsed();
-        metrics::histogram!("trellis_agent_llm_seconds").record(took.as_secs_f64());
+        metrics::histogram!("trellis_agent_llm_request_duration_seconds")
+            .record(took.as_secs_f64());
         let reply = match answer {
             Ok(Ok(reply)) => reply,
             Ok(Err(error)) => return self.llm_failed(log, state, &name, &error).await,
@@ -820,7 +821,8 @@ impl<S: SagaStore> Agent<S> {
             close_step(state, step);
             log.append(Transition::StepSucceeded { step: name }, state)
                 .await?;
-            metrics::histogram!("trellis_agent_tool_seconds").record(took.as_secs_f64());
+            metrics::histogram!("trellis_agent_tool_call_duration_seconds")
+                .record(took.as_secs_f64());
             self.emit(RunEvent::CallFinished { call: record, took });
         }
         Ok(())
