@@ -295,6 +295,13 @@ fn port_of(service: &str) -> u16 {
         .map_or(0, |(_, port)| *port)
 }
 
+/// `router` with its requests counted and timed under `service="<service>"` (the RED metrics
+/// of docs/metrics.md). In `trellis up` every service shares the process's recorder, so the
+/// label is what tells their series apart.
+fn measured(service: &'static str, router: axum::Router) -> axum::Router {
+    router.layer(trellis_telemetry::http::RequestMetricsLayer::new(service))
+}
+
 fn spawn_serve(
     tasks: &mut Vec<JoinHandle<()>>,
     service: &'static str,
@@ -305,6 +312,7 @@ fn spawn_serve(
     stop: &watch::Receiver<bool>,
 ) {
     let mut stop = stop.clone();
+    let router = measured(service, router);
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -73,6 +73,13 @@ pub async fn serve_one(
         return Err(Error::NoBus(name.to_owned()));
     }
     let metrics = trellis_telemetry::metrics::install_prometheus().ok();
+    // The service label of the request metrics; an unknown name is refused below.
+    let label = SERVICES
+        .iter()
+        .copied()
+        .find(|service| *service == name)
+        .unwrap_or("unknown");
+    let measured = |router: axum::Router| measured(label, router);
     let peer = |service: &str| {
         peers
             .get(service)
@@ -87,7 +94,7 @@ pub async fn serve_one(
     match name {
         "payment-provider" => {
             let (router, _handle) = shop_payment_provider::app(provider, &service_key);
-            trellis_service::serve(listener, router, None, metrics, shutdown)
+            trellis_service::serve(listener, measured(router), None, metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -108,7 +115,7 @@ pub async fn serve_one(
                     tracing::info!(%email, "admin account exists; left as it is");
                 }
             }
-            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -156,9 +163,10 @@ pub async fn serve_one(
                 .await
                 .map_err(|e| service_err("shipping")(&e))?,
             };
-            let result = trellis_service::serve(listener, router, Some(db), metrics, shutdown)
-                .await
-                .map_err(serve_err);
+            let result =
+                trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
+                    .await
+                    .map_err(serve_err);
             let _ = stop.send(true);
             for task in tasks {
                 let _ = task.await;
@@ -172,7 +180,7 @@ pub async fn serve_one(
             })
             .await
             .map_err(|e| service_err("inventory")(&e))?;
-            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -204,7 +212,7 @@ pub async fn serve_one(
                     }
                 });
             }
-            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -216,7 +224,7 @@ pub async fn serve_one(
             ))
             .await
             .map_err(|e| service_err("payments")(&e))?;
-            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -227,7 +235,7 @@ pub async fn serve_one(
             })
             .await
             .map_err(|e| service_err("shipping")(&e))?;
-            trellis_service::serve(listener, router, Some(db), metrics, shutdown)
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }
@@ -252,7 +260,7 @@ pub async fn serve_one(
                 .map_err(|e| service_err("orders")(&e))?;
             let result = trellis_service::serve(
                 listener,
-                orders.router(),
+                measured(orders.router()),
                 Some(orders.db()),
                 metrics,
                 shutdown,
@@ -275,7 +283,7 @@ pub async fn serve_one(
                         message,
                     }
                 })?;
-            trellis_service::serve(listener, router, None, metrics, shutdown)
+            trellis_service::serve(listener, measured(router), None, metrics, shutdown)
                 .await
                 .map_err(serve_err)
         }

@@ -81,6 +81,7 @@ pub enum Error {
 /// # Errors
 /// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    describe_metrics();
     let db = Db::open_with_schema(&config.database_url, stock::SCHEMA).await?;
     let router = rest::router(db.clone()).merge(grpc::router(db.clone()));
     let router = trellis_service::auth::protect(router, &config.service_key);
@@ -102,6 +103,14 @@ pub async fn app_choreographed(
     let participant = std::sync::Arc::new(choreography::InventoryParticipant);
     let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
     Ok((router, db, tasks))
+}
+
+/// Describes the service's metrics to the installed recorder (docs/metrics.md).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "shop_inventory_reservations_total",
+        "Stock reservations the inventory service decided, by outcome (reserved, out_of_stock)"
+    );
 }
 
 /// The service's part of the public OpenAPI document.

@@ -87,6 +87,9 @@ pub const SAGA_CONCURRENCY_DEFAULT: usize = 512;
 pub const SWEEP_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 /// How old an order without a saga must be before the sweeper starts one.
 pub const SWEEP_AGE: Duration = Duration::from_secs(10);
+/// How often the service samples the gauges nothing else keeps moving: the read model's
+/// projection lag, the compensating and stuck sagas, the bus's dead-letter queues.
+pub const GAUGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What the orders service needs to run.
 #[derive(Debug, Clone)]
@@ -229,11 +232,28 @@ fn sibling(url: &str, name: &str) -> String {
     }
 }
 
+/// Describes the service's metrics to the installed recorder (docs/metrics.md).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "shop_orders_placed_total",
+        "Orders accepted (202), once per idempotency key"
+    );
+    metrics::describe_counter!(
+        "shop_orders_events_relayed_total",
+        "Order events the outbox published to the bus"
+    );
+    metrics::describe_counter!(
+        "trellis_orders_relay_dead_letters_total",
+        "Order events the outbox could not decode and set aside in relay_dead_letters"
+    );
+}
+
 /// Opens the databases, runs recovery, and starts the projection, sweeper and recovery loop.
 ///
 /// # Errors
 /// [`Error`] naming what could not be opened.
 pub async fn start(config: Config) -> Result<Orders, Error> {
+    describe_metrics();
     let open_err = |url: &str, e: &dyn std::fmt::Display| Error::Open {
         url: url.to_owned(),
         message: e.to_string(),
@@ -305,6 +325,20 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         let runner = ProjectionRunner::new(view, store.clone(), pool.clone())
             .await
             .map_err(|e| open_err(&read_url, &e))?;
+        let runner = Arc::new(runner);
+        // The runner sets its lag after each catch-up; this keeps the gauge moving while the
+        // projection is failing (and restarting) or stopped.
+        let sampled = runner.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(GAUGE_SAMPLE_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(error) = sampled.lag().await {
+                    tracing::warn!(%error, "cannot read the order read model's lag");
+                }
+            }
+        }));
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
             loop {
@@ -339,6 +373,10 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
 
     // Recovery, then the loops.
     if let Some(recovery_engine) = engine {
+        let gauges_engine = recovery_engine.clone();
+        tasks.push(tokio::spawn(async move {
+            gauges_engine.run_status_gauges(GAUGE_SAMPLE_INTERVAL).await;
+        }));
         let interval = config.recovery_interval;
         let mut recovery_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {
@@ -372,6 +410,11 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             DLQ_PATH,
             trellis_service::auth::admin_only(trellis_bus::http::router(bus.clone())),
         );
+        // The dead-letter queues' depth and oldest age, for the DLQ alerts: every group's
+        // letters are in this one bus, whichever service consumes for the group.
+        tasks.push(tokio::spawn(
+            trellis_bus::DlqGauges::new().run(bus.clone(), GAUGE_SAMPLE_INTERVAL),
+        ));
         if choreographed {
             let participant = Arc::new(choreography::OrdersParticipant {
                 orders: repository.clone(),

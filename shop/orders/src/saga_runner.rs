@@ -81,6 +81,11 @@ impl OrderSagaEngine {
     pub(crate) async fn run_recovery(&self, interval: Duration) {
         self.0.run_recovery(interval).await;
     }
+
+    /// Counts compensating and stuck sagas into their gauges at once, then every `interval`.
+    pub(crate) async fn run_status_gauges(&self, interval: Duration) {
+        self.0.run_status_gauges(interval).await;
+    }
 }
 
 /// Orders queued for, or holding, one of this process's saga slots.

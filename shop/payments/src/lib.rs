@@ -215,7 +215,20 @@ pub async fn app_choreographed(
     Ok((router, db, tasks))
 }
 
+/// Describes the service's metrics to the installed recorder (docs/metrics.md).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "shop_payments_charges_total",
+        "Charges the payments service settled, by outcome (captured, declined, unavailable)"
+    );
+    metrics::describe_counter!(
+        "shop_payments_refunds_total",
+        "Refunds the payments service settled, by outcome"
+    );
+}
+
 async fn build(config: Config) -> Result<(Router, Db, service::PaymentsService), Error> {
+    describe_metrics();
     let provider = provider::ProviderClient::new(&config.provider_url, &config.resilience)?;
     let db = Db::open_with_schema(&config.database_url, store::SCHEMA).await?;
     let service = service::PaymentsService {

@@ -92,6 +92,10 @@ pub(crate) struct State {
 /// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied;
 /// [`Error::InventoryAddr`].
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    metrics::describe_counter!(
+        "shop_products_created_total",
+        "Products an administrator created"
+    );
     let channel = grpc_channel(
         &config.inventory_addr,
         GrpcClientConfig::default(),

@@ -80,6 +80,7 @@ pub enum Error {
 /// # Errors
 /// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied.
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    describe_metrics();
     let db = Db::open_with_schema(&config.database_url, store::SCHEMA).await?;
     let grpc = ShippingServer::new(service::ShippingService { db: db.clone() })
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -104,6 +105,14 @@ pub async fn app_choreographed(
     let participant = std::sync::Arc::new(choreography::ShippingParticipant);
     let tasks = trellis_service::choreography::start(&db, bus, participant, stop).await?;
     Ok((router, db, tasks))
+}
+
+/// Describes the service's metrics to the installed recorder (docs/metrics.md).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "shop_shipping_shipments_total",
+        "Shipments the shipping service created or cancelled, by outcome"
+    );
 }
 
 #[derive(OpenApi)]

@@ -115,6 +115,11 @@ pub(crate) struct State {
 /// [`Error::Open`] naming the URL when the database cannot be opened or its schema applied,
 /// [`Error::SigningKey`], or [`Error::Database`].
 pub async fn app(config: Config) -> Result<(Router, Db), Error> {
+    metrics::describe_counter!("shop_users_registrations_total", "Accounts registered");
+    metrics::describe_counter!(
+        "shop_users_logins_total",
+        "Token requests, by outcome (ok, refused, limited)"
+    );
     let db = open(&config.database_url).await?;
     let keys = keys::KeyRing::load_or_create(&db).await?;
     let hasher = password::Hasher::new().await?;
