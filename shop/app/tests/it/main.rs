@@ -5,6 +5,7 @@ mod agent_run;
 mod agent_tools;
 mod choreography;
 mod harness;
+mod metrics_catalog;
 mod orders;
 mod platform;
 mod trust;
