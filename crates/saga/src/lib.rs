@@ -125,7 +125,8 @@ pub use definition::{
     StepRetry,
 };
 pub use engine::{
-    LEASE_DEFAULT, LEASE_MIN, POLL_INTERVAL_DEFAULT, RecoveryReport, SagaEngine, TRANSITIONS_MAX,
+    LEASE_DEFAULT, LEASE_MIN, POLL_INTERVAL_DEFAULT, RECOVERY_CONCURRENCY_DEFAULT, RecoveryReport,
+    SagaEngine, TRANSITIONS_MAX,
 };
 pub use error::SagaError;
 pub use inspector::{

@@ -30,6 +30,9 @@ use drive::drive;
 /// using all its attempts, twice for compensation) is still far below it. It guards against a
 /// bug looping forever.
 pub const TRANSITIONS_MAX: u64 = 100_000;
+/// How many sagas a recovery pass drives at once, unless told otherwise
+/// ([`SagaEngine::with_recovery_concurrency`]).
+pub const RECOVERY_CONCURRENCY_DEFAULT: usize = 64;
 /// How long an engine's claim on a saga lasts without renewal, unless told otherwise.
 pub const LEASE_DEFAULT: Duration = Duration::from_secs(30);
 /// The shortest lease an engine accepts (renewals happen every third of it).
@@ -89,6 +92,8 @@ pub struct SagaEngine<S> {
     definitions: BTreeMap<(String, u32), Arc<dyn Runner<S>>>,
     lease: Lease,
     driving: Arc<Mutex<HashSet<SagaId>>>,
+    /// Sagas a recovery pass drives at once.
+    recovery_concurrency: usize,
     /// Definitions [`SagaEngine::export_status_gauges`] has set a gauge for, so one whose
     /// sagas are all resolved goes back to 0.
     gauged: Arc<Mutex<BTreeSet<String>>>,
@@ -126,8 +131,19 @@ impl<S: SagaStore> SagaEngine<S> {
             definitions: BTreeMap::new(),
             lease: Lease::new(format!("engine-{}", uuid::Uuid::now_v7()), LEASE_DEFAULT),
             driving: Arc::default(),
+            recovery_concurrency: RECOVERY_CONCURRENCY_DEFAULT,
             gauged: Arc::default(),
         }
+    }
+
+    /// How many sagas one recovery pass drives at once (at least 1; default
+    /// [`RECOVERY_CONCURRENCY_DEFAULT`]). A process that died with thousands of sagas in
+    /// flight leaves them all to the next pass: one at a time, each waiting out its steps'
+    /// latencies, they would take as many times longer.
+    #[must_use]
+    pub fn with_recovery_concurrency(mut self, sagas: usize) -> Self {
+        self.recovery_concurrency = sagas.max(1);
+        self
     }
 
     /// Names this engine's lease owner. Owners must be unique among the live engines sharing
@@ -252,9 +268,10 @@ impl<S: SagaStore> SagaEngine<S> {
         self.drive_claimed(id, sent).await
     }
 
-    /// Claims every active saga whose lease is free, expired or this engine's, one after the
-    /// other, oldest first (at most [`LIST_ACTIVE_MAX`] per call), and runs each until it is
-    /// terminal. An attempt (of a step or a compensation) that was in flight is recorded as
+    /// Claims every active saga whose lease is free, expired or this engine's, oldest first
+    /// (at most [`LIST_ACTIVE_MAX`] per call), and runs each until it is terminal, up to
+    /// [`with_recovery_concurrency`](Self::with_recovery_concurrency) of them at once (a saga
+    /// is claimed only when a slot is free, so no claim waits unrenewed). An attempt (of a step or a compensation) that was in flight is recorded as
     /// a retryable failure and counts against the step's attempts; the next attempt, if the
     /// budget allows one, carries the same idempotency key. Sagas another live engine holds are left to it.
     /// Call it at start-up, and keep calling it ([`run_recovery`](Self::run_recovery)) when
@@ -263,21 +280,43 @@ impl<S: SagaStore> SagaEngine<S> {
     /// # Errors
     /// A store error while claiming; errors of single sagas are in the report.
     pub async fn recover(&self) -> Result<RecoveryReport, SagaError> {
+        use futures_util::StreamExt as _;
+
         let mut report = RecoveryReport::default();
         let mut after = None;
+        let mut driving = futures_util::stream::FuturesUnordered::new();
+        let mut claim_error = None;
         for _ in 0..LIST_ACTIVE_MAX {
+            while driving.len() >= self.recovery_concurrency {
+                if let Some((id, result)) = driving.next().await {
+                    record(&mut report, id, result);
+                }
+            }
             let sent = Instant::now();
-            let Some(id) = self.store.claim_next(&self.lease, after).await? else {
-                break;
+            let id = match self.store.claim_next(&self.lease, after).await {
+                Ok(Some(id)) => id,
+                Ok(None) => break,
+                Err(error) => {
+                    // Finish what is running before answering: dropping it would abandon
+                    // sagas mid-step until the next pass.
+                    claim_error = Some(error);
+                    break;
+                }
             };
             after = Some(id);
-            let Some(_driving) = self.mark_driving(id) else {
+            let Some(guard) = self.mark_driving(id) else {
                 continue; // this engine's own `start` or `resume` is driving it
             };
-            match self.drive_claimed(id, sent).await {
-                Ok(status) => report.resumed.push((id, status)),
-                Err(error) => report.refused.push((id, error)),
-            }
+            driving.push(async move {
+                let _guard = guard;
+                (id, self.drive_claimed(id, sent).await)
+            });
+        }
+        while let Some((id, result)) = driving.next().await {
+            record(&mut report, id, result);
+        }
+        if let Some(error) = claim_error {
+            return Err(error);
         }
         if !report.resumed.is_empty() || !report.refused.is_empty() {
             tracing::info!(
@@ -516,5 +555,13 @@ impl<S: SagaStore> Keeper<'_, S> {
                 Err(_) => return SagaError::LeaseExpired { id: self.id },
             }
         }
+    }
+}
+
+/// Files one recovered saga's outcome in `report`.
+fn record(report: &mut RecoveryReport, id: SagaId, result: Result<SagaStatus, SagaError>) {
+    match result {
+        Ok(status) => report.resumed.push((id, status)),
+        Err(error) => report.refused.push((id, error)),
     }
 }
