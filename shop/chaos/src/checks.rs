@@ -87,7 +87,8 @@ pub struct DbReport {
     /// Confirmed orders whose payment is not captured, or captured payments of orders that
     /// are not confirmed.
     pub payment_mismatches: u64,
-    /// Provider captures beyond one per confirmed order (captures − refunds − confirmed).
+    /// Charges the provider kept beyond the payments the shop holds as captured (captures −
+    /// refunds − captured payments).
     pub double_captures: i64,
     /// Shipments that disagree with their order (missing for a confirmed one, live for a
     /// cancelled one).
@@ -390,12 +391,17 @@ pub async fn check(
         }
     }
     if let Some(stats) = provider {
+        // A double capture is a charge the provider kept that the payments service does not
+        // hold as captured; a captured payment of an order that is not (yet) confirmed is a
+        // payment mismatch above (or a lost order), not a double capture.
         let kept = i64::try_from(stats.captures).unwrap_or(i64::MAX)
             - i64::try_from(stats.refunds).unwrap_or(i64::MAX);
-        report.double_captures = kept - confirmed;
-        if kept != confirmed {
+        let held = payment.values().filter(|s| *s == "captured").count() as i64;
+        report.double_captures = kept - held;
+        if kept != held || kept != confirmed {
             report.violate(format!(
-                "provider: {} captures − {} refunds = {kept} kept, but {confirmed} orders confirmed",
+                "provider: {} captures − {} refunds = {kept} kept; the payments service holds \
+                 {held} captured, {confirmed} orders confirmed",
                 stats.captures, stats.refunds
             ));
         }
