@@ -47,31 +47,13 @@ pub(crate) struct LoadArgs {
     quiet: bool,
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds.
+/// A duration above zero (see [`shop_load::parse_duration`]).
 pub(crate) fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration such as 30s, 2m or 500ms"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 86_400.0 {
-        return Err(format!("{raw:?} must be above 0 and at most 24h"));
+    let duration = shop_load::parse_duration(raw)?;
+    if duration.is_zero() {
+        return Err(format!("{:?} must be above 0", raw.trim()));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(duration)
 }
 
 impl LoadArgs {

@@ -150,35 +150,7 @@ impl From<Span> for String {
     }
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds (0 to 24 h).
-///
-/// # Errors
-/// A message naming the problem.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration such as 30s, 2m or 500ms"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    if !seconds.is_finite() || !(0.0..=86_400.0).contains(&seconds) {
-        return Err(format!("{raw:?} must be between 0 and 24h"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
+pub use shop_load::parse_duration;
 
 /// One fault, as a scenario writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

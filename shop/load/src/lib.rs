@@ -60,7 +60,7 @@ mod stats;
 pub use config::{
     ARRIVALS_MAX, DURATION_MAX, IN_FLIGHT_DEFAULT, IN_FLIGHT_MAX, LoadConfig, Mix, Op, RATE_MAX,
     REQUEST_TIMEOUT_DEFAULT, REQUEST_TIMEOUT_MAX, SETTLE_TIMEOUT_DEFAULT, SETTLE_TIMEOUT_MAX,
-    USERS_DEFAULT, USERS_MAX,
+    USERS_DEFAULT, USERS_MAX, parse_duration,
 };
 pub use report::{
     Invariants, Latency, OpReport, OrderOutcomes, Report, VIOLATIONS_LISTED_MAX, Violation,
