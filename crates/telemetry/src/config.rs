@@ -109,6 +109,60 @@ impl TelemetryConfig {
         self
     }
 
+    /// Applies the standard OpenTelemetry environment variables (see [`with_otel_vars`]).
+    ///
+    /// [`with_otel_vars`]: Self::with_otel_vars
+    #[must_use]
+    pub fn with_otel_env(self) -> Self {
+        self.with_otel_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Applies the standard OpenTelemetry variables, read through `var`:
+    ///
+    /// - `OTEL_SERVICE_NAME` replaces the service name;
+    /// - `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`, turns OTLP/gRPC
+    ///   export on, to that endpoint (an endpoint set in code stays);
+    /// - `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turns export off, whatever
+    ///   else is set.
+    ///
+    /// Empty values count as unset. The SDK reads the rest itself when [`init`](crate::init)
+    /// builds the providers: `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_EXPORTER_OTLP_HEADERS` and
+    /// `OTEL_RESOURCE_ATTRIBUTES`.
+    ///
+    /// ```
+    /// use trellis_telemetry::TelemetryConfig;
+    ///
+    /// let vars = |name: &str| match name {
+    ///     "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4317".to_owned()),
+    ///     "OTEL_SERVICE_NAME" => Some("shop".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let config = TelemetryConfig::new("trellis").with_otel_vars(vars);
+    /// assert_eq!(config.service_name(), "shop");
+    /// assert_eq!(config.otlp_endpoint(), Some("http://collector:4317"));
+    /// ```
+    #[must_use]
+    pub fn with_otel_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Self {
+        let set = |name: &str| var(name).filter(|value| !value.trim().is_empty());
+        if let Some(name) = set("OTEL_SERVICE_NAME") {
+            self.service_name = name.trim().to_owned();
+        }
+        if self.otlp_endpoint.is_none() {
+            self.otlp_endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .map(|endpoint| endpoint.trim().to_owned());
+        }
+        let disabled =
+            set("OTEL_SDK_DISABLED").is_some_and(|value| value.trim().eq_ignore_ascii_case("true"));
+        let no_exporter = set("OTEL_TRACES_EXPORTER")
+            .is_some_and(|value| value.trim().eq_ignore_ascii_case("none"));
+        if disabled || no_exporter {
+            self.otlp_endpoint = None;
+        }
+        self
+    }
+
     /// The `service.name` resource attribute spans carry.
     #[must_use]
     pub fn service_name(&self) -> &str {
@@ -184,6 +238,64 @@ mod tests {
         // A filter set in code takes precedence over RUST_LOG and the default.
         let config = TelemetryConfig::new("svc").with_filter("warn");
         assert_eq!(config.effective_filter(), "warn");
+    }
+
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    #[test]
+    fn without_otel_variables_nothing_is_exported() {
+        // Export is off by default: no endpoint variable, no exporter.
+        let config = TelemetryConfig::new("svc").with_otel_vars(vars(&[]));
+        assert_eq!(config.otlp_endpoint(), None);
+        assert_eq!(config.service_name(), "svc");
+    }
+
+    #[test]
+    fn the_traces_endpoint_wins_over_the_general_one() {
+        // The signal-specific variable is the more specific setting, as the specification says.
+        let config = TelemetryConfig::new("svc").with_otel_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+        ]));
+        assert_eq!(config.otlp_endpoint(), Some("http://traces:4317"));
+    }
+
+    #[test]
+    fn a_disabled_sdk_or_no_exporter_turns_export_off_whatever_the_endpoint() {
+        // OTEL_SDK_DISABLED=true and OTEL_TRACES_EXPORTER=none both win over an endpoint.
+        let disabled: &'static [(&str, &str)] = &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
+        ];
+        let no_exporter: &'static [(&str, &str)] = &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ];
+        for pairs in [disabled, no_exporter] {
+            let config = TelemetryConfig::new("svc")
+                .with_otlp_endpoint("http://code:4317")
+                .with_otel_vars(vars(pairs));
+            assert_eq!(config.otlp_endpoint(), None, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_service_name_variable_keeps_the_name_from_code() {
+        // OTEL_SERVICE_NAME="" is unset, not a service called "".
+        let config = TelemetryConfig::new("orders").with_otel_vars(vars(&[
+            ("OTEL_SERVICE_NAME", " "),
+            ("OTEL_SDK_DISABLED", "false"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+        ]));
+        assert_eq!(config.service_name(), "orders");
+        assert_eq!(config.otlp_endpoint(), Some("http://c:4317"));
     }
 
     #[test]

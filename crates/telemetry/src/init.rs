@@ -4,9 +4,6 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Subscriber;
@@ -15,13 +12,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
+use crate::export::{self, Exporting};
+use crate::service::ServiceTracer;
 use crate::{LogFormat, TelemetryConfig, TelemetryError};
-
-/// The instrumentation scope name spans are created under.
-const INSTRUMENTATION_SCOPE: &str = "trellis-telemetry";
-
-/// How long one OTLP export call may take before it is abandoned.
-const OTLP_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long dropping the guard waits for buffered spans to be exported.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +33,12 @@ const SPAN_LEVEL_FLOOR: LevelFilter = LevelFilter::INFO;
 ///   real W3C trace and span ids even when nothing is exported. It sees the spans the filter
 ///   enables plus every span at `INFO` or above, so raising the log level to `warn` does not
 ///   break trace propagation;
-/// - when [`TelemetryConfig::with_otlp_endpoint`] was set, a batch OTLP/gRPC span exporter;
+/// - when [`TelemetryConfig::with_otlp_endpoint`] was set (or the `OTEL_*` variables did, see
+///   [`TelemetryConfig::with_otel_env`]), OTLP/gRPC export: one tracer provider per service
+///   name (see [`service`](crate::service)), each with its own bounded batch queue of
+///   `OTEL_BSP_MAX_QUEUE_SIZE` spans (2048 by default). A full queue drops spans and counts
+///   them in [`SPANS_DROPPED`](crate::export::SPANS_DROPPED); ending a span never waits for
+///   the collector;
 /// - W3C Trace Context as the global OpenTelemetry text-map propagator, and the provider as the
 ///   global tracer provider, for other OpenTelemetry instrumentation in the process.
 ///
@@ -73,24 +71,39 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     let log_filter = parse_filter(&filter)?;
     let span_filter = parse_filter(&filter)?.or(SPAN_LEVEL_FLOOR);
 
-    let provider = tracer_provider(&config)?;
-    let tracer = provider.tracer(INSTRUMENTATION_SCOPE);
+    let tracer = service_tracer(&config)?;
     let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
+        .with_tracer(tracer.clone())
         .with_filter(span_filter);
     let subscriber = Registry::default()
         .with(otel_layer)
         .with(fmt_layer(config.log_format()).with_filter(log_filter));
 
     if tracing::subscriber::set_global_default(subscriber).is_err() {
-        // Nothing was installed; release the provider we built (and its exporter, if any).
-        let _ = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+        // Nothing was installed; release the providers we built (and their exporters).
+        let _ = tracer.shutdown(SHUTDOWN_TIMEOUT);
         return Err(TelemetryError::AlreadyInitialized);
     }
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    opentelemetry::global::set_tracer_provider(provider.clone());
+    opentelemetry::global::set_tracer_provider(tracer.default_provider().clone());
+    if let Some(endpoint) = config.otlp_endpoint() {
+        tracing::info!(
+            endpoint,
+            service = config.service_name(),
+            "exporting spans over OTLP/gRPC"
+        );
+        if let Ok(protocol) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && !protocol.trim().is_empty()
+            && protocol.trim() != "grpc"
+        {
+            tracing::warn!(
+                %protocol,
+                "OTEL_EXPORTER_OTLP_PROTOCOL asks for another protocol; trellis exports OTLP over gRPC only"
+            );
+        }
+    }
 
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { tracer })
 }
 
 /// Keeps tracing alive; dropping it flushes pending spans and shuts the tracer provider down.
@@ -101,12 +114,29 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
 #[derive(Debug)]
 #[must_use = "dropping the guard shuts the tracer provider down straight away"]
 pub struct TelemetryGuard {
-    provider: SdkTracerProvider,
+    tracer: ServiceTracer,
+}
+
+impl TelemetryGuard {
+    /// Exports every finished span now and waits for the collector's answers (each export
+    /// waits at most the OTLP timeout, ten seconds unless `OTEL_EXPORTER_OTLP_TIMEOUT` says
+    /// otherwise). Without export this does nothing.
+    ///
+    /// Call it from a multi-thread runtime or a plain thread, never on a current-thread
+    /// runtime's own thread: the exporters need the runtime to make progress while this
+    /// blocks.
+    ///
+    /// # Errors
+    ///
+    /// What each provider that could not flush said, joined in one message.
+    pub fn force_flush(&self) -> Result<(), String> {
+        self.tracer.force_flush()
+    }
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Err(error) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+        if let Err(error) = self.tracer.shutdown(SHUTDOWN_TIMEOUT) {
             tracing::warn!(%error, "telemetry shutdown did not flush every span");
         }
     }
@@ -121,24 +151,32 @@ fn parse_filter(filter: &str) -> Result<EnvFilter, TelemetryError> {
         })
 }
 
-fn tracer_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, TelemetryError> {
-    let resource = Resource::builder()
-        .with_service_name(config.service_name().to_owned())
-        .build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if let Some(endpoint) = config.otlp_endpoint() {
-        // The tonic channel spawns its worker on the current runtime and panics without one.
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(TelemetryError::NoRuntime);
-        }
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(OTLP_EXPORT_TIMEOUT)
-            .build()?;
-        builder = builder.with_batch_exporter(exporter);
-    }
-    Ok(builder.build())
+/// The tracer behind the OpenTelemetry layer: with an OTLP endpoint, one exporting provider
+/// per service; without, one provider that only hands out ids.
+fn service_tracer(config: &TelemetryConfig) -> Result<ServiceTracer, TelemetryError> {
+    let Some(endpoint) = config.otlp_endpoint() else {
+        let provider = SdkTracerProvider::builder()
+            .with_resource(export::resource(config.service_name()))
+            .build();
+        return Ok(ServiceTracer::new(
+            config.service_name().to_owned(),
+            provider,
+            None,
+        ));
+    };
+    // The tonic channel spawns its worker on the current runtime and panics without one.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return Err(TelemetryError::NoRuntime);
+    };
+    let queue_max =
+        export::queue_max_from(std::env::var("OTEL_BSP_MAX_QUEUE_SIZE").ok().as_deref());
+    let exporting = Exporting::new(runtime, endpoint.to_owned(), queue_max);
+    let provider = exporting.provider(config.service_name())?;
+    Ok(ServiceTracer::new(
+        config.service_name().to_owned(),
+        provider,
+        Some(exporting),
+    ))
 }
 
 fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync + 'static>
@@ -172,16 +210,16 @@ mod tests {
     fn an_otlp_endpoint_outside_a_runtime_is_refused_instead_of_panicking() {
         // Without a Tokio runtime the tonic exporter would panic, so setup returns an error instead.
         let config = TelemetryConfig::new("svc").with_otlp_endpoint("http://127.0.0.1:4317");
-        let error = tracer_provider(&config).expect_err("no Tokio runtime in a plain test");
+        let error = service_tracer(&config).expect_err("no Tokio runtime in a plain test");
         assert!(matches!(error, TelemetryError::NoRuntime));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_otlp_endpoint_inside_a_runtime_builds_a_provider_without_connecting() {
         // Building the exporter does not need the collector to be up.
         // Nothing listens on port 9, and the lazy channel must not care.
         let config = TelemetryConfig::new("svc").with_otlp_endpoint("http://127.0.0.1:9");
-        let provider = tracer_provider(&config).expect("a lazy exporter builds offline");
-        let _ = provider.shutdown_with_timeout(Duration::from_millis(100));
+        let tracer = service_tracer(&config).expect("a lazy exporter builds offline");
+        let _ = tracer.shutdown(Duration::from_millis(100));
     }
 }

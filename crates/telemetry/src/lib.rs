@@ -14,6 +14,10 @@
 //!   on the client side.
 //! - [`metrics`] installs the Prometheus recorder behind the `metrics` facade and serves
 //!   `/metrics`.
+//! - [`service`] names the service a span belongs to when one process hosts several
+//!   (`trellis up`): each service's spans are exported under their own `service.name`.
+//! - [`export`] is the OTLP/gRPC export path: a bounded queue that never blocks a request,
+//!   with dropped and exported spans counted.
 //!
 //! # How it fits with the other trellis crates
 //!
@@ -28,7 +32,9 @@
 //! `trellis serve`) calls [`init`] and [`metrics::install_prometheus`] once at start.
 //!
 //! This crate has no cargo features. The OTLP exporter is always compiled in and turned on at
-//! run time by [`TelemetryConfig::with_otlp_endpoint`].
+//! run time by [`TelemetryConfig::with_otlp_endpoint`] or by the standard variables
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT` and friends, read by [`TelemetryConfig::with_otel_env`]);
+//! off by default. docs/tracing.md lists the variables and the spans of an order.
 //!
 //! # Example
 //!
@@ -64,10 +70,12 @@
 
 mod config;
 mod error;
+pub mod export;
 pub mod http;
 mod init;
 pub mod metrics;
 pub mod propagation;
+pub mod service;
 
 pub use config::{DEFAULT_FILTER, LogFormat, TelemetryConfig};
 pub use error::TelemetryError;

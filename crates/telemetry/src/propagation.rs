@@ -80,8 +80,17 @@ pub fn extract_map(map: &HashMap<String, String>) -> Context {
 /// before [`init`](crate::init)).
 #[must_use]
 pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&Span::current())
+}
+
+/// The `traceparent` naming `span` as the parent, for a header or an envelope field.
+///
+/// `None` when the span is disabled or has no OpenTelemetry context. Reading it starts the
+/// span's OpenTelemetry side, so set a remote parent first.
+#[must_use]
+pub fn traceparent_of(span: &Span) -> Option<String> {
     let mut map = HashMap::new();
-    inject_map(&Span::current().context(), &mut map);
+    inject_map(&span.context(), &mut map);
     map.remove(TRACEPARENT)
 }
 

@@ -35,7 +35,8 @@ impl<S> Layer<S> for TraceContextClientLayer {
 /// Sends each request inside an `http.client` span and propagates its context.
 ///
 /// The span is a child of the current span and records `http.request.method`,
-/// `server.address`, `url.path`, `otel.kind = "client"` and, once the response arrives,
+/// `server.address`, `url.path`, `otel.kind = "client"`, for a gRPC call `rpc.system = "grpc"`
+/// and the method (`package.Service/Method`) as its name, and, once the response arrives,
 /// `http.response.status_code`; a 4xx, a 5xx or an inner error also sets
 /// `otel.status_code = "ERROR"`. The span's context replaces any `traceparent` / `tracestate`
 /// already on the request, so the server sees this call as its parent. The query string is not
@@ -82,8 +83,11 @@ where
             url.path = %request.uri().path(),
             http.response.status_code = tracing::field::Empty,
             otel.kind = "client",
+            otel.name = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
+            rpc.system = tracing::field::Empty,
         );
+        super::record_grpc(&span, &request);
         let mut context = span.context();
         if !context.has_active_span() {
             // The client span is filtered out or has no OpenTelemetry side: still pass on the

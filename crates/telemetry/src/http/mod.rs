@@ -38,3 +38,18 @@ pub use request_metrics::{
     describe_request_metrics,
 };
 pub use server::{TraceContextServer, TraceContextServerLayer};
+
+/// Names a gRPC call's span after its method (`/package.Service/Method` without the slash) and
+/// marks it `rpc.system = "grpc"`; leaves any other request's span alone.
+fn record_grpc<B>(span: &tracing::Span, request: &http::Request<B>) {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"));
+    if grpc {
+        let method = request.uri().path().trim_start_matches('/');
+        span.record("otel.name", method);
+        span.record("rpc.system", "grpc");
+    }
+}
