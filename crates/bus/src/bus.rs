@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 use crate::dlq::{DeadLetterReason, Failure};
 use crate::envelope::Envelope;
@@ -39,7 +40,8 @@ pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(60);
 pub trait Bus: Send + Sync {
     /// Publishes `envelope` on `topic` and waits until it is durable.
     ///
-    /// Fills `traceparent` from the current span when it is empty.
+    /// When `traceparent` is empty, fills it with a PRODUCER span's (a child of the current
+    /// span, see [`produce_span`]).
     ///
     /// # Errors
     /// Bad topic or envelope, [`BusError::MessageTooLarge`] over the configured limit, or a
@@ -110,8 +112,40 @@ pub(crate) fn prepare_publish(
     bytes_max: usize,
 ) -> Result<Vec<u8>, BusError> {
     topic::validate_topic(topic)?;
-    envelope.fill_trace_context();
+    if envelope.traceparent.is_none() {
+        // A message leaving this process for the first time: its PRODUCER span is the
+        // consumers' parent. One that already carries a trace context (relayed from an outbox,
+        // replayed from the dead letters) keeps it.
+        let _producer = produce_span(topic, envelope);
+    }
     envelope.to_bytes_limited(bytes_max)
+}
+
+/// Starts the PRODUCER span of publishing `envelope` on `topic` and points the envelope's
+/// `traceparent` at it, so the consumers' spans are its children.
+///
+/// The span is named `<topic> create` with OpenTelemetry's messaging attributes. Its parent is
+/// the trace the envelope already carries, else the current span. Every publish through a
+/// [`Bus`] calls this for an envelope without a `traceparent`; call it yourself where a message
+/// is relayed later than it was made (an outbox reading an event store), with the envelope's
+/// `traceparent` set to the context it was made in. Drop the span once the message is handed
+/// over.
+#[must_use]
+pub fn produce_span(topic: &str, envelope: &mut Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "bus.publish",
+        otel.name = %format_args!("{topic} create"),
+        otel.kind = "producer",
+        messaging.system = "trellis",
+        messaging.operation.type = "create",
+        messaging.destination.name = %topic,
+        messaging.message.id = %envelope.id,
+    );
+    trellis_telemetry::propagation::set_parent_from_map(&span, &envelope.trace_map());
+    if let Some(traceparent) = trellis_telemetry::propagation::traceparent_of(&span) {
+        envelope.traceparent = Some(traceparent);
+    }
+    span
 }
 
 /// Counts a publish a backend stored (`trellis_bus_published_total`, by topic).
@@ -352,11 +386,16 @@ impl Subscription {
                 Ok(deliveries) => {
                     for delivery in deliveries {
                         let handler = Arc::clone(&handler);
-                        tasks.spawn(async move {
-                            if let Err(error) = delivery.handle_with(&*handler).await {
-                                tracing::warn!(%error, "settling a delivery failed; it will be redelivered");
+                        // Each delivery keeps the consumer's service scope (trellis up hosts
+                        // several services in one process; see trellis_telemetry::service).
+                        tasks.spawn(
+                            async move {
+                                if let Err(error) = delivery.handle_with(&*handler).await {
+                                    tracing::warn!(%error, "settling a delivery failed; it will be redelivered");
+                                }
                             }
-                        });
+                            .in_current_service(),
+                        );
                     }
                 }
                 Err(error) if error.is_retryable() => {
@@ -656,12 +695,21 @@ impl Delivery {
     }
 }
 
-/// A `bus.consume` span whose OpenTelemetry parent is the producer's span.
+/// A `bus.consume` span whose OpenTelemetry parent is the producer's span: kind CONSUMER,
+/// named `<topic> process` with OpenTelemetry's messaging attributes, as the messaging
+/// conventions describe the processing of one message.
 #[must_use]
 pub fn consume_span(message: &Message, attempt: u32) -> tracing::Span {
     let span = tracing::info_span!(
         parent: None,
         "bus.consume",
+        otel.name = %format_args!("{} process", message.topic),
+        otel.kind = "consumer",
+        messaging.system = "trellis",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.topic,
+        messaging.consumer.group.name = %message.group,
+        messaging.message.id = %message.envelope.id,
         topic = %message.topic,
         group = %message.group,
         message_id = %message.envelope.id,

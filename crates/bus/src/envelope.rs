@@ -23,8 +23,9 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 
 /// A message on the bus: CloudEvents-style attributes and a JSON body.
 ///
-/// Build one with [`Envelope::new`] and the `with_*` steps; [`crate::Bus::publish`] fills
-/// `traceparent` from the current span when it is empty.
+/// Build one with [`Envelope::new`] and the `with_*` steps; when `traceparent` is empty,
+/// [`crate::Bus::publish`] fills it with a PRODUCER span's, a child of the current span (see
+/// [`crate::produce_span`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Unique id (UUIDv7, so ids sort by creation time). Inboxes deduplicate on it.
@@ -219,13 +220,6 @@ impl Envelope {
             });
         }
         Ok(bytes)
-    }
-
-    /// Fills `traceparent` from the current span when empty.
-    pub(crate) fn fill_trace_context(&mut self) {
-        if self.traceparent.is_none() {
-            self.traceparent = trellis_telemetry::propagation::current_traceparent();
-        }
     }
 }
 

@@ -130,7 +130,7 @@ pub mod topic;
 pub use any::AnyBus;
 pub use bus::{
     Bus, Delivery, FETCH_BATCH_MAX, FETCH_WAIT_MAX, HandlerError, Message, Subscription,
-    consume_span,
+    consume_span, produce_span,
 };
 pub use dlq::{
     DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterReason, DeadLetterState,

@@ -176,8 +176,8 @@ impl SqliteOutbox {
         })
     }
 
-    /// Writes `envelope` for `topic` in the caller's transaction (fills `traceparent` from
-    /// the current span).
+    /// Writes `envelope` for `topic` in the caller's transaction (when `traceparent` is
+    /// empty, fills it with a PRODUCER span's, a child of the current span).
     ///
     /// # Errors
     /// Bad topic, oversize envelope, database errors.
