@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use tracing::Instrument as _;
 
 use super::decide::{Next, count_interrupted, next};
 use super::saga_metrics;
@@ -55,6 +56,7 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
                         &mut context,
                         StepContext::new(id, &step.name, attempt),
                         step.timeout,
+                        Phase::Execute,
                     ))
                     .await?;
                 saga_metrics::record_attempt(
@@ -101,6 +103,7 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
                         &mut context,
                         StepContext::new(id, &step.name, attempt),
                         step.timeout,
+                        Phase::Compensate,
                     ))
                     .await?;
                 saga_metrics::record_attempt(
@@ -163,18 +166,54 @@ pub(super) async fn drive<S: SagaStore, C: SagaContext>(
     }
 }
 
-/// Runs one attempt of `execute` or `compensate` under its timeout.
+/// Which of a step's functions an attempt runs.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Execute,
+    Compensate,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Execute => "execute",
+            Self::Compensate => "compensate",
+        }
+    }
+}
+
+/// Runs one attempt of `execute` or `compensate` under its timeout, in a `saga.step` span
+/// (named `execute STEP` or `compensate STEP`, a child of the saga's span): the calls the step
+/// makes join the saga's trace below it, and a failed attempt marks the span as an error.
 async fn run<C>(
     function: &crate::definition::StepFn<C>,
     context: &mut C,
     step: StepContext,
     timeout: Duration,
+    phase: Phase,
 ) -> Result<(), StepError> {
-    match tokio::time::timeout(timeout, function(context, step)).await {
+    let span = tracing::info_span!(
+        "saga.step",
+        otel.name = %format_args!("{} {}", phase.as_str(), step.step()),
+        saga.step = %step.step(),
+        saga.phase = phase.as_str(),
+        saga.attempt = step.attempt(),
+        otel.status_code = tracing::field::Empty,
+        error.message = tracing::field::Empty,
+    );
+    let outcome = match tokio::time::timeout(timeout, function(context, step))
+        .instrument(span.clone())
+        .await
+    {
         Ok(outcome) => outcome,
         Err(_) => Err(StepError::retryable(format!(
             "timed out after {} ms",
             timeout.as_millis()
         ))),
+    };
+    if let Err(error) = &outcome {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.message", error.message());
     }
+    outcome
 }
