@@ -360,15 +360,18 @@ where
             return Ok((checkpoint, events.len()));
         }
         for event in events.iter().filter(|e| e.position > checkpoint) {
-            self.projection
-                .apply(&mut tx, generation, event)
-                .await
-                .map_err(|reason| ProjectionError::Handler {
-                    projection: name.to_owned(),
-                    position: event.position,
-                    event_type: event.event_type.clone(),
-                    reason,
-                })?;
+            let span = apply_span(name, event);
+            tracing::Instrument::instrument(
+                self.projection.apply(&mut tx, generation, event),
+                span,
+            )
+            .await
+            .map_err(|reason| ProjectionError::Handler {
+                projection: name.to_owned(),
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason,
+            })?;
         }
         // Applied, checkpoint not written: a crash here rolls both back (the batch reapplies).
         failpoint!(crate::failpoints::PROJECTION_BEFORE_CHECKPOINT, name);
@@ -468,4 +471,25 @@ where
         );
         Ok(new)
     }
+}
+
+/// The span of applying one event to a read model (`<projection> apply`): a child of the span
+/// the event was recorded in (its metadata's `traceparent`), so the read model's update joins
+/// the trace of the request or saga step that caused it.
+fn apply_span(projection: &str, event: &RecordedEvent) -> tracing::Span {
+    let span = tracing::info_span!(
+        "projection.apply",
+        otel.name = %format_args!("{projection} apply"),
+        projection,
+        event_type = %event.event_type,
+        position = event.position,
+    );
+    if let Some(traceparent) = &event.metadata.traceparent {
+        let carrier = std::collections::HashMap::from([(
+            trellis_telemetry::propagation::TRACEPARENT.to_owned(),
+            traceparent.clone(),
+        )]);
+        trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
+    }
+    span
 }
