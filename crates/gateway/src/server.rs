@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service as _;
 use trellis_telemetry::http::TraceContextServer;
 use trellis_telemetry::metrics::PrometheusHandle;
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 use crate::config::{Config, ServerConfig};
 use crate::error::ConfigError;
@@ -300,15 +301,21 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(connection(
-                            (stream, peer),
-                            Arc::clone(&self.shared),
-                            Arc::clone(&builder),
-                            header_read_timeout,
-                            stop_rx.clone(),
-                            ConnectionSlot::new(permit),
-                            surface,
-                        ));
+                        // The connection keeps the service scope the gateway runs in, so
+                        // its spans carry the gateway's name when it shares a process
+                        // (`trellis up`); see trellis_telemetry::service.
+                        tokio::spawn(
+                            connection(
+                                (stream, peer),
+                                Arc::clone(&self.shared),
+                                Arc::clone(&builder),
+                                header_read_timeout,
+                                stop_rx.clone(),
+                                ConnectionSlot::new(permit),
+                                surface,
+                            )
+                            .in_current_service(),
+                        );
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accept failed");

@@ -103,6 +103,7 @@ use trellis_bus::inbox::{PgInbox, SqliteInbox};
 use trellis_bus::outbox::{PgOutbox, SqliteOutbox};
 use trellis_bus::{Bus, BusError, RetryPolicy, SubscribeOptions};
 use trellis_saga::SagaError;
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 pub use trellis_bus::{AnyBus, Envelope, HandlerError, Message};
 pub use trellis_saga::choreography::{
@@ -228,9 +229,12 @@ pub async fn start<P: Participant>(
                 &stop,
             ));
             let relay_stop = stopped(&stop);
-            tasks.push(tokio::spawn(async move {
-                outbox.run(&bus, relay_stop).await;
-            }));
+            tasks.push(tokio::spawn(
+                async move {
+                    outbox.run(&bus, relay_stop).await;
+                }
+                .in_current_service(),
+            ));
             tasks.push(purge(
                 move || {
                     let inbox = inbox.clone();
@@ -268,17 +272,22 @@ where
 {
     let shutdown = stopped(stop);
     let group = participant.group().to_owned();
-    tokio::spawn(async move {
-        let handler = move |message: Arc<Message>| {
-            let flow = flow.clone();
-            let inbox = inbox.clone();
-            let participant = participant.clone();
-            async move { deliver(&flow, &inbox, &*participant, &message).await }
-        };
-        if let Err(error) = subscription.run(handler, shutdown).await {
-            tracing::error!(%error, group, "choreography consumer stopped");
+    // The consumer's spans are this service's (in `trellis up` every service shares the
+    // process): the task keeps the scope of whoever started the participant.
+    tokio::spawn(
+        async move {
+            let handler = move |message: Arc<Message>| {
+                let flow = flow.clone();
+                let inbox = inbox.clone();
+                let participant = participant.clone();
+                async move { deliver(&flow, &inbox, &*participant, &message).await }
+            };
+            if let Err(error) = subscription.run(handler, shutdown).await {
+                tracing::error!(%error, group, "choreography consumer stopped");
+            }
         }
-    })
+        .in_current_service(),
+    )
 }
 
 /// One delivery: `prepare`, then the handlers in the inbox's transaction with its outcome.
