@@ -16,6 +16,11 @@
 //! | --- | --- |
 //! | `GET /choreographies/{correlation_id}` | [`crate::choreography::ChoreographyLog::timeline`] |
 //!
+//! The `x-actor` header names the operator the log records for cancel, retry and skip (as
+//! `trellis saga --operator` does); without it the inspector's own operator name is used. Mount
+//! the router behind the service's admin authentication, which should set that header from
+//! the verified caller (trellis-service's `admin_only` does), never pass it on as sent.
+//!
 //! Errors are `{"error": {"code": "...", "message": "..."}}`: 400 `bad_request`, 404
 //! `saga_not_found`, 409 `saga_leased` / `action_rejected` / `conflict`; a store fault is a 503
 //! `unavailable` or a 500 `internal` with an opaque message, logged once with its cause.
@@ -28,7 +33,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -40,6 +45,10 @@ use crate::store::{SagaFilter, SagaId, SagaStatus, SagaStore};
 
 /// The longest age filter or purge cut-off the endpoints accept: 100 years.
 const AGE_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The header naming the operator of an action (see the module docs).
+pub const ACTOR_HEADER: &str = "x-actor";
+/// The longest operator name taken from [`ACTOR_HEADER`], in bytes; longer ones are cut.
+const ACTOR_BYTES_MAX: usize = 200;
 
 /// The inspector's routes (paths above), with `inspector` as their state.
 pub fn router<S: SagaStore>(inspector: Inspector<S>) -> Router {
@@ -142,6 +151,25 @@ impl IntoResponse for ApiError {
 }
 
 type Shared<S> = State<Arc<Inspector<S>>>;
+
+/// The inspector acting as the operator [`ACTOR_HEADER`] names, or as itself without one.
+fn acting<S: SagaStore>(inspector: &Inspector<S>, headers: &HeaderMap) -> Inspector<S> {
+    let actor = headers
+        .get(ACTOR_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|actor| !actor.is_empty());
+    match actor {
+        None => inspector.clone(),
+        Some(actor) => {
+            let mut end = actor.len().min(ACTOR_BYTES_MAX);
+            while !actor.is_char_boundary(end) {
+                end -= 1;
+            }
+            inspector.clone().with_operator(&actor[..end])
+        }
+    }
+}
 
 fn parse_id(text: &str) -> Result<SagaId, ApiError> {
     uuid::Uuid::parse_str(text)
@@ -249,8 +277,10 @@ struct CancelBody {
 async fn cancel<S: SagaStore>(
     State(inspector): Shared<S>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
+    let inspector = acting(&inspector, &headers);
     let id = parse_id(&id)?;
     let body: CancelBody = body(&bytes)?;
     let reason = body
@@ -263,7 +293,9 @@ async fn cancel<S: SagaStore>(
 async fn retry<S: SagaStore>(
     State(inspector): Shared<S>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let inspector = acting(&inspector, &headers);
     let id = parse_id(&id)?;
     let written = inspector.retry(id).await?;
     Ok(Json(serde_json::json!({ "id": id, "written": written })).into_response())
@@ -278,8 +310,10 @@ struct SkipBody {
 async fn skip<S: SagaStore>(
     State(inspector): Shared<S>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
+    let inspector = acting(&inspector, &headers);
     let id = parse_id(&id)?;
     let body: SkipBody = body(&bytes)?;
     let step = body

@@ -463,3 +463,38 @@ async fn the_inspector_answers_an_empty_saga_log_without_panicking() {
         .expect("answered");
     assert!(response.status().is_server_error(), "{}", response.status());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_action_over_http_records_the_operator_the_actor_header_names() {
+    // Goal: the operator of a retry written over HTTP is who `x-actor` names (what an admin
+    // layer sets from the verified caller), and the inspector's own name without the header.
+    let store = InMemorySagaStore::new();
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(store.clone())
+        .register(shipping(&ledger, Arc::new(AtomicBool::new(false))));
+    let first = engine.start("book-trip", &ada()).await.expect("start");
+    let second = engine.start("book-trip", &ada()).await.expect("start");
+    let router =
+        trellis_saga::http::router(Inspector::new(store.clone()).with_operator("fallback"));
+
+    let request = axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("/sagas/{first}/retry"))
+        .header(trellis_saga::http::ACTOR_HEADER, "admin-7")
+        .body(axum::body::Body::empty())
+        .expect("request");
+    let response = router.clone().oneshot(request).await.expect("infallible");
+    assert_eq!(response.status(), 200);
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(body["written"]["operator"], "admin-7", "{body}");
+
+    let (status, body) = call(&router, "POST", &format!("/sagas/{second}/retry"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["written"]["operator"], "fallback", "{body}");
+}
