@@ -264,9 +264,16 @@ pub(crate) async fn run(
                 Ok(Some(Err(error))) => break error.to_string(),
                 Ok(Some(Ok(event))) => {
                     match envelope_for(&event, &orders, &upcasters).await {
-                        Ok(Some(envelope)) => {
-                            if let Err(error) =
-                                bus.publish(envelope.kind.clone().as_str(), envelope).await
+                        Ok(Some(mut envelope)) => {
+                            // The publish's PRODUCER span continues the request that made the
+                            // event (its traceparent, from the event's metadata).
+                            let topic = envelope.kind.clone();
+                            let producer = trellis_bus::produce_span(&topic, &mut envelope);
+                            if let Err(error) = tracing::Instrument::instrument(
+                                bus.publish(topic.as_str(), envelope),
+                                producer,
+                            )
+                            .await
                             {
                                 break error.to_string();
                             }

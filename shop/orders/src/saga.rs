@@ -82,6 +82,8 @@ impl Participants {
     async fn order(&self, order_id: &str, command: OrderCommand) -> Result<Order, StepError> {
         let metadata = Metadata {
             correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+            // The saga step's span: the read model's update of this event joins the trace.
+            traceparent: trellis_telemetry::propagation::current_traceparent(),
             ..Metadata::default()
         };
         let command = command.at(self.clock.now());
