@@ -323,7 +323,9 @@ async fn start_children(
         for key in CLEARED_ENV {
             spec = spec.env_remove(key);
         }
-        spec
+        // The OTEL_* variables pass through (the children export where this process does);
+        // each child's spans carry its own service name.
+        spec.env("OTEL_SERVICE_NAME", name)
     };
     for service in SERVICES {
         let addr = addrs[service];
