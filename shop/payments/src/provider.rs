@@ -299,12 +299,38 @@ impl ProviderClient {
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Answer, CallError> {
         let reached = AtomicBool::new(false);
+        // One span for the call through the stack, one CLIENT span per attempt below it: the
+        // provider's server span continues the attempt's trace, and retries and a breaker
+        // refusal show as events on the call's span.
+        let call_span = tracing::info_span!(
+            "payment_provider.call",
+            otel.status_code = tracing::field::Empty,
+        );
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
             // Built when the attempt starts; an attempt the stack refuses never starts.
             let mut may_reach = MayReach::new(&reached);
-            let mut response = match request().send().await {
+            let number = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+            if number > 1 {
+                tracing::info!(parent: &call_span, attempt = number, "retrying the payment provider");
+            }
+            let span = tracing::info_span!(
+                parent: &call_span,
+                "payment_provider.attempt",
+                otel.kind = "client",
+                attempt = number,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let mut builder = request();
+            if let Some(traceparent) = trellis_telemetry::propagation::traceparent_of(&span) {
+                builder = builder.header(trellis_telemetry::propagation::TRACEPARENT, traceparent);
+            }
+            let sent = tracing::Instrument::instrument(builder.send(), span.clone()).await;
+            let mut response = match sent {
                 Ok(response) => response,
                 Err(e) => {
+                    span.record("otel.status_code", "ERROR");
                     if e.is_connect() {
                         // No connection, so no request: the provider saw nothing.
                         may_reach.clear();
@@ -312,6 +338,10 @@ impl ProviderClient {
                     return Err(Fault::Transport(e.to_string()));
                 }
             };
+            span.record("http.response.status_code", response.status().as_u16());
+            if response.status().is_server_error() || response.status().as_u16() == 429 {
+                span.record("otel.status_code", "ERROR");
+            }
             let status = response.status().as_u16();
             if status == 503 {
                 may_reach.clear();
@@ -338,8 +368,15 @@ impl ProviderClient {
             }
             Ok(answer)
         };
-        let result = self.stack.call(attempt).await;
+        let result =
+            tracing::Instrument::instrument(self.stack.call(attempt), call_span.clone()).await;
         let reached = reached.load(Ordering::SeqCst);
+        if let Err(error) = &result {
+            call_span.record("otel.status_code", "ERROR");
+            if let ResilienceError::BreakerOpen { .. } = error {
+                tracing::warn!(parent: &call_span, "the circuit breaker refused the call");
+            }
+        }
         result.map_err(|e| {
             let message = match e {
                 ResilienceError::BreakerOpen { retry_after, .. } => format!(
