@@ -29,7 +29,8 @@
 //! outboxes carry an order's progress across restarts.
 //!
 //! # Layout
-//! Private modules, one concern each: `rest` (the handlers and the OpenAPI document), `state`
+//! Private modules, one concern each: `rest` (the handlers and the OpenAPI document), `admin`
+//! (the operator endpoints for sagas), `state`
 //! (what the handlers share), `placement` (placing an order once per idempotency key),
 //! `read_model` (reading the projection's rows), `saga_runner` (the saga engine, its queue
 //! and slots, the sweeper) and `outbox` (order events from the event store to the bus).
@@ -49,6 +50,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod aggregate;
 pub mod choreography;
 mod outbox;
@@ -81,6 +83,11 @@ pub const ORDER_CACHE_ENTRIES: usize = 20_000;
 /// Where the orders service serves the bus's dead-letter endpoints (trellis-bus's DLQ
 /// router), to administrators only; the gateway maps `/api/admin/dlq` here.
 pub const DLQ_PATH: &str = "/admin/dlq";
+/// Where the orders service serves trellis-saga's inspector endpoints (`/sagas`,
+/// `/sagas/{id}`, `/sagas/{id}/retry`, ...) over the order saga's log, to administrators only;
+/// the gateway maps `/api/admin/sagas` to `SAGAS_PATH/sagas`. Beside them,
+/// `GET /admin/orders/{id}/saga` names an order's saga.
+pub const SAGAS_PATH: &str = "/admin/saga";
 /// Default number of sagas running at once in one process.
 pub const SAGA_CONCURRENCY_DEFAULT: usize = 512;
 /// Default time between sweeps for orders accepted without a saga.
@@ -371,6 +378,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         )?),
     );
 
+    let inspector = engine.as_ref().map(OrderSagaEngine::inspector);
     // Recovery, then the loops.
     if let Some(recovery_engine) = engine {
         let gauges_engine = recovery_engine.clone();
@@ -399,7 +407,7 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         }));
     }
 
-    let mut router = rest::router(state);
+    let mut router = rest::router(state.clone()).merge(admin::router(state, inspector));
     if let Some(url) = &config.bus_url {
         let bus = trellis_bus::AnyBus::connect(url, &config.bus_prefix)
             .await

@@ -56,7 +56,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 )]
 struct ApiDoc;
 
-fn order_id_of(raw: &str) -> Result<String, ApiError> {
+pub(crate) fn order_id_of(raw: &str) -> Result<String, ApiError> {
     uuid::Uuid::parse_str(raw)
         .map(|u| u.hyphenated().to_string())
         .map_err(|_| ApiError::not_found("no such order"))

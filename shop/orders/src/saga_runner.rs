@@ -30,7 +30,7 @@ use std::time::Duration;
 use shop_contracts::api::OrderStatus;
 use tokio::sync::{Semaphore, mpsc, watch};
 use trellis_eventstore::{AnyStore, Repository};
-use trellis_saga::{AnySagaStore, SagaDefinition, SagaEngine, SagaError, SagaId};
+use trellis_saga::{AnySagaStore, Inspector, SagaDefinition, SagaEngine, SagaError, SagaId};
 use trellis_service::{Db, on_db};
 
 use crate::aggregate::Order;
@@ -85,6 +85,11 @@ impl OrderSagaEngine {
     /// Counts compensating and stuck sagas into their gauges at once, then every `interval`.
     pub(crate) async fn run_status_gauges(&self, interval: Duration) {
         self.0.run_status_gauges(interval).await;
+    }
+
+    /// An inspector over this engine's saga log (the operator endpoints of [`crate::admin`]).
+    pub(crate) fn inspector(&self) -> Inspector<AnySagaStore> {
+        Inspector::new(self.0.store().clone()).with_operator("orders-admin-api")
     }
 }
 
