@@ -206,6 +206,11 @@ impl UpArgs {
             "  mcp            {gateway}/mcp   (the shop's agent tools over MCP, with a user's \
              bearer token; `trellis mcp` on stdio)"
         );
+        if !self.processes {
+            println!(
+                "  console        {gateway}/admin   (the admin console; sign in with the admin account)"
+            );
+        }
         println!(
             "  operator       {operator}   (/metrics, /healthz, /readyz; not on the public port)"
         );

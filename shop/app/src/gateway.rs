@@ -14,10 +14,15 @@ use trellis_service::{ROLE_CUSTOMER, USER_ID_HEADER, USER_ROLE_HEADER};
 
 /// Requests per second one user (or, for unauthenticated calls, one IP) may make.
 pub const RATE_PER_CLIENT: u32 = 500;
+/// The gateway route of the admin console's pages: everything under `/admin` but the login
+/// page and the assets, for administrators only (see [`ShopHooks`]).
+pub const CONSOLE_ROUTE: &str = "console";
 
 /// The gateway configuration routing DESIGN.md's public API to the services at `addrs`
 /// (keyed by service name), listening on `listen`, with its operator endpoints (`/metrics`,
-/// `/healthz`, `/readyz`) only on `operator_listen`.
+/// `/healthz`, `/readyz`) only on `operator_listen`. When `addrs` names a `console`, `/admin`
+/// is routed to it: the login page and assets to anyone (rate limited), the rest
+/// ([`CONSOLE_ROUTE`]) to administrators.
 pub fn config_toml(
     listen: SocketAddr,
     operator_listen: SocketAddr,
@@ -62,6 +67,7 @@ burst = {login_burst}
         login_rate = shop_users::LOGIN_RATE_PER_ADDRESS,
         login_burst = shop_users::LOGIN_RATE_PER_ADDRESS * 2,
     );
+    let console = addrs.contains_key("console");
     for name in [
         "users",
         "products",
@@ -71,7 +77,11 @@ burst = {login_burst}
         "shipping",
         "payment-provider",
         "mcp",
+        "console",
     ] {
+        if name == "console" && !console {
+            continue;
+        }
         toml.push_str(&format!(
             "\n[clusters.{name}]\nendpoints = [\"{}\"]\nload_balancing = \"least_outstanding\"\n",
             addr(name)
@@ -148,6 +158,21 @@ strip_prefix = "/api/admin/dlq"
 add_prefix = "/admin/dlq"
 auth = ["shop"]
 required_roles = ["admin"]"#,
+        r#"name = "saga-admin"
+path_prefix = "/api/admin/sagas"
+cluster = "orders"
+strip_prefix = "/api/admin/sagas"
+add_prefix = "/admin/saga/sagas"
+auth = ["shop"]
+required_roles = ["admin"]"#,
+        r#"name = "order-saga-admin"
+path_prefix = "/api/admin/orders"
+methods = ["GET"]
+cluster = "orders"
+strip_prefix = "/api/admin/orders"
+add_prefix = "/admin/orders"
+auth = ["shop"]
+required_roles = ["admin"]"#,
         r#"name = "provider-admin"
 path_exact = "/api/admin/provider"
 methods = ["GET", "PUT"]
@@ -157,7 +182,29 @@ add_prefix = "/admin/config"
 auth = ["shop"]
 required_roles = ["admin"]"#,
     ];
-    for route in routes {
+    // The console: the login page and its assets for anyone, the rest for administrators
+    // (first match wins, so these come before the `/admin` prefix).
+    let console_routes: &[&str] = &[
+        r#"name = "console-login"
+path_exact = "/admin/login"
+methods = ["GET", "POST"]
+cluster = "console"
+rate_limit = "login_per_address""#,
+        r#"name = "console-assets"
+path_prefix = "/admin/assets"
+methods = ["GET", "HEAD"]
+cluster = "console"
+rate_limit = "per_ip""#,
+        r#"name = "console"
+path_prefix = "/admin"
+cluster = "console"
+auth = ["shop"]
+required_roles = ["admin"]
+rate_limit = "per_user"
+timeout_ms = 20000"#,
+    ];
+    let console_routes = if console { console_routes } else { &[] };
+    for route in routes.iter().chain(console_routes) {
         toml.push_str("\n[[routes]]\n");
         toml.push_str(route);
         toml.push('\n');
@@ -169,6 +216,12 @@ required_roles = ["admin"]"#,
 ///
 /// - `GET /openapi.json` is answered with the whole public API: the services' documents
 ///   merged.
+/// - On the admin console's route ([`CONSOLE_ROUTE`]), a request without an `Authorization`
+///   header has the console's session cookie moved into one (`Bearer …`) before the gateway
+///   authenticates it, so the gateway checks the token and the admin role exactly as for an
+///   API call (401 for a bad or expired token, 403 for a customer's). A request with neither
+///   is sent to the login page (303). The cookie is accepted on that route only, where it is
+///   `SameSite=Strict`; the API routes take the header alone.
 /// - Every request sent upstream carries, in [`IDENTITY_HEADER`], a token signed with the
 ///   shop's [`ServiceKey`] naming the user the gateway authenticated (from the identity
 ///   headers the gateway set after verifying the user's JWT; it always strips client-sent
@@ -220,8 +273,11 @@ impl GatewayHooks for ShopHooks {
     fn request_filter(
         &self,
         ctx: &mut RequestCtx,
-        _request: &mut http::request::Parts,
+        request: &mut http::request::Parts,
     ) -> HookDecision {
+        if &*ctx.route == CONSOLE_ROUTE {
+            return console_credential(request);
+        }
         if &*ctx.route != "openapi" {
             return HookDecision::Continue;
         }
@@ -235,5 +291,33 @@ impl GatewayHooks for ShopHooks {
             http::HeaderValue::from_static("application/json"),
         );
         HookDecision::Respond(response)
+    }
+}
+
+/// The console's session cookie as the request's bearer token, or a redirect to the login page
+/// when the request carries no credential at all.
+fn console_credential(request: &mut http::request::Parts) -> HookDecision {
+    if request.headers.contains_key(header::AUTHORIZATION) {
+        return HookDecision::Continue;
+    }
+    let bearer = shop_console::session_token(&request.headers)
+        .and_then(|token| http::HeaderValue::from_str(&format!("Bearer {token}")).ok());
+    match bearer {
+        Some(value) => {
+            request.headers.insert(header::AUTHORIZATION, value);
+            HookDecision::Continue
+        }
+        None => {
+            let body: GatewayBody = Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed();
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::SEE_OTHER;
+            response.headers_mut().insert(
+                header::LOCATION,
+                http::HeaderValue::from_static(shop_console::LOGIN_PATH),
+            );
+            HookDecision::Respond(response)
+        }
     }
 }

@@ -39,7 +39,7 @@ use trellis_service::Db;
 use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 use trellis_telemetry::metrics::PrometheusHandle;
 
-pub use gateway::{RATE_PER_CLIENT, ShopHooks, config_toml};
+pub use gateway::{CONSOLE_ROUTE, RATE_PER_CLIENT, ShopHooks, config_toml};
 pub use mcp::MCP_PATH;
 pub use openapi::{BEARER_SCHEME, openapi};
 pub use processes::{ProcessConfig, ProcessShop};
@@ -323,6 +323,50 @@ fn spawn_serve(
     }));
 }
 
+/// The admin console of a shop whose services are at `addrs`: it calls the admin API through
+/// the gateway at `gateway`, checks every service's `/readyz` (the gateway's on its operator
+/// listener), reads `/metrics` from the operator listener when metrics are on (every service
+/// shares the process's recorder), and keeps its audit log in `console.db` beside the others.
+fn console_config(
+    config: &ShopConfig,
+    addrs: &BTreeMap<&'static str, SocketAddr>,
+    gateway: SocketAddr,
+    operator: SocketAddr,
+    service_key: &ServiceKey,
+    metrics: bool,
+) -> shop_console::ConsoleConfig {
+    let mut operator = operator;
+    if operator.ip().is_unspecified() {
+        operator.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let mut health_targets = vec![shop_console::Target {
+        name: "gateway".to_owned(),
+        url: format!("http://{operator}"),
+    }];
+    for (name, addr) in addrs {
+        let mut addr = *addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        health_targets.push(shop_console::Target {
+            name: (*name).to_owned(),
+            url: format!("http://{addr}"),
+        });
+    }
+    shop_console::ConsoleConfig {
+        gateway_url: format!("http://{gateway}"),
+        database_url: config.database_url("console"),
+        service_key: service_key.clone(),
+        health_targets,
+        metrics_urls: if metrics {
+            vec![format!("http://{operator}/metrics")]
+        } else {
+            Vec::new()
+        },
+        secure_cookie: false,
+    }
+}
+
 /// Starts the whole shop in this process.
 ///
 /// # Errors
@@ -569,7 +613,18 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         &stopped,
     );
 
-    let toml = config_toml(gateway_addr, operator_addr, &addrs);
+    // The admin console, behind the gateway's `/admin`: its port is for the gateway alone.
+    let console_listener = bind(config.bind, 0).await?;
+    let console_addr = console_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: SocketAddr::new(config.bind, 0),
+            source,
+        })?;
+    let mut routed = addrs.clone();
+    routed.insert("console", console_addr);
+
+    let toml = config_toml(gateway_addr, operator_addr, &routed);
     let gateway_config =
         trellis_gateway::Config::from_toml(&toml).map_err(|e| Error::Gateway(e.to_string()))?;
     let mut gateway = trellis_gateway::Gateway::from_config(gateway_config)
@@ -590,6 +645,27 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
             addr: operator_addr,
             source,
         })?;
+    let (router, db) = shop_console::app(console_config(
+        &config,
+        &addrs,
+        gateway_for_tools,
+        operator_addr,
+        &service_key,
+        metrics.is_some(),
+    ))
+    .await
+    .map_err(|e| service_err("console")(&e))?;
+    dbs.push(db.clone());
+    spawn_serve(
+        &mut tasks,
+        "console",
+        console_listener,
+        router,
+        Some(db),
+        metrics.clone(),
+        &stopped,
+    );
+
     let operator = gateway.clone();
     let mut operator_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {

@@ -4,6 +4,7 @@
 mod agent_run;
 mod agent_tools;
 mod choreography;
+mod console;
 mod harness;
 mod metrics_catalog;
 mod orders;
