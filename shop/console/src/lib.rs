@@ -357,3 +357,97 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    use trellis_service::auth::IDENTITY_HEADER;
+
+    use super::*;
+
+    async fn console(dir: &tempfile::TempDir, key: &ServiceKey) -> Router {
+        let config = ConsoleConfig {
+            // Nothing listens there: pages that call the API explain the failure.
+            gateway_url: "http://127.0.0.1:9".to_owned(),
+            database_url: format!("sqlite://{}/console.db", dir.path().display()),
+            service_key: key.clone(),
+            health_targets: Vec::new(),
+            metrics_urls: Vec::new(),
+            secure_cookie: false,
+        };
+        app(config).await.expect("the console starts").0
+    }
+
+    async fn call(router: &Router, path: &str, identity: Option<(&ServiceKey, &str)>) -> Response {
+        let mut request = Request::builder().uri(path);
+        if let Some((key, role)) = identity {
+            let token = key.signer("gateway").token("u-1", role).expect("token");
+            request = request
+                .header(IDENTITY_HEADER, token)
+                .header(header::AUTHORIZATION, "Bearer user-token");
+        }
+        router
+            .clone()
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible")
+    }
+
+    #[tokio::test]
+    async fn the_console_believes_only_the_gateways_identity_and_only_for_admins() {
+        // Goal: the trust boundary of the console's own port: without the identity token the
+        // gateway signs a page is 401, a customer's is 403, an admin's renders; the login page
+        // and assets need nothing, and every answer carries the security headers.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = ServiceKey::generate().expect("key");
+        let router = console(&dir, &key).await;
+
+        let response = call(&router, "/admin", None).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let other_key = ServiceKey::generate().expect("key");
+        let response = call(&router, "/admin", Some((&other_key, "admin"))).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "signed by another key"
+        );
+        let response = call(&router, "/admin/audit", Some((&key, "customer"))).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+        let response = call(&router, "/admin", Some((&key, "admin"))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY],
+            CONTENT_SECURITY_POLICY
+        );
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+        let response = call(&router, "/admin/audit", Some((&key, "admin"))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = call(&router, "/admin/sagas", Some((&key, "admin"))).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_GATEWAY,
+            "the admin API does not answer, and the page says so"
+        );
+
+        let response = call(&router, LOGIN_PATH, None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = call(&router, "/admin/assets/console.js", None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .expect("ASCII")
+                .starts_with("text/javascript")
+        );
+        assert!(
+            response
+                .headers()
+                .contains_key(header::CONTENT_SECURITY_POLICY)
+        );
+    }
+}
