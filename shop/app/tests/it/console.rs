@@ -386,6 +386,75 @@ async fn the_console_lets_only_admins_in_and_audits_every_action() {
     assert_eq!(status, 200);
     assert_eq!(letters, json!([]), "replayed: out of the queue");
 
+    // A whole failure group: discarded after confirming.
+    let again = dead_letter(&shop).await;
+    let (_, letter_json) = shop
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/admin/dlq/dead-letters/{again}"),
+            Some(shop.admin()),
+            None,
+        )
+        .await;
+    let fingerprint = letter_json["fingerprint"].as_str().expect("fingerprint");
+    let (status, page) = get(
+        &client,
+        &shop,
+        &format!(
+            "/admin/dead-letters/group?{}",
+            form(&[("group", DEAD_LETTER_GROUP), ("fingerprint", fingerprint)])
+        ),
+        &cookie,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains(&again),
+        "the group page lists its message ({fingerprint:?}): {page}"
+    );
+    let response = post(
+        &client,
+        &shop,
+        "/admin/dead-letters/group/discard",
+        &cookie,
+        &[
+            ("confirm", "yes"),
+            ("group", DEAD_LETTER_GROUP),
+            ("fingerprint", fingerprint),
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), 303);
+    let (_, letters) = shop
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/admin/dlq/dead-letters?group={DEAD_LETTER_GROUP}"),
+            Some(shop.admin()),
+            None,
+        )
+        .await;
+    assert_eq!(letters, json!([]), "the group is discarded");
+
+    // Search by order id: a real order's saga.
+    let product = shop.product("Cup", 900, 10).await;
+    let order = shop.order(&customer, &product, 1).await;
+    let settled = shop.settled(&customer, &order).await;
+    assert_eq!(settled["status"], "CONFIRMED", "{settled}");
+    let response = client
+        .get(shop.url(&format!("/admin/sagas?order={order}")))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("search");
+    assert_eq!(response.status(), 303, "found: to the saga");
+    let location = response.headers()[LOCATION]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    let (status, page) = get(&client, &shop, &location, &cookie).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(&order) && page.contains("data-status=\"completed\""));
+
     // The provider's switches.
     let response = post(
         &client,
@@ -415,7 +484,12 @@ async fn the_console_lets_only_admins_in_and_audits_every_action() {
 
     // The audit log has all three, with who did them.
     let (_, audit) = get(&client, &shop, "/admin/audit", &cookie).await;
-    for action in ["saga.retry", "dead_letter.replay", "provider.update"] {
+    for action in [
+        "saga.retry",
+        "dead_letter.replay",
+        "dead_letter_group.discard",
+        "provider.update",
+    ] {
         assert!(audit.contains(action), "{action} audited");
     }
     assert!(audit.contains(ADMIN_EMAIL), "who acted");
