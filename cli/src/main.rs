@@ -98,7 +98,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
-    let mut telemetry = TelemetryConfig::new("trellis").with_log_format(cli.log_format);
+    // The service name spans are exported under (OTEL_SERVICE_NAME overrides it): the served
+    // service in `trellis serve NAME`, the gateway in `trellis gateway`. `trellis up` names
+    // each of its services' spans itself (trellis_telemetry::service).
+    let service_name = match &cli.command {
+        Command::Serve(args) => args.service_name().to_owned(),
+        Command::Gateway(_) => "gateway".to_owned(),
+        _ => "trellis".to_owned(),
+    };
+    let mut telemetry = TelemetryConfig::new(service_name)
+        .with_log_format(cli.log_format)
+        .with_otel_env();
     if let Some(filter) = &cli.log {
         telemetry = telemetry.with_filter(filter.clone());
     } else if matches!(cli.command, Command::Chaos(_)) {
@@ -106,10 +116,6 @@ fn main() -> ExitCode {
         // would bury them (the children's logs go to a file in the data directory).
         telemetry = telemetry.with_filter("warn".to_owned());
     }
-    let _telemetry = match trellis_telemetry::init(telemetry) {
-        Ok(guard) => guard,
-        Err(error) => return fail(&anyhow::Error::new(error).context("cannot set up logging")),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -118,6 +124,16 @@ fn main() -> ExitCode {
         Err(error) => {
             return fail(&anyhow::Error::new(error).context("cannot start the async runtime"));
         }
+    };
+    // Inside the runtime: the OTLP exporter's gRPC channel runs on it. Declared after the
+    // runtime, so the guard (which flushes the last spans) drops while the runtime still runs.
+    let initialised = {
+        let _entered = runtime.enter();
+        trellis_telemetry::init(telemetry)
+    };
+    let _telemetry = match initialised {
+        Ok(guard) => guard,
+        Err(error) => return fail(&anyhow::Error::new(error).context("cannot set up logging")),
     };
     let result = runtime.block_on(async {
         match cli.command {

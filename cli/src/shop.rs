@@ -375,6 +375,11 @@ fn parse_peer(raw: &str) -> Result<(String, String), String> {
 }
 
 impl ServeArgs {
+    /// The service this process serves (its spans' `service.name`).
+    pub(crate) fn service_name(&self) -> &str {
+        &self.name
+    }
+
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let peers: BTreeMap<String, String> = self.peers.iter().cloned().collect();
         if let Some(bus) = &self.bus

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use trellis_service::Db;
 use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 use trellis_telemetry::metrics::PrometheusHandle;
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 pub use gateway::{CONSOLE_ROUTE, RATE_PER_CLIENT, ShopHooks, config_toml};
 pub use mcp::MCP_PATH;
@@ -313,14 +314,21 @@ fn spawn_serve(
 ) {
     let mut stop = stop.clone();
     let router = measured(service, router);
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(error) = trellis_service::serve(listener, router, db, metrics, shutdown).await {
-            tracing::error!(%error, service, "service stopped");
+    // In the service's scope, so its server spans are exported under its own name although
+    // every service shares this process (see trellis_telemetry::service).
+    tasks.push(tokio::spawn(
+        async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) =
+                trellis_service::serve(listener, router, db, metrics, shutdown).await
+            {
+                tracing::error!(%error, service, "service stopped");
+            }
         }
-    }));
+        .in_service(service),
+    ));
 }
 
 /// The admin console of a shop whose services are at `addrs`: it calls the admin API through
@@ -419,6 +427,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         database_url: users_db_url,
         service_key: service_key.clone(),
     })
+    .in_service("users")
     .await
     .map_err(|e| service_err("users")(&e))?;
     let admin = seed::ensure_admin(&users_db, config.admin.clone()).await?;
@@ -458,6 +467,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         None => shop_inventory::app(inventory_config).await,
         Some(bus) => {
             shop_inventory::app_choreographed(inventory_config, bus.clone(), stopped.clone())
+                .in_service("inventory")
                 .await
                 .map(|(router, db, more)| {
                     tasks.extend(more);
@@ -506,6 +516,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         None => shop_payments::app(payments_config).await,
         Some(bus) => {
             shop_payments::app_choreographed(payments_config, bus.clone(), stopped.clone())
+                .in_service("payments")
                 .await
                 .map(|(router, db, more)| {
                     tasks.extend(more);
@@ -534,6 +545,7 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         None => shop_shipping::app(shipping_config).await,
         Some(bus) => {
             shop_shipping::app_choreographed(shipping_config, bus.clone(), stopped.clone())
+                .in_service("shipping")
                 .await
                 .map(|(router, db, more)| {
                     tasks.extend(more);
@@ -568,7 +580,9 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     orders_config.bus_url = Some(config.bus_url());
     orders_config.bus_prefix = config.bus_prefix.clone();
     orders_config.saga = config.saga;
+    // In the orders scope: the saga runner, projection and relay it starts keep the name.
     let orders = shop_orders::start(orders_config)
+        .in_service("orders")
         .await
         .map_err(|e| service_err("orders")(&e))?;
     spawn_serve(
@@ -677,14 +691,17 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
         }
     }));
     let mut gateway_stop = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = gateway_stop.wait_for(|s| *s).await;
-        };
-        if let Err(error) = gateway.serve(gateway_listener, shutdown).await {
-            tracing::error!(%error, "gateway stopped");
+    tasks.push(tokio::spawn(
+        async move {
+            let shutdown = async move {
+                let _ = gateway_stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) = gateway.serve(gateway_listener, shutdown).await {
+                tracing::error!(%error, "gateway stopped");
+            }
         }
-    }));
+        .in_service("gateway"),
+    ));
 
     let shop = Shop {
         gateway: gateway_addr,

@@ -69,6 +69,7 @@ use axum::Router;
 use shop_contracts::events::SagaStyle;
 use trellis_eventstore::{AnyStore, ProjectionRunner, Repository};
 use trellis_service::{Db, GrpcClientConfig, grpc_channel, on_db};
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 use crate::aggregate::{Order, SharedClock, SystemClock};
 use crate::projection::OrderView;
@@ -347,20 +348,23 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
             }
         }));
         let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            loop {
-                let shutdown = async {
-                    let _ = stopped.wait_for(|s| *s).await;
-                };
-                match runner.run(shutdown).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::error!(%error, "order read model stopped; restarting in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::spawn(
+            async move {
+                loop {
+                    let shutdown = async {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    };
+                    match runner.run(shutdown).await {
+                        Ok(()) => return,
+                        Err(error) => {
+                            tracing::error!(%error, "order read model stopped; restarting in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
                 }
             }
-        })
+            .in_current_service(),
+        )
     });
     tasks.push(projection_task);
 
@@ -387,24 +391,30 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         }));
         let interval = config.recovery_interval;
         let mut recovery_stop = stopped.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = recovery_engine.run_recovery(interval) => {}
-                _ = recovery_stop.wait_for(|s| *s) => {}
+        tasks.push(tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = recovery_engine.run_recovery(interval) => {}
+                    _ = recovery_stop.wait_for(|s| *s) => {}
+                }
             }
-        }));
+            .in_current_service(),
+        ));
     }
     if let Some(sagas) = sagas {
         let (orders, read_db, sweep_clock) = (repository.clone(), db.clone(), clock.clone());
         let sweep_interval = config.sweep_interval;
-        tasks.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(sweep_interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                sagas.sweep(&orders, &read_db, sweep_clock.now()).await;
+        tasks.push(tokio::spawn(
+            async move {
+                let mut ticks = tokio::time::interval(sweep_interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    sagas.sweep(&orders, &read_db, sweep_clock.now()).await;
+                }
             }
-        }));
+            .in_current_service(),
+        ));
     }
 
     let mut router = rest::router(state.clone()).merge(admin::router(state, inspector));
@@ -440,12 +450,15 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
         }
         let outbox = outbox::run(store.clone(), repository.clone(), db.clone(), bus);
         let mut outbox_stop = stopped.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = outbox => {}
-                _ = outbox_stop.wait_for(|s| *s) => {}
+        tasks.push(tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = outbox => {}
+                    _ = outbox_stop.wait_for(|s| *s) => {}
+                }
             }
-        }));
+            .in_current_service(),
+        ));
     }
 
     Ok(Orders {

@@ -32,6 +32,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use trellis_eventstore::{AnyStore, Repository};
 use trellis_saga::{AnySagaStore, Inspector, SagaDefinition, SagaEngine, SagaError, SagaId};
 use trellis_service::{Db, on_db};
+use trellis_telemetry::service::ServiceScopeExt as _;
 
 use crate::aggregate::Order;
 use crate::saga::{OrderSagaContext, SAGA_NAME};
@@ -112,13 +113,16 @@ impl SagaQueue {
     ) -> Self {
         let active = Arc::new(Mutex::new(HashSet::new()));
         let (queue, waiting) = mpsc::channel(SAGA_QUEUE_MAX);
-        tokio::spawn(dispatch(
-            waiting,
-            Arc::new(Semaphore::new(saga_concurrency.max(1))),
-            engine,
-            active.clone(),
-            stop,
-        ));
+        tokio::spawn(
+            dispatch(
+                waiting,
+                Arc::new(Semaphore::new(saga_concurrency.max(1))),
+                engine,
+                active.clone(),
+                stop,
+            )
+            .in_current_service(),
+        );
         Self { queue, active }
     }
 
@@ -228,33 +232,36 @@ async fn dispatch(
         let engine = engine.clone();
         let active = active.clone();
         let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // On shutdown the saga stops where it is, as in a crash: its log has every
-            // transition, and the next start's recovery finishes it.
-            // The saga continues the trace of the request that placed the order; its gRPC
-            // calls carry it to the participants.
-            let span = tracing::info_span!("order.saga", order = %context.order_id);
-            if let Some(traceparent) = &context.traceparent {
-                let carrier = HashMap::from([(
-                    trellis_telemetry::propagation::TRACEPARENT.to_owned(),
-                    traceparent.clone(),
-                )]);
-                trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
-            }
-            tokio::select! {
-                result = tracing::Instrument::instrument(engine.run(&context), span) => {
-                    if let Err(error) = result {
-                        tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
-                    }
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                // On shutdown the saga stops where it is, as in a crash: its log has every
+                // transition, and the next start's recovery finishes it.
+                // The saga continues the trace of the request that placed the order; its gRPC
+                // calls carry it to the participants.
+                let span = tracing::info_span!("order.saga", order = %context.order_id);
+                if let Some(traceparent) = &context.traceparent {
+                    let carrier = HashMap::from([(
+                        trellis_telemetry::propagation::TRACEPARENT.to_owned(),
+                        traceparent.clone(),
+                    )]);
+                    trellis_telemetry::propagation::set_parent_from_map(&span, &carrier);
                 }
-                _ = stop.wait_for(|s| *s) => {}
+                tokio::select! {
+                    result = tracing::Instrument::instrument(engine.run(&context), span) => {
+                        if let Err(error) = result {
+                            tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
+                        }
+                    }
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&context.order_id);
             }
-            active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&context.order_id);
-        });
+            .in_current_service(),
+        );
     }
 }
 
