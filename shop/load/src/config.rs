@@ -384,6 +384,46 @@ pub(crate) fn due_offset(i: u64, rate: f64) -> Duration {
     Duration::from_secs_f64(i as f64 / rate)
 }
 
+/// Parses a duration written `500ms`, `30s`, `2m`, `1h` or as a bare number of seconds, from 0
+/// to [`DURATION_MAX`] (what `trellis load` and `trellis chaos` take on their command lines;
+/// a caller that needs more than zero checks that itself).
+///
+/// # Errors
+/// A message naming the problem.
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(shop_load::parse_duration("2m"), Ok(Duration::from_secs(120)));
+/// assert_eq!(shop_load::parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert!(shop_load::parse_duration("3 weeks").is_err());
+/// ```
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration such as 30s, 2m or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {raw:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=DURATION_MAX.as_secs_f64()).contains(&seconds) {
+        return Err(format!("{raw:?} must be between 0 and 24h"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,44 +544,4 @@ mod tests {
         };
         assert!(err(half_admin).contains("admin_password"));
     }
-}
-
-/// Parses a duration written `500ms`, `30s`, `2m`, `1h` or as a bare number of seconds, from 0
-/// to [`DURATION_MAX`] (what `trellis load` and `trellis chaos` take on their command lines;
-/// a caller that needs more than zero checks that itself).
-///
-/// # Errors
-/// A message naming the problem.
-///
-/// # Examples
-/// ```
-/// use std::time::Duration;
-/// assert_eq!(shop_load::parse_duration("2m"), Ok(Duration::from_secs(120)));
-/// assert_eq!(shop_load::parse_duration("250ms"), Ok(Duration::from_millis(250)));
-/// assert!(shop_load::parse_duration("3 weeks").is_err());
-/// ```
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration such as 30s, 2m or 500ms"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    if !seconds.is_finite() || !(0.0..=DURATION_MAX.as_secs_f64()).contains(&seconds) {
-        return Err(format!("{raw:?} must be between 0 and 24h"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
