@@ -21,7 +21,7 @@
 //! Every action asks for confirmation on a page of its own (a plain form, so it works without
 //! JavaScript and with a keyboard and screen reader) and is written to the audit log before it
 //! is sent. The console calls the shop's admin API through the gateway with the signed-in
-//! administrator's token ([`api`]), so it can do nothing its user could not.
+//! administrator's token (module `api`), so it can do nothing its user could not.
 //!
 //! # Signing in, and why a cookie
 //! The login form posts to `/admin/login`; the console exchanges the email and password for a
