@@ -31,8 +31,10 @@ use drive::drive;
 /// bug looping forever.
 pub const TRANSITIONS_MAX: u64 = 100_000;
 /// How many sagas a recovery pass drives at once, unless told otherwise
-/// ([`SagaEngine::with_recovery_concurrency`]).
-pub const RECOVERY_CONCURRENCY_DEFAULT: usize = 64;
+/// ([`SagaEngine::with_recovery_concurrency`]). Kept near the PostgreSQL store's pool (8
+/// connections): a storm run at 64 saw the recovered sagas and the new ones time out waiting
+/// for a connection, and each timeout left one more saga to recovery.
+pub const RECOVERY_CONCURRENCY_DEFAULT: usize = 16;
 /// How long an engine's claim on a saga lasts without renewal, unless told otherwise.
 pub const LEASE_DEFAULT: Duration = Duration::from_secs(30);
 /// The shortest lease an engine accepts (renewals happen every third of it).
