@@ -156,6 +156,9 @@ pub(crate) struct Console {
     pub(crate) health_targets: Vec<Target>,
     pub(crate) client: reqwest::Client,
     pub(crate) secure_cookie: bool,
+    /// The last round of health checks and when it ran (see `pages::overview`).
+    pub(crate) health:
+        tokio::sync::Mutex<Option<(std::time::Instant, Vec<pages::overview::Health>)>>,
     /// User id → email, for the audit log.
     emails: Mutex<HashMap<String, String>>,
 }
@@ -218,6 +221,7 @@ pub async fn app(config: ConsoleConfig) -> Result<(Router, Db), ConsoleError> {
         health_targets: config.health_targets.clone(),
         client,
         secure_cookie: config.secure_cookie,
+        health: tokio::sync::Mutex::new(None),
         emails: Mutex::new(HashMap::new()),
     });
     Ok((router(console, &config.service_key), db))

@@ -606,3 +606,59 @@ async fn the_console_works_in_a_real_browser() {
     );
     shop.stop().await;
 }
+
+/// CPU time this process has used (user + system), from /proc/self/stat, in seconds.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 90 s), run by hand: cargo test -p shop-app --test it console::the_live_overview -- --ignored --nocapture"]
+async fn the_live_overview_costs_little_cpu() {
+    // Goal: what one update of the live overview costs the whole shop (gateway, console,
+    // every service's /readyz and the /metrics render), as CPU seconds per second of
+    // watching. Method: an idle shop's CPU over a quiet period, then over as long a period
+    // with an update every 2.1 s (just past the scrape cache, so every update scrapes), the
+    // difference divided by the wall time.
+    let shop = TestShop::start(Backend::Sqlite, "console_cost")
+        .await
+        .expect("a SQLite shop needs no server");
+    let client = browser_like();
+    let cookie = sign_in(&shop, &client, ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let customer = shop.customer("frank").await;
+    let product = shop.product("Pen", 100, 1_000).await;
+    let id = shop.order(&customer, &product, 1).await;
+    shop.settled(&customer, &id).await;
+    let updates = 20;
+    let gap = Duration::from_millis(2_100);
+
+    let started = (std::time::Instant::now(), process_cpu_seconds());
+    tokio::time::sleep(gap * updates).await;
+    let quiet = process_cpu_seconds() - started.1;
+    let quiet_wall = started.0.elapsed().as_secs_f64();
+
+    let started = (std::time::Instant::now(), process_cpu_seconds());
+    for _ in 0..updates {
+        let (status, _) = get(&client, &shop, "/admin/overview/live", &cookie).await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(gap).await;
+    }
+    let watched = process_cpu_seconds() - started.1;
+    let watched_wall = started.0.elapsed().as_secs_f64();
+    let per_update = (watched - quiet * watched_wall / quiet_wall) / f64::from(updates);
+    let share = per_update / 3.0;
+    println!(
+        "quiet: {quiet:.2} s CPU in {quiet_wall:.0} s; watched: {watched:.2} s CPU in {watched_wall:.0} s; \
+         {:.1} ms CPU per update; at one update per 3 s: {:.2} % of one core",
+        per_update * 1000.0,
+        share * 100.0
+    );
+    shop.stop().await;
+}

@@ -7,7 +7,7 @@ use axum::response::{Html, IntoResponse, Response};
 
 use crate::auth::Admin;
 use crate::html::{self, Section, esc};
-use crate::metrics::Figures;
+use crate::metrics::{Figures, SCRAPE_INTERVAL_MIN};
 use crate::{HEALTH_TIMEOUT, Shared, Target};
 
 /// How often the page reloads its live part, milliseconds.
@@ -53,11 +53,22 @@ async fn health(client: &reqwest::Client, targets: &[Target]) -> Vec<Health> {
     futures_util::future::join_all(checks).await
 }
 
+/// The health checks, run at most once per [`SCRAPE_INTERVAL_MIN`] however many operators
+/// watch (concurrent viewers wait for one round of checks), like the scrape.
+async fn cached_health(console: &Shared) -> Vec<Health> {
+    let mut cached = console.health.lock().await;
+    if let Some((at, health)) = cached.as_ref()
+        && at.elapsed() < SCRAPE_INTERVAL_MIN
+    {
+        return health.clone();
+    }
+    let health = health(&console.client, &console.health_targets).await;
+    *cached = Some((std::time::Instant::now(), health.clone()));
+    health
+}
+
 async fn live_html(console: &Shared) -> String {
-    let (health, figures) = tokio::join!(
-        health(&console.client, &console.health_targets),
-        console.scraper.figures()
-    );
+    let (health, figures) = tokio::join!(cached_health(console), console.scraper.figures());
     render_live(&health, &figures, chrono::Utc::now())
 }
 
