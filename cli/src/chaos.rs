@@ -168,9 +168,21 @@ impl ChaosArgs {
             settle_timeout: self.settle,
             progress: !self.quiet,
         };
-        let result = runner::run(config, target.clone()).await;
+        // Ctrl-C stops the run: the shop's processes are stopped and its data kept.
+        let result = tokio::select! {
+            result = runner::run(config, target.clone()) => Some(result),
+            _ = tokio::signal::ctrl_c() => None,
+        };
         let target =
             Arc::try_unwrap(target).map_err(|_| anyhow::anyhow!("the target is still shared"))?;
+        let Some(result) = result else {
+            eprintln!("\n[chaos] interrupted: stopping the shop");
+            target.shutdown(false).await;
+            bail!(
+                "interrupted; the shop's data is kept in {}",
+                data_dir.display()
+            );
+        };
         let passed = result.as_ref().is_ok_and(runner::ChaosReport::ok);
         target.shutdown(passed && temporary).await;
         self.finish(result?, temporary.then_some(&data_dir))
@@ -236,7 +248,10 @@ impl ChaosArgs {
             settle_timeout: self.settle,
             progress: !self.quiet,
         };
-        let report = runner::run(config, target).await?;
+        let report = tokio::select! {
+            result = runner::run(config, target) => result?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        };
         self.finish(report, None)
     }
 
