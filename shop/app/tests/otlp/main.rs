@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as OtlpValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde_json::json;
 use shop_app::SagaStyle;
 
@@ -38,6 +39,8 @@ struct Received {
     kind: SpanKind,
     attributes: HashMap<String, String>,
     events: Vec<String>,
+    /// The span's status is ERROR.
+    failed: bool,
 }
 
 /// An OTLP/gRPC trace receiver: keeps every span it is sent.
@@ -92,6 +95,10 @@ impl TraceService for Collector {
                         kind: SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified),
                         attributes: attributes(&span.attributes),
                         events: span.events.iter().map(|event| event.name.clone()).collect(),
+                        failed: span
+                            .status
+                            .as_ref()
+                            .is_some_and(|status| status.code == StatusCode::Error as i32),
                     });
                 }
             }
@@ -240,11 +247,6 @@ fn common_checks(tree: &Tree, client_parent: &str) -> Result<(), String> {
         .ok_or("no orders SERVER span whose parent is the gateway's")?;
     tree.called(orders, "orders", "users")?;
     tree.called(orders, "orders", "products")?;
-    for service in ["inventory", "payments", "shipping"] {
-        if tree.find(|span| span.service == service).is_empty() {
-            return Err(format!("no span of {service} in the trace"));
-        }
-    }
     let provider = tree
         .find(|span| span.service == "payment-provider" && span.kind == SpanKind::Server)
         .first()
@@ -269,6 +271,13 @@ fn common_checks(tree: &Tree, client_parent: &str) -> Result<(), String> {
                 .map(|span| format!("{} {:?}", span.service, span.name))
                 .collect::<Vec<_>>()
         ));
+    }
+    // Last: an order the provider's outage cancels never reaches shipping, and that run
+    // accepts exactly this one failure.
+    for service in ["inventory", "payments", "shipping"] {
+        if tree.find(|span| span.service == service).is_empty() {
+            return Err(format!("no span of {service} in the trace"));
+        }
     }
     Ok(())
 }
@@ -342,17 +351,87 @@ fn choreographed_checks(tree: &Tree) -> Result<(), String> {
     Ok(())
 }
 
+/// With the provider down: the payments service's call spans record its retries and, once the
+/// breaker has opened, its refusals as events, each attempt is a span of its own, and the
+/// saga's compensations are in the trace.
+fn outage_checks(tree: &Tree) -> Result<(), String> {
+    let calls =
+        tree.find(|span| span.service == "payments" && span.name == "payment_provider.call");
+    if calls.is_empty() {
+        return Err("no payment_provider.call span in payments".to_owned());
+    }
+    let retried = calls.iter().any(|call| {
+        call.events
+            .iter()
+            .any(|event| event == "retrying the payment provider")
+            && call.failed
+    });
+    if !retried {
+        return Err(format!(
+            "no failed provider call span with a retry event: {:?}",
+            calls.iter().map(|call| &call.events).collect::<Vec<_>>()
+        ));
+    }
+    let attempts = tree
+        .find(|span| span.service == "payments" && span.name == "payment_provider.attempt")
+        .len();
+    if attempts < 2 {
+        return Err(format!("{attempts} provider attempts, expected retries"));
+    }
+    if tree
+        .find(|span| span.service == "orders" && span.name.starts_with("compensate "))
+        .is_empty()
+    {
+        return Err("no `compensate …` span of the saga".to_owned());
+    }
+    let refused = calls.iter().any(|call| {
+        call.events
+            .iter()
+            .any(|event| event == "the circuit breaker refused the call")
+    });
+    if !refused {
+        return Err("no breaker refusal event on a provider call span".to_owned());
+    }
+    Ok(())
+}
+
 /// Places one order through the gateway as a client that starts a trace, waits for it to be
 /// confirmed, then waits until the collector holds a tree that passes `checks`.
 async fn one_order_one_trace(style: SagaStyle, checks: fn(&Tree) -> Result<(), String>) {
+    one_order_traced(style, Provider::Healthy, checks).await;
+}
+
+/// How the payment provider simulator behaves for the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    /// Answers every call: the order is confirmed.
+    Healthy,
+    /// Down (every call 503): the order is cancelled after the payments service retried.
+    Outage,
+}
+
+async fn one_order_traced(
+    style: SagaStyle,
+    provider: Provider,
+    checks: fn(&Tree) -> Result<(), String>,
+) {
     let otlp = otlp();
-    let test = match style {
-        SagaStyle::Orchestrated => "otlp_orchestrated",
-        SagaStyle::Choreography => "otlp_choreography",
+    let test = match (style, provider) {
+        (SagaStyle::Orchestrated, Provider::Healthy) => "otlp_orchestrated",
+        (SagaStyle::Choreography, Provider::Healthy) => "otlp_choreography",
+        (_, Provider::Outage) => "otlp_outage",
     };
     let shop = TestShop::start_styled(Backend::Sqlite, style, test)
         .await
         .expect("a SQLite shop always starts");
+    if provider == Provider::Outage {
+        let mut config = shop.shop.provider().config();
+        config.outage = true;
+        shop.shop
+            .provider()
+            .set_config(config)
+            .expect("an outage is a valid setting");
+    }
     let product = shop.product("Traced lamp", 1_500, 5).await;
     let token = shop.customer("tracy").await;
 
@@ -371,7 +450,11 @@ async fn one_order_one_trace(style: SagaStyle, checks: fn(&Tree) -> Result<(), S
     let body: serde_json::Value = response.json().await.expect("json");
     let order = body["id"].as_str().expect("id").to_owned();
     let settled = shop.settled(&token, &order).await;
-    assert_eq!(settled["status"], "CONFIRMED", "{settled}");
+    let expected = match provider {
+        Provider::Healthy => "CONFIRMED",
+        Provider::Outage => "CANCELLED",
+    };
+    assert_eq!(settled["status"], expected, "{settled}");
 
     // The last spans (the saga's, the projection's) end just after the status flips; flush
     // until the tree is complete or ten seconds pass.
@@ -396,6 +479,17 @@ async fn one_order_one_trace(style: SagaStyle, checks: fn(&Tree) -> Result<(), S
                     .collect(),
             };
             verdict = common_checks(&tree, &client_parent).and_then(|()| checks(&tree));
+            if provider == Provider::Outage {
+                // Nothing ships, so the participants' check of common_checks is replaced by
+                // what the outage leaves: the provider answered (503) inside the trace.
+                verdict = checks(&tree).and(verdict.or_else(|problem| {
+                    if problem.contains("no span of shipping") {
+                        Ok(())
+                    } else {
+                        Err(problem)
+                    }
+                }));
+            }
             if verdict.is_ok() {
                 break;
             }
@@ -425,4 +519,12 @@ async fn a_choreographed_order_is_one_trace_across_the_bus() {
     // Goal: with the saga run by events, the trace crosses every bus hop: a PRODUCER span
     // publishes, and each participant consumes in a CONSUMER span of the same trace.
     one_order_one_trace(SagaStyle::Choreography, choreographed_checks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_outage_shows_as_retries_on_the_payment_span_and_a_compensation() {
+    // Goal: resilience is visible in the trace: with the provider down, each retry of a charge
+    // is an event on the payments service's call span and an attempt span of its own, the
+    // breaker's refusals are events too, and the saga's compensations are in the same trace.
+    one_order_traced(SagaStyle::Orchestrated, Provider::Outage, outage_checks).await;
 }
