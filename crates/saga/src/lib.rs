@@ -125,8 +125,9 @@ pub use definition::{
     StepRetry,
 };
 pub use engine::{
-    LEASE_DEFAULT, LEASE_MIN, POLL_INTERVAL_DEFAULT, RECOVERY_CONCURRENCY_DEFAULT, RecoveryReport,
-    SagaEngine, TRANSITIONS_MAX,
+    APPEND_RETRY_PAUSE_FIRST, APPEND_RETRY_PAUSE_MAX, LEASE_DEFAULT, LEASE_MIN,
+    POLL_INTERVAL_DEFAULT, RECOVERY_CONCURRENCY_DEFAULT, RecoveryReport, SagaEngine,
+    TRANSITIONS_MAX,
 };
 pub use error::SagaError;
 pub use inspector::{

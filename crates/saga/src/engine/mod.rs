@@ -30,6 +30,11 @@ use drive::drive;
 /// using all its attempts, twice for compensation) is still far below it. It guards against a
 /// bug looping forever.
 pub const TRANSITIONS_MAX: u64 = 100_000;
+/// The first pause before a saga-log write that failed for a transient reason is tried
+/// again (doubling each time, up to [`APPEND_RETRY_PAUSE_MAX`], while the lease lasts).
+pub const APPEND_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two tries of a saga-log write.
+pub const APPEND_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// How many sagas a recovery pass drives at once, unless told otherwise
 /// ([`SagaEngine::with_recovery_concurrency`]). Kept near the PostgreSQL store's pool (8
 /// connections): a storm run at 64 saw the recovered sagas and the new ones time out waiting
@@ -509,12 +514,34 @@ impl<S: SagaStore> Keeper<'_, S> {
         *deadline = (*deadline).max(sent + self.lease.duration());
     }
 
-    /// Appends `record`, extending the lease.
+    /// Appends `record`, extending the lease. A write the database failed for a transient
+    /// reason (a cut connection, no pooled connection in time: [`SagaError::is_retryable`]
+    /// on a storage error) is tried again with a doubling pause, from
+    /// [`APPEND_RETRY_PAUSE_FIRST`] up to [`APPEND_RETRY_PAUSE_MAX`], while the lease lasts:
+    /// giving the saga up at the first cut connection would leave it to a recovery pass,
+    /// and a database blip would hand every running saga to recovery at once. A retried
+    /// append that had in fact committed is refused by the store as a conflict (the log's
+    /// next sequence is taken), so a retry never records a transition twice; the saga is
+    /// then left to recovery as before.
     async fn append(&self, record: &SagaRecord) -> Result<(), SagaError> {
-        let sent = Instant::now();
-        self.store.append(self.id, record, self.lease).await?;
-        self.extend(sent);
-        Ok(())
+        let mut pause = APPEND_RETRY_PAUSE_FIRST;
+        loop {
+            let sent = Instant::now();
+            match self.store.append(self.id, record, self.lease).await {
+                Ok(()) => {
+                    self.extend(sent);
+                    return Ok(());
+                }
+                Err(error @ SagaError::Storage(_))
+                    if error.is_retryable() && Instant::now() + pause < self.deadline() =>
+                {
+                    tracing::warn!(saga = %self.id, %error, ?pause, "saga log write failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(APPEND_RETRY_PAUSE_MAX);
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Runs `work` while renewing the lease; drops it and fails when the lease is lost or

@@ -167,6 +167,9 @@ pub(crate) enum Crash {
     BeforeWrite,
     /// The write is durable, then the process dies before acting on it.
     AfterWrite,
+    /// No crash: the database fails the write for a transient reason (no pooled connection
+    /// in time) and writes nothing.
+    Transient,
 }
 
 /// A store that crashes at its `crash_at`-th write (create or append, 1-based); 0 never
@@ -207,6 +210,9 @@ impl<S: SagaStore> CrashingStore<S> {
         let number = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
         if number != self.crash_at {
             return write.await;
+        }
+        if self.mode == Crash::Transient {
+            return Err(SagaError::Storage(sqlx::Error::PoolTimedOut));
         }
         if self.mode == Crash::AfterWrite {
             write.await?;
