@@ -69,6 +69,8 @@ impl Participants {
     async fn order(&self, order_id: &str, command: OrderCommand) -> Result<Order, StepError> {
         let metadata = Metadata {
             correlation_id: uuid::Uuid::parse_str(order_id).ok(),
+            // The original puts the saga step's traceparent here, so the read model's update
+            // joins the order's trace; the simulation records no traces, so it stays unset.
             ..Metadata::default()
         };
         let command = command.at(self.clock.now());
