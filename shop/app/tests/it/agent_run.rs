@@ -40,6 +40,19 @@ async fn orders_of(shop: &TestShop, token: &str) -> Vec<Value> {
     body["items"].as_array().cloned().expect("a page of orders")
 }
 
+/// The caller's orders once the read model lists at least `at_least` (it is eventually
+/// consistent: an order accepted a moment ago may not be listed yet), within 10 s.
+async fn orders_listed(shop: &TestShop, token: &str, at_least: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let orders = orders_of(shop, token).await;
+        if orders.len() >= at_least || tokio::time::Instant::now() >= deadline {
+            return orders;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn place(product: &str, id: &str) -> Turn {
     let args = json!({"items": [{"product_id": product, "quantity": 2}]}).to_string();
     Turn::Answer(calls(&[(id, "place_order", &args)]))
@@ -75,7 +88,7 @@ async fn a_killed_run_resumes_without_placing_a_second_order() {
     script.hung.notified().await;
     running.abort();
     let _ = running.await;
-    assert_eq!(orders_of(&shop, &token).await.len(), 1);
+    assert_eq!(orders_listed(&shop, &token, 1).await.len(), 1);
 
     script.push(Turn::Answer(text("Your order is placed.")));
     let second = agent(&shop, log(&dir).await, &script);
@@ -87,7 +100,8 @@ async fn a_killed_run_resumes_without_placing_a_second_order() {
             answer: Some("Your order is placed.".into())
         }
     );
-    let orders = orders_of(&shop, &token).await;
+    // A second order, if the resumed run placed one, would be listed within the bound too.
+    let orders = orders_listed(&shop, &token, 2).await;
     assert_eq!(orders.len(), 1, "one order, not two: {orders:?}");
     let asked_first = script
         .requests()
