@@ -1,8 +1,8 @@
 //! The PostgreSQL saga log.
 //!
-//! Each append is one transaction: a conditional `UPDATE` of the instance row (which locks it,
-//! checks the expected sequence and the lease owner, and extends the lease) and the `INSERT` of
-//! the record. Lease expiry uses the server's clock (`now()`), so engines on hosts with skewed
+//! Each append is one statement, so one round trip and one transaction: a conditional `UPDATE`
+//! of the instance row (which locks it, checks the expected sequence and the lease owner, and
+//! extends the lease) and, in the same statement, the `INSERT` of the record. Lease expiry uses the server's clock (`now()`), so engines on hosts with skewed
 //! clocks agree on it; claims take the row with `FOR UPDATE SKIP LOCKED`, so engines polling
 //! together never wait on, or take, the same saga.
 
@@ -86,12 +86,17 @@ impl SagaStore for PostgresSagaStore {
         if first.seq != 1 {
             return Err(SagaError::Conflict { id, seq: first.seq });
         }
-        let mut tx = self.pool.begin().await?;
+        // One statement, so one round trip and its own transaction: the instance row and the
+        // first record, or neither when the id is taken.
         let inserted = sqlx::query(
-            "INSERT INTO saga_instances
-                 (id, definition, version, status, last_seq, created_at, updated_at, lease_owner, lease_expires_at)
-             VALUES ($1, $2, $3, $4, 1, $5, $5, $6, now() + $7::bigint * interval '1 millisecond')
-             ON CONFLICT (id) DO NOTHING",
+            "WITH instance AS (
+                 INSERT INTO saga_instances
+                     (id, definition, version, status, last_seq, created_at, updated_at, lease_owner, lease_expires_at)
+                 VALUES ($1, $2, $3, $4, 1, $5, $5, $6, now() + $7::bigint * interval '1 millisecond')
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id)
+             INSERT INTO saga_log (saga_id, seq, transition, context, at)
+             SELECT id, 1, $8::jsonb, $9::jsonb, $5 FROM instance",
         )
         .bind(id.as_uuid())
         .bind(definition)
@@ -100,13 +105,13 @@ impl SagaStore for PostgresSagaStore {
         .bind(first.at)
         .bind(lease.owner())
         .bind(lease.duration_ms())
-        .execute(&mut *tx)
+        .bind(serde_json::to_string(&first.transition)?)
+        .bind(serde_json::to_string(&first.context)?)
+        .execute(&self.pool)
         .await?;
         if inserted.rows_affected() != 1 {
             return Err(SagaError::Conflict { id, seq: 1 });
         }
-        insert_record(&mut tx, id, first).await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -118,13 +123,19 @@ impl SagaStore for PostgresSagaStore {
     ) -> Result<(), SagaError> {
         let previous = to_i64(id, record.seq.saturating_sub(1))?;
         let status = record.transition.status_after();
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE saga_instances SET status = $1, last_seq = $2, updated_at = $3,
-                 lease_owner = CASE WHEN $6 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN $6 THEN NULL
-                     ELSE now() + $7::bigint * interval '1 millisecond' END
-             WHERE id = $4 AND last_seq = $5 AND lease_owner = $8",
+        // One statement, so one round trip and its own transaction: the conditional update
+        // of the instance row (which locks it, checks the sequence and the lease, extends or
+        // ends the lease) and the record, inserted only when the update matched.
+        let appended = sqlx::query(
+            "WITH instance AS (
+                 UPDATE saga_instances SET status = $1, last_seq = $2, updated_at = $3,
+                     lease_owner = CASE WHEN $6 THEN NULL ELSE lease_owner END,
+                     lease_expires_at = CASE WHEN $6 THEN NULL
+                         ELSE now() + $7::bigint * interval '1 millisecond' END
+                 WHERE id = $4 AND last_seq = $5 AND lease_owner = $8
+                 RETURNING id)
+             INSERT INTO saga_log (saga_id, seq, transition, context, at)
+             SELECT id, $2, $9::jsonb, $10::jsonb, $3 FROM instance",
         )
         .bind(status.as_str())
         .bind(to_i64(id, record.seq)?)
@@ -134,29 +145,30 @@ impl SagaStore for PostgresSagaStore {
         .bind(status.is_terminal())
         .bind(lease.duration_ms())
         .bind(lease.owner())
-        .execute(&mut *tx)
+        .bind(serde_json::to_string(&record.transition)?)
+        .bind(serde_json::to_string(&record.context)?)
+        .execute(&self.pool)
         .await?;
-        if updated.rows_affected() != 1 {
-            let row: Option<(i64, Option<String>)> =
-                sqlx::query_as("SELECT last_seq, lease_owner FROM saga_instances WHERE id = $1")
-                    .bind(id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            return Err(match row {
-                None => SagaError::NotFound(id),
-                Some((last_seq, _)) if last_seq != previous => SagaError::Conflict {
-                    id,
-                    seq: record.seq,
-                },
-                Some((_, owner)) => SagaError::Leased {
-                    id,
-                    owner: owner.unwrap_or_else(|| "nobody".to_owned()),
-                },
-            });
+        if appended.rows_affected() == 1 {
+            return Ok(());
         }
-        insert_record(&mut tx, id, record).await?;
-        tx.commit().await?;
-        Ok(())
+        // Nothing written: say why, as the row reads now.
+        let row: Option<(i64, Option<String>)> =
+            sqlx::query_as("SELECT last_seq, lease_owner FROM saga_instances WHERE id = $1")
+                .bind(id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        Err(match row {
+            None => SagaError::NotFound(id),
+            Some((last_seq, _)) if last_seq != previous => SagaError::Conflict {
+                id,
+                seq: record.seq,
+            },
+            Some((_, owner)) => SagaError::Leased {
+                id,
+                owner: owner.unwrap_or_else(|| "nobody".to_owned()),
+            },
+        })
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
@@ -323,22 +335,4 @@ impl SagaStore for PostgresSagaStore {
         tx.commit().await?;
         Ok(ids.len() as u64)
     }
-}
-
-async fn insert_record(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    id: SagaId,
-    record: &SagaRecord,
-) -> Result<(), SagaError> {
-    sqlx::query(
-        "INSERT INTO saga_log (saga_id, seq, transition, context, at) VALUES ($1, $2, $3::jsonb, $4::jsonb, $5)",
-    )
-    .bind(id.as_uuid())
-    .bind(to_i64(id, record.seq)?)
-    .bind(serde_json::to_string(&record.transition)?)
-    .bind(serde_json::to_string(&record.context)?)
-    .bind(record.at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
