@@ -764,6 +764,11 @@ async fn order_confirmed(http: &reqwest::Client, gateway: &str, token: &str, pro
     }
 }
 
+/// The tests that run a whole shop as processes (eight debug-build children each, the chaos
+/// runs with fault proxies and a load on top) take turns: several at once on two cores starve
+/// each other past their start and settle limits.
+static SHOP_AS_PROCESSES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `trellis up --processes` on free ports with data in `dir`, as a child of this test; its
 /// banner (up to "Ctrl-C stops it.") and the stdout lines after it.
 async fn processes_shop(
@@ -776,6 +781,8 @@ async fn processes_shop(
     use std::io::BufRead;
     use std::time::Duration;
 
+    // Its log (the children's lines too) beside the data, shown if it does not start.
+    let stderr_path = dir.join("up.stderr");
     let mut parent = Command::new(env!("CARGO_BIN_EXE_trellis"));
     parent
         .args(["up", "--processes", "--free-ports", "--port", "0"])
@@ -788,7 +795,7 @@ async fn processes_shop(
         .env_remove("TRELLIS_SERVICE_KEY")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
     let mut parent = Parent(parent.spawn().unwrap());
     let stdout = parent.0.stdout.take().unwrap();
     let (send, mut lines) = tokio::sync::mpsc::unbounded_channel();
@@ -801,18 +808,33 @@ async fn processes_shop(
         }
     });
     let mut banner = Vec::new();
-    tokio::time::timeout(Duration::from_secs(240), async {
+    let started = tokio::time::timeout(Duration::from_secs(240), async {
         while let Some(line) = lines.recv().await {
             let done = line == "Ctrl-C stops it.";
             banner.push(line);
             if done {
-                return;
+                return true;
             }
         }
-        panic!("trellis up --processes stopped before its banner");
+        false
     })
-    .await
-    .expect("the shop starts as processes");
+    .await;
+    if started != Ok(true) {
+        let _ = parent.0.kill();
+        let _ = parent.0.wait();
+        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!(
+            "trellis up --processes {} before its banner; stdout: {banner:?}; the last lines \
+             of its stderr:\n{}",
+            if started.is_err() {
+                "took over 240 s"
+            } else {
+                "stopped"
+            },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     (parent, banner, lines)
 }
 
@@ -821,6 +843,7 @@ async fn processes_shop(
 /// supervisor and the shop confirms orders again; Ctrl-C (SIGINT) stops every child.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_processes_serves_orders_and_restarts_a_killed_service() {
+    let _turn = SHOP_AS_PROCESSES.lock().await;
     use serde_json::json;
     use std::time::Duration;
 
@@ -944,6 +967,7 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
 /// fault once (shop/chaos/scenarios/ci.toml), and a report in which every invariant holds.
 #[test]
 fn chaos_runs_a_scenario_and_every_invariant_holds() {
+    let _turn = SHOP_AS_PROCESSES.blocking_lock();
     let scenario = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shop/chaos/scenarios/ci.toml"
@@ -1046,6 +1070,7 @@ fn chaos_on_postgres_and_nats_restarts_the_broker_and_kills_connections() {
     let Some((postgres, nats_server)) = remote_chaos_backends("chaos_on_postgres_and_nats") else {
         return;
     };
+    let _turn = SHOP_AS_PROCESSES.blocking_lock();
     let scenario = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shop/chaos/scenarios/ci-remote.toml"
@@ -1123,6 +1148,7 @@ fn chaos_on_postgres_and_nats_restarts_the_broker_and_kills_connections() {
 /// touched (nothing proxies a running shop's services).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_targets_a_running_shop_by_its_urls() {
+    let _turn = SHOP_AS_PROCESSES.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (_parent, banner, _lines) = processes_shop(dir.path()).await;
     let url_of = |prefix: &str| {
