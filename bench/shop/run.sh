@@ -5,6 +5,12 @@
 #
 # Usage: bench/shop/run.sh [RATES...]   (default: 50 100 150 200 300)
 #        SAGA=choreography bench/shop/run.sh ...   (the choreographed order saga)
+#        UP_ENV="OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" bench/shop/run.sh ...
+#            (variables for `trellis up` only, not for the load generator; bench/otlp/run.sh)
+#        POLL_CONSOLE=0.05 bench/shop/run.sh ...   (during each load run, the admin console's
+#            live overview fetched every 0.05 s as the admin: what an open /admin page costs)
+# Each line also gives the CPU time `trellis up` spent during the load run (user + system,
+# from /proc), per confirmed order.
 # Needs a release build: cargo build --release -p trellis
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -20,7 +26,8 @@ trap cleanup EXIT
 restart() {
   [ -n "${shop:-}" ] && { kill -INT "$shop"; wait "$shop" 2>/dev/null || true; }
   rm -rf "$work/data"
-  RUST_LOG=warn "$bin" up --saga "$saga" --port "$port" --data-dir "$work/data" > "$work/up.log" 2>&1 &
+  # shellcheck disable=SC2086 # UP_ENV is a list of NAME=VALUE words
+  env RUST_LOG=warn ${UP_ENV:-} "$bin" up --saga "$saga" --port "$port" --data-dir "$work/data" > "$work/up.log" 2>&1 &
   shop=$!
   for _ in $(seq 100); do curl -sf "localhost:$port/api/products" >/dev/null && break; sleep 0.1; done
   sleep 1   # let `up` install its Ctrl-C handler (a background job starts with SIGINT ignored)
@@ -32,8 +39,23 @@ restart() {
       -H 'content-type: application/json' -d '{"total":10000000}' > /dev/null
   done
 }
+# CPU seconds (user + system) a process has used so far.
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
+}
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh shop, so one rate's backlog does not slow the next
+  cpu_before=$(cpu_seconds "$shop")
+  polls=0
+  if [ -n "${POLL_CONSOLE:-}" ]; then
+    : > "$work/polls"
+    (while :; do
+      curl -s -o /dev/null -H "authorization: Bearer $token" "localhost:$port/admin/overview/live" &&
+        echo >> "$work/polls"
+      sleep "$POLL_CONSOLE"
+    done) &
+    poller=$!
+  fi
   out=$("$bin" load --target "http://127.0.0.1:$port" --rate "$rate" --duration "$duration" \
     --mix order=1 --quiet --admin-email "$TRELLIS_ADMIN_EMAIL" \
     --admin-password "$TRELLIS_ADMIN_PASSWORD" 2>&1 || true)
@@ -41,5 +63,13 @@ for rate in "${rates[@]}"; do
   orders=$(echo "$out" | grep '^orders:' || true)
   errs=$(echo "$out" | grep '^errors:' || true)
   inv=$(echo "$out" | grep '^invariants:' | cut -c1-60 || true)
-  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv"
+  if [ -n "${POLL_CONSOLE:-}" ]; then
+    kill "$poller"; wait "$poller" 2>/dev/null || true
+    polls=$(wc -l < "$work/polls")
+  fi
+  cpu=$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$shop")" 'BEGIN { printf "%.1f", b - a }')
+  confirmed=$(echo "$orders" | sed -n 's/.*confirmed \([0-9]*\).*/\1/p')
+  per_order=$(awk -v c="$cpu" -v n="${confirmed:-0}" \
+    'BEGIN { if (n > 0) printf "%.2f ms", 1000 * c / n; else print "n/a" }')
+  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv | up CPU ${cpu} s, $per_order per confirmed order${POLL_CONSOLE:+ | $polls console overview updates}"
 done
