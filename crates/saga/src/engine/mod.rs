@@ -205,6 +205,24 @@ impl<S: SagaStore> SagaEngine<S> {
         definition: &str,
         context: &T,
     ) -> Result<SagaId, SagaError> {
+        self.start_with_id(definition, SagaId::new(), context).await
+    }
+
+    /// [`start`](Self::start) with an id the caller chooses: at most one saga is ever started
+    /// per id, however often (or from however many processes) this is called. A business
+    /// key makes the start idempotent: one saga per order, with the order's id. The log is
+    /// the judge: a second start finds the id taken and runs nothing, whatever state the first
+    /// saga is in (running in another process, waiting for recovery, or ended).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start), and [`SagaError::Conflict`] (with `seq` 1) when a saga with
+    /// `id` exists.
+    pub async fn start_with_id<T: Serialize>(
+        &self,
+        definition: &str,
+        id: SagaId,
+        context: &T,
+    ) -> Result<SagaId, SagaError> {
         let ((name, version), runner) = self
             .definitions
             .range((definition.to_owned(), 0)..=(definition.to_owned(), u32::MAX))
@@ -212,7 +230,6 @@ impl<S: SagaStore> SagaEngine<S> {
             .ok_or_else(|| self.unknown(definition, 0))?;
         let context = serde_json::to_value(context)?;
         runner.check_context(&context)?;
-        let id = SagaId::new();
         let first = SagaRecord {
             seq: 1,
             transition: runner.started(),
@@ -232,9 +249,11 @@ impl<S: SagaStore> SagaEngine<S> {
             status: SagaStatus::Running,
             records: vec![first],
         };
-        let _driving = self
-            .mark_driving(id)
-            .expect("a fresh id is not being driven yet");
+        // The store created the saga for this caller (it refuses a taken id), so nothing in
+        // this process drives it yet, unless recovery claimed it in the instant since.
+        let Some(_driving) = self.mark_driving(id) else {
+            return Ok(id);
+        };
         runner.drive(self.keeper(id, sent), instance).await?;
         Ok(id)
     }

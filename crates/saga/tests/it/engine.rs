@@ -488,3 +488,35 @@ async fn a_compensation_gets_its_own_longer_retry_budget() {
     assert_eq!(engine.status(id).await.expect("status"), SagaStatus::Failed);
     assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_saga_started_twice_with_one_id_runs_once() {
+    // Goal: a business key makes a start idempotent: two engines (say, a request and a
+    // sweeper that thinks the first start was lost) starting a saga with the same id run its
+    // steps once, and the second start is told the id is taken. Method: two engines with
+    // different owners on one store, the same id.
+    let ledger = Ledger::default();
+    let store = InMemorySagaStore::new();
+    let first = SagaEngine::new(store.clone())
+        .with_owner("first")
+        .register(trip(&ledger, Behaviour::Succeeds));
+    let second = SagaEngine::new(store.clone())
+        .with_owner("second")
+        .register(trip(&ledger, Behaviour::Succeeds));
+    let id = trellis_saga::SagaId::new();
+    let started = first
+        .start_with_id("book-trip", id, &ada())
+        .await
+        .expect("the first start runs the saga");
+    assert_eq!(started, id);
+    let again = second.start_with_id("book-trip", id, &ada()).await;
+    assert!(
+        matches!(again, Err(SagaError::Conflict { id: taken, seq: 1 }) if taken == id),
+        "{again:?}"
+    );
+    assert_eq!(
+        store.load(id).await.expect("load").expect("exists").status,
+        SagaStatus::Completed
+    );
+    ledger.with(|state| assert_eq!(state.applied.len(), 3, "each step applied once"));
+}
