@@ -340,6 +340,13 @@ async fn start_children(
         {
             spec = spec.args(["--bus", &bus]);
         }
+        if service == "orders" {
+            // A stable lease owner: the supervisor runs one orders process per shop, so its
+            // restart takes back the sagas the killed one was driving on its first recovery
+            // pass instead of after their leases (30 s) on a shared PostgreSQL log; on SQLite
+            // the owner is derived from the log's path anyway.
+            spec = spec.args(["--saga-owner", &format!("orders@{}", dialable(addr))]);
+        }
         if service == "payment-provider" {
             let provider = &shop.provider;
             spec = spec

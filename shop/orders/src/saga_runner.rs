@@ -8,7 +8,9 @@
 //! memory without limit. An order left without a saga (a crash between the writes, or a full
 //! queue) stays `PENDING` in the read model with no saga id, and the sweeper starts its saga
 //! once it is older than [`crate::SWEEP_AGE`]. Orders queued or running in this process are
-//! remembered, so the sweeper does not start them twice.
+//! remembered, so the sweeper does not start them twice; and a saga's id is its order's id, so
+//! an order whose saga exists but has not attached itself yet (its process died, its lease
+//! not yet expired for recovery) gets no second saga: the sweeper's start finds the id taken.
 //!
 //! # Lease owner
 //! Each saga is leased to the engine running it (trellis-saga's `Lease`, 30 s). An engine
@@ -73,9 +75,15 @@ impl OrderSagaEngine {
         Ok(Self(Arc::new(engine.register(definition))))
     }
 
-    /// Starts the order saga and runs it to its end.
+    /// Starts the order saga and runs it to its end. The saga's id is the order's, so an order
+    /// gets one saga however often this is called: the sweeper may take an order whose saga
+    /// exists but has not attached itself yet (its process died, and its lease has not
+    /// expired for recovery to take it over) for one accepted without a saga; its start then
+    /// finds the id taken ([`SagaError::Conflict`]) and runs nothing.
     pub(crate) async fn run(&self, context: &OrderSagaContext) -> Result<SagaId, SagaError> {
-        self.0.start(SAGA_NAME, context).await
+        let id = uuid::Uuid::parse_str(&context.order_id)
+            .map_or_else(|_| SagaId::new(), SagaId::from_uuid);
+        self.0.start_with_id(SAGA_NAME, id, context).await
     }
 
     /// Recovers at once, then every `interval`.
@@ -249,8 +257,13 @@ async fn dispatch(
                 }
                 tokio::select! {
                     result = tracing::Instrument::instrument(engine.run(&context), span) => {
-                        if let Err(error) = result {
-                            tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will");
+                        match result {
+                            Ok(_) => {}
+                            Err(SagaError::Conflict { seq: 1, .. }) => tracing::debug!(
+                                order = %context.order_id,
+                                "the order's saga was started before; it runs there or in recovery"
+                            ),
+                            Err(error) => tracing::warn!(order = %context.order_id, %error, "order saga did not finish; recovery will"),
                         }
                     }
                     _ = stop.wait_for(|s| *s) => {}
@@ -269,6 +282,8 @@ async fn dispatch(
 mod tests {
     use tokio::sync::{Notify, mpsc};
     use trellis_saga::{SagaDefinition, SagaStatus, Step, StepContext};
+
+    use trellis_saga::{SagaError, SagaStore as _};
 
     use super::OrderSagaEngine;
     use crate::saga::{OrderSagaContext, SAGA_NAME, SAGA_VERSION};
@@ -341,6 +356,53 @@ mod tests {
             "the saga is taken back at once"
         );
         assert!(ran.try_recv().is_ok(), "the step ran again in engine 2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_order_whose_saga_waits_for_recovery_gets_no_second_saga() {
+        // The sweeper's race, seen in a chaos storm on PostgreSQL: an orders process dies with
+        // a saga started but not yet attached to its order; until its lease expires nobody
+        // drives it, and the sweeper, finding the order without a saga, starts it again. The
+        // second start must find the order's saga and run nothing (before the fix it ran a
+        // second saga, whose first step then failed on "order is driven by saga …").
+        let dir = std::env::temp_dir().join(format!("orders-engine-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("orders-saga.db").display());
+        let context = OrderSagaContext {
+            order_id: uuid::Uuid::now_v7().to_string(),
+            user_id: "user-1".to_owned(),
+            lines: Vec::new(),
+            total_cents: 0,
+            traceparent: None,
+        };
+        let (runs, mut ran) = mpsc::unbounded_channel();
+        let first = OrderSagaEngine::open(&url, definition(runs, true), Some("a".to_owned()))
+            .await
+            .expect("engine 1");
+        let running = {
+            let first = first.clone();
+            let context = context.clone();
+            tokio::spawn(async move { first.run(&context).await })
+        };
+        ran.recv().await.expect("the step started");
+        running.abort();
+        let _ = running.await;
+
+        // Another engine (a fresh owner, so engine 1's lease still holds the saga).
+        let (runs, mut ran) = mpsc::unbounded_channel();
+        let second = OrderSagaEngine::open(&url, definition(runs, false), Some("b".to_owned()))
+            .await
+            .expect("engine 2");
+        let again = second.run(&context).await;
+        assert!(
+            matches!(again, Err(SagaError::Conflict { seq: 1, .. })),
+            "{again:?}"
+        );
+        assert!(ran.try_recv().is_err(), "no second saga ran the step");
+        let sagas = second.0.store().list_active(10).await.expect("list");
+        assert_eq!(sagas.len(), 1, "one saga for the order: {sagas:?}");
+        drop(first);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
