@@ -63,6 +63,9 @@ impl AdminPlacement {
 /// The admin endpoints' paths.
 const ADMIN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
+/// The attribute of the gateway's server span naming the route a request took.
+const ROUTE_ATTRIBUTE: &str = "trellis.gateway.route";
+
 /// Handles one request from a client. Never fails: every problem becomes an answer.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -111,6 +114,13 @@ pub(crate) async fn handle(
         table.unrouted.record(response.status(), started.elapsed());
         return response;
     };
+    // The server span (trellis_telemetry's, entered while this runs) is named after the
+    // route the request took (`POST orders`), not one name per path.
+    trellis_telemetry::http::rename_span(
+        &tracing::Span::current(),
+        format!("{} {}", parts.method, route.name),
+        &[(ROUTE_ATTRIBUTE, &route.name)],
+    );
     let mut exchange = Exchange {
         shared: &shared,
         table: &table,

@@ -87,7 +87,7 @@ where
             otel.status_code = tracing::field::Empty,
             rpc.system = tracing::field::Empty,
         );
-        super::record_grpc(&span, &request);
+        super::name_span(&span, &request, None);
         let mut context = span.context();
         if !context.has_active_span() {
             // The client span is filtered out or has no OpenTelemetry side: still pass on the

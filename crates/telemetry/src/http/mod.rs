@@ -39,9 +39,35 @@ pub use request_metrics::{
 };
 pub use server::{TraceContextServer, TraceContextServerLayer};
 
-/// Names a gRPC call's span after its method (`/package.Service/Method` without the slash) and
-/// marks it `rpc.system = "grpc"`; leaves any other request's span alone.
-fn record_grpc<B>(span: &tracing::Span, request: &http::Request<B>) {
+/// Renames `span` and sets string attributes on it, also after it has started: for a server
+/// that knows what a request is only once it has routed it (the gateway names its server span
+/// `{method} {route}` after the route a request took), when recording `otel.name` would be
+/// too late (tracing-opentelemetry reads it only until the span starts). A span that is
+/// disabled, or has no OpenTelemetry side, is left alone.
+pub fn rename_span(
+    span: &tracing::Span,
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    attributes: &[(&'static str, &str)],
+) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return;
+    }
+    let context = span.context();
+    let otel = context.span();
+    otel.update_name(name);
+    for (key, value) in attributes {
+        otel.set_attribute(opentelemetry::KeyValue::new(*key, (*value).to_owned()));
+    }
+}
+
+/// Names a request's span: a gRPC call after its method (`/package.Service/Method` without
+/// the slash), marked `rpc.system = "grpc"`; any other request as OpenTelemetry's HTTP
+/// conventions say, `{method} {route}` when the route template is known (a server behind
+/// axum's router: `POST /api/orders`, `GET /api/orders/{id}`), else `{method}` alone (a
+/// client, which knows no template; the path would make one name per order).
+fn name_span<B>(span: &tracing::Span, request: &http::Request<B>, route: Option<&str>) {
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -51,5 +77,18 @@ fn record_grpc<B>(span: &tracing::Span, request: &http::Request<B>) {
         let method = request.uri().path().trim_start_matches('/');
         span.record("otel.name", method);
         span.record("rpc.system", "grpc");
+        return;
+    }
+    match route {
+        Some(route) => {
+            span.record("http.route", route);
+            span.record(
+                "otel.name",
+                format!("{} {route}", request.method()).as_str(),
+            );
+        }
+        None => {
+            span.record("otel.name", request.method().as_str());
+        }
     }
 }

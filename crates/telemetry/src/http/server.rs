@@ -116,8 +116,14 @@ where
             otel.name = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             rpc.system = tracing::field::Empty,
+            http.route = tracing::field::Empty,
         );
-        super::record_grpc(&span, &request);
+        // Behind `Router::layer` axum has matched the route already.
+        let route = request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(axum::extract::MatchedPath::as_str);
+        super::name_span(&span, &request, route);
         // Before the span is entered: once started, its parent is fixed. An empty remote
         // context makes the span a root. The error cases (span disabled, no OpenTelemetry
         // layer installed) leave a span without trace ids, which is all they can do.

@@ -230,6 +230,14 @@ fn common_checks(tree: &Tree, client_parent: &str) -> Result<(), String> {
         .first()
         .copied()
         .ok_or("no gateway SERVER span for POST /api/orders")?;
+    // Names as OpenTelemetry's HTTP conventions have them, one per route, not one per path:
+    // the gateway's after the route it took, a service's after its route template.
+    if gateway.name != "POST orders" {
+        return Err(format!(
+            "the gateway span is named {:?}, not \"POST orders\"",
+            gateway.name
+        ));
+    }
     if gateway.parent_id != client_parent {
         return Err(format!(
             "the gateway span's parent is {}, not the client's {client_parent}",
@@ -245,6 +253,15 @@ fn common_checks(tree: &Tree, client_parent: &str) -> Result<(), String> {
         .first()
         .copied()
         .ok_or("no orders SERVER span whose parent is the gateway's")?;
+    if orders.name != "POST /api/orders"
+        || orders.attributes.get("http.route").map(String::as_str) != Some("/api/orders")
+    {
+        return Err(format!(
+            "the orders SERVER span is named {:?} with http.route {:?}, not POST /api/orders",
+            orders.name,
+            orders.attributes.get("http.route")
+        ));
+    }
     tree.called(orders, "orders", "users")?;
     tree.called(orders, "orders", "products")?;
     let provider = tree
