@@ -115,7 +115,7 @@ EOF
 vary_names() {
   sed -e "s/\bshopc_/${run_id}c_/g" -e "s/\bshop_/${run_id}_/g"
 }
-for service in users products inventory orders payments shipping; do
+for service in users products inventory orders payments shipping console; do
   databases+=("${run_id}_$service" "${run_id}c_$service")
 done
 
@@ -189,6 +189,26 @@ run_mcp() {
   log "$phase: mcp: the six tools listed"
 }
 
+# The console behind the gateway's /admin: the administrator gets the live overview, and it
+# shows the gateway and every service ready.
+check_console() {
+  local phase=$1 admin body
+  admin=$(curl -s -X POST "$GW/api/auth/token" -H 'content-type: application/json' \
+    -d "{\"email\":\"$TRELLIS_ADMIN_EMAIL\",\"password\":\"$TRELLIS_ADMIN_PASSWORD\"}" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])') \
+    || die "$phase: the administrator could not log in"
+  body=$(curl -sf -H "authorization: Bearer $admin" "$GW/admin/overview/live") \
+    || die "$phase: GET /admin/overview/live through the gateway did not answer 200"
+  for service in gateway users products inventory orders payments shipping payment-provider mcp; do
+    grep -q "data-service=\"$service\"" <<<"$body" \
+      || die "$phase: the console's overview does not list $service: $body"
+  done
+  local ready
+  ready=$(grep -o 'badge good">ready<' <<<"$body" | wc -l)
+  [[ $ready -ge 9 ]] || die "$phase: the console shows $ready of 9 processes ready: $body"
+  log "$phase: console: the overview shows the gateway and 8 services ready"
+}
+
 run_load() {
   local phase=$1
   if ! bash -euo pipefail -c "$(block load)" > "$work/$phase-load.out" 2>&1; then
@@ -221,6 +241,7 @@ runner=$!
 runners+=("$runner")
 wait_for_catalog || { tail -30 "$work/$phase.log" >&2; die "$phase: the shop did not come up"; }
 use_and_confirm "$phase"
+check_console "$phase"
 run_agent "$phase"
 run_mcp "$phase"
 run_load "$phase"
@@ -241,6 +262,7 @@ for phase in serve serve-choreography; do
     die "$phase: the shop did not come up with a catalog"
   fi
   use_and_confirm "$phase"
+  check_console "$phase"
   run_mcp "$phase"
   run_load "$phase"
   stop_all $(pgrep -P "$runner" || true)

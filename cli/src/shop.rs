@@ -206,11 +206,9 @@ impl UpArgs {
             "  mcp            {gateway}/mcp   (the shop's agent tools over MCP, with a user's \
              bearer token; `trellis mcp` on stdio)"
         );
-        if !self.processes {
-            println!(
-                "  console        {gateway}/admin   (the admin console; sign in with the admin account)"
-            );
-        }
+        println!(
+            "  console        {gateway}/admin   (the admin console; sign in with the admin account)"
+        );
         println!(
             "  operator       {operator}   (/metrics, /healthz, /readyz; not on the public port)"
         );
@@ -297,7 +295,9 @@ fn admin_from_env() -> anyhow::Result<Option<(String, String)>> {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServeArgs {
     /// The service: users, products, inventory, orders, payments, shipping, payment-provider,
-    /// or gateway (routing to the others).
+    /// mcp, console (the admin console: `--peer gateway=…` and `--peer gateway-operator=…`,
+    /// the gateway's operator listener, besides the services), or gateway (routing to the
+    /// others, `/admin` to the console).
     name: String,
     /// Listen address (default: 127.0.0.1 and the service's port from DESIGN.md).
     #[arg(long)]
@@ -397,7 +397,7 @@ impl ServeArgs {
                 .with_context(|| {
                     format!(
                         "no service named {:?}; known: users, products, inventory, orders, \
-                         payments, shipping, payment-provider, gateway",
+                         payments, shipping, payment-provider, mcp, console, gateway",
                         self.name
                     )
                 })?

@@ -871,7 +871,11 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
             digits.parse().ok()
         })
         .collect();
-    assert_eq!(pids.len(), 9, "eight services and the gateway: {banner:#?}");
+    assert_eq!(
+        pids.len(),
+        10,
+        "eight services, the console and the gateway: {banner:#?}"
+    );
     let orders_pid: u32 = field("  orders ")
         .rsplit("pid ")
         .next()
@@ -913,6 +917,56 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
         .expect("the seed catalog")
         .to_owned();
     order_confirmed(&http, &gateway, &token, &product).await;
+
+    // The admin console, a process of its own behind the gateway's /admin: the administrator
+    // sees every process ready; a customer is refused.
+    let admin: serde_json::Value = http
+        .post(format!("{gateway}/api/auth/token"))
+        .json(&json!({"email": "admin@processes.test", "password": "admin-password-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let admin = admin["access_token"].as_str().unwrap().to_owned();
+    let overview = http
+        .get(format!("{gateway}/admin/overview/live"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let overview = overview.text().await.unwrap();
+    for service in [
+        "gateway",
+        "users",
+        "products",
+        "inventory",
+        "orders",
+        "payments",
+        "shipping",
+        "payment-provider",
+        "mcp",
+    ] {
+        assert!(
+            overview.contains(&format!("data-service=\"{service}\"")),
+            "{service} missing from the console's overview: {overview}"
+        );
+    }
+    assert_eq!(
+        overview.matches("badge good\">ready<").count(),
+        9,
+        "the gateway and eight services ready: {overview}"
+    );
+    let refused = http
+        .get(format!("{gateway}/admin/overview/live"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(refused, 403, "a customer's token opens no console page");
 
     // SIGKILL the orders process: the supervisor restarts it and orders are confirmed again.
     let killed = Command::new("kill")

@@ -45,7 +45,7 @@ pub use mcp::MCP_PATH;
 pub use openapi::{BEARER_SCHEME, openapi};
 pub use processes::{ProcessConfig, ProcessShop};
 pub use seed::{CATALOG, Seeded, seed_catalog_at};
-pub use serve::{SEED_TRIES_SERVE, ServeConfig, serve_one};
+pub use serve::{GATEWAY_OPERATOR_PEER, SEED_TRIES_SERVE, ServeConfig, serve_one};
 pub use shop_contracts::events::SagaStyle;
 pub use shop_payment_provider::{ProviderConfig, ProviderHandle};
 
@@ -61,6 +61,11 @@ pub const SERVICES: [&str; 8] = [
     "orders",
     "mcp",
 ];
+
+/// The admin console's service name: `trellis serve console`, and a child of
+/// `trellis up --processes` started after [`SERVICES`] (it is not one of them: the chaos
+/// runner's faults and checks are about the order flow).
+pub const CONSOLE: &str = "console";
 
 /// What [`up`] runs.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! The shop as real processes (`trellis up --processes`): each service, the mcp service, the
-//! payment provider simulator and the gateway is a child `trellis serve NAME …` under a
+//! payment provider simulator, the admin console and the gateway is a child `trellis serve NAME …` under a
 //! [`Supervisor`], which restarts it with backoff when it exits or is killed.
 //!
 //! Why: in one process ([`up`]) a crash takes the whole shop down and nothing can be killed
@@ -140,7 +140,7 @@ impl ProcessShop {
         &self.supervisor
     }
 
-    /// The children's names in start order: [`SERVICES`], then [`GATEWAY`].
+    /// The children's names in start order: [`SERVICES`], [`CONSOLE`], then [`GATEWAY`].
     pub fn children(&self) -> Vec<String> {
         self.supervisor.names()
     }
@@ -219,15 +219,15 @@ fn dialable(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// Starts the shop as child processes, one at a time in [`SERVICES`] order and the gateway
-/// last, each once the one before answers `/healthz`; then seeds the catalog.
+/// Starts the shop as child processes, one at a time in [`SERVICES`] order, then the
+/// [`CONSOLE`] and the gateway last, each once the one before answers `/healthz`; then seeds the catalog.
 ///
 /// # Errors
 /// [`Error`] naming what could not start; whatever started is stopped.
 pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
     let shop = &config.shop;
     let mut addrs = BTreeMap::new();
-    for service in SERVICES {
+    for service in SERVICES.into_iter().chain([CONSOLE]) {
         let port = if let Some(port) = config.service_ports.get(service) {
             *port
         } else if shop.fixed_service_ports {
@@ -304,6 +304,7 @@ async fn start_children(
         })
         .collect();
     peers.push(format!("{GATEWAY}={}", dialable(gateway)));
+    peers.push(format!("{GATEWAY_OPERATOR_PEER}={}", dialable(operator)));
     let bus = shop.bus_url();
     let base = |name: &str, listen: SocketAddr| {
         let mut spec = ChildSpec::new(name, &config.program)
@@ -361,6 +362,14 @@ async fn start_children(
         let url = format!("http://{}/healthz", dialable(addr));
         wait_healthy(http, service, &url, config.ready_timeout).await?;
     }
+    // The console after the services (its overview reads them) and before the gateway
+    // (which routes `/admin` to it).
+    let addr = addrs[CONSOLE];
+    supervisor
+        .add(base(CONSOLE, addr).args(["--db", &shop.database_url(CONSOLE)]))
+        .await?;
+    let url = format!("http://{}/healthz", dialable(addr));
+    wait_healthy(http, CONSOLE, &url, config.ready_timeout).await?;
     let spec = base(GATEWAY, gateway)
         .arg("--operator-listen")
         .arg(operator.to_string());

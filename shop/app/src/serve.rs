@@ -38,6 +38,10 @@ pub struct ServeConfig {
     pub saga_owner: Option<String>,
 }
 
+/// The `--peer` name of the gateway's operator listener (its `/healthz`, `/readyz` and
+/// `/metrics`), which `trellis serve console` reads.
+pub const GATEWAY_OPERATOR_PEER: &str = "gateway-operator";
+
 /// How long `serve products --seed-catalog` keeps trying while the inventory is not up yet:
 /// one try a second.
 pub const SEED_TRIES_SERVE: u32 = 120;
@@ -77,6 +81,7 @@ pub async fn serve_one(
     let label = SERVICES
         .iter()
         .copied()
+        .chain([CONSOLE])
         .find(|service| *service == name)
         .unwrap_or("unknown");
     let measured = |router: axum::Router| measured(label, router);
@@ -287,6 +292,56 @@ pub async fn serve_one(
                 .await
                 .map_err(serve_err)
         }
+        "console" => {
+            let config = console_config_for_serve(&peer, &peers, database_url, service_key);
+            let (router, db) = shop_console::app(config)
+                .await
+                .map_err(|e| service_err("console")(&e))?;
+            trellis_service::serve(listener, measured(router), Some(db), metrics, shutdown)
+                .await
+                .map_err(serve_err)
+        }
         other => Err(Error::UnknownService(other.to_owned())),
+    }
+}
+
+/// The console of a shop whose processes are at `peers` (`trellis serve console`): it calls
+/// the admin API through the gateway (`--peer gateway=…`), and reads the health and
+/// `/metrics` of the gateway's operator listener (`--peer gateway-operator=…`, DESIGN.md's
+/// 8089 by default) and of every service, each process having its own recorder.
+fn console_config_for_serve(
+    peer: &dyn Fn(&str) -> String,
+    peers: &BTreeMap<String, String>,
+    database_url: String,
+    service_key: ServiceKey,
+) -> shop_console::ConsoleConfig {
+    let gateway = peers
+        .get("gateway")
+        .cloned()
+        .unwrap_or_else(|| format!("127.0.0.1:{}", shop_contracts::ports::GATEWAY));
+    let operator = peers
+        .get(GATEWAY_OPERATOR_PEER)
+        .cloned()
+        .unwrap_or_else(|| format!("127.0.0.1:{}", shop_contracts::ports::GATEWAY_OPERATOR));
+    let mut health_targets = vec![shop_console::Target {
+        name: "gateway".to_owned(),
+        url: format!("http://{operator}"),
+    }];
+    let mut metrics_urls = vec![format!("http://{operator}/metrics")];
+    for service in SERVICES {
+        let url = format!("http://{}", peer(service));
+        metrics_urls.push(format!("{url}/metrics"));
+        health_targets.push(shop_console::Target {
+            name: service.to_owned(),
+            url,
+        });
+    }
+    shop_console::ConsoleConfig {
+        gateway_url: format!("http://{gateway}"),
+        database_url,
+        service_key,
+        health_targets,
+        metrics_urls,
+        secure_cookie: false,
     }
 }

@@ -18,6 +18,8 @@ pub const PAYMENTS: u16 = 8105;
 pub const SHIPPING: u16 = 8106;
 /// The MCP endpoint of the shop's agent tools (the gateway serves it at `/mcp`).
 pub const MCP: u16 = 8107;
+/// The admin console (`trellis serve console`; the gateway serves it at `/admin`).
+pub const CONSOLE: u16 = 8108;
 /// The payment provider simulator.
 pub const PAYMENT_PROVIDER: u16 = 8190;
 
@@ -31,4 +33,5 @@ pub const SERVICES: &[(&str, u16)] = &[
     ("shipping", SHIPPING),
     ("payment-provider", PAYMENT_PROVIDER),
     ("mcp", MCP),
+    ("console", CONSOLE),
 ];
