@@ -242,15 +242,27 @@ impl ProxyError {
     }
 }
 
-/// A JSON error answer in the workspace's shape.
+/// The gateway's own error answer: DESIGN.md's JSON error body, with headers that keep a
+/// browser from treating it as anything but data.
 pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody> {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = Response::new(full(Bytes::from(bytes)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // An error body is data, never a page: nothing may load from it or frame it, and no
+    // cache keeps it (OWASP's REST security headers).
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(ERROR_CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
+
+/// The Content-Security-Policy of the gateway's own error answers.
+pub(crate) const ERROR_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; frame-ancestors 'none'";

@@ -88,7 +88,8 @@ pub(crate) async fn handle(
     }
     match shared.admin {
         AdminPlacement::Public => {
-            if let Some(response) = admin(&shared, &parts) {
+            if let Some(mut response) = admin(&shared, &parts) {
+                finish_response(&mut response, &request_id(&parts.headers), None);
                 return response;
             }
         }
@@ -174,6 +175,11 @@ fn finish_response(
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID, v);
     }
+    // Every answer, an upstream's too: a browser must not guess a type the answer does not
+    // declare (an upstream that sets it keeps its own value).
+    headers
+        .entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
     if let Some(rate_limit) = rate_limit {
         headers.insert("ratelimit-limit", HeaderValue::from(rate_limit.limit));
         headers.insert(

@@ -4,6 +4,7 @@
 mod auth;
 mod balancing;
 mod config_reload;
+mod headers;
 mod helpers;
 mod limits;
 mod paths;
