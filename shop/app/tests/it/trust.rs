@@ -389,3 +389,133 @@ async fn the_gateways_metrics_are_served_only_on_the_operator_listener() {
     }
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_admin_route_refuses_a_customer_and_an_anonymous_caller() {
+    // Goal (OWASP API5, broken function level authorization): no route the gateway keeps for
+    // administrators answers a customer or a caller without a credential. Method: the routes
+    // come from the shop's own gateway configuration (every route requiring the admin role,
+    // so a route added later is covered), each called with each of its methods on a sample
+    // path: a customer's token gets 403, no token 401 (the console: a redirect to its login
+    // page), both with nothing from the upstream.
+    let shop = TestShop::start(Backend::Sqlite, "admin-routes")
+        .await
+        .expect("sqlite");
+    let customer = shop.customer("mallory").await;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+    let addrs: std::collections::BTreeMap<&'static str, std::net::SocketAddr> = [
+        "users",
+        "products",
+        "inventory",
+        "orders",
+        "payments",
+        "shipping",
+        "payment-provider",
+        "mcp",
+        "console",
+    ]
+    .into_iter()
+    .map(|name| (name, loopback))
+    .collect();
+    let config =
+        trellis_gateway::Config::from_toml(&shop_app::config_toml(loopback, loopback, &addrs))
+            .expect("the shop's gateway configuration");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let mut checked = 0;
+    for route in config
+        .routes
+        .iter()
+        .filter(|r| r.required_roles.iter().any(|role| role == "admin"))
+    {
+        let path = if let Some(exact) = &route.path_exact {
+            exact.clone()
+        } else if let Some(template) = &route.path_template {
+            template
+                .split('/')
+                .map(|segment| {
+                    if segment.starts_with('{') {
+                        "probe"
+                    } else {
+                        segment
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("/")
+        } else {
+            format!(
+                "{}/probe",
+                route
+                    .path_prefix
+                    .as_deref()
+                    .expect("a path")
+                    .trim_end_matches('/')
+            )
+        };
+        let methods: Vec<Method> = if route.methods.is_empty() {
+            vec![Method::GET, Method::POST, Method::PUT, Method::DELETE]
+        } else {
+            route
+                .methods
+                .iter()
+                .map(|m| m.parse().expect("a method"))
+                .collect()
+        };
+        for method in methods {
+            let what = format!("{method} {path} (route {})", route.name);
+            let (status, body) = shop
+                .call(method.clone(), &path, Some(&customer), Some(json!({})))
+                .await;
+            assert_eq!(status, 403, "{what} with a customer's token: {body}");
+            assert!(
+                body["error"]["code"].is_string(),
+                "{what}: the gateway's JSON error, not an upstream's answer: {body}"
+            );
+            let anonymous = no_redirects
+                .request(method.clone(), shop.url(&path))
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("call");
+            if route.name == shop_app::CONSOLE_ROUTE {
+                assert_eq!(anonymous.status(), 303, "{what} without a credential");
+                assert_eq!(
+                    anonymous.headers()["location"],
+                    shop_console::LOGIN_PATH,
+                    "{what}"
+                );
+            } else {
+                assert_eq!(anonymous.status(), 401, "{what} without a credential");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} admin calls checked");
+    // And the configuration keeps these for administrators (a route that lost its role
+    // would otherwise drop out of the loop above unnoticed).
+    let admin_routes: Vec<&str> = config
+        .routes
+        .iter()
+        .filter(|r| r.required_roles.iter().any(|role| role == "admin"))
+        .map(|r| r.name.as_str())
+        .collect();
+    for name in [
+        "products-write",
+        "inventory",
+        "payments",
+        "shipments",
+        "dlq",
+        "saga-admin",
+        "order-saga-admin",
+        "provider-admin",
+        shop_app::CONSOLE_ROUTE,
+    ] {
+        assert!(
+            admin_routes.contains(&name),
+            "the route {name} no longer requires the admin role: {admin_routes:?}"
+        );
+    }
+    shop.stop().await;
+}
