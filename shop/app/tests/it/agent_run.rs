@@ -158,7 +158,7 @@ async fn a_denial_cancels_the_order_the_run_placed() {
         panic!("{outcome:?}")
     };
     assert_eq!(calls[0].label(), "2.1:place_order");
-    let placed = orders_of(&shop, &token).await;
+    let placed = orders_listed(&shop, &token, 1).await;
     assert_eq!(placed.len(), 1);
     let order_id = placed[0]["id"].as_str().unwrap().to_owned();
 
