@@ -938,17 +938,7 @@ async fn up_processes_serves_orders_and_restarts_a_killed_service() {
         .unwrap();
     assert_eq!(overview.status(), 200);
     let overview = overview.text().await.unwrap();
-    for service in [
-        "gateway",
-        "users",
-        "products",
-        "inventory",
-        "orders",
-        "payments",
-        "shipping",
-        "payment-provider",
-        "mcp",
-    ] {
+    for service in std::iter::once(shop_app::processes::GATEWAY).chain(shop_app::SERVICES) {
         assert!(
             overview.contains(&format!("data-service=\"{service}\"")),
             "{service} missing from the console's overview: {overview}"

@@ -281,9 +281,7 @@ async fn dispatch(
 #[cfg(test)]
 mod tests {
     use tokio::sync::{Notify, mpsc};
-    use trellis_saga::{SagaDefinition, SagaStatus, Step, StepContext};
-
-    use trellis_saga::{SagaError, SagaStore as _};
+    use trellis_saga::{SagaDefinition, SagaError, SagaStatus, SagaStore as _, Step, StepContext};
 
     use super::OrderSagaEngine;
     use crate::saga::{OrderSagaContext, SAGA_NAME, SAGA_VERSION};
@@ -310,34 +308,54 @@ mod tests {
             .expect("a valid definition")
     }
 
-    #[tokio::test]
-    async fn a_restarted_engine_resumes_its_sagas_on_the_first_recovery_pass() {
-        // Engine 1 starts a saga and "crashes" in its step; engine 2, opened on the same saga
-        // log as a restarted process would, must take the saga back on its first recovery
-        // pass instead of waiting out engine 1's lease.
-        let dir = std::env::temp_dir().join(format!("orders-engine-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("orders-saga.db").display());
-        let context = OrderSagaContext {
+    /// A fresh order's saga context.
+    fn order_context() -> OrderSagaContext {
+        OrderSagaContext {
             order_id: uuid::Uuid::now_v7().to_string(),
             user_id: "user-1".to_owned(),
             lines: Vec::new(),
             total_cents: 0,
             traceparent: None,
+        }
+    }
+
+    /// A saga log in a fresh temporary directory: the directory and the log's URL.
+    fn sqlite_log() -> (std::path::PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!("orders-engine-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("orders-saga.db").display());
+        (dir, url)
+    }
+
+    /// Runs `context`'s saga on `engine` and "crashes" it once its (hanging) step has started.
+    async fn crash_in_the_step(
+        engine: &OrderSagaEngine,
+        context: &OrderSagaContext,
+        ran: &mut mpsc::UnboundedReceiver<()>,
+    ) {
+        let running = {
+            let engine = engine.clone();
+            let context = context.clone();
+            tokio::spawn(async move { engine.run(&context).await })
         };
+        ran.recv().await.expect("the step started");
+        running.abort();
+        let _ = running.await;
+    }
+
+    #[tokio::test]
+    async fn a_restarted_engine_resumes_its_sagas_on_the_first_recovery_pass() {
+        // Engine 1 starts a saga and "crashes" in its step; engine 2, opened on the same saga
+        // log as a restarted process would, must take the saga back on its first recovery
+        // pass instead of waiting out engine 1's lease.
+        let (dir, url) = sqlite_log();
+        let context = order_context();
 
         let (runs, mut ran) = mpsc::unbounded_channel();
         let first = OrderSagaEngine::open(&url, definition(runs, true), None)
             .await
             .expect("engine 1");
-        let running = {
-            let first = first.clone();
-            let context = context.clone();
-            tokio::spawn(async move { first.run(&context).await })
-        };
-        ran.recv().await.expect("the step started");
-        running.abort();
-        let _ = running.await;
+        crash_in_the_step(&first, &context, &mut ran).await;
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();
@@ -366,28 +384,13 @@ mod tests {
         // drives it, and the sweeper, finding the order without a saga, starts it again. The
         // second start must find the order's saga and run nothing (before the fix it ran a
         // second saga, whose first step then failed on "order is driven by saga …").
-        let dir = std::env::temp_dir().join(format!("orders-engine-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("orders-saga.db").display());
-        let context = OrderSagaContext {
-            order_id: uuid::Uuid::now_v7().to_string(),
-            user_id: "user-1".to_owned(),
-            lines: Vec::new(),
-            total_cents: 0,
-            traceparent: None,
-        };
+        let (dir, url) = sqlite_log();
+        let context = order_context();
         let (runs, mut ran) = mpsc::unbounded_channel();
         let first = OrderSagaEngine::open(&url, definition(runs, true), Some("a".to_owned()))
             .await
             .expect("engine 1");
-        let running = {
-            let first = first.clone();
-            let context = context.clone();
-            tokio::spawn(async move { first.run(&context).await })
-        };
-        ran.recv().await.expect("the step started");
-        running.abort();
-        let _ = running.await;
+        crash_in_the_step(&first, &context, &mut ran).await;
 
         // Another engine (a fresh owner, so engine 1's lease still holds the saga).
         let (runs, mut ran) = mpsc::unbounded_channel();
@@ -414,26 +417,13 @@ mod tests {
         let Some(pg) = trellis_testkit::postgres("orders_named_owner").await else {
             return;
         };
-        let context = OrderSagaContext {
-            order_id: uuid::Uuid::now_v7().to_string(),
-            user_id: "user-1".to_owned(),
-            lines: Vec::new(),
-            total_cents: 0,
-            traceparent: None,
-        };
+        let context = order_context();
         let owner = || Some("orders@10.0.0.7:8104".to_owned());
         let (runs, mut ran) = mpsc::unbounded_channel();
         let first = OrderSagaEngine::open(&pg.url, definition(runs, true), owner())
             .await
             .expect("engine 1");
-        let running = {
-            let first = first.clone();
-            let context = context.clone();
-            tokio::spawn(async move { first.run(&context).await })
-        };
-        ran.recv().await.expect("the step started");
-        running.abort();
-        let _ = running.await;
+        crash_in_the_step(&first, &context, &mut ran).await;
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();

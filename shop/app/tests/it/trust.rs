@@ -403,20 +403,11 @@ async fn every_admin_route_refuses_a_customer_and_an_anonymous_caller() {
         .expect("sqlite");
     let customer = shop.customer("mallory").await;
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
-    let addrs: std::collections::BTreeMap<&'static str, std::net::SocketAddr> = [
-        "users",
-        "products",
-        "inventory",
-        "orders",
-        "payments",
-        "shipping",
-        "payment-provider",
-        "mcp",
-        "console",
-    ]
-    .into_iter()
-    .map(|name| (name, loopback))
-    .collect();
+    let addrs: std::collections::BTreeMap<&'static str, std::net::SocketAddr> = shop_app::SERVICES
+        .into_iter()
+        .chain([shop_app::CONSOLE])
+        .map(|name| (name, loopback))
+        .collect();
     let config =
         trellis_gateway::Config::from_toml(&shop_app::config_toml(loopback, loopback, &addrs))
             .expect("the shop's gateway configuration");
