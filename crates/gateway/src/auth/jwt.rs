@@ -1,5 +1,10 @@
 //! The JWT policy: static keys or a JWKS URL (fetched at start, refreshed periodically and
-//! on an unknown `kid`), the checks shared by its keys, and the claims it sends upstream.
+//! on an unknown `kid`), the checks shared by its keys, the claims it sends upstream, and an
+//! optional revocation feed (polled; a listed `jti` is refused until it expires).
+//!
+//! When the JWKS URL does not answer, the keys fetched last stay in use (a stale JWKS), so
+//! an issuer that is down does not lock every caller out; likewise a feed that does not
+//! answer leaves the revocations known so far in force.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -28,6 +33,11 @@ const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const JWKS_BYTES_MAX: usize = 1024 * 1024;
 /// Longest token considered, bytes (longer ones are rejected unverified).
 pub(super) const TOKEN_BYTES_MAX: usize = 8 * 1024;
+/// Largest revocation feed page accepted, bytes.
+const REVOCATIONS_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Pages of the revocation feed read per poll at most (a feed that keeps saying `more` is
+/// read on at the next poll).
+const REVOCATION_PAGES_PER_POLL: usize = 16;
 
 /// One verification key and the only algorithm it is used with.
 struct KeyEntry {
@@ -57,6 +67,8 @@ struct Checks {
     issuers: Vec<String>,
     audiences: Vec<String>,
     leeway_s: u64,
+    /// With a revocation feed, a token without `jti` could never be revoked: refused.
+    require_jti: bool,
 }
 
 impl Checks {
@@ -96,6 +108,33 @@ struct Jwks {
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
+/// The revocation feed and what it listed: `jti` → `exp` (Unix seconds).
+#[derive(Debug)]
+struct Revocations {
+    uri: http::Uri,
+    client: HttpClient,
+    refresh: Duration,
+    entries_max: usize,
+    revoked: ArcSwap<HashMap<Box<str>, u64>>,
+    /// The feed's cursor after the last page read; `None` before the first.
+    cursor: tokio::sync::Mutex<Option<String>>,
+}
+
+/// One page of a revocation feed.
+#[derive(Debug, serde::Deserialize)]
+struct FeedPage {
+    revoked: Vec<FeedEntry>,
+    next: String,
+    #[serde(default)]
+    more: bool,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FeedEntry {
+    jti: String,
+    exp: u64,
+}
+
 /// A JWT policy.
 #[derive(Debug)]
 pub(crate) struct JwtPolicy {
@@ -104,6 +143,7 @@ pub(crate) struct JwtPolicy {
     static_keys: Vec<(Option<String>, Arc<KeyEntry>)>,
     keys: ArcSwap<KeySet>,
     jwks: Option<Jwks>,
+    revocations: Option<Revocations>,
     pub(super) claims_to_headers: Vec<(String, HeaderName)>,
     cache: TokenCache,
 }
@@ -120,6 +160,7 @@ impl JwtPolicy {
             issuers: config.issuers.clone(),
             audiences: config.audiences.clone(),
             leeway_s: config.leeway_s,
+            require_jti: config.revocations_url.is_some(),
         };
         let mut static_keys = Vec::new();
         for (i, k) in config.keys.iter().enumerate() {
@@ -174,10 +215,24 @@ impl JwtPolicy {
                     key: format!("auth.{name}.jwks_url"),
                     message: "not a URL".to_owned(),
                 })?,
-                client,
+                client: client.clone(),
                 refresh: Duration::from_millis(config.jwks_refresh_ms),
                 refetch_min_interval: Duration::from_millis(config.jwks_refetch_min_interval_ms),
                 last_fetch: tokio::sync::Mutex::new(None),
+            }),
+            None => None,
+        };
+        let revocations = match &config.revocations_url {
+            Some(url) => Some(Revocations {
+                uri: url.parse().map_err(|_| ConfigError::Invalid {
+                    key: format!("auth.{name}.revocations_url"),
+                    message: "not a URL".to_owned(),
+                })?,
+                client,
+                refresh: Duration::from_millis(config.revocations_refresh_ms),
+                entries_max: config.revoked_entries_max,
+                revoked: ArcSwap::from_pointee(HashMap::new()),
+                cursor: tokio::sync::Mutex::new(None),
             }),
             None => None,
         };
@@ -196,6 +251,7 @@ impl JwtPolicy {
             static_keys,
             keys: ArcSwap::from_pointee(KeySet::default()),
             jwks,
+            revocations,
             claims_to_headers,
             cache: TokenCache::new(config.token_cache_entries),
         });
@@ -206,7 +262,93 @@ impl JwtPolicy {
             }
             spawn_refresh(&policy);
         }
+        if policy.revocations.is_some() {
+            if let Err(e) = policy.poll_revocations().await {
+                tracing::warn!(policy = %policy.name, error = %e, "initial revocation poll failed; will retry");
+            }
+            spawn_revocation_polls(&policy);
+        }
         Ok(policy)
+    }
+
+    /// Reads the revocation feed from the last cursor on, merging what it lists into the
+    /// revoked set and dropping entries whose tokens have expired; the entries added.
+    async fn poll_revocations(&self) -> Result<usize, String> {
+        let Some(feed) = &self.revocations else {
+            return Ok(0);
+        };
+        let mut cursor = feed.cursor.lock().await;
+        let mut added = 0;
+        for _ in 0..REVOCATION_PAGES_PER_POLL {
+            let uri = match cursor.as_deref() {
+                None => feed.uri.clone(),
+                Some(after) => with_query(&feed.uri, "after", after)?,
+            };
+            let request = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
+            let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, feed.client.request(request))
+                .await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("status {}", response.status()));
+            }
+            let bytes: Bytes = tokio::time::timeout(
+                JWKS_FETCH_TIMEOUT,
+                Limited::new(response.into_body(), REVOCATIONS_BYTES_MAX).collect(),
+            )
+            .await
+            .map_err(|_| "timed out reading the body".to_owned())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+            let page: FeedPage = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            let now = unix_now();
+            let leeway = self.checks.leeway_s;
+            let current = feed.revoked.load();
+            let mut revoked: HashMap<Box<str>, u64> = current
+                .iter()
+                .filter(|(_, exp)| exp.saturating_add(leeway) >= now)
+                .map(|(jti, exp)| (jti.clone(), *exp))
+                .collect();
+            let mut dropped = 0_usize;
+            for entry in page.revoked {
+                if entry.exp.saturating_add(leeway) < now
+                    || revoked.contains_key(entry.jti.as_str())
+                {
+                    continue;
+                }
+                if revoked.len() >= feed.entries_max {
+                    dropped += 1;
+                    continue;
+                }
+                revoked.insert(entry.jti.into_boxed_str(), entry.exp);
+                added += 1;
+            }
+            if dropped > 0 {
+                tracing::error!(
+                    policy = %self.name, dropped, limit = feed.entries_max,
+                    "revoked_entries_max reached: some revoked tokens are accepted until they expire"
+                );
+            }
+            feed.revoked.store(Arc::new(revoked));
+            *cursor = Some(page.next);
+            if !page.more {
+                break;
+            }
+        }
+        if added > 0 {
+            tracing::debug!(policy = %self.name, added, "revocations polled");
+        }
+        Ok(added)
+    }
+
+    /// `identity`, unless the feed has revoked its token.
+    fn unless_revoked(&self, identity: Arc<Identity>) -> Result<Arc<Identity>, String> {
+        if let (Some(feed), Some(jti)) = (&self.revocations, identity.token_id.as_deref())
+            && feed.revoked.load().contains_key(jti)
+        {
+            return Err("token revoked".to_owned());
+        }
+        Ok(identity)
     }
 
     /// Replaces the key set: static keys plus `fetched`.
@@ -221,7 +363,19 @@ impl JwtPolicy {
                 set.by_kid.insert(kid, entry);
             }
         }
-        self.keys.store(Arc::new(set));
+        let previous = self.keys.swap(Arc::new(set));
+        let current = self.keys.load();
+        let key_gone = previous
+            .by_kid
+            .keys()
+            .any(|kid| !current.by_kid.contains_key(kid))
+            || (previous.only.is_some() && current.only.is_none());
+        if key_gone {
+            // A token verified with a key the issuer no longer publishes (a retired or leaked
+            // key) must not keep passing from the cache until it expires.
+            self.cache.clear();
+            tracing::info!(policy = %self.name, "a signing key was withdrawn; verified tokens forgotten");
+        }
     }
 
     async fn fetch_jwks(&self) -> Result<usize, String> {
@@ -331,7 +485,7 @@ impl JwtPolicy {
             return Err("token too long".to_owned());
         }
         if let Some(identity) = self.cached(token) {
-            return Ok(identity);
+            return self.unless_revoked(identity);
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| "malformed token or unsupported algorithm".to_owned())?;
@@ -361,11 +515,15 @@ impl JwtPolicy {
                 .to_owned()
             })?;
         let claims = data.claims;
+        // jsonwebtoken checks only the registered claims it validates; `jti` is ours to check.
+        if self.checks.require_jti && !claims.get("jti").is_some_and(Value::is_string) {
+            return Err("a required claim is missing".to_owned());
+        }
         let identity = Arc::new(self.identity(&claims));
         if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
             self.cache.insert(token, exp, Arc::clone(&identity));
         }
-        Ok(identity)
+        self.unless_revoked(identity)
     }
 
     /// The cached identity of an already verified, unexpired token (the hot path of
@@ -420,6 +578,7 @@ impl JwtPolicy {
             .collect();
         Identity {
             subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+            token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
             api_key_id: None,
             scopes,
             roles,
@@ -444,6 +603,48 @@ fn spawn_refresh(policy: &Arc<JwtPolicy>) {
             }
         }
     });
+}
+
+fn spawn_revocation_polls(policy: &Arc<JwtPolicy>) {
+    let weak: Weak<JwtPolicy> = Arc::downgrade(policy);
+    let Some(refresh) = policy.revocations.as_ref().map(|r| r.refresh) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(refresh).await;
+            let Some(policy) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = policy.poll_revocations().await {
+                tracing::warn!(policy = %policy.name, error = %e, "revocation poll failed");
+            }
+        }
+    });
+}
+
+/// `uri` with `name=value` added to its query (`value` percent-encoded).
+fn with_query(uri: &http::Uri, name: &str, value: &str) -> Result<http::Uri, String> {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    let path = uri.path();
+    let query = match uri.query() {
+        Some(q) if !q.is_empty() => format!("{q}&{name}={encoded}"),
+        _ => format!("{name}={encoded}"),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        format!("{path}?{query}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?,
+    );
+    http::Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 
 pub(super) fn unix_now() -> u64 {

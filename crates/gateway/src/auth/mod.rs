@@ -30,6 +30,8 @@ pub(crate) use jwt::JwtPolicy;
 pub(crate) struct Identity {
     /// JWT `sub`, or the API key's id.
     pub(crate) subject: Option<String>,
+    /// JWT `jti`: what a revocation names.
+    pub(crate) token_id: Option<Box<str>>,
     /// The API key's id, when authenticated by key.
     pub(crate) api_key_id: Option<String>,
     scopes: Vec<String>,

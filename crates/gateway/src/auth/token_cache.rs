@@ -78,6 +78,13 @@ impl TokenCache {
         Some(Arc::clone(&cached.identity))
     }
 
+    /// Forgets every cached token (a key they may have been verified with is gone).
+    pub(super) fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+
     pub(super) fn insert(&self, token: &str, exp: u64, identity: Arc<Identity>) {
         let Some((hash, shard)) = self.locate(token) else {
             return;

@@ -8,7 +8,8 @@ use crate::error::ConfigError;
 
 use super::{
     JWKS_REFETCH_MIN_INTERVAL_MS_DEFAULT, JWKS_REFRESH_MS_DEFAULT, JWT_LEEWAY_S_DEFAULT,
-    TIMEOUT_MS_CEILING, TOKEN_CACHE_ENTRIES_DEFAULT, header_name, invalid, range,
+    REVOCATIONS_REFRESH_MS_DEFAULT, REVOKED_ENTRIES_MAX_DEFAULT, TIMEOUT_MS_CEILING,
+    TOKEN_CACHE_ENTRIES_DEFAULT, header_name, invalid, range,
 };
 
 /// `[auth.NAME]`: an authentication policy.
@@ -52,6 +53,19 @@ pub struct JwtConfig {
     /// Verified tokens cached.
     #[serde(default = "default_token_cache_entries")]
     pub token_cache_entries: usize,
+    /// A revocation feed URL (`http://`): polled every `revocations_refresh_ms`; a token
+    /// whose `jti` it lists is refused until it expires. With a feed, tokens must carry `jti`.
+    /// The feed answers `GET URL?after=CURSOR` (no `after` at first) with
+    /// `{"revoked": [{"jti": "…", "exp": UNIX_SECONDS}], "next": "CURSOR", "more": BOOL}`.
+    #[serde(default)]
+    pub revocations_url: Option<String>,
+    /// Revocation feed poll interval, milliseconds: how long a revoked token may still pass.
+    #[serde(default = "default_revocations_refresh_ms")]
+    pub revocations_refresh_ms: u64,
+    /// Most revoked tokens remembered; beyond it the feed's newest are dropped and logged
+    /// (a revoked token may then pass until it expires).
+    #[serde(default = "default_revoked_entries_max")]
+    pub revoked_entries_max: usize,
 }
 
 fn default_jwks_refresh_ms() -> u64 {
@@ -65,6 +79,12 @@ fn default_leeway_s() -> u64 {
 }
 fn default_token_cache_entries() -> usize {
     TOKEN_CACHE_ENTRIES_DEFAULT
+}
+fn default_revocations_refresh_ms() -> u64 {
+    REVOCATIONS_REFRESH_MS_DEFAULT
+}
+fn default_revoked_entries_max() -> usize {
+    REVOKED_ENTRIES_MAX_DEFAULT
 }
 
 /// One static JWT verification key.
@@ -124,18 +144,34 @@ impl JwtConfig {
         if self.jwks_url.is_none() && self.keys.is_empty() {
             return Err(invalid(key, "a jwt policy needs `jwks_url` or `keys`"));
         }
-        if let Some(url) = &self.jwks_url {
+        for (field, url) in [
+            ("jwks_url", &self.jwks_url),
+            ("revocations_url", &self.revocations_url),
+        ] {
+            let Some(url) = url else { continue };
             let ok = url
                 .parse::<http::Uri>()
                 .ok()
                 .is_some_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
             if !ok {
                 return Err(invalid(
-                    &format!("{key}.jwks_url"),
+                    &format!("{key}.{field}"),
                     "expected an http:// URL (the gateway has no TLS client)",
                 ));
             }
         }
+        range(
+            &format!("{key}.revocations_refresh_ms"),
+            self.revocations_refresh_ms,
+            100,
+            TIMEOUT_MS_CEILING,
+        )?;
+        range(
+            &format!("{key}.revoked_entries_max"),
+            self.revoked_entries_max as u64,
+            1,
+            100_000_000,
+        )?;
         for (i, static_key) in self.keys.iter().enumerate() {
             static_key.validate(&format!("{key}.keys[{i}]"))?;
         }

@@ -92,6 +92,10 @@ pub const JWT_LEEWAY_S_DEFAULT: u64 = 30;
 pub const JWKS_REFRESH_MS_DEFAULT: u64 = 300_000;
 /// Default minimum time between two JWKS fetches caused by unknown `kid`s, in milliseconds.
 pub const JWKS_REFETCH_MIN_INTERVAL_MS_DEFAULT: u64 = 10_000;
+/// Default revocation feed poll interval, in milliseconds.
+pub const REVOCATIONS_REFRESH_MS_DEFAULT: u64 = 1_000;
+/// Default most revoked tokens remembered per policy.
+pub const REVOKED_ENTRIES_MAX_DEFAULT: usize = 1_000_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
