@@ -19,6 +19,10 @@
 #                             not 405;
 #   the stateful ones         (use_after_free, ensure_resource_availability, ...) need links
 #                             between operations the document does not declare.
+# Operations left out: POST /api/auth/logout and POST /api/auth/keys/rotate end the run's own
+# credential (a logout revokes the admin's token; a rotation with `retire_previous` withdraws
+# the key that signed it), after which every other operation could only be checked for 401.
+# shop/users/tests/it/sessions.rs tests both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -113,6 +117,8 @@ status=0
   --url "$base" \
   -H "Authorization: Bearer $token" \
   --checks "$CHECKS" \
+  --exclude-path /api/auth/logout \
+  --exclude-path /api/auth/keys/rotate \
   --mode all \
   --phases examples,coverage,fuzzing \
   --max-examples "$EXAMPLES" \

@@ -44,6 +44,9 @@ jwks_refetch_min_interval_ms = 1000
 issuers = ["trellis-shop"]
 audiences = ["trellis-shop"]
 claims_to_headers = {{ sub = "x-user-id", role = "x-user-role" }}
+# A logout (or a reused refresh token) is refused here within half a second.
+revocations_url = "http://{users}/api/auth/revocations"
+revocations_refresh_ms = 500
 
 [rate_limits.per_user]
 key = "jwt_sub"
@@ -106,6 +109,23 @@ path_exact = "/api/auth/token"
 methods = ["POST"]
 cluster = "users"
 rate_limit = "login_per_address""#,
+        r#"name = "refresh"
+path_exact = "/api/auth/refresh"
+methods = ["POST"]
+cluster = "users"
+rate_limit = "login_per_address""#,
+        r#"name = "logout"
+path_exact = "/api/auth/logout"
+methods = ["POST"]
+cluster = "users"
+auth = ["shop"]
+rate_limit = "per_user""#,
+        r#"name = "rotate-key"
+path_exact = "/api/auth/keys/rotate"
+methods = ["POST"]
+cluster = "users"
+auth = ["shop"]
+required_roles = ["admin"]"#,
         r#"name = "me"
 path_exact = "/api/users/me"
 methods = ["GET"]

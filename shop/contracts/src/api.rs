@@ -80,6 +80,48 @@ pub struct TokenResponse {
     pub token_type: String,
     /// Seconds until it expires.
     pub expires_in: u64,
+    /// An opaque token for `POST /api/auth/refresh`: used once, it is exchanged for a new
+    /// access token and a new refresh token; presented a second time, it ends the session.
+    /// Empty from an issuer without sessions.
+    #[serde(default)]
+    pub refresh_token: String,
+    /// Seconds until the refresh token (and so the session) expires.
+    #[serde(default)]
+    pub refresh_expires_in: u64,
+}
+
+/// `POST /api/auth/refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token of the last token answer.
+    pub refresh_token: String,
+}
+
+/// `POST /api/auth/keys/rotate` (admin).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKeyRequest {
+    /// Seconds from now until the new key starts signing (it is published at once, so every
+    /// verifier knows it first); the service's default when absent.
+    #[serde(default)]
+    pub activate_in_s: Option<u64>,
+    /// Stop publishing every older key at once, so every token they signed is refused (for a
+    /// key that leaked). Without it, an older key stays published until the tokens it signed
+    /// have expired.
+    #[serde(default)]
+    pub retire_previous: bool,
+}
+
+/// The answer to `POST /api/auth/keys/rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RotatedKey {
+    /// The new key's id (the `kid` of the tokens it signs).
+    pub kid: String,
+    /// When it starts signing, Unix seconds.
+    pub active_from: u64,
+    /// How many older keys were retired at once.
+    pub retired: u64,
 }
 
 /// A product in a listing.

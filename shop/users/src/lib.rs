@@ -3,10 +3,14 @@
 //!
 //! - `POST /api/users` registers a customer (emails compared case-insensitively, passwords
 //!   hashed with Argon2id on the blocking pool); `POST /api/auth/token` trades an email and
-//!   password for a one-hour EdDSA JWT; `GET /api/users/me` shows the caller's profile.
+//!   password for a 15-minute EdDSA JWT and a refresh token; `POST /api/auth/refresh` rotates
+//!   the refresh token (a reused one ends the session); `POST /api/auth/logout` ends the
+//!   session; `GET /api/users/me` shows the caller's profile (module `sessions`).
 //! - `GET /.well-known/jwks.json` publishes the Ed25519 public keys the gateway verifies
 //!   tokens with. The signing key is generated on first start and kept in the service's
-//!   database, so a restart keeps issued tokens valid.
+//!   database, so a restart keeps issued tokens valid; it is rotated every 30 days or by an
+//!   administrator (`POST /api/auth/keys/rotate`), with an overlap (module `keys`).
+//! - `GET /api/auth/revocations` lists revoked access tokens for the gateway to refuse.
 //! - gRPC `Users.GetUser` lets other services look a user up.
 //! - [`ensure_admin`] creates the administrator account `trellis up` starts with.
 //!
@@ -39,6 +43,7 @@ mod grpc;
 mod keys;
 mod password;
 mod rest;
+mod sessions;
 mod store;
 
 use std::sync::Arc;
@@ -46,7 +51,11 @@ use std::sync::Arc;
 use axum::Router;
 use trellis_service::{Db, OpenError};
 
-pub use keys::{AUDIENCE, ISSUER, TOKEN_LIFETIME_S};
+pub use keys::{
+    AUDIENCE, ISSUER, KEY_ACTIVATION_DELAY_S, KEY_OVERLAP_S, KEY_ROTATE_AFTER_S,
+    KEYS_RELOAD_INTERVAL, TOKEN_LEEWAY_S, TOKEN_LIFETIME_S,
+};
+pub use sessions::REFRESH_LIFETIME_S;
 
 /// Shortest password accepted, in characters.
 pub const PASSWORD_CHARS_MIN: usize = 8;
@@ -121,11 +130,12 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         "Token requests, by outcome (ok, refused, limited)"
     );
     let db = open(&config.database_url).await?;
-    let keys = keys::KeyRing::load_or_create(&db).await?;
+    let keys = Arc::new(keys::KeyRing::load_or_create(&db).await?);
+    keys::spawn_upkeep(&keys);
     let hasher = password::Hasher::new().await?;
     let state = State {
         db: db.clone(),
-        keys: Arc::new(keys),
+        keys,
         hasher: Arc::new(hasher),
         attempts: Arc::new(attempts::LoginAttempts::new()),
     };

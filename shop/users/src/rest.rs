@@ -1,27 +1,44 @@
-//! REST handlers: registration, tokens, the caller's profile, the JWKS, `/openapi.json`.
+//! REST handlers: registration, sessions (token, refresh, logout), the caller's profile, the
+//! signing keys (JWKS, rotation), the revocation feed, `/openapi.json`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State as AxumState};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Query, State as AxumState};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use shop_contracts::api::{ErrorBody, RegisterUser, TokenRequest, TokenResponse, UserView};
+use shop_contracts::api::{
+    ErrorBody, RefreshRequest, RegisterUser, RotateKeyRequest, RotatedKey, TokenRequest,
+    TokenResponse, UserView,
+};
 use trellis_service::{ApiError, ApiJson, Caller, ROLE_CUSTOMER};
 use utoipa::OpenApi;
 
+use crate::keys::KEY_ACTIVATION_DELAY_S;
 use crate::password::HashError;
+use crate::sessions;
 use crate::store::{self, InsertError, NewUser, User};
 use crate::{
     BODY_BYTES_MAX, EMAIL_BYTES_MAX, NAME_CHARS_MAX, PASSWORD_CHARS_MAX, PASSWORD_CHARS_MIN, State,
-    TOKEN_LIFETIME_S,
 };
+
+/// Longest activation delay a rotation accepts, seconds (a day).
+const KEY_ACTIVATION_DELAY_S_MAX: u64 = 24 * 3600;
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(register, token, me, jwks),
-    components(schemas(RegisterUser, UserView, TokenRequest, TokenResponse, ErrorBody))
+    paths(register, token, refresh, logout, me, jwks, rotate_key),
+    components(schemas(
+        RegisterUser,
+        UserView,
+        TokenRequest,
+        TokenResponse,
+        RefreshRequest,
+        RotateKeyRequest,
+        RotatedKey,
+        ErrorBody
+    ))
 )]
 struct ApiDoc;
 
@@ -33,6 +50,10 @@ pub(crate) fn router(state: State) -> Router {
     Router::new()
         .route("/api/users", post(register))
         .route("/api/auth/token", post(token))
+        .route("/api/auth/refresh", post(refresh))
+        .route("/api/auth/logout", post(logout))
+        .route("/api/auth/keys/rotate", post(rotate_key))
+        .route("/api/auth/revocations", get(revocations))
         .route("/api/users/me", get(me))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
@@ -84,6 +105,13 @@ pub(crate) fn validate_registration(
             format!("password must have at most {PASSWORD_CHARS_MAX} characters"),
         ));
     }
+    if is_common_password(password) || password.trim().to_lowercase() == email {
+        return Err((
+            "password_too_common",
+            "password is one of the most common passwords (or the email): choose another"
+                .to_owned(),
+        ));
+    }
     let name = name.trim();
     if name.is_empty() || name.chars().count() > NAME_CHARS_MAX {
         return Err((
@@ -95,6 +123,24 @@ pub(crate) fn validate_registration(
         email,
         name: name.to_owned(),
     })
+}
+
+/// The 10,000 most common passwords long enough to pass the length check, lowercased (the
+/// file says where they come from).
+static COMMON_PASSWORDS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        include_str!("common_passwords.txt")
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    });
+
+/// Whether `password`, ignoring case, is on the common-password list (NIST SP 800-63B's
+/// "passwords obtained from previous breach corpuses" and "commonly-used" check; we add no
+/// composition rules, which that guidance advises against).
+pub(crate) fn is_common_password(password: &str) -> bool {
+    COMMON_PASSWORDS.contains(&password.to_lowercase())
 }
 
 fn view(user: &User) -> UserView {
@@ -122,7 +168,7 @@ fn hash_error(e: HashError) -> ApiError {
     request_body = RegisterUser,
     responses(
         (status = 201, description = "Registered", body = UserView),
-        (status = 400, description = "Bad email (`invalid_email`), password (`password_too_short`, `password_too_long`) or name (`invalid_name`); a body that is not JSON of this shape (`invalid_json`)", body = ErrorBody),
+        (status = 400, description = "Bad email (`invalid_email`), password (`password_too_short`, `password_too_long`, `password_too_common`: one of the 10,000 most common passwords, or the email) or name (`invalid_name`); a body that is not JSON of this shape (`invalid_json`)", body = ErrorBody),
         (status = 409, description = "The email is taken (`email_taken`)", body = ErrorBody),
         (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
@@ -177,7 +223,7 @@ fn invalid_credentials() -> ApiError {
     post, path = "/api/auth/token", tag = "users",
     request_body = TokenRequest,
     responses(
-        (status = 200, description = "A one-hour EdDSA JWT", body = TokenResponse),
+        (status = 200, description = "A 15-minute EdDSA JWT and a refresh token that gets the next one", body = TokenResponse),
         (status = 400, description = "The body is not JSON of this shape (`invalid_json`)", body = ErrorBody),
         (status = 401, description = "Wrong email or password (`invalid_credentials`)", body = ErrorBody),
         (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
@@ -255,15 +301,109 @@ async fn token_inner(state: &State, body: TokenRequest) -> Result<Json<TokenResp
         return Err(invalid_credentials().into());
     };
     metrics::counter!("shop_users_logins_total", "outcome" => "ok").increment(1);
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let access_token = state.keys.issue(&user, now_s).map_err(ApiError::internal)?;
-    Ok(Json(TokenResponse {
-        access_token,
-        token_type: "Bearer".to_owned(),
-        expires_in: TOKEN_LIFETIME_S,
+    Ok(Json(sessions::start(state, &user).await?))
+}
+
+/// Trades a refresh token for a new access token and a new refresh token.
+#[utoipa::path(
+    post, path = "/api/auth/refresh", tag = "users",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "The next access token and refresh token of the session; the one sent is spent", body = TokenResponse),
+        (status = 400, description = "The body is not JSON of this shape (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Unknown or expired (`invalid_refresh_token`), its session ended (`session_revoked`), or used before (`refresh_token_reused`: the session is now ended)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+    )
+)]
+async fn refresh(
+    AxumState(state): AxumState<State>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    Ok(Json(sessions::refresh(&state, &body.refresh_token).await?))
+}
+
+/// Ends the caller's session: the access token sent and every token of its session are
+/// refused from now on.
+#[utoipa::path(
+    post, path = "/api/auth/logout", tag = "users",
+    responses(
+        (status = 204, description = "The session is ended"),
+        (status = 401, description = "No verified caller, or no access token of this service (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "The access token is not the caller's (`forbidden`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+    )
+)]
+async fn logout(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| ApiError::unauthenticated("logout needs the session's access token"))?;
+    sessions::logout(&state, &caller, bearer).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stores a new signing key (admin).
+#[utoipa::path(
+    post, path = "/api/auth/keys/rotate", tag = "users",
+    request_body = RotateKeyRequest,
+    responses(
+        (status = 200, description = "The new key, published now, signing from `active_from`", body = RotatedKey),
+        (status = 400, description = "`activate_in_s` above a day (`invalid_delay`), or the body is not JSON of this shape (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "No verified caller (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "The caller is not an administrator (`forbidden`)", body = ErrorBody),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+    )
+)]
+async fn rotate_key(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    ApiJson(body): ApiJson<RotateKeyRequest>,
+) -> Result<Json<RotatedKey>, ApiError> {
+    caller.require_admin()?;
+    let delay_s = body.activate_in_s.unwrap_or(KEY_ACTIVATION_DELAY_S);
+    if delay_s > KEY_ACTIVATION_DELAY_S_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_delay",
+            format!("activate_in_s must be at most {KEY_ACTIVATION_DELAY_S_MAX}"),
+        ));
+    }
+    let rotation = state
+        .keys
+        .rotate(Duration::from_secs(delay_s), body.retire_previous)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::warn!(actor = %caller.user_id, kid = %rotation.kid, "signing key rotated by an administrator");
+    Ok(Json(RotatedKey {
+        kid: rotation.kid,
+        active_from: u64::try_from(rotation.active_from_ms / 1000).unwrap_or(0),
+        retired: rotation.retired,
     }))
+}
+
+/// `?after=` of the revocation feed.
+#[derive(Debug, serde::Deserialize)]
+struct FeedQuery {
+    after: Option<String>,
+}
+
+/// The revoked access tokens that have not expired (not routed by the gateway: the gateway
+/// polls it directly; see [`sessions`]).
+async fn revocations(
+    AxumState(state): AxumState<State>,
+    Query(query): Query<FeedQuery>,
+) -> Result<Json<sessions::Revocations>, ApiError> {
+    Ok(Json(
+        sessions::revocations(&state, query.after.as_deref()).await?,
+    ))
 }
 
 /// The caller's profile.
@@ -289,10 +429,13 @@ async fn me(
 /// The public keys tokens are signed with.
 #[utoipa::path(
     get, path = "/.well-known/jwks.json", tag = "users",
-    responses((status = 200, description = "A JWK set of Ed25519 keys", body = Object))
+    responses(
+        (status = 200, description = "A JWK set of Ed25519 keys: the signing key, a rotated key before it signs, and a replaced key until the tokens it signed expire", body = Object),
+        (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
+    )
 )]
-async fn jwks(AxumState(state): AxumState<State>) -> Json<serde_json::Value> {
-    Json(state.keys.jwks().clone())
+async fn jwks(AxumState(state): AxumState<State>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(state.keys.jwks().await.map_err(ApiError::internal)?))
 }
 
 #[cfg(test)]
@@ -301,9 +444,27 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lowercased() {
-        let v = validate_registration("  Ann@Example.COM ", "password1", " Ann ").unwrap();
+        let v = validate_registration("  Ann@Example.COM ", "ample-sofa-1", " Ann ").unwrap();
         assert_eq!(v.email, "ann@example.com");
         assert_eq!(v.name, "Ann");
+    }
+
+    #[test]
+    fn common_passwords_are_refused_whatever_their_case() {
+        for password in [
+            "password",
+            "Password1",
+            "QWERTYUIOP",
+            "iloveyou",
+            "trustno1",
+        ] {
+            let refused = validate_registration("ann@example.com", password, "Ann");
+            assert_eq!(refused.unwrap_err().0, "password_too_common", "{password}");
+        }
+        let refused = validate_registration("ann@example.com", "ANN@example.com", "Ann");
+        assert_eq!(refused.unwrap_err().0, "password_too_common");
+        validate_registration("ann@example.com", "ample-sofa-1", "Ann")
+            .expect("an uncommon password passes");
     }
 
     #[test]
@@ -318,7 +479,7 @@ mod tests {
             "a@b@c.com",
             "ann@.com",
         ] {
-            let err = validate_registration(email, "password1", "Ann").unwrap_err();
+            let err = validate_registration(email, "ample-sofa-1", "Ann").unwrap_err();
             assert_eq!(err.0, "invalid_email", "{email}");
         }
     }

@@ -33,8 +33,8 @@ async fn bad_registrations_name_the_problem(service: Service) {
     let long_name = "n".repeat(101);
     let long_password = "p".repeat(129);
     let cases = [
-        ("not-an-email", "password1", "Ann", "invalid_email"),
-        ("ann@", "password1", "Ann", "invalid_email"),
+        ("not-an-email", "ample-sofa-1", "Ann", "invalid_email"),
+        ("ann@", "ample-sofa-1", "Ann", "invalid_email"),
         ("ann@example.com", "short7!", "Ann", "password_too_short"),
         (
             "ann@example.com",
@@ -42,10 +42,10 @@ async fn bad_registrations_name_the_problem(service: Service) {
             "Ann",
             "password_too_long",
         ),
-        ("ann@example.com", "password1", "   ", "invalid_name"),
+        ("ann@example.com", "ample-sofa-1", "   ", "invalid_name"),
         (
             "ann@example.com",
-            "password1",
+            "ample-sofa-1",
             long_name.as_str(),
             "invalid_name",
         ),
@@ -63,7 +63,7 @@ async fn bad_registrations_name_the_problem(service: Service) {
     let unknown_field = service
         .post(
             "/api/users",
-            json!({"email": "bob@example.com", "password": "password1", "name": "Bob", "role": "admin"}),
+            json!({"email": "bob@example.com", "password": "ample-sofa-1", "name": "Bob", "role": "admin"}),
         )
         .await;
     assert_eq!(unknown_field.status, StatusCode::BAD_REQUEST);
@@ -74,7 +74,7 @@ on_both!(bad_registrations_name_the_problem);
 /// `GET /api/users/me` shows the caller; 401 without a caller; 404 for a vanished account.
 async fn me_shows_the_caller(service: Service) {
     let created = service
-        .register("cy@example.com", "password1", "Cy")
+        .register("cy@example.com", "ample-sofa-1", "Cy")
         .await
         .body;
     let id = created["id"].as_str().unwrap();
@@ -125,10 +125,10 @@ async fn ensure_admin_creates_once(service: Service) {
 
     // An existing customer is not promoted.
     service
-        .register("cust@example.com", "password1", "Cust")
+        .register("cust@example.com", "ample-sofa-1", "Cust")
         .await;
     assert!(
-        !shop_users::ensure_admin(&service.db, "cust@example.com", "password1", "Cust")
+        !shop_users::ensure_admin(&service.db, "cust@example.com", "ample-sofa-1", "Cust")
             .await
             .unwrap()
     );
@@ -149,7 +149,7 @@ async fn ensure_admin_creates_once(service: Service) {
                 if role == "admin" {
                     "admin password"
                 } else {
-                    "password1"
+                    "ample-sofa-1"
                 },
             )
             .await;
@@ -173,7 +173,7 @@ on_both!(ensure_admin_creates_once);
 /// gRPC GetUser: the user, NOT_FOUND for an unknown id, INVALID_ARGUMENT for an empty one.
 async fn grpc_get_user(service: Service) {
     let created = service
-        .register("dee@example.com", "password1", "Dee")
+        .register("dee@example.com", "ample-sofa-1", "Dee")
         .await
         .body;
     let mut grpc = service.grpc();

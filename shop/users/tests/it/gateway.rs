@@ -34,6 +34,65 @@ impl GatewayHooks for SignIdentity {
     }
 }
 
+/// A gateway in front of `users` as the shop configures it for sessions: tokens checked
+/// against the JWKS (refetched on any unknown kid, refreshed every second) and the
+/// revocation feed (polled every 100 ms); answers its address and its stop switch.
+pub(crate) async fn session_gateway(
+    users: &crate::helpers::Service,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_toml(&format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+
+        [clusters.users]
+        endpoints = ["{addr}"]
+
+        [auth.users]
+        type = "jwt"
+        jwks_url = "http://{addr}/.well-known/jwks.json"
+        jwks_refresh_ms = 1000
+        jwks_refetch_min_interval_ms = 0
+        issuers = ["trellis-shop"]
+        audiences = ["trellis-shop"]
+        claims_to_headers = {{ sub = "x-user-id", role = "x-user-role" }}
+        revocations_url = "http://{addr}/api/auth/revocations"
+        revocations_refresh_ms = 100
+
+        [[routes]]
+        name = "open"
+        path_prefix = "/api/auth/token"
+        cluster = "users"
+
+        [[routes]]
+        name = "refresh"
+        path_prefix = "/api/auth/refresh"
+        cluster = "users"
+
+        [[routes]]
+        name = "authenticated"
+        path_prefix = "/api"
+        cluster = "users"
+        auth = ["users"]
+        "#,
+        addr = users.addr,
+    ))
+    .expect("gateway config");
+    let gateway = Gateway::from_config(config)
+        .await
+        .expect("gateway")
+        .with_hooks(std::sync::Arc::new(SignIdentity(
+            crate::helpers::key().signer("gateway"),
+        )));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
 /// A token from `/api/auth/token` passes a gateway route that requires a JWT (the gateway
 /// fetched the key from `/.well-known/jwks.json` and forwards the caller's id and role); a
 /// tampered or missing token is 401; a route requiring the admin role admits an admin's
@@ -86,10 +145,10 @@ async fn the_gateway_accepts_issued_tokens_and_refuses_tampered_ones() {
     }));
 
     let user = users
-        .register("hal@example.com", "password1", "Hal")
+        .register("hal@example.com", "ample-sofa-1", "Hal")
         .await
         .body;
-    let token = users.login("hal@example.com", "password1").await.body["access_token"]
+    let token = users.login("hal@example.com", "ample-sofa-1").await.body["access_token"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -5,4 +5,5 @@
 mod accounts;
 mod gateway;
 mod helpers;
+mod sessions;
 mod tokens;

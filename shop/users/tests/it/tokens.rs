@@ -25,17 +25,19 @@ pub(crate) async fn verified_claims(service: &Service, token: &str) -> Value {
         .claims
 }
 
-/// A login answers a one-hour Bearer token whose claims name the user; emails match in any
-/// case.
+/// A login answers a 15-minute Bearer token whose claims name the user, the token (`jti`) and
+/// its session (`sid`), and a refresh token; emails match in any case.
 async fn login_issues_verifiable_tokens(service: Service) {
     let user = service
-        .register("eve@example.com", "password1", "Eve")
+        .register("eve@example.com", "ample-sofa-1", "Eve")
         .await
         .body;
-    let answer = service.login("EVE@example.com ", "password1").await;
+    let answer = service.login("EVE@example.com ", "ample-sofa-1").await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(answer.body["token_type"], "Bearer");
-    assert_eq!(answer.body["expires_in"], 3600);
+    assert_eq!(answer.body["expires_in"], 900);
+    assert_eq!(answer.body["refresh_expires_in"], 30 * 24 * 3600);
+    assert!(answer.body["refresh_token"].as_str().unwrap().len() >= 43);
     let claims = verified_claims(&service, answer.body["access_token"].as_str().unwrap()).await;
     assert_eq!(claims["sub"], user["id"]);
     assert_eq!(claims["email"], "eve@example.com");
@@ -46,7 +48,8 @@ async fn login_issues_verifiable_tokens(service: Service) {
         claims["iat"].as_u64().unwrap(),
         claims["exp"].as_u64().unwrap(),
     );
-    assert_eq!(exp - iat, 3600);
+    assert_eq!(exp - iat, 900);
+    assert!(claims["jti"].is_string() && claims["sid"].is_string());
 
     let jwks = service.jwks().await;
     let key = &jwks["keys"][0];
@@ -61,10 +64,10 @@ on_both!(login_issues_verifiable_tokens);
 /// A wrong password and an unknown email get the same 401.
 async fn bad_credentials_are_indistinguishable(service: Service) {
     service
-        .register("fay@example.com", "password1", "Fay")
+        .register("fay@example.com", "ample-sofa-1", "Fay")
         .await;
     let wrong = service.login("fay@example.com", "password2").await;
-    let unknown = service.login("nobody@example.com", "password1").await;
+    let unknown = service.login("nobody@example.com", "ample-sofa-1").await;
     for answer in [&wrong, &unknown] {
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
         assert_eq!(answer.code(), "invalid_credentials");
@@ -79,9 +82,9 @@ on_both!(bad_credentials_are_indistinguishable);
 /// issued before still verify.
 async fn restarts_keep_tokens_valid(service: Service) {
     service
-        .register("gus@example.com", "password1", "Gus")
+        .register("gus@example.com", "ample-sofa-1", "Gus")
         .await;
-    let token = service.login("gus@example.com", "password1").await.body["access_token"]
+    let token = service.login("gus@example.com", "ample-sofa-1").await.body["access_token"]
         .as_str()
         .unwrap()
         .to_owned();
