@@ -334,6 +334,13 @@ pub(crate) struct ServeArgs {
     /// are not served on the public listener.
     #[arg(long, default_value = "127.0.0.1:8089")]
     operator_listen: SocketAddr,
+    /// For `gateway`: serve HTTPS with this PEM certificate chain (with `--tls-key`); the
+    /// files are read again on SIGHUP, so a renewed certificate needs no restart.
+    #[arg(long, env = "TRELLIS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// For `gateway`: the PEM private key of `--tls-cert`.
+    #[arg(long, env = "TRELLIS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Where the service key lives when TRELLIS_SERVICE_KEY is unset: DATA_DIR/service.key,
     /// created by the first process that needs it. The gateway and every service of one shop
     /// must share it (copy the file, or set the variable, on every machine).
@@ -381,6 +388,9 @@ impl ServeArgs {
     }
 
     pub(crate) async fn run(self) -> anyhow::Result<()> {
+        if self.tls_cert.is_some() && self.name != "gateway" {
+            bail!("--tls-cert and --tls-key are for `serve gateway`; services speak plain HTTP");
+        }
         let peers: BTreeMap<String, String> = self.peers.iter().cloned().collect();
         if let Some(bus) = &self.bus
             && !(bus.starts_with("nats://") || bus.starts_with("sqlite://") || bus == "memory://")
@@ -420,12 +430,17 @@ impl ServeArgs {
                 };
                 addrs.insert(*name, addr);
             }
-            let config = trellis_gateway::Config::from_toml(&shop_app::config_toml(
-                listen,
-                self.operator_listen,
-                &addrs,
-            ))
-            .context("the shop's gateway configuration")?;
+            let mut toml = shop_app::config_toml(listen, self.operator_listen, &addrs);
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                // JSON string syntax is TOML basic-string syntax for any path.
+                toml.push_str(&format!(
+                    "\n[server.tls]\ncert_file = {}\nkey_file = {}\n",
+                    serde_json::to_string(&cert.display().to_string())?,
+                    serde_json::to_string(&key.display().to_string())?,
+                ));
+            }
+            let config = trellis_gateway::Config::from_toml(&toml)
+                .context("the shop's gateway configuration")?;
             let mut gateway = trellis_gateway::Gateway::from_config(config)
                 .await
                 .context("starting the gateway")?
@@ -449,7 +464,13 @@ impl ServeArgs {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            println!("gateway listening on http://{listen}");
+            let scheme = if self.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            println!("gateway listening on {scheme}://{listen}");
+            reload_on_hangup(gateway.clone(), toml);
             let served = gateway
                 .serve(listener, serve_shutdown(self.exit_with_parent))
                 .await
@@ -486,3 +507,32 @@ impl ServeArgs {
         Ok(())
     }
 }
+
+/// On SIGHUP, reloads the gateway's configuration `toml` (the same routes; the TLS
+/// certificate and key files are read again): a renewed certificate without a restart. A
+/// reload that fails is logged and the running configuration and certificate stay.
+#[cfg(unix)]
+fn reload_on_hangup(gateway: trellis_gateway::Gateway, toml: String) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP; certificate reloads need a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let reloaded = match trellis_gateway::Config::from_toml(&toml) {
+                Ok(config) => gateway.reload(config).await.map_err(anyhow::Error::from),
+                Err(error) => Err(anyhow::Error::from(error)),
+            };
+            match reloaded {
+                Ok(()) => tracing::info!("SIGHUP: gateway configuration and certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "SIGHUP: reload refused; the running one stays")
+                }
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup(_gateway: trellis_gateway::Gateway, _toml: String) {}

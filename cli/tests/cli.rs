@@ -1270,3 +1270,145 @@ async fn chaos_targets_a_running_shop_by_its_urls() {
         "{report}"
     );
 }
+
+/// A TLS connection to `addr` trusting the gateway tests' CA; the leaf certificate it
+/// presented and the stream.
+async fn tls_connect(
+    addr: &str,
+) -> (
+    Vec<u8>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let ca = rustls::pki_types::CertificateDer::from_pem_file(tls_fixture("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("a TLS handshake with the gateway");
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (leaf, stream)
+}
+
+fn tls_fixture(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/gateway/tests/it/keys/tls")
+        .join(file)
+}
+
+fn leaf_of(file: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(tls_fixture(file))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_gateway_speaks_https_and_reloads_its_certificate_on_sighup() {
+    // Goal: the shop's gateway process serves HTTPS (HSTS on its answers) and a renewed
+    // certificate without a restart; method: `trellis serve gateway --tls-cert --tls-key`
+    // (its own /openapi.json needs no service), the files replaced, SIGHUP, a new connection.
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncBufReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(tls_fixture("first_cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("first_key.pem"), &key).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let operator = format!("127.0.0.1:{}", free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "serve",
+            "gateway",
+            "--listen",
+            &addr,
+            "--operator-listen",
+            &operator,
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("TRELLIS_SERVICE_KEY")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("gateway listening on https://") {
+                return;
+            }
+        }
+        panic!("the gateway ended its output");
+    })
+    .await
+    .expect("the gateway starts");
+
+    let (leaf, stream) = tls_connect(&addr).await;
+    assert_eq!(leaf, leaf_of("first_cert.pem"));
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/openapi.json")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.headers().contains_key("strict-transport-security"));
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"{"), "the OpenAPI document");
+
+    std::fs::copy(tls_fixture("second_cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("second_key.pem"), &key).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if tls_connect(&addr).await.0 == leaf_of("second_cert.pem") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate is not served after SIGHUP"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the gateway"
+    );
+    child.kill().await.unwrap();
+}

@@ -110,6 +110,7 @@ mod proxy;
 mod rate_limit;
 mod route;
 mod server;
+mod tls;
 mod upstream;
 
 pub use body::{BoxError, GatewayBody};

@@ -1,5 +1,6 @@
-//! The listener: accepting connections (HTTP/1.1 and h2c), client-side limits, graceful
-//! shutdown, configuration reload, and [`run`] for the CLI.
+//! The listener: accepting connections (HTTP/1.1 and h2c, or HTTPS with ALPN when
+//! `[server.tls]` is set), client-side limits, graceful shutdown, configuration reload, and
+//! [`run`] for the CLI.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use crate::config::{Config, ServerConfig};
 use crate::error::ConfigError;
 use crate::hooks::{GatewayHooks, NoHooks};
 use crate::proxy::{AdminPlacement, Shared, Table, handle, handle_admin};
+use crate::tls::Tls;
 
 /// Pause after a failed `accept` (for example out of file descriptors), so the loop does not
 /// spin.
@@ -60,6 +62,8 @@ impl GatewayError {
 pub struct Gateway {
     shared: Arc<Shared>,
     server: Arc<ServerConfig>,
+    /// The public listener's TLS, when `[server.tls]` is set.
+    tls: Option<Arc<Tls>>,
     /// One permit per open client connection (`server.max_connections`), shared by every
     /// clone, so worker threads and listeners count together.
     connections: Arc<Semaphore>,
@@ -87,13 +91,17 @@ impl Gateway {
     pub async fn from_config(config: Config) -> Result<Self, GatewayError> {
         crate::metric_help::describe();
         let table = Table::build(&config).await?;
+        let tls = config.server.tls.as_ref().map(Tls::load).transpose()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 table: arc_swap::ArcSwap::new(table),
                 hooks: Arc::new(NoHooks),
                 metrics: None,
                 admin: AdminPlacement::from_config(&config.server),
+                hsts: tls.as_ref().and_then(|t| t.hsts.clone()),
+                https: tls.is_some(),
             }),
+            tls: tls.map(Arc::new),
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
             admin_connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
             server: Arc::new(config.server),
@@ -126,11 +134,14 @@ impl Gateway {
             hooks: Arc::clone(&self.shared.hooks),
             metrics: self.shared.metrics.clone(),
             admin: self.shared.admin,
+            hsts: self.shared.hsts.clone(),
+            https: self.shared.https,
         };
         change(&mut shared);
         Self {
             shared: Arc::new(shared),
             server: self.server,
+            tls: self.tls,
             connections: self.connections,
             admin_connections: self.admin_connections,
         }
@@ -181,14 +192,20 @@ impl Gateway {
         }
     }
 
-    /// Swaps in routes, clusters, auth and rate-limit policies from `config`. Requests in
-    /// flight finish on the table they started with; the next request uses the new one.
-    /// `[server]` settings (listener, header limits) need a restart; the new ones are ignored.
+    /// Swaps in routes, clusters, auth and rate-limit policies from `config`, and reads the
+    /// TLS certificate and key files again (a renewed certificate). Requests in flight finish
+    /// on the table they started with; the next request uses the new one, the next
+    /// connection the new certificate. `[server]` settings (listener, header limits, the TLS
+    /// file names) need a restart; the new ones are ignored.
     ///
     /// # Errors
-    /// [`GatewayError::Config`] when the new configuration is invalid; the old one stays.
+    /// [`GatewayError::Config`] when the new configuration is invalid or the certificate
+    /// files are unusable; the old configuration and certificate stay.
     pub async fn reload(&self, config: Config) -> Result<(), GatewayError> {
         let table = Table::build(&config).await?;
+        if let Some(tls) = &self.tls {
+            tls.reload()?;
+        }
         self.shared.table.store(table);
         tracing::info!("gateway configuration reloaded");
         Ok(())
@@ -216,7 +233,8 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let connections = Arc::clone(&self.connections);
         let max = self.server.max_connections;
-        self.serve_surface(Surface::Public, listener, connections, max, shutdown)
+        let tls = self.tls.clone();
+        self.serve_surface(Surface::Public, listener, connections, max, tls, shutdown)
             .await
     }
 
@@ -241,6 +259,7 @@ impl Gateway {
             listener,
             connections,
             ADMIN_CONNECTIONS_MAX,
+            None,
             shutdown,
         )
         .await
@@ -252,6 +271,7 @@ impl Gateway {
         listener: TcpListener,
         connections: Arc<Semaphore>,
         connections_max: usize,
+        tls: Option<Arc<Tls>>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), GatewayError> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -304,17 +324,18 @@ impl Gateway {
                         // The connection keeps the service scope the gateway runs in, so
                         // its spans carry the gateway's name when it shares a process
                         // (`trellis up`); see trellis_telemetry::service.
+                        let serving = Serving {
+                            shared: Arc::clone(&self.shared),
+                            builder: Arc::clone(&builder),
+                            header_read_timeout,
+                            stop: stop_rx.clone(),
+                            slot: ConnectionSlot::new(permit),
+                            surface,
+                        };
+                        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
                         tokio::spawn(
-                            connection(
-                                (stream, peer),
-                                Arc::clone(&self.shared),
-                                Arc::clone(&builder),
-                                header_read_timeout,
-                                stop_rx.clone(),
-                                ConnectionSlot::new(permit),
-                                surface,
-                            )
-                            .in_current_service(),
+                            accept_connection(stream, peer, acceptor, serving)
+                                .in_current_service(),
                         );
                     }
                     Err(error) => {
@@ -428,15 +449,53 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn connection(
-    (stream, peer): (TcpStream, SocketAddr),
+/// What serving one accepted connection needs.
+struct Serving {
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-    _slot: ConnectionSlot,
+    stop: watch::Receiver<bool>,
+    slot: ConnectionSlot,
     surface: Surface,
+}
+
+/// Completes the TLS handshake, when the listener has TLS (within the header-read timeout:
+/// a client that opens a connection and stalls the handshake is a slowloris too), then
+/// serves the connection.
+async fn accept_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    serving: Serving,
 ) {
+    let Some(acceptor) = acceptor else {
+        return connection(stream, peer, serving).await;
+    };
+    match tokio::time::timeout(serving.header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => connection(tls, peer, serving).await,
+        Ok(Err(error)) => {
+            metrics::counter!("trellis_gateway_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            metrics::counter!("trellis_gateway_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, "no TLS handshake within the header-read timeout; closing");
+        }
+    }
+}
+
+async fn connection<I>(io: I, peer: SocketAddr, serving: Serving)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Serving {
+        shared,
+        builder,
+        header_read_timeout,
+        mut stop,
+        slot: _slot,
+        surface,
+    } = serving;
     let started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&started);
     let service = hyper::service::service_fn(move |request| {
@@ -453,7 +512,7 @@ async fn connection(
         }));
         traced.call(request)
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // hyper's header-read timer starts once it knows the protocol; a client that sends
     // nothing at all is cut off here.

@@ -35,8 +35,8 @@ pub const AUDIENCE: &str = "trellis-shop";
 /// How long an access token is valid, seconds: short, because a refresh token gets the next
 /// one and a stolen access token is useful only this long (or until its session is revoked).
 pub const TOKEN_LIFETIME_S: u64 = 900;
-/// Clock skew a verifier may tolerate on `exp`, seconds (the shop's gateway uses its default,
-/// 60 s): an old key stays published this much longer than its last token's lifetime.
+/// Clock skew a verifier may tolerate on `exp`, seconds (at least the gateway's default of
+/// 30 s): an old key stays published this much longer than its last token's lifetime.
 pub const TOKEN_LEEWAY_S: u64 = 60;
 /// How long a replaced key stays published after its successor starts signing, seconds.
 pub const KEY_OVERLAP_S: u64 = TOKEN_LIFETIME_S + TOKEN_LEEWAY_S;

@@ -31,7 +31,7 @@ pub use cluster::{
 };
 pub use rate_limit::RateLimitConfig;
 pub use routes::{RetryConfig, RouteConfig};
-pub use server::ServerConfig;
+pub use server::{ServerConfig, TlsConfig};
 
 /// Default listen address.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
@@ -92,6 +92,8 @@ pub const JWT_LEEWAY_S_DEFAULT: u64 = 30;
 pub const JWKS_REFRESH_MS_DEFAULT: u64 = 300_000;
 /// Default minimum time between two JWKS fetches caused by unknown `kid`s, in milliseconds.
 pub const JWKS_REFETCH_MIN_INTERVAL_MS_DEFAULT: u64 = 10_000;
+/// Default `Strict-Transport-Security` max-age under TLS, seconds (one year).
+pub const HSTS_MAX_AGE_S_DEFAULT: u64 = 31_536_000;
 /// Default revocation feed poll interval, in milliseconds.
 pub const REVOCATIONS_REFRESH_MS_DEFAULT: u64 = 1_000;
 /// Default most revoked tokens remembered per policy.

@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 
+use super::HSTS_MAX_AGE_S_DEFAULT;
 use super::{
     BODY_BYTES_MAX_CEILING, BODY_BYTES_MAX_DEFAULT, CONNECTIONS_MAX_CEILING,
     CONNECTIONS_MAX_DEFAULT, H2_STREAMS_MAX_DEFAULT, HEADER_BYTES_MAX_DEFAULT,
@@ -62,6 +63,31 @@ pub struct ServerConfig {
     /// Worker threads of [`run`](crate::run), each with its own single-threaded runtime and
     /// upstream connection pool; 0 = one per CPU.
     pub worker_threads: usize,
+    /// `[server.tls]`: serve HTTPS on the public listener (the operator listener stays plain
+    /// HTTP: keep it on a private address).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the public listener's certificate and key.
+///
+/// Both files are read at start and again on every configuration reload (SIGHUP under
+/// [`run`](crate::run)), so a renewed certificate is served without a restart; a reload
+/// whose files cannot be read or do not match keeps the running certificate. ALPN offers
+/// HTTP/2 and HTTP/1.1. TLS 1.2 and 1.3 with rustls's safe defaults (ring).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// `Strict-Transport-Security: max-age=…` on every answer, seconds; 0 sends none.
+    #[serde(default = "default_hsts_max_age_s")]
+    pub hsts_max_age_s: u64,
+}
+
+fn default_hsts_max_age_s() -> u64 {
+    HSTS_MAX_AGE_S_DEFAULT
 }
 
 impl Default for ServerConfig {
@@ -81,6 +107,7 @@ impl Default for ServerConfig {
             admin_endpoints: true,
             admin_listen: None,
             worker_threads: 0,
+            tls: None,
         }
     }
 }
@@ -113,6 +140,20 @@ impl ServerConfig {
             TIMEOUT_MS_CEILING,
         )?;
         range("server.timeout_ms", s.timeout_ms, 1, TIMEOUT_MS_CEILING)?;
+        if let Some(tls) = &s.tls {
+            if tls.cert_file.trim().is_empty() || tls.key_file.trim().is_empty() {
+                return Err(invalid(
+                    "server.tls",
+                    "needs `cert_file` and `key_file` (PEM files)",
+                ));
+            }
+            range(
+                "server.tls.hsts_max_age_s",
+                tls.hsts_max_age_s,
+                0,
+                2 * HSTS_MAX_AGE_S_DEFAULT,
+            )?;
+        }
         range(
             "server.response_body_timeout_ms",
             s.response_body_timeout_ms,

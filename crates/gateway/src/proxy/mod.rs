@@ -37,6 +37,10 @@ pub(crate) struct Shared {
     pub(crate) hooks: Arc<dyn GatewayHooks>,
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) admin: AdminPlacement,
+    /// `Strict-Transport-Security` for every answer of the public listener (TLS only).
+    pub(crate) hsts: Option<HeaderValue>,
+    /// Whether the public listener serves HTTPS (`x-forwarded-proto`).
+    pub(crate) https: bool,
 }
 
 /// Where the admin endpoints (`/healthz`, `/readyz`, `/metrics`) are served.
@@ -78,7 +82,7 @@ pub(crate) async fn handle(
     // the canonical path only, so what matched is what is forwarded.
     if let Err(error) = normalize_target(&mut parts) {
         let mut response = error.to_response();
-        finish_response(&mut response, &request_id(&parts.headers), None);
+        finish_response(&mut response, &request_id(&parts.headers), None, &shared);
         shared
             .table
             .load()
@@ -89,14 +93,14 @@ pub(crate) async fn handle(
     match shared.admin {
         AdminPlacement::Public => {
             if let Some(mut response) = admin(&shared, &parts) {
-                finish_response(&mut response, &request_id(&parts.headers), None);
+                finish_response(&mut response, &request_id(&parts.headers), None, &shared);
                 return response;
             }
         }
         // Not forwarded either: a catch-all route must not hand them to an upstream.
         AdminPlacement::Operator if ADMIN_PATHS.contains(&parts.uri.path()) => {
             let mut response = ProxyError::NoRoute.to_response();
-            finish_response(&mut response, &request_id(&parts.headers), None);
+            finish_response(&mut response, &request_id(&parts.headers), None, &shared);
             shared
                 .table
                 .load()
@@ -111,7 +115,7 @@ pub(crate) async fn handle(
 
     let Some(route) = table.find(&parts) else {
         let mut response = ProxyError::NoRoute.to_response();
-        finish_response(&mut response, &request_id, None);
+        finish_response(&mut response, &request_id, None, &shared);
         table.unrouted.record(response.status(), started.elapsed());
         return response;
     };
@@ -150,7 +154,7 @@ pub(crate) async fn handle(
             error.to_response()
         }
     };
-    finish_response(&mut response, &ctx.request_id, rate_limit);
+    finish_response(&mut response, &ctx.request_id, rate_limit, &shared);
     let elapsed = started.elapsed();
     route.metrics.record(response.status(), elapsed);
     shared.hooks.logging(&ctx, response.status());
@@ -170,8 +174,12 @@ fn finish_response(
     response: &mut Response<GatewayBody>,
     request_id: &str,
     rate_limit: Option<RateLimitHeaders>,
+    shared: &Shared,
 ) {
     let headers = response.headers_mut();
+    if let Some(hsts) = &shared.hsts {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID, v);
     }
@@ -198,7 +206,7 @@ pub(crate) fn handle_admin(shared: &Shared, request: Request<Incoming>) -> Respo
         Err(error) => Err(error),
     };
     let mut response = found.unwrap_or_else(|error| error.to_response());
-    finish_response(&mut response, &request_id(&parts.headers), None);
+    finish_response(&mut response, &request_id(&parts.headers), None, shared);
     response
 }
 

@@ -169,9 +169,10 @@ impl Exchange<'_> {
         if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
             parts.headers.insert(X_FORWARDED_FOR, v);
         }
+        let proto = if self.shared.https { "https" } else { "http" };
         parts
             .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(host) = &original_host {
             parts.headers.insert(X_FORWARDED_HOST, host.clone());
             parts.headers.insert(header::HOST, host.clone());

@@ -9,3 +9,4 @@ mod helpers;
 mod limits;
 mod paths;
 mod routing;
+mod tls;
