@@ -21,6 +21,7 @@ use crate::error::ConfigError;
 
 mod auth;
 mod cluster;
+mod cors;
 mod rate_limit;
 mod routes;
 mod server;
@@ -29,6 +30,7 @@ pub use auth::{ApiKeyConfig, AuthConfig, JwtConfig, StaticKeyConfig};
 pub use cluster::{
     BreakerConfig, ClusterConfig, HealthCheckConfig, LoadBalancing, OutlierConfig, UpstreamProtocol,
 };
+pub use cors::CorsConfig;
 pub use rate_limit::RateLimitConfig;
 pub use routes::{RetryConfig, RouteConfig};
 pub use server::{ServerConfig, TlsConfig};
@@ -94,6 +96,8 @@ pub const JWKS_REFRESH_MS_DEFAULT: u64 = 300_000;
 pub const JWKS_REFETCH_MIN_INTERVAL_MS_DEFAULT: u64 = 10_000;
 /// Default `Strict-Transport-Security` max-age under TLS, seconds (one year).
 pub const HSTS_MAX_AGE_S_DEFAULT: u64 = 31_536_000;
+/// Default time a browser may cache a CORS preflight answer, seconds.
+pub const CORS_MAX_AGE_S_DEFAULT: u64 = 600;
 /// Default revocation feed poll interval, in milliseconds.
 pub const REVOCATIONS_REFRESH_MS_DEFAULT: u64 = 1_000;
 /// Default most revoked tokens remembered per policy.
@@ -118,6 +122,9 @@ pub struct Config {
     /// Routes, tried in order; the first match wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Cross-origin access for browsers; none when absent.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
 }
 
 impl Config {
@@ -161,6 +168,9 @@ impl Config {
         }
         for (name, policy) in &self.rate_limits {
             policy.validate(&format!("rate_limits.{name}"))?;
+        }
+        if let Some(cors) = &self.cors {
+            cors.validate()?;
         }
         if self.routes.is_empty() {
             return Err(invalid("routes", "define at least one [[routes]]"));

@@ -4,6 +4,7 @@
 //! access log) and [`handle_admin`] for the operator listener. The routing table lives in
 //! [`table`].
 
+mod cors;
 mod pipeline;
 mod table;
 
@@ -112,10 +113,30 @@ pub(crate) async fn handle(
     }
     let table = shared.table.load_full();
     let request_id = request_id(&parts.headers);
+    if let Some(cors) = &table.cors
+        && cors::Cors::is_preflight(&parts.method, &parts.headers)
+    {
+        // Before routing and authentication: a browser sends no credential on a preflight.
+        let mut response = cors.preflight(&parts.headers);
+        finish_response(&mut response, &request_id, None, &shared);
+        table.unrouted.record(response.status(), started.elapsed());
+        return response;
+    }
+    // Kept for the answer's CORS headers (the request's headers move into the pipeline).
+    let origin = table
+        .cors
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::ORIGIN).cloned());
+    let decorate = |response: &mut Response<GatewayBody>| {
+        if let Some(cors) = &table.cors {
+            cors.decorate(origin.as_ref(), response);
+        }
+    };
 
     let Some(route) = table.find(&parts) else {
         let mut response = ProxyError::NoRoute.to_response();
         finish_response(&mut response, &request_id, None, &shared);
+        decorate(&mut response);
         table.unrouted.record(response.status(), started.elapsed());
         return response;
     };
@@ -155,6 +176,7 @@ pub(crate) async fn handle(
         }
     };
     finish_response(&mut response, &ctx.request_id, rate_limit, &shared);
+    decorate(&mut response);
     let elapsed = started.elapsed();
     route.metrics.record(response.status(), elapsed);
     shared.hooks.logging(&ctx, response.status());

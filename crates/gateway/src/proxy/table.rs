@@ -87,6 +87,8 @@ pub(crate) struct Table {
     /// Credential headers (API keys) not forwarded.
     pub(super) credential_headers: Vec<HeaderName>,
     pub(super) unrouted: RouteMetrics,
+    /// `[cors]`, when cross-origin access is configured.
+    pub(super) cors: Option<super::cors::Cors>,
 }
 
 impl Table {
@@ -208,6 +210,7 @@ impl Table {
             identity_headers,
             credential_headers,
             unrouted: RouteMetrics::new("_unrouted"),
+            cors: config.cors.as_ref().map(super::cors::Cors::new),
         });
         for cluster in table.clusters.values() {
             spawn_health_checks(cluster);

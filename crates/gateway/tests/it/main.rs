@@ -4,6 +4,7 @@
 mod auth;
 mod balancing;
 mod config_reload;
+mod cors;
 mod headers;
 mod helpers;
 mod limits;
