@@ -11,8 +11,15 @@
 //!   [`LOGIN_ATTEMPT_INTERVAL`]), whichever addresses the attempts come from: an attacker
 //!   spread over many addresses gets ten guesses a minute per account, not thousands.
 //!
-//! The per-account limit counts every attempt on an existing account, right or wrong: a
-//! correct password is only known after the hash. Its price is that someone who knows an
+//! - per account, across replicas (the database): after [`LOGIN_FAILURES_FREE`] consecutive
+//!   failed logins, each further failure locks the account for twice as long as the one
+//!   before (1 s, 2 s, 4 s, ... at most [`LOGIN_LOCKOUT_MAX`]); a locked account is answered
+//!   429 with `Retry-After` before any hash, whatever the password; a successful login
+//!   resets the count. An attacker spread over replicas and addresses gets a few dozen
+//!   guesses a day per account.
+//!
+//! The in-process per-account limit counts every attempt on an existing account, right or
+//! wrong: a correct password is only known after the hash. Its price is that someone who knows an
 //! email can keep that account's owner from logging in while they keep guessing (each wrong
 //! guess costs them a hash slot of their address's share); we judge slow guessing the greater
 //! danger. Attempts on unknown emails are not tracked here (the table would grow with every
@@ -34,6 +41,28 @@ pub const LOGIN_ATTEMPT_INTERVAL: Duration = Duration::from_secs(6);
 /// Logins and registrations per second one client address may send through the gateway
 /// (burst twice that): a fair share of what the hashing slots serve.
 pub const LOGIN_RATE_PER_ADDRESS: u32 = 20;
+/// Consecutive failed logins an account takes before it is locked.
+pub const LOGIN_FAILURES_FREE: i64 = LOGIN_ATTEMPTS_BURST as i64;
+/// The longest lock a run of failed logins sets.
+pub const LOGIN_LOCKOUT_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// When an account with `failures` consecutive failed logins is locked until (Unix ms), 0
+/// while it is under [`LOGIN_FAILURES_FREE`]: 1 s for the first failure past it, doubling,
+/// at most [`LOGIN_LOCKOUT_MAX`].
+pub(crate) fn locked_until_ms(failures: i64, now_ms: i64) -> i64 {
+    let past = failures - LOGIN_FAILURES_FREE;
+    if past <= 0 {
+        return 0;
+    }
+    let max_ms = i64::try_from(LOGIN_LOCKOUT_MAX.as_millis()).unwrap_or(i64::MAX);
+    let doublings = u32::try_from(past - 1).unwrap_or(u32::MAX);
+    let lock_ms = 2_i64
+        .checked_pow(doublings)
+        .and_then(|factor| factor.checked_mul(1_000))
+        .map_or(max_ms, |ms| ms.min(max_ms));
+    now_ms.saturating_add(lock_ms)
+}
+
 /// Every this many checks, accounts whose allowance is full again are forgotten, so the table
 /// holds only accounts attempted within the last minute.
 const FORGET_EVERY_CHECKS: u64 = 1_024;
@@ -78,6 +107,18 @@ impl LoginAttempts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_logins_past_the_free_ones_lock_for_doubling_times_up_to_the_cap() {
+        let free = LOGIN_FAILURES_FREE;
+        assert_eq!(locked_until_ms(free, 1_000), 0);
+        assert_eq!(locked_until_ms(free + 1, 1_000), 2_000);
+        assert_eq!(locked_until_ms(free + 2, 1_000), 3_000);
+        assert_eq!(locked_until_ms(free + 4, 0), 8_000);
+        let cap = i64::try_from(LOGIN_LOCKOUT_MAX.as_millis()).unwrap();
+        assert_eq!(locked_until_ms(free + 40, 0), cap);
+        assert_eq!(locked_until_ms(i64::MAX, 0), cap);
+    }
 
     #[test]
     fn an_account_gets_its_burst_then_waits() {

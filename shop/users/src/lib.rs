@@ -36,7 +36,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub use attempts::{LOGIN_ATTEMPT_INTERVAL, LOGIN_ATTEMPTS_BURST, LOGIN_RATE_PER_ADDRESS};
+pub use attempts::{
+    LOGIN_ATTEMPT_INTERVAL, LOGIN_ATTEMPTS_BURST, LOGIN_FAILURES_FREE, LOGIN_LOCKOUT_MAX,
+    LOGIN_RATE_PER_ADDRESS,
+};
 
 mod attempts;
 mod grpc;

@@ -290,16 +290,55 @@ async fn token_inner(state: &State, body: TokenRequest) -> Result<Json<TokenResp
             .check(&user.id)
             .map_err(Refusal::TooManyAttempts)?;
     }
+    // The same lookup for an unknown email (which finds nothing), so an answer's timing does
+    // not tell whether the account exists.
+    let account_key = user.as_ref().map_or(email.as_str(), |u| u.id.as_str());
+    let failures = store::login_failures(&state.db, account_key)
+        .await
+        .map_err(ApiError::from)?;
+    let now_ms = store::now_ms();
+    if let Some(locked) = failures.filter(|f| f.locked_until_ms > now_ms) {
+        let wait_ms = u64::try_from(locked.locked_until_ms - now_ms).unwrap_or(0);
+        return Err(Refusal::TooManyAttempts(std::time::Duration::from_millis(
+            wait_ms,
+        )));
+    }
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     let matches = state
         .hasher
         .verify(body.password, hash)
         .await
         .map_err(hash_error)?;
-    let Some(user) = user.filter(|_| matches) else {
+    let Some(user) = user else {
         metrics::counter!("shop_users_logins_total", "outcome" => "refused").increment(1);
         return Err(invalid_credentials().into());
     };
+    if !matches {
+        metrics::counter!("shop_users_logins_total", "outcome" => "refused").increment(1);
+        // Counted after the answer is sent: a write only known accounts make must not show
+        // in the answer's timing.
+        let db = state.db.clone();
+        tokio::spawn(async move {
+            let now_ms = store::now_ms();
+            match store::record_login_failure(&db, &user.id, |failures| {
+                crate::attempts::locked_until_ms(failures, now_ms)
+            })
+            .await
+            {
+                Ok(counted) if counted.locked_until_ms > 0 => {
+                    tracing::warn!(user_id = %user.id, failures = counted.failures, "account locked after failed logins");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not count a failed login"),
+            }
+        });
+        return Err(invalid_credentials().into());
+    }
+    if failures.is_some() {
+        store::clear_login_failures(&state.db, &user.id)
+            .await
+            .map_err(ApiError::from)?;
+    }
     metrics::counter!("shop_users_logins_total", "outcome" => "ok").increment(1);
     Ok(Json(sessions::start(state, &user).await?))
 }

@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     revoked_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS revoked_tokens_by_time ON revoked_tokens (revoked_at);
+CREATE TABLE IF NOT EXISTS login_failures (
+    user_id TEXT PRIMARY KEY,
+    failures BIGINT NOT NULL,
+    locked_until BIGINT NOT NULL
+);
 ";
 
 /// A stored user.
@@ -399,5 +404,73 @@ pub(crate) async fn prune_sessions(db: &Db, now_ms: i64) -> Result<(), sqlx::Err
             .await
             .map(|r| r.rows_affected())
     })?;
+    Ok(())
+}
+
+/// An account's consecutive failed logins and the time (Unix ms) it is locked until.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failures {
+    pub(crate) failures: i64,
+    pub(crate) locked_until_ms: i64,
+}
+
+/// The account's failed logins since its last success; `None` when there are none.
+pub(crate) async fn login_failures(
+    db: &Db,
+    user_id: &str,
+) -> Result<Option<Failures>, sqlx::Error> {
+    on_db!(db, |pool| sqlx::query(
+        "SELECT failures, locked_until FROM login_failures WHERE user_id = $1"
+    )
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await
+    .map(|row| row.map(|r| Failures {
+        failures: r.get("failures"),
+        locked_until_ms: r.get("locked_until"),
+    })))
+}
+
+/// Counts one more failed login and locks the account until `lock(failures)` (Unix ms; 0
+/// for none), in one transaction, so replicas counting at once lose no failure.
+pub(crate) async fn record_login_failure(
+    db: &Db,
+    user_id: &str,
+    lock: impl Fn(i64) -> i64,
+) -> Result<Failures, sqlx::Error> {
+    on_db!(db, |pool, begin| {
+        let mut tx = pool.begin_with(begin).await?;
+        let failures: i64 = sqlx::query(
+            "INSERT INTO login_failures (user_id, failures, locked_until) VALUES ($1, 1, 0) \
+             ON CONFLICT (user_id) DO UPDATE SET failures = login_failures.failures + 1 \
+             RETURNING failures",
+        )
+        .bind(user_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get("failures");
+        let locked_until_ms = lock(failures);
+        sqlx::query("UPDATE login_failures SET locked_until = $1 WHERE user_id = $2")
+            .bind(locked_until_ms)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Failures {
+            failures,
+            locked_until_ms,
+        })
+    })
+}
+
+/// Forgets the account's failed logins (a successful login).
+pub(crate) async fn clear_login_failures(db: &Db, user_id: &str) -> Result<(), sqlx::Error> {
+    on_db!(db, |pool| sqlx::query(
+        "DELETE FROM login_failures WHERE user_id = $1"
+    )
+    .bind(user_id)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected()))?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{Service, start};
+use crate::helpers::{Answer, Service, start};
 use crate::on_both;
 
 /// Verifies a token with the service's published JWKS, as a relying party would, and answers
@@ -102,3 +102,83 @@ async fn restarts_keep_tokens_valid(service: Service) {
     verified_claims(&service, &token).await;
 }
 on_both!(restarts_keep_tokens_valid);
+
+/// Logs in at `addr` (another replica of `service`).
+async fn login_at(service: &Service, addr: std::net::SocketAddr, password: &str) -> Answer {
+    service
+        .send(
+            service
+                .http
+                .post(format!("http://{addr}/api/auth/token"))
+                .json(&serde_json::json!({"email": "hux@example.com", "password": password})),
+        )
+        .await
+}
+
+/// Failed logins lock an account across replicas, with backoff: the first
+/// `LOGIN_FAILURES_FREE` failures (spread over two replicas on one database, so neither
+/// replica's own limit is reached) are 401; past them the account is locked: 429 with
+/// `Retry-After` on either replica, even with the right password; once the lock has passed
+/// the right password logs in and the count starts again.
+async fn failed_logins_lock_the_account_on_every_replica(service: Service) {
+    service
+        .register("hux@example.com", "ample-sofa-1", "Hux")
+        .await;
+    let (other, _db, _stop) = start(&service.url).await;
+    let replicas = [service.addr, other];
+    let free = usize::try_from(shop_users::LOGIN_FAILURES_FREE).unwrap();
+    for i in 0..=free {
+        let answer = login_at(&service, replicas[i % 2], "not-his-password").await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "failure {i}");
+    }
+    // The failure past the free ones is counted after its answer: wrong guesses until one is
+    // refused as locked (a few at most; each doubles the lock).
+    let mut guesses = 0;
+    let locked = loop {
+        let answer = login_at(&service, replicas[guesses % 2], "not-his-password").await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            break answer;
+        }
+        guesses += 1;
+        assert!(guesses < 5, "never locked: {:?}", answer.body);
+    };
+    assert_eq!(locked.code(), "too_many_attempts");
+    let refused = service
+        .http
+        .post(format!("http://{other}/api/auth/token"))
+        .json(&serde_json::json!({"email": "hux@example.com", "password": "ample-sofa-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the right password, locked"
+    );
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=8).contains(&wait), "retry after {wait} s");
+    // A refused attempt counts nothing, so the right password may be tried until the lock
+    // (perhaps doubled by a failure still being counted when Retry-After was read) passes.
+    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = login_at(&service, service.addr, "ample-sofa-1").await;
+        if answer.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(answer.code(), "too_many_attempts", "{:?}", answer.body);
+        assert!(tokio::time::Instant::now() < deadline, "still locked");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let answer = login_at(&service, other, "not-his-password").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNAUTHORIZED,
+        "the count started again"
+    );
+}
+on_both!(failed_logins_lock_the_account_on_every_replica);
