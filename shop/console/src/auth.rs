@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -210,8 +210,21 @@ pub(crate) async fn login(State(console): State<Shared>, body: Bytes) -> Respons
     }
 }
 
-/// `POST /admin/logout`: forgets the cookie.
-pub(crate) async fn logout(_admin: Admin) -> Response {
+/// `POST /admin/logout`: ends the session at the users service (through the gateway, which
+/// then refuses the token), and forgets the cookie. The cookie is forgotten even when the
+/// logout call fails (logged): the token then lives out its 15 minutes.
+pub(crate) async fn logout(State(console): State<Shared>, admin: Admin) -> Response {
+    match console
+        .api
+        .send(&admin.token, Method::POST, "/api/auth/logout", None)
+        .await
+    {
+        Ok(_) => {}
+        Err(failure) => tracing::warn!(
+            status = %failure.status, message = %failure.message,
+            "console: the session could not be ended at the users service"
+        ),
+    }
     let mut response = redirect(LOGIN_PATH);
     response.headers_mut().insert(
         header::SET_COOKIE,

@@ -506,6 +506,20 @@ async fn the_console_lets_only_admins_in_and_audits_every_action() {
             .expect("ASCII")
             .contains("Max-Age=0")
     );
+    // The logout ended the session: the old cookie's token is refused at the gateway (within
+    // its revocation poll), not merely forgotten by this browser.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (status, _) = get(&client, &shop, "/admin/audit", &cookie).await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the logged-out token still passes: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     shop.stop().await;
 }
 
