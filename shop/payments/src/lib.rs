@@ -234,7 +234,8 @@ async fn build(config: Config) -> Result<(Router, Db, service::PaymentsService),
     let service = service::PaymentsService {
         db: db.clone(),
         provider,
-        locks: locks::OrderLocks::default(),
+        // Longer than any call: every attempt and wait of one is bounded by its deadline.
+        locks: locks::OrderLocks::for_database(&db, config.resilience.call_deadline * 2),
     };
     let grpc =
         PaymentsServer::new(service.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);

@@ -72,6 +72,7 @@ impl PaymentsService {
                     "another call for order {order_id} is still in progress"
                 )),
                 LockError::Full => Status::resource_exhausted("too many payments in progress"),
+                LockError::Database => Status::unavailable("the payments database failed"),
             })
     }
 

@@ -14,6 +14,11 @@ CREATE TABLE IF NOT EXISTS payments (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS payment_calls (
+    order_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
+);
 ";
 
 /// Recorded state of an order's payment.
@@ -70,6 +75,13 @@ pub(crate) struct Payment {
     pub(crate) status: Status,
     pub(crate) provider_charge_id: Option<String>,
     pub(crate) updated_at: String,
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn now() -> String {
@@ -159,4 +171,45 @@ pub(crate) async fn transition(
         "transition takes at most three source statuses"
     );
     Ok(changed == 1)
+}
+
+/// Takes the order's call lease for `owner` until `until_ms` (Unix ms) unless another owner
+/// holds an unexpired one; whether it was taken.
+pub(crate) async fn take_call_lease(
+    db: &Db,
+    order_id: &str,
+    owner: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let taken = on_db!(db, |pool| sqlx::query(
+        "INSERT INTO payment_calls (order_id, owner, until_ms) VALUES ($1, $2, $3) \
+         ON CONFLICT (order_id) DO UPDATE SET owner = $2, until_ms = $3 \
+         WHERE payment_calls.until_ms < $4"
+    )
+    .bind(order_id)
+    .bind(owner)
+    .bind(until_ms)
+    .bind(now_ms)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(taken == 1)
+}
+
+/// Gives the order's call lease back, if `owner` still holds it.
+pub(crate) async fn release_call_lease(
+    db: &Db,
+    order_id: &str,
+    owner: &str,
+) -> Result<(), sqlx::Error> {
+    on_db!(db, |pool| sqlx::query(
+        "DELETE FROM payment_calls WHERE order_id = $1 AND owner = $2"
+    )
+    .bind(order_id)
+    .bind(owner)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
 }

@@ -5,6 +5,7 @@ mod breaker;
 mod charges;
 mod outage;
 mod refunds;
+mod replicas;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +81,10 @@ pub(crate) struct Harness {
     pub(crate) http_base: String,
     pub(crate) provider: ProviderHandle,
     pub(crate) clock: ManualClock,
+    /// The service's database, for a second replica.
+    pub(crate) database_url: String,
+    /// The provider's own address (no front), for a second replica.
+    pub(crate) provider_url: String,
     _keep: Keep,
     /// For [`Front::Nobody`]: the provider's port, bound and never listened on, so every
     /// connection is refused and no other test can take the port meanwhile.
@@ -199,9 +204,29 @@ pub(crate) async fn start_behind(
     let clock = ManualClock::default();
     let mut resilience = test_resilience(&clock);
     tune(&mut resilience);
-    let (router, db) = shop_payments::app(Config {
+    let (client, http_base) = serve_payments(&database_url, &provider_url, resilience).await;
+    Some(Harness {
+        client,
+        http_base,
+        provider,
+        clock,
         database_url,
-        provider_url,
+        provider_url: format!("http://{provider_addr}"),
+        _keep: keep,
+        _reserved: reserved,
+    })
+}
+
+/// Serves a payments service on `database_url` calling `provider_url`; its gRPC client and
+/// REST base URL.
+async fn serve_payments(
+    database_url: &str,
+    provider_url: &str,
+    resilience: ResilienceConfig,
+) -> (PaymentsClient<GrpcChannel>, String) {
+    let (router, db) = shop_payments::app(Config {
+        database_url: database_url.to_owned(),
+        provider_url: provider_url.to_owned(),
         resilience,
         service_key: key(),
     })
@@ -224,17 +249,19 @@ pub(crate) async fn start_behind(
         key().service_identity("orders"),
     )
     .expect("channel");
-    Some(Harness {
-        client: PaymentsClient::new(channel),
-        http_base: format!("http://{addr}"),
-        provider,
-        clock,
-        _keep: keep,
-        _reserved: reserved,
-    })
+    (PaymentsClient::new(channel), format!("http://{addr}"))
 }
 
 impl Harness {
+    /// A second payments process on the same database, calling the provider directly: its
+    /// gRPC client.
+    pub(crate) async fn replica(&self) -> PaymentsClient<GrpcChannel> {
+        let resilience = test_resilience(&self.clock);
+        serve_payments(&self.database_url, &self.provider_url, resilience)
+            .await
+            .0
+    }
+
     pub(crate) async fn charge(
         &self,
         order_id: &str,
