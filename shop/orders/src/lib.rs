@@ -448,7 +448,13 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
                 .await?,
             );
         }
-        let outbox = outbox::run(store.clone(), repository.clone(), db.clone(), bus);
+        let outbox = outbox::run(
+            store.clone(),
+            repository.clone(),
+            db.clone(),
+            bus,
+            config.saga_owner.clone(),
+        );
         let mut outbox_stop = stopped.clone();
         tasks.push(tokio::spawn(
             async move {

@@ -6,6 +6,20 @@
 //! the consumers' inbox. Publishing is never "write then publish": the event is durable first
 //! and the outbox follows the log at least once from a checkpoint in the read-model database.
 //!
+//! # One publisher per service
+//! On PostgreSQL (the engine replicas share) every replica of the orders service runs the
+//! outbox, but only the one holding its lease
+//! (`relay_leases`, renewed every [`LEASE_RENEW`], expiring after [`LEASE_TTL`]) publishes;
+//! the others try to take it every [`LEASE_RETRY`]. Without it every replica would publish
+//! every event (consumers' inboxes would drop the copies, but the stream would grow with the
+//! replica count). A replica that lost its lease (paused past its expiry, cut off from the
+//! database) stops at its next renewal, at most [`LEASE_RENEW`] later; what it published
+//! meanwhile is a duplicate the inboxes drop, and its checkpoint never moves backwards.
+//! After a crash of the holder, another replica takes over within [`LEASE_TTL`] plus
+//! [`LEASE_RETRY`]; the holder itself, restarted under the same owner name (the saga owner,
+//! `--saga-owner`, which `up --processes` keeps stable), takes it back at once. On SQLite a
+//! service's database belongs to one process, and the outbox takes no lease.
+//!
 //! The tables and metrics keep the names they had when this module was called the relay
 //! (`bus_relay_checkpoints`, `relay_dead_letters`, `trellis_orders_relay_dead_letters_total`),
 //! so existing databases and dashboards keep working.
@@ -41,11 +55,22 @@ const OUTBOX_NAME: &str = "order-events-to-bus";
 const CHECKPOINT_EVERY: u64 = 100;
 /// Longest time between two checkpoint saves while events flow.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the outbox's lease lasts unless renewed.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often the holder renews its lease.
+pub(crate) const LEASE_RENEW: Duration = Duration::from_secs(3);
+/// How often a replica without the lease tries to take it.
+pub(crate) const LEASE_RETRY: Duration = Duration::from_secs(2);
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS bus_relay_checkpoints (
     name TEXT PRIMARY KEY,
     position BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relay_leases (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS relay_dead_letters (
     position BIGINT PRIMARY KEY,
@@ -101,12 +126,42 @@ async fn load_checkpoint(db: &Db) -> Result<u64, sqlx::Error> {
     Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Takes or renews the outbox's lease for `owner`; whether `owner` holds it now.
+async fn hold_lease(db: &Db, owner: &str) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let until = now.saturating_add(i64::try_from(LEASE_TTL.as_millis()).unwrap_or(i64::MAX));
+    let held = on_db!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO relay_leases (name, owner, until_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET owner = $2, until_ms = $3
+             WHERE relay_leases.owner = $2 OR relay_leases.until_ms < $4",
+        )
+        .bind(OUTBOX_NAME)
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(held == 1)
+}
+
+/// Saves the checkpoint, never moving it backwards (a replica that lost the lease may save
+/// an older position than the holder's).
 async fn save_checkpoint(db: &Db, position: u64) -> Result<(), sqlx::Error> {
     let position = i64::try_from(position).unwrap_or(i64::MAX);
     on_db!(db, |pool| {
         sqlx::query(
             "INSERT INTO bus_relay_checkpoints (name, position) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position
+             WHERE bus_relay_checkpoints.position < excluded.position",
         )
         .bind(OUTBOX_NAME)
         .bind(position)
@@ -233,17 +288,41 @@ async fn envelope_for(
     Ok(Some(envelope))
 }
 
-/// Follows the log and publishes until the task is dropped, decoding with `orders`'
-/// upcasters. Failures are retried after a pause, from the last saved checkpoint; an event
-/// that cannot be decoded is dead-lettered and skipped.
+/// Follows the log and publishes while this replica holds the outbox's lease, until the task
+/// is dropped, decoding with `orders`' upcasters. Failures are retried after a pause, from the
+/// last saved checkpoint; an event that cannot be decoded is dead-lettered and skipped.
 pub(crate) async fn run(
     store: AnyStore,
     orders: Arc<Repository<Order, AnyStore>>,
     db: Db,
     bus: AnyBus,
+    owner: Option<String>,
 ) {
     let upcasters = orders.upcasters();
+    let leased = db.is_postgres();
+    let owner = owner.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     loop {
+        let held = if leased {
+            hold_lease(&db, &owner).await
+        } else {
+            Ok(true)
+        };
+        match held {
+            Ok(true) => {}
+            Ok(false) => {
+                tokio::time::sleep(LEASE_RETRY).await;
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "order outbox cannot take its lease; retrying");
+                tokio::time::sleep(LEASE_RETRY).await;
+                continue;
+            }
+        }
+        if leased {
+            tracing::info!(%owner, "order outbox publishing (lease taken)");
+        }
+        let mut renewed_at = tokio::time::Instant::now();
         let from = match load_checkpoint(&db).await {
             Ok(position) => position + 1,
             Err(error) => {
@@ -309,7 +388,18 @@ pub(crate) async fn run(
                 unsaved = 0;
                 saved_at = tokio::time::Instant::now();
             }
+            if leased && renewed_at.elapsed() >= LEASE_RENEW {
+                match hold_lease(&db, &owner).await {
+                    Ok(true) => renewed_at = tokio::time::Instant::now(),
+                    Ok(false) => break "another replica took the lease".to_owned(),
+                    Err(error) => break format!("cannot renew the lease: {error}"),
+                }
+            }
         };
+        if unsaved > 0 {
+            // What was published stays published: saved so the next holder need not repeat it.
+            let _ = save_checkpoint(&db, last).await;
+        }
         tracing::warn!(error = %failure, "order outbox stopped; resuming from its checkpoint in 1 s");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -358,6 +448,7 @@ mod tests {
         db: Db,
         bus: AnyBus,
         _dir: tempdir::Dir,
+        _postgres: Option<trellis_testkit::TestPostgres>,
     }
 
     mod tempdir {
@@ -371,13 +462,20 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
+        fixture_on(None).await
+    }
+
+    /// The fixture with its read-model database on `postgres` instead of SQLite.
+    async fn fixture_on(postgres: Option<trellis_testkit::TestPostgres>) -> Fixture {
         let dir = std::env::temp_dir().join(format!("orders-outbox-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let store = AnyStore::open("memory:").await.expect("memory store");
         let orders = Arc::new(Repository::<Order, AnyStore>::new(store.clone()));
-        let db = Db::connect(&format!("sqlite://{}", dir.join("read.db").display()))
-            .await
-            .expect("read db");
+        let url = postgres.as_ref().map_or_else(
+            || format!("sqlite://{}", dir.join("read.db").display()),
+            |pg| pg.url.clone(),
+        );
+        let db = Db::connect(&url).await.expect("read db");
         db.run_schema(super::SCHEMA).await.expect("outbox schema");
         let bus = AnyBus::connect("memory://", "shop").await.expect("bus");
         Fixture {
@@ -386,6 +484,7 @@ mod tests {
             db,
             bus,
             _dir: tempdir::Dir(dir),
+            _postgres: postgres,
         }
     }
 
@@ -440,6 +539,7 @@ mod tests {
             f.orders.clone(),
             f.db.clone(),
             f.bus.clone(),
+            None,
         ));
         let envelope = created(&mut subscription, &good).await;
         outbox.abort();
@@ -465,6 +565,70 @@ mod tests {
         assert!(
             reason.contains("user_id"),
             "the reason names the problem: {reason}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_publish_each_event_once() {
+        // Goal: replicas of the orders service do not each publish every order event; the one
+        // holding the outbox's lease does. Method: two outboxes on one log, one read-model
+        // database (PostgreSQL, where replicas share it) and one bus; every `order.created`
+        // of 20 orders is counted by envelope id.
+        let Some(postgres) = trellis_testkit::postgres("orders_outbox_replicas").await else {
+            return;
+        };
+        let f = fixture_on(Some(postgres)).await;
+        let mut subscription = f
+            .bus
+            .subscribe("order.*", "observer", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let mut placed = std::collections::HashSet::new();
+        for _ in 0..20 {
+            placed.insert(place(&f.orders).await);
+        }
+        let replicas: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn(super::run(
+                    f.store.clone(),
+                    f.orders.clone(),
+                    f.db.clone(),
+                    f.bus.clone(),
+                    None,
+                ))
+            })
+            .collect();
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        // Until every order arrived, then one more second for copies a second publisher sends.
+        let mut quiet_until = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while quiet_until.is_none_or(|until| tokio::time::Instant::now() < until) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "orders missing: {seen:?}"
+            );
+            for delivery in subscription
+                .fetch(64, Duration::from_millis(100))
+                .await
+                .expect("fetch")
+            {
+                let envelope = delivery.envelope().clone();
+                delivery.ack().await.expect("ack");
+                if envelope.kind == "order.created" && placed.contains(&envelope.subject) {
+                    *seen.entry(envelope.id.to_string()).or_default() += 1;
+                }
+            }
+            if quiet_until.is_none() && seen.len() == placed.len() {
+                quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+        for replica in replicas {
+            replica.abort();
+        }
+        let copies: Vec<_> = seen.values().filter(|&&n| n > 1).collect();
+        assert!(
+            copies.is_empty(),
+            "events published more than once: {seen:?}"
         );
     }
 
