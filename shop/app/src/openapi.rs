@@ -45,9 +45,11 @@ fn admin_api() -> utoipa::openapi::OpenApi {
         serde_json::json!({"name": name, "in": place, "required": place == "path",
             "description": description, "schema": {"type": "string"}})
     };
+    // The inspector's bodies: optional, objects of these fields and no others.
     let body = |properties: serde_json::Value, required: &[&str]| {
         serde_json::json!({"required": false, "content": {"application/json": {"schema":
-            {"type": "object", "properties": properties, "required": required}}}})
+            {"type": "object", "properties": properties, "required": required,
+             "additionalProperties": false}}}})
     };
     let dlq_filter: Vec<serde_json::Value> = [
         ("group", "Only this consumer group's letters"),
@@ -123,7 +125,9 @@ fn admin_api() -> utoipa::openapi::OpenApi {
                 "responses": dlq_answers("200", ok("The actions"), false)}},
             "/api/admin/dlq/dead-letters/redrive": {"post": {"tags": [dlq],
                 "summary": "Redrives every dead letter the filter in the body matches",
-                "requestBody": body(serde_json::json!({}), &[]),
+                "requestBody": {"required": true, "content": {"application/json": {"schema":
+                    {"type": "object", "description": "The filter: the query parameters of \
+                        the listing, as fields"}}}},
                 "responses": dlq_answers("200", ok("`{\"redriven\": [id]}`"), false)}},
             "/api/admin/dlq/dead-letters/{id}": {
                 "get": {"tags": [dlq], "summary": "One dead letter", "parameters": [id],
@@ -181,7 +185,16 @@ fn admin_api() -> utoipa::openapi::OpenApi {
         serde_json::from_value(document).expect("the operator API document is valid");
     // The provider simulator's settings, as the gateway serves them.
     let mut provider = shop_payment_provider::openapi();
-    if let Some(settings) = provider.paths.paths.remove("/admin/config") {
+    if let Some(mut settings) = provider.paths.paths.remove("/admin/config") {
+        if let Some(put) = settings.put.as_mut() {
+            // What the simulator's JSON extractor answers and its document leaves out.
+            let answer: utoipa::openapi::RefOr<utoipa::openapi::response::Response> =
+                serde_json::from_value(error(
+                    "No `Content-Type: application/json` (`unsupported_media_type`)",
+                ))
+                .expect("a valid response");
+            put.responses.responses.insert("415".to_owned(), answer);
+        }
         doc.paths
             .paths
             .insert("/api/admin/provider".to_owned(), settings);
