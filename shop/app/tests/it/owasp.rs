@@ -1616,7 +1616,9 @@ async fn api4_too_many_or_too_large_headers_are_refused() {
     // Goal: a request head past the gateway's limits (100 headers, 16 KiB) is refused before
     // routing, and the gateway goes on serving. Method: raw requests with 150 headers, with
     // one 20 KiB header, and with a 20 KiB path; each must be answered 431 (or 414/400) and
-    // the connection closed; a normal call then works.
+    // the connection closed; a normal call then works. These answers come from hyper's parser,
+    // before the gateway sees a request: 431 with an empty body and none of the gateway's
+    // headers, the one error answer that is not `{"error":…}` JSON (hyper has no hook for it).
     let shop = TestShop::start(Backend::Sqlite, "owasp-api4-headers")
         .await
         .expect("sqlite");
