@@ -177,13 +177,20 @@ fn parse_id(text: &str) -> Result<SagaId, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not a saga id (a UUID)")))
 }
 
-/// Parses an optional JSON body; an empty body is `T::default()`.
+/// Parses an optional JSON body, which must be an object; an empty body is `T::default()`.
+/// (serde would also read a struct from an array of its fields, `[0]` for
+/// `{"older_than_days": 0}`, which no client means.)
 fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
-        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+    let invalid =
+        |error: serde_json::Error| ApiError::bad_request(format!("invalid JSON body: {error}"));
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(invalid)
 }
 
 fn seconds(query: &HashMap<String, String>, name: &str) -> Result<Option<Duration>, ApiError> {

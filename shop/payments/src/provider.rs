@@ -42,6 +42,13 @@ pub(crate) struct ProviderCharge {
     pub(crate) status: String,
 }
 
+impl ProviderCharge {
+    /// Whether the charge has an id and one of the `statuses` payments acts on.
+    fn is_known(&self, statuses: &[&str]) -> bool {
+        !self.id.trim().is_empty() && statuses.contains(&self.status.as_str())
+    }
+}
+
 /// `GET /v1/charges?idempotency_key=` answer.
 #[derive(Debug, Deserialize)]
 struct ChargeList {
@@ -207,6 +214,9 @@ impl ProviderClient {
             // A backstop: the stack's timeout cancels each attempt first.
             .timeout(config.call_deadline)
             .no_proxy()
+            // A redirect is an answer like any other (unexpected): following it would send a
+            // charge, amount and key, wherever the provider (or whoever answers for it) says.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
         Ok(Self { http, base, stack })
@@ -230,7 +240,15 @@ impl ProviderClient {
             })
             .await?;
         match answer.status {
-            200 | 201 => Ok(ChargeOutcome::Charged(parse(&answer)?)),
+            200 | 201 => {
+                let charge: ProviderCharge = parse(&answer)?;
+                // What a 2xx may say: captured, or refunded since (a repeated key). Anything
+                // else (pending, declined, no id) is not a capture payments can record.
+                if !charge.is_known(&["captured", "refunded"]) {
+                    return Err(unexpected(&answer));
+                }
+                Ok(ChargeOutcome::Charged(charge))
+            }
             402 => Ok(ChargeOutcome::Declined(error_message(&answer))),
             _ => Err(unexpected(&answer)),
         }
@@ -251,7 +269,16 @@ impl ProviderClient {
             })
             .await?;
         match answer.status {
-            200 => Ok(parse::<ChargeList>(&answer)?.items.into_iter().next()),
+            200 => {
+                let found = parse::<ChargeList>(&answer)?.items.into_iter().next();
+                if found
+                    .as_ref()
+                    .is_some_and(|c| !c.is_known(&["captured", "declined", "refunded"]))
+                {
+                    return Err(unexpected(&answer));
+                }
+                Ok(found)
+            }
             _ => Err(unexpected(&answer)),
         }
     }

@@ -326,6 +326,14 @@ async fn the_http_endpoints_list_show_act_and_explain_bad_input_as_json() {
             "action_rejected",
         ),
         ("POST", "/sagas/purge".to_owned(), "{}", 400, "bad_request"),
+        ("POST", "/sagas/purge".to_owned(), "[0]", 400, "bad_request"),
+        (
+            "POST",
+            format!("/sagas/{id}/skip"),
+            "[\"ship\"]",
+            400,
+            "bad_request",
+        ),
     ] {
         let (status, body) = call(&router, method, &uri, payload).await;
         assert_eq!(status, expected, "{method} {uri}: {body}");

@@ -8,5 +8,6 @@ mod console;
 mod harness;
 mod metrics_catalog;
 mod orders;
+mod owasp;
 mod platform;
 mod trust;

@@ -4,6 +4,7 @@
 mod breaker;
 mod charges;
 mod outage;
+mod provider_answers;
 mod refunds;
 mod replicas;
 
@@ -112,6 +113,9 @@ pub(crate) enum Front {
     FirstConnectionHangs,
     /// An address nothing listens on: every connection is refused.
     Nobody,
+    /// Another server, run by the test, stands in for the provider (the simulator is
+    /// started but not called).
+    Elsewhere(std::net::SocketAddr),
 }
 
 /// Starts the provider and the payments service; `None` when PostgreSQL is unreachable
@@ -193,6 +197,7 @@ pub(crate) async fn start_behind(
             reserved = Some(socket);
             url
         }
+        Front::Elsewhere(addr) => format!("http://{addr}"),
     };
     tokio::spawn(trellis_service::serve(
         provider_listener,
