@@ -295,13 +295,15 @@ fn token(header: &Value, claims: &Value, signature: Signature<'_>) -> String {
     format!("{input}.{signature}")
 }
 
-/// Claims the gateway accepts, for `sub` with `role`, valid for ten minutes.
+/// Claims the gateway accepts, for `sub` with `role`, valid for ten minutes (with a `jti`:
+/// the shop's gateway checks revocations, so it refuses tokens without one).
 fn good_claims(sub: &str, role: &str) -> Value {
     let now = unix_now();
     json!({
         "sub": sub, "role": role, "email": "forged@test.local",
         "iss": "trellis-shop", "aud": "trellis-shop",
         "iat": now, "exp": now + 600,
+        "jti": uuid::Uuid::now_v7().to_string(),
     })
 }
 
@@ -679,6 +681,12 @@ async fn api2_tokens_signed_with_the_shops_key_but_with_bad_claims_are_refused()
             "an expiry as text",
             with(&|c| {
                 c.insert("exp".into(), json!((now + 600).to_string()));
+            }),
+        ),
+        (
+            "no token id (it could never be revoked)",
+            with(&|c| {
+                c.remove("jti");
             }),
         ),
     ];
