@@ -94,8 +94,38 @@ pub(crate) struct UpArgs {
     /// one machine).
     #[arg(long)]
     free_ports: bool,
+    /// Put every service's data on this PostgreSQL server instead of SQLite files: one
+    /// database per service, `trellis_SERVICE`, created when missing (any database of the
+    /// server in the URL, e.g. postgres://postgres@127.0.0.1:5432/postgres).
+    #[arg(long, env = "TRELLIS_DB_SERVER")]
+    db: Option<String>,
+    /// With --processes and --db: more than one process of some services, as
+    /// SERVICE=N[,SERVICE=N...] (e.g. orders=2,payments=2,inventory=2). Calls to a service are
+    /// spread over its replicas; a replica that dies is passed over (and restarted).
+    #[arg(long, value_parser = parse_replicas)]
+    replicas: Option<BTreeMap<String, usize>>,
     #[command(flatten)]
     provider: ProviderArgs,
+}
+
+/// Most processes `--replicas` starts for one service.
+const REPLICAS_MAX: usize = 8;
+
+fn parse_replicas(text: &str) -> Result<BTreeMap<String, usize>, String> {
+    let mut replicas = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, count) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected SERVICE=N"))?;
+        let count: usize = count
+            .parse()
+            .map_err(|_| format!("{part:?}: N must be a whole number"))?;
+        if !(1..=REPLICAS_MAX).contains(&count) {
+            return Err(format!("{part:?}: N must be 1 to {REPLICAS_MAX}"));
+        }
+        replicas.insert(name.to_owned(), count);
+    }
+    Ok(replicas)
 }
 
 impl UpArgs {
@@ -111,6 +141,21 @@ impl UpArgs {
         config.bus_url = self.bus.clone();
         config.admin = admin_from_env()?;
         config.fixed_service_ports = !self.free_ports;
+        if self.replicas.is_some() && !(self.processes && self.db.is_some()) {
+            bail!("--replicas needs --processes and --db postgres://… (replicas share a database)");
+        }
+        if let Some(server) = &self.db {
+            for service in shop_app::SERVICES.into_iter().chain([shop_app::CONSOLE]) {
+                if matches!(service, "payment-provider" | "mcp") {
+                    continue;
+                }
+                let name = format!("trellis_{}", service.replace('-', "_"));
+                let url = trellis_service::create_postgres_database(server, &name)
+                    .await
+                    .with_context(|| format!("creating the {service} database on --db"))?;
+                config.database_urls.insert(service.to_owned(), url);
+            }
+        }
         if self.processes {
             return self.run_processes(config, stop_signal).await;
         }
@@ -141,7 +186,8 @@ impl UpArgs {
         config: ShopConfig,
         stop_signal: tokio::task::JoinHandle<()>,
     ) -> anyhow::Result<()> {
-        let config = shop_app::ProcessConfig::new(config)?;
+        let mut config = shop_app::ProcessConfig::new(config)?;
+        config.replicas = self.replicas.clone().unwrap_or_default();
         let shop = shop_app::processes::spawn(config).await.with_context(|| {
             format!(
                 "starting the shop as processes with data in {}",
@@ -153,7 +199,7 @@ impl UpArgs {
             shop.pid(name)
                 .map_or_else(|| "down".to_owned(), |pid| format!("pid {pid}"))
         };
-        let services = shop
+        let mut services = shop
             .addrs()
             .iter()
             .map(|(name, addr)| {
@@ -163,6 +209,11 @@ impl UpArgs {
                 )
             })
             .collect::<Vec<_>>();
+        services.extend(
+            shop.replica_addrs()
+                .iter()
+                .map(|(name, addr)| (name.clone(), format!("http://{addr}   ({})", pid(name)))),
+        );
         self.banner(
             &shop.gateway_url(),
             &shop.operator_url(),
@@ -318,7 +369,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_enum, default_value_t = SagaStyle::Orchestrated)]
     saga: SagaStyle,
     /// Where another service listens, as NAME=HOST:PORT (repeatable; defaults to DESIGN.md's
-    /// ports on 127.0.0.1).
+    /// ports on 127.0.0.1). A NAME given more than once is a service with replicas: calls to
+    /// it are spread over them (the gateway checks each one's /readyz).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, String)>,
     /// For `products`: create the small seed catalog `trellis up` creates, when the catalog is
@@ -391,7 +443,18 @@ impl ServeArgs {
         if self.tls_cert.is_some() && self.name != "gateway" {
             bail!("--tls-cert and --tls-key are for `serve gateway`; services speak plain HTTP");
         }
-        let peers: BTreeMap<String, String> = self.peers.iter().cloned().collect();
+        // A name given twice or more is a service with replicas: `--peer orders=A --peer
+        // orders=B` dials "A,B" (gRPC clients and the gateway spread calls over both).
+        let mut peers: BTreeMap<String, String> = BTreeMap::new();
+        for (name, addr) in &self.peers {
+            peers
+                .entry(name.clone())
+                .and_modify(|known| {
+                    known.push(',');
+                    known.push_str(addr);
+                })
+                .or_insert_with(|| addr.clone());
+        }
         if let Some(bus) = &self.bus
             && !(bus.starts_with("nats://") || bus.starts_with("sqlite://") || bus == "memory://")
         {
@@ -418,19 +481,28 @@ impl ServeArgs {
         let service_key = trellis_service::auth::ServiceKey::from_env_or_file(&self.data_dir)
             .context("the service key the gateway and the services share")?;
         if self.name == "gateway" {
-            let mut addrs = BTreeMap::new();
+            let mut addrs: BTreeMap<&'static str, Vec<SocketAddr>> = BTreeMap::new();
             for (name, default_port) in shop_contracts::ports::SERVICES {
-                let addr = match peers.get(*name) {
-                    Some(addr) => tokio::net::lookup_host(addr.as_str())
-                        .await
-                        .ok()
-                        .and_then(|mut a| a.next())
-                        .with_context(|| format!("--peer {name}={addr} does not resolve"))?,
-                    None => SocketAddr::from(([127, 0, 0, 1], *default_port)),
-                };
-                addrs.insert(*name, addr);
+                let mut resolved = Vec::new();
+                match peers.get(*name) {
+                    Some(list) => {
+                        for addr in list.split(',') {
+                            let found = tokio::net::lookup_host(addr)
+                                .await
+                                .ok()
+                                .and_then(|mut a| a.next())
+                                .with_context(|| {
+                                    format!("--peer {name}={addr} does not resolve")
+                                })?;
+                            resolved.push(found);
+                        }
+                    }
+                    None => resolved.push(SocketAddr::from(([127, 0, 0, 1], *default_port))),
+                }
+                addrs.insert(*name, resolved);
             }
-            let mut toml = shop_app::config_toml(listen, self.operator_listen, &addrs);
+            let mut toml =
+                shop_app::config_toml_with_replicas(listen, self.operator_listen, &addrs);
             if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
                 // JSON string syntax is TOML basic-string syntax for any path.
                 toml.push_str(&format!(

@@ -23,6 +23,10 @@ pub(crate) fn describe() {
         "Seconds an upstream attempt took to its response headers, by cluster"
     );
     describe_counter!(
+        "trellis_gateway_tls_handshake_failures_total",
+        "Connections to the HTTPS listener whose TLS handshake failed or timed out"
+    );
+    describe_counter!(
         "trellis_gateway_upstream_body_timeouts_total",
         "Upstream response bodies cut off by the body or idle timeout, by route"
     );

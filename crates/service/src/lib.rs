@@ -115,7 +115,9 @@ pub use db::{
     SQLITE_CONNECTIONS_MAX, create_postgres_database, drop_postgres_database, is_transient,
     postgres_database_url, redact_url,
 };
-pub use grpc::{GrpcChannel, GrpcClientConfig, grpc_channel, status_to_api_error};
+pub use grpc::{
+    GrpcChannel, GrpcClientConfig, REPLICA_DOWN_FOR, Replicas, grpc_channel, status_to_api_error,
+};
 pub use http_api::{
     ApiError, ApiJson, Caller, ROLE_ADMIN, ROLE_CUSTOMER, USER_ID_HEADER, USER_ROLE_HEADER,
 };

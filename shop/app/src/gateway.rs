@@ -28,7 +28,33 @@ pub fn config_toml(
     operator_listen: SocketAddr,
     addrs: &BTreeMap<&'static str, SocketAddr>,
 ) -> String {
-    let addr = |name: &str| addrs.get(name).map(ToString::to_string).unwrap_or_default();
+    let replicas = addrs
+        .iter()
+        .map(|(name, addr)| (*name, vec![*addr]))
+        .collect();
+    config_toml_with_replicas(listen, operator_listen, &replicas)
+}
+
+/// How often the gateway checks each replica's `/readyz` when a service has several.
+const REPLICA_HEALTH_INTERVAL_MS: u64 = 1_000;
+
+/// As [`config_toml`], with every replica of each service (the first one also serves the
+/// JWKS and the revocation feed, for the users service). A service with several replicas is
+/// balanced across them (least outstanding requests), each checked on `/readyz` every second
+/// and taken out after one failed check or five failed requests in a row, back after one
+/// passed check.
+pub fn config_toml_with_replicas(
+    listen: SocketAddr,
+    operator_listen: SocketAddr,
+    addrs: &BTreeMap<&'static str, Vec<SocketAddr>>,
+) -> String {
+    let addr = |name: &str| {
+        addrs
+            .get(name)
+            .and_then(|a| a.first())
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    };
     let mut toml = format!(
         r#"
 [server]
@@ -85,10 +111,21 @@ burst = {login_burst}
         if name == "console" && !console {
             continue;
         }
+        let endpoints: Vec<String> = match addrs.get(name) {
+            Some(list) if !list.is_empty() => list.iter().map(|a| format!("\"{a}\"")).collect(),
+            _ => vec!["\"\"".to_owned()],
+        };
         toml.push_str(&format!(
-            "\n[clusters.{name}]\nendpoints = [\"{}\"]\nload_balancing = \"least_outstanding\"\n",
-            addr(name)
+            "\n[clusters.{name}]\nendpoints = [{}]\nload_balancing = \"least_outstanding\"\n",
+            endpoints.join(", ")
         ));
+        if endpoints.len() > 1 {
+            toml.push_str(&format!(
+                "[clusters.{name}.health_check]\npath = \"/readyz\"\n\
+                 interval_ms = {REPLICA_HEALTH_INTERVAL_MS}\ntimeout_ms = 500\n\
+                 healthy_threshold = 1\nunhealthy_threshold = 1\n"
+            ));
+        }
     }
     let routes: &[&str] = &[
         r#"name = "openapi"

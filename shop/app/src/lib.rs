@@ -40,7 +40,9 @@ use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 use trellis_telemetry::metrics::PrometheusHandle;
 use trellis_telemetry::service::ServiceScopeExt as _;
 
-pub use gateway::{CONSOLE_ROUTE, RATE_PER_CLIENT, ShopHooks, config_toml};
+pub use gateway::{
+    CONSOLE_ROUTE, RATE_PER_CLIENT, ShopHooks, config_toml, config_toml_with_replicas,
+};
 pub use mcp::MCP_PATH;
 pub use openapi::{BEARER_SCHEME, openapi};
 pub use processes::{ProcessConfig, ProcessShop};

@@ -72,6 +72,12 @@ pub struct ProcessConfig {
     /// Where the other processes dial a service, when not at its own address: `trellis
     /// chaos` puts a fault proxy there.
     pub peers: BTreeMap<String, SocketAddr>,
+    /// Processes per service, for those with more than one: each extra replica is a child
+    /// named `SERVICE-2`, `SERVICE-3`, ... on a free port, running `trellis serve SERVICE`
+    /// on the same database; the gateway and the other services spread their calls over
+    /// them. Only on PostgreSQL (a service's SQLite file belongs to one process), and not for
+    /// the payment provider simulator (its charges live in its memory) or the console.
+    pub replicas: BTreeMap<String, usize>,
 }
 
 impl ProcessConfig {
@@ -91,6 +97,7 @@ impl ProcessConfig {
             ready_timeout: Duration::from_secs(60),
             service_ports: BTreeMap::new(),
             peers: BTreeMap::new(),
+            replicas: BTreeMap::new(),
         })
     }
 }
@@ -102,6 +109,8 @@ pub struct ProcessShop {
     gateway: SocketAddr,
     operator: SocketAddr,
     addrs: BTreeMap<&'static str, SocketAddr>,
+    /// The extra replicas' addresses, by child name (`orders-2`).
+    replica_addrs: BTreeMap<String, SocketAddr>,
     admin: AdminAccount,
     service_key: ServiceKey,
     http: reqwest::Client,
@@ -118,9 +127,15 @@ impl ProcessShop {
         format!("http://{}", self.operator)
     }
 
-    /// Each service's address (REST and gRPC share it); the gateway is not among them.
+    /// Each service's address (REST and gRPC share it; its first replica's, when it has
+    /// several); the gateway is not among them.
     pub fn addrs(&self) -> &BTreeMap<&'static str, SocketAddr> {
         &self.addrs
+    }
+
+    /// The extra replicas' addresses, by child name (`orders-2`, ...).
+    pub fn replica_addrs(&self) -> &BTreeMap<String, SocketAddr> {
+        &self.replica_addrs
     }
 
     /// The admin account.
@@ -157,6 +172,7 @@ impl ProcessShop {
         }
         self.addrs
             .get(name)
+            .or_else(|| self.replica_addrs.get(name))
             .map(|addr| format!("http://{addr}/healthz"))
     }
 
@@ -237,6 +253,30 @@ pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
         };
         addrs.insert(service, free_port(shop.bind, port)?);
     }
+    let mut replica_addrs: BTreeMap<String, (&'static str, SocketAddr)> = BTreeMap::new();
+    for (service, count) in &config.replicas {
+        let Some(service) = SERVICES.into_iter().find(|s| s == service) else {
+            return Err(Error::UnknownService(service.clone()));
+        };
+        if *count <= 1 {
+            continue;
+        }
+        if service == "payment-provider" {
+            return Err(Error::Process(
+                "the payment provider simulator cannot have replicas: its charges live in its memory"
+                    .to_owned(),
+            ));
+        }
+        if service != "mcp" && !shop.database_url(service).starts_with("postgres") {
+            return Err(Error::Process(format!(
+                "replicas of {service} need PostgreSQL (a service's SQLite file belongs to one process)"
+            )));
+        }
+        for replica in 2..=*count {
+            let addr = free_port(shop.bind, 0)?;
+            replica_addrs.insert(format!("{service}-{replica}"), (service, addr));
+        }
+    }
     let gateway = free_port(shop.bind, shop.gateway_port)?;
     let operator = free_port(shop.bind, shop.operator_port)?;
     std::fs::create_dir_all(&shop.data_dir).map_err(|e| {
@@ -261,7 +301,16 @@ pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
 
     let supervisor = Supervisor::new(config.options.clone());
     let http = reqwest::Client::new();
-    let started = start_children(&config, &supervisor, &http, &addrs, gateway, operator).await;
+    let started = start_children(
+        &config,
+        &supervisor,
+        &http,
+        &addrs,
+        &replica_addrs,
+        gateway,
+        operator,
+    )
+    .await;
     if let Err(error) = started {
         supervisor.shutdown().await;
         return Err(error);
@@ -271,6 +320,10 @@ pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
         gateway: dialable(gateway),
         operator: dialable(operator),
         addrs: addrs.iter().map(|(k, v)| (*k, dialable(*v))).collect(),
+        replica_addrs: replica_addrs
+            .iter()
+            .map(|(name, (_, addr))| (name.clone(), dialable(*addr)))
+            .collect(),
         admin,
         service_key,
         http,
@@ -292,6 +345,7 @@ async fn start_children(
     supervisor: &Supervisor,
     http: &reqwest::Client,
     addrs: &BTreeMap<&'static str, SocketAddr>,
+    replica_addrs: &BTreeMap<String, (&'static str, SocketAddr)>,
     gateway: SocketAddr,
     operator: SocketAddr,
 ) -> Result<(), Error> {
@@ -303,11 +357,15 @@ async fn start_children(
             format!("{name}={dial}")
         })
         .collect();
+    // Each extra replica is one more `--peer SERVICE=…`: callers spread over them.
+    for (service, addr) in replica_addrs.values() {
+        peers.push(format!("{service}={}", dialable(*addr)));
+    }
     peers.push(format!("{GATEWAY}={}", dialable(gateway)));
     peers.push(format!("{GATEWAY_OPERATOR_PEER}={}", dialable(operator)));
     let bus = shop.bus_url();
-    let base = |name: &str, listen: SocketAddr| {
-        let mut spec = ChildSpec::new(name, &config.program)
+    let base_as = |child: &str, name: &str, listen: SocketAddr| {
+        let mut spec = ChildSpec::new(child, &config.program)
             .args(["serve", name, "--exit-with-parent", "--listen"])
             .arg(listen.to_string())
             .arg("--data-dir")
@@ -328,9 +386,20 @@ async fn start_children(
         // each child's spans carry its own service name.
         spec.env("OTEL_SERVICE_NAME", name)
     };
+    let base = |name: &str, listen: SocketAddr| base_as(name, name, listen);
+    // Each service's replicas right after it, one at a time (a replica's schema statements
+    // then find the tables made).
+    let mut children: Vec<(String, &'static str, SocketAddr)> = Vec::new();
     for service in SERVICES {
-        let addr = addrs[service];
-        let mut spec = base(service, addr);
+        children.push((service.to_owned(), service, addrs[service]));
+        for (child, (of, addr)) in replica_addrs {
+            if *of == service {
+                children.push((child.clone(), service, *addr));
+            }
+        }
+    }
+    for (child, service, addr) in children {
+        let mut spec = base_as(&child, service, addr);
         match service {
             "payment-provider" | "mcp" => {}
             _ => spec = spec.args(["--db", &shop.database_url(service)]),
@@ -342,10 +411,10 @@ async fn start_children(
             spec = spec.args(["--bus", &bus]);
         }
         if service == "orders" {
-            // A stable lease owner: the supervisor runs one orders process per shop, so its
-            // restart takes back the sagas the killed one was driving on its first recovery
-            // pass instead of after their leases (30 s) on a shared PostgreSQL log; on SQLite
-            // the owner is derived from the log's path anyway.
+            // A stable lease owner per orders process (its address), so its restart takes
+            // back the sagas it was driving (and the outbox's lease) on its first pass instead
+            // of after their leases (30 s) on a shared PostgreSQL log; on SQLite the owner is
+            // derived from the log's path anyway.
             spec = spec.args(["--saga-owner", &format!("orders@{}", dialable(addr))]);
         }
         if service == "payment-provider" {
@@ -360,7 +429,7 @@ async fn start_children(
         }
         supervisor.add(spec).await?;
         let url = format!("http://{}/healthz", dialable(addr));
-        wait_healthy(http, service, &url, config.ready_timeout).await?;
+        wait_healthy(http, &child, &url, config.ready_timeout).await?;
     }
     // The console after the services (its overview reads them) and before the gateway
     // (which routes `/admin` to it).

@@ -329,12 +329,20 @@ fn console_config_for_serve(
     }];
     let mut metrics_urls = vec![format!("http://{operator}/metrics")];
     for service in SERVICES {
-        let url = format!("http://{}", peer(service));
-        metrics_urls.push(format!("{url}/metrics"));
-        health_targets.push(shop_console::Target {
-            name: service.to_owned(),
-            url,
-        });
+        // Replicas (`--peer orders=A --peer orders=B`) are watched one by one: orders,
+        // orders-2, ...
+        let addrs = peer(service);
+        let replicas = addrs.split(',').map(str::trim).filter(|a| !a.is_empty());
+        for (i, addr) in replicas.enumerate() {
+            let url = format!("http://{addr}");
+            metrics_urls.push(format!("{url}/metrics"));
+            let name = if i == 0 {
+                service.to_owned()
+            } else {
+                format!("{service}-{}", i + 1)
+            };
+            health_targets.push(shop_console::Target { name, url });
+        }
     }
     shop_console::ConsoleConfig {
         gateway_url: format!("http://{gateway}"),

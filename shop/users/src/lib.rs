@@ -132,6 +132,11 @@ pub async fn app(config: Config) -> Result<(Router, Db), Error> {
         "shop_users_logins_total",
         "Token requests, by outcome (ok, refused, limited)"
     );
+    metrics::describe_counter!(
+        "shop_users_refreshes_total",
+        "Refresh-token exchanges, by outcome (ok, refused, reused: the session was ended)"
+    );
+    metrics::describe_counter!("shop_users_logouts_total", "Sessions ended by a logout");
     let db = open(&config.database_url).await?;
     let keys = Arc::new(keys::KeyRing::load_or_create(&db).await?);
     keys::spawn_upkeep(&keys);

@@ -233,3 +233,43 @@ async fn a_bad_database_url_names_itself() {
     assert!(text.starts_with(&format!("cannot open {url}: ")), "{text}");
     assert!(text.contains("cannot create the directory"), "{text}");
 }
+
+/// A gRPC channel to two replicas (two users services on one database) serves every call
+/// while both run; once one stops, at most one call fails (the one that found it gone) and
+/// the rest go to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_spread_over_replicas_and_pass_over_a_stopped_one() {
+    let service = crate::helpers::sqlite().await.expect("sqlite");
+    let created = service
+        .register("eli@example.com", "ample-sofa-1", "Eli")
+        .await
+        .body;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (replica, _replica_db, stop_replica) = crate::helpers::start(&service.url).await;
+    let channel = trellis_service::grpc_channel(
+        &format!("{},{replica}", service.addr),
+        trellis_service::GrpcClientConfig::default(),
+        crate::helpers::key().service_identity("orders"),
+    )
+    .expect("a channel to two replicas");
+    let grpc = shop_contracts::proto::users_client::UsersClient::new(channel);
+    let call = || {
+        let mut grpc = grpc.clone();
+        let request = GetUserRequest { id: id.clone() };
+        async move { grpc.get_user(request).await }
+    };
+    for _ in 0..6 {
+        call().await.expect("both replicas answer");
+    }
+    let _ = stop_replica.send(());
+    let mut failed = 0;
+    for _ in 0..10 {
+        if call().await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} of 10 calls failed with one replica left"
+    );
+}
