@@ -87,6 +87,11 @@ pub(crate) struct ChaosArgs {
     /// With --gateway: the admin's password.
     #[arg(long, env = "TRELLIS_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
+    /// With --db: more than one process of some services, as SERVICE=N[,SERVICE=N...]
+    /// (e.g. orders=2,payments=2); a scenario's kill may then name a replica (`orders-2`),
+    /// with `restart = false` to keep it down.
+    #[arg(long, value_parser = crate::shop::parse_replicas, requires = "db")]
+    replicas: Option<std::collections::BTreeMap<String, usize>>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -146,6 +151,7 @@ impl ChaosArgs {
             postgres: self.db.clone(),
             nats: self.bus.clone(),
             nats_server: self.nats_server.clone(),
+            replicas: self.replicas.clone().unwrap_or_default(),
             prefix: format!("chaos_{seed:x}_{}", std::process::id()),
         };
         let program = std::env::current_exe().context("finding the trellis executable")?;

@@ -111,7 +111,7 @@ pub(crate) struct UpArgs {
 /// Most processes `--replicas` starts for one service.
 const REPLICAS_MAX: usize = 8;
 
-fn parse_replicas(text: &str) -> Result<BTreeMap<String, usize>, String> {
+pub(crate) fn parse_replicas(text: &str) -> Result<BTreeMap<String, usize>, String> {
     let mut replicas = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, count) = part

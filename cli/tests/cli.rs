@@ -1185,6 +1185,73 @@ fn chaos_on_postgres_and_nats_restarts_the_broker_and_kills_connections() {
     }
 }
 
+/// Replicas on PostgreSQL + NATS (issue 18): `trellis chaos` runs the shop with two
+/// processes of orders and of payments under load, SIGKILLs one of each mid-load and keeps
+/// them down; every accepted order still ends CONFIRMED or CANCELLED (none pending, none
+/// lost), no payment is captured twice, stock and messages add up, and the orders flow again
+/// after the kill (the surviving orders process takes the dead one's sagas over once their
+/// leases expire).
+#[test]
+fn replicas_on_postgres_and_nats_survive_one_of_each_killed_for_good() {
+    let Some((postgres, nats_server)) = remote_chaos_backends("replicas_on_postgres_and_nats")
+    else {
+        return;
+    };
+    let _turn = SHOP_AS_PROCESSES.blocking_lock();
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shop/chaos/scenarios/ci-replicas.toml"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "chaos",
+            "--scenario",
+            scenario,
+            "--seed",
+            "12",
+            "--replicas",
+            "orders=2,payments=2",
+            "--quiet",
+            "--json",
+            "--db",
+            &postgres,
+            "--nats-server",
+            &nats_server,
+        ])
+        .env_remove("TRELLIS_BUS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["kills"], 2, "{report}");
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.iter().all(|f| f["error"].is_null()), "{report}");
+    assert!(
+        faults
+            .iter()
+            .filter(|f| f["measured"] == true)
+            .all(|f| f["recovered_after_s"].is_number()),
+        "orders flow again after the kill: {report}"
+    );
+    let db = &report["databases"];
+    for field in [
+        "lost_orders",
+        "double_captures",
+        "stock_mismatches",
+        "undelivered_messages",
+        "violation_count",
+    ] {
+        assert_eq!(db[field], 0, "{field}: {report}");
+    }
+    assert!(
+        report["load"]["orders"]["placed"].as_u64().unwrap() > 100,
+        "{report}"
+    );
+    assert_eq!(report["load"]["orders"]["pending"], 0, "{report}");
+}
+
 /// `trellis chaos --gateway URL` against a shop it did not start (`trellis up --processes`):
 /// the kill goes through the operator's command, the shop's own supervisor restarts the
 /// service, the provider fault through the admin API; the checks read the shop's data

@@ -18,7 +18,7 @@
 //! let storm = Scenario::built_in("storm").expect("a built-in");
 //! let plan = storm.schedule(Duration::from_secs(600), 7, &Default::default());
 //! let kills: usize = plan.iter().map(|p| match &p.action {
-//!     Action::Kill { services } => services.len(),
+//!     Action::Kill { services, .. } => services.len(),
 //!     _ => 0,
 //! }).sum();
 //! assert!(kills >= 40, "a 10-minute storm kills at least 40 processes");

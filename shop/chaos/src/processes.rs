@@ -59,6 +59,10 @@ pub struct RemoteBackends {
     pub nats_server: Option<PathBuf>,
     /// Names the run's databases and streams (`[a-z0-9_]`).
     pub prefix: String,
+    /// Processes per service for the shop the run starts (`orders = 2`: a child `orders-2`
+    /// beside `orders`, on the same database); needs `postgres`. A kill may name a replica,
+    /// and `restart = false` keeps it down.
+    pub replicas: BTreeMap<String, usize>,
 }
 
 /// What a run made on the remote backends, to drop when it is over.
@@ -129,6 +133,7 @@ impl ProcessTarget {
         }
         let mut config = ProcessConfig::new(shop).map_err(|e| e.to_string())?;
         config.program = program;
+        config.replicas = remote.replicas.clone();
         config.options = Options {
             output: Output::Capture(log),
             ..Options::default()
@@ -517,6 +522,20 @@ impl Target for ProcessTarget {
                 }
             }
         }))
+    }
+
+    fn stop(&self, service: &str) -> BoxFuture<'_, Result<(), String>> {
+        let service = service.to_owned();
+        Box::pin(async move {
+            let supervisor = self.shop.supervisor();
+            supervisor.kill(&service).map_err(|e| e.to_string())?;
+            // Held down: the supervisor does not restart a stopped child.
+            supervisor
+                .stop(&service)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn network(&self, service: &str, fault: Option<(&NetFault, f64)>) -> Result<(), String> {

@@ -79,6 +79,16 @@ pub trait Target: Send + Sync {
     /// # Errors
     /// A message when the process could not be signalled.
     fn kill(&self, service: &str) -> Result<BoxFuture<'static, Option<Instant>>, String>;
+    /// SIGKILLs one process and keeps it down for the rest of the run (a replica lost for
+    /// good); answers once it is down.
+    ///
+    /// # Errors
+    /// A message when this target cannot hold a process down, or the process could not be
+    /// signalled.
+    fn stop(&self, service: &str) -> BoxFuture<'_, Result<(), String>> {
+        let service = service.to_owned();
+        Box::pin(async move { Err(format!("this shop cannot keep {service} down")) })
+    }
     /// Sets (or clears, with `None`) the network fault on connections into `service`.
     ///
     /// # Errors
@@ -495,6 +505,8 @@ async fn recovery(
 ) -> (Option<Duration>, Option<Duration>) {
     let deadline = since + RECOVERY_MAX;
     let mut back = since;
+    // A kill that keeps its processes down has nothing to wait for, and no restart time.
+    let restarting = !restarts.is_empty();
     for restart in restarts {
         match restart.await {
             Some(at) => back = back.max(at),
@@ -504,7 +516,7 @@ async fn recovery(
     let restarted = back.saturating_duration_since(since);
     let confirmed = first_confirmed(&api, &probe, deadline, &counter).await;
     (
-        Some(restarted),
+        restarting.then_some(restarted),
         confirmed.map(|at| at.saturating_duration_since(since)),
     )
 }
@@ -660,13 +672,17 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
             let injected_at = Instant::now();
             let index = records.len();
             let (error, restarts) = match &planned.action {
-                Action::Kill { services } => {
+                Action::Kill { services, restart } => {
                     let mut errors = Vec::new();
                     let mut restarts = Vec::new();
                     for service in services {
-                        match target.kill(service) {
-                            Ok(restart) => restarts.push(restart),
-                            Err(e) => errors.push(format!("{service}: {e}")),
+                        if *restart {
+                            match target.kill(service) {
+                                Ok(restart) => restarts.push(restart),
+                                Err(e) => errors.push(format!("{service}: {e}")),
+                            }
+                        } else if let Err(e) = target.stop(service).await {
+                            errors.push(format!("{service}: {e}"));
                         }
                     }
                     ((!errors.is_empty()).then(|| errors.join("; ")), restarts)
@@ -789,7 +805,7 @@ pub async fn run(config: ChaosConfig, target: Arc<dyn Target>) -> Result<ChaosRe
     let kills: u64 = plan
         .iter()
         .map(|p| match &p.action {
-            Action::Kill { services } => services.len() as u64,
+            Action::Kill { services, .. } => services.len() as u64,
             _ => 0,
         })
         .sum();

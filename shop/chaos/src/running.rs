@@ -116,7 +116,12 @@ impl Target for RunningTarget {
 
     fn supports(&self, action: &Action) -> Result<(), String> {
         match action {
-            Action::Kill { services } => {
+            Action::Kill { restart: false, .. } => Err(
+                "keeping a process down needs a shop started by `trellis chaos` (its own \
+                 supervisor)"
+                    .into(),
+            ),
+            Action::Kill { services, .. } => {
                 if self.config.kill_command.is_none() {
                     return Err("killing a service of a running shop needs --kill-command".into());
                 }

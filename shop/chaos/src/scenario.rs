@@ -152,18 +152,35 @@ impl From<Span> for String {
 
 pub use shop_load::parse_duration;
 
+fn restart_default() -> bool {
+    true
+}
+
+/// Whether `name` is a process a kill may take: one of [`KILLABLE`], or a replica of one
+/// (`orders-2`; the run must have it, `trellis chaos --replicas`).
+fn killable(name: &str) -> bool {
+    KILLABLE.contains(&name)
+        || name.rsplit_once('-').is_some_and(|(service, replica)| {
+            KILLABLE.contains(&service) && replica.parse::<u32>().is_ok_and(|n| n >= 2)
+        })
+}
+
 /// One fault, as a scenario writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FaultSpec {
-    /// SIGKILL of processes (the supervisor restarts them).
+    /// SIGKILL of processes (the supervisor restarts them, unless `restart = false`).
     Kill {
-        /// These services.
+        /// These services (or replicas: `orders-2` with `trellis chaos --replicas`).
         #[serde(default)]
         services: Vec<String>,
         /// Or this many services picked at random from [`KILLABLE`].
         #[serde(default)]
         random: u32,
+        /// Whether the supervisor restarts them (default); `false` keeps them down for the
+        /// rest of the run (a replica lost for good: the others must take its work over).
+        #[serde(default = "restart_default")]
+        restart: bool,
     },
     /// Added latency on the connections into `service`.
     Latency {
@@ -340,6 +357,7 @@ impl Scenario {
                             FaultSpec::Kill {
                                 services: vec![(*service).to_owned()],
                                 random: 0,
+                                restart: true,
                             },
                         )
                     })
@@ -548,7 +566,9 @@ fn check_service(service: &str) -> Result<(), String> {
 
 fn check_fault(fault: &FaultSpec) -> Result<(), String> {
     match fault {
-        FaultSpec::Kill { services, random } => {
+        FaultSpec::Kill {
+            services, random, ..
+        } => {
             if services.is_empty() && *random == 0 {
                 return Err("a kill names services or a random count".into());
             }
@@ -556,9 +576,9 @@ fn check_fault(fault: &FaultSpec) -> Result<(), String> {
                 return Err(format!("at most {} random services", KILLABLE.len()));
             }
             for service in services {
-                if !KILLABLE.contains(&service.as_str()) {
+                if !killable(service) {
                     return Err(format!(
-                        "cannot kill {service:?} (one of {})",
+                        "cannot kill {service:?} (one of {}, or a replica such as orders-2)",
                         KILLABLE.join(", ")
                     ));
                 }
@@ -664,6 +684,8 @@ pub enum Action {
     Kill {
         /// The services.
         services: Vec<String>,
+        /// Whether the supervisor restarts them (otherwise they stay down to the end).
+        restart: bool,
     },
     /// A network fault into `service`, on `share` of its new connections.
     Network {
@@ -708,7 +730,14 @@ impl Action {
     /// A short description for the report.
     pub fn describe(&self) -> String {
         match self {
-            Self::Kill { services } => format!("SIGKILL {}", services.join(" + ")),
+            Self::Kill {
+                services,
+                restart: true,
+            } => format!("SIGKILL {}", services.join(" + ")),
+            Self::Kill {
+                services,
+                restart: false,
+            } => format!("SIGKILL {} (kept down)", services.join(" + ")),
             Self::Network {
                 service,
                 fault,
@@ -838,7 +867,11 @@ fn resolve(fault: &FaultSpec, at: Duration, hold: Duration, rng: &mut fastrand::
         hold: Some(hold),
     };
     match fault {
-        FaultSpec::Kill { services, random } => {
+        FaultSpec::Kill {
+            services,
+            random,
+            restart,
+        } => {
             let mut chosen: BTreeSet<String> = services.iter().cloned().collect();
             let mut left: Vec<&str> = KILLABLE
                 .iter()
@@ -856,6 +889,7 @@ fn resolve(fault: &FaultSpec, at: Duration, hold: Duration, rng: &mut fastrand::
                 at,
                 action: Action::Kill {
                     services: chosen.into_iter().collect(),
+                    restart: *restart,
                 },
                 hold: None,
             }
@@ -966,6 +1000,7 @@ fn storm(
             &FaultSpec::Kill {
                 services: Vec::new(),
                 random: random_count,
+                restart: true,
             },
             at,
             Duration::ZERO,

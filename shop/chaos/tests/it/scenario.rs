@@ -10,7 +10,7 @@ use shop_chaos::scenario::{
 fn kills(plan: &[shop_chaos::scenario::Planned]) -> usize {
     plan.iter()
         .map(|p| match &p.action {
-            Action::Kill { services } => services.len(),
+            Action::Kill { services, .. } => services.len(),
             _ => 0,
         })
         .sum()
@@ -36,7 +36,7 @@ fn kill_each_kills_every_killable_service_once_in_order_of_the_list() {
     let killed: Vec<String> = plan
         .iter()
         .flat_map(|p| match &p.action {
-            Action::Kill { services } => services.clone(),
+            Action::Kill { services, .. } => services.clone(),
             _ => Vec::new(),
         })
         .collect();
@@ -58,7 +58,7 @@ fn a_ten_minute_storm_has_the_faults_the_scorecard_asks_for() {
         assert!(network >= 20, "seed {seed}: {network} network faults");
         assert!(
             plan.iter()
-                .any(|p| matches!(&p.action, Action::Kill { services } if services.len() == 2)),
+                .any(|p| matches!(&p.action, Action::Kill { services, .. } if services.len() == 2)),
             "seed {seed}: no double kill"
         );
         // Everything starts in time to heal before the end.
@@ -105,6 +105,41 @@ fn a_toml_scenario_reads_as_written() {
 }
 
 #[test]
+fn a_kill_may_name_a_replica_and_keep_it_down() {
+    // Goal: the replica scenario CI runs reads as meant: `orders-2` is a process a kill may
+    // take, `restart = false` keeps it down, and a plain kill still restarts by default.
+    let scenario = Scenario::parse(
+        "replicas",
+        "name = \"r\"\n[[events]]\nat = \"1s\"\n\
+         fault = { kind = \"kill\", services = [\"orders-2\", \"payments-2\"], restart = false }\n\
+         [[events]]\nat = \"2s\"\nfault = { kind = \"kill\", services = [\"orders\"] }",
+    )
+    .unwrap();
+    let plan = scenario.schedule(Duration::from_secs(10), 1, &Backends::default());
+    let actions: Vec<&Action> = plan.iter().map(|p| &p.action).collect();
+    assert_eq!(
+        actions,
+        [
+            &Action::Kill {
+                services: vec!["orders-2".into(), "payments-2".into()],
+                restart: false
+            },
+            &Action::Kill {
+                services: vec!["orders".into()],
+                restart: true
+            },
+        ]
+    );
+    assert!(actions[0].describe().contains("kept down"));
+    let shipped = Scenario::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scenarios/ci-replicas.toml"
+    ))
+    .unwrap();
+    shipped.validate().unwrap();
+}
+
+#[test]
 fn bad_scenarios_are_refused_with_the_problem_named() {
     let cases = [
         ("name = \"x\"\nrate = -1", "rate"),
@@ -120,6 +155,10 @@ fn bad_scenarios_are_refused_with_the_problem_named() {
         (
             "name = \"x\"\n[[events]]\nat = \"1s\"\nfault = { kind = \"kill\" }",
             "names services",
+        ),
+        (
+            "name = \"x\"\n[[events]]\nat = \"1s\"\nfault = { kind = \"kill\", services = [\"payment-provider-2\"] }",
+            "cannot kill",
         ),
         (
             "name = \"x\"\n[[events]]\nat = \"1s\"\nfault = { kind = \"reset\", service = \"gateway\" }",
@@ -164,7 +203,7 @@ proptest! {
         prop_assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
         prop_assert!(plan.iter().all(|p| p.at < run));
         for p in &plan {
-            if let Action::Kill { services } = &p.action {
+            if let Action::Kill { services, .. } = &p.action {
                 prop_assert!(!services.is_empty());
                 prop_assert!(services.iter().all(|s| KILLABLE.contains(&s.as_str())));
             }
