@@ -191,7 +191,11 @@ path_prefix = "/api/orders"
 cluster = "orders"
 auth = ["shop"]
 rate_limit = "per_user"
-timeout_ms = 15000"#,
+timeout_ms = 15000
+# A replica that died refuses connections: the order goes to another one (a connect error
+# means nothing was sent; orders' bodies are read whole to be sent again). Only reads are
+# retried after a 502/503.
+retry = { attempts = 2, on_statuses = [502, 503] }"#,
         r#"name = "mcp"
 path_exact = "/mcp"
 cluster = "mcp"

@@ -8,7 +8,9 @@
 //! 4. **upstream head**: hop-by-hop headers go, the path is rewritten, `x-request-id`,
 //!    `x-forwarded-*` and `traceparent` are set;
 //! 5. **upstream call with retries**: an endpoint is picked and called within the route
-//!    timeout; bodiless requests are retried within the route's retry budget.
+//!    timeout; on a route with a retry policy, requests are retried within the route's retry
+//!    budget: bodiless ones, and ones whose declared body is at most
+//!    [`REPLAY_BODY_BYTES_MAX`] (read whole first, so it can be sent again).
 //!
 //! Each phase returns early with the [`ProxyError`] that answers the client.
 
@@ -31,6 +33,11 @@ use crate::upstream::{Cluster, Endpoint, Pick};
 
 use super::table::{Route, Table};
 use super::{Shared, X_REQUEST_ID};
+
+/// Largest declared request body the gateway reads whole before forwarding, on a route with
+/// a retry policy, so the request can be sent to another endpoint when the first refuses the
+/// connection (a replica that died): an order's body is a few hundred bytes.
+pub(crate) const REPLAY_BODY_BYTES_MAX: u64 = 64 * 1024;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -190,9 +197,11 @@ impl Exchange<'_> {
     }
 
     /// Upstream call with retries: picks an endpoint and calls it within the route timeout.
-    /// Only a bodiless request can be sent again, so only such requests are retried, within
-    /// the route's retry budget: after a retryable status, after a connect error, and after
-    /// any other error for an idempotent method.
+    /// A request can be sent again when it has no body or its declared body (at most
+    /// [`REPLAY_BODY_BYTES_MAX`], on a route with a retry policy) was read whole; such
+    /// requests are retried within the route's retry budget: after a connect error (nothing
+    /// was sent: any method), after a retryable status (a bodiless or idempotent request),
+    /// and after any other error (an idempotent method).
     async fn call_upstream(
         &self,
         parts: http::request::Parts,
@@ -202,13 +211,47 @@ impl Exchange<'_> {
         let route = self.route;
         let ctx = &self.ctx;
         let shared = self.shared;
-        let plan = RetryPlan::new(route, &parts.method, body.is_end_stream());
+        let bodiless = body.is_end_stream();
         let limit = usize::try_from(route.body_bytes_max).unwrap_or(usize::MAX);
-        let mut body: Option<GatewayBody> = Some(if plan.bodiless {
-            crate::body::empty()
+        // A small declared body on a route that retries is read whole, so it can be replayed.
+        let replayable = !bodiless
+            && route.retry.is_some()
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|length| length <= REPLAY_BODY_BYTES_MAX);
+        let (replay, mut body): (Option<bytes::Bytes>, Option<GatewayBody>) = if bodiless {
+            (None, Some(crate::body::empty()))
+        } else if replayable {
+            let deadline = Instant::now() + route.timeout;
+            let read = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await;
+            match read {
+                Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
+                Ok(Err(error))
+                    if error
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some() =>
+                {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: route.body_bytes_max,
+                    });
+                }
+                Ok(Err(_)) => {
+                    return Err(ProxyError::BadRequest("the request body could not be read"));
+                }
+                Err(_) => {
+                    return Err(ProxyError::BadRequest(
+                        "the request body did not arrive within the route timeout",
+                    ));
+                }
+            }
         } else {
-            Limited::new(body, limit).map_err(BoxError::from).boxed()
-        });
+            (
+                None,
+                Some(Limited::new(body, limit).map_err(BoxError::from).boxed()),
+            )
+        };
+        let plan = RetryPlan::new(route, &parts.method, bodiless, replay.is_some());
 
         let mut parts = Some(parts);
         let cluster = &route.cluster;
@@ -240,7 +283,9 @@ impl Exchange<'_> {
             };
             head.uri = uri;
             shared.hooks.upstream_request_filter(ctx, &mut head);
-            let this_body = if last_attempt {
+            let this_body = if let Some(bytes) = &replay {
+                crate::body::full(bytes.clone())
+            } else if last_attempt {
                 body.take().unwrap_or_else(crate::body::empty)
             } else {
                 crate::body::empty()
@@ -258,7 +303,10 @@ impl Exchange<'_> {
                     let failed = status.is_server_error();
                     let endpoint = Arc::clone(pick.endpoint);
                     cluster.finish(pick, failed);
+                    // The upstream saw the request: a status retry sends it again, which only a
+                    // bodiless or idempotent request may be.
                     if failed
+                        && (plan.bodiless || plan.idempotent)
                         && route
                             .retry
                             .as_ref()
@@ -326,7 +374,7 @@ impl Exchange<'_> {
 /// The retry phase's decisions for one request, fixed before its first attempt.
 #[derive(Debug)]
 struct RetryPlan {
-    /// Whether the request has no body: only such a request can be sent again.
+    /// Whether the request has no body.
     bodiless: bool,
     /// Attempts in all, the first included; 1 when the request is not retried.
     attempts_max: u32,
@@ -337,11 +385,11 @@ struct RetryPlan {
 }
 
 impl RetryPlan {
-    /// A retryable request (bodiless, on a route with a retry policy) pays into the route's
-    /// retry budget, which later retries draw from.
-    fn new(route: &Route, method: &Method, bodiless: bool) -> Self {
+    /// A retryable request (bodiless or with its body read whole, on a route with a retry
+    /// policy) pays into the route's retry budget, which later retries draw from.
+    fn new(route: &Route, method: &Method, bodiless: bool, replayable: bool) -> Self {
         let attempts_max = match &route.retry {
-            Some(rule) if bodiless => {
+            Some(rule) if bodiless || replayable => {
                 rule.budget.deposit();
                 rule.attempts
             }
