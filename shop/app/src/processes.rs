@@ -217,14 +217,53 @@ async fn wait_healthy(
 }
 
 /// A port on `ip` no one listens on now, or `port` itself when it is free (a port other than
-/// 0 that is taken is an error now rather than a child that keeps failing to start).
+/// 0 that is taken is an error now rather than a child that keeps failing to start). For 0,
+/// a port outside the kernel's ephemeral range ([`unused_port`]).
 fn free_port(ip: IpAddr, port: u16) -> Result<SocketAddr, Error> {
+    if port == 0 {
+        return unused_port(ip);
+    }
     let addr = SocketAddr::new(ip, port);
     let listener =
         std::net::TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
     listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Ports [`unused_port`] picks from when the kernel's ephemeral range cannot be read.
+const PICKED_PORTS: std::ops::RangeInclusive<u16> = 20_000..=32_767;
+
+/// A port on `ip` nothing listens on now, picked at random outside the kernel's ephemeral
+/// range (`/proc/sys/net/ipv4/ip_local_port_range`). The port is only checked, then a child
+/// binds it later: a port the kernel hands out (port 0) may meanwhile become the source port
+/// of any outgoing connection on the machine, which then holds it for as long as it lives
+/// and the child cannot start (seen in CI: a service restarted for minutes on "address
+/// already in use").
+///
+/// # Errors
+/// [`Error::Bind`] when no port could be bound in 200 tries.
+pub fn unused_port(ip: IpAddr) -> Result<SocketAddr, Error> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok());
+    let range = match ephemeral_low {
+        Some(low) if low > 11_000 => 10_000..=low - 1,
+        _ => PICKED_PORTS,
+    };
+    let mut last = None;
+    for _ in 0..200 {
+        let addr = SocketAddr::new(ip, fastrand::u16(range.clone()));
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                return listener
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source });
+            }
+            Err(source) => last = Some(Error::Bind { addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Process("no port to try".to_owned())))
 }
 
 /// A loopback address for a peer to dial when the shop binds every interface.

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,9 +85,13 @@ pub struct ProcessTarget {
     provider_pid: Option<u32>,
 }
 
+/// A loopback port outside the kernel's ephemeral range, free now
+/// ([`shop_app::processes::unused_port`]: an outgoing connection cannot take it before the
+/// child binds it).
 fn free_port() -> std::io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+    shop_app::processes::unused_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .map(|addr| addr.port())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::AddrInUse, e.to_string()))
 }
 
 impl ProcessTarget {
