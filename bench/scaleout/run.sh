@@ -84,6 +84,7 @@ for setting in "${settings[@]}"; do
     confirmed=$(echo "$orders" | sed -n 's/.*confirmed \([0-9]*\).*/\1/p')
     per_order=$(awk -v c="$cpu" -v n="${confirmed:-0}" \
       'BEGIN { if (n > 0) printf "%.1f ms", 1000 * c / n; else print "n/a" }')
+    [ -n "${SHOW:-}" ] && echo "$out" | grep -A12 "^invariants:"
     echo "replicas $setting, rate $rate/s for $duration: $order | $orders | $errs | $inv | shop+PG+NATS CPU ${cpu} s ($per_order per confirmed order), machine ${load_pct}% busy"
   done
 done

@@ -32,12 +32,25 @@ pub const REPLICA_DOWN_FOR: Duration = Duration::from_secs(2);
 /// connection failed and never adds it back, so a replica that restarts would get no calls.
 /// The calls a failed replica had in flight fail (the caller's retry policy decides); a
 /// gRPC status (the replica answered) never counts against it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Replicas {
     channels: Vec<Channel>,
     health: Arc<ReplicaHealth>,
     /// The replica [`poll_ready`](tower::Service::poll_ready) readied for the next call.
     picked: Option<usize>,
+}
+
+impl Clone for Replicas {
+    /// A clone picks its own replica: the readied one belongs to the original (whose
+    /// channel holds the reserved slot), so a clone made between `poll_ready` and `call` (the
+    /// clone-and-swap of tower middleware) does not stick to it.
+    fn clone(&self) -> Self {
+        Self {
+            channels: self.channels.clone(),
+            health: Arc::clone(&self.health),
+            picked: None,
+        }
+    }
 }
 
 #[derive(Debug)]
