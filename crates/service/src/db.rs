@@ -9,6 +9,21 @@ use sqlx::{PgPool, SqlitePool};
 
 /// Most connections a PostgreSQL pool opens.
 pub const POOL_CONNECTIONS_MAX: u32 = 16;
+
+/// The environment variable that caps every PostgreSQL pool of a process (replicas sharing one
+/// server's `max_connections`: `trellis up --processes --replicas` sets it for its children).
+pub const PG_POOL_MAX_ENV: &str = "TRELLIS_PG_POOL_MAX";
+
+/// `default`, or less when [`PG_POOL_MAX_ENV`] says so (a positive number; anything else is
+/// ignored).
+pub fn pg_pool_max(default: u32) -> u32 {
+    std::env::var(PG_POOL_MAX_ENV)
+        .ok()
+        .and_then(|value| value.trim().parse::<u32>().ok())
+        .filter(|&cap| cap > 0)
+        .map_or(default, |cap| cap.min(default))
+}
+
 /// Most connections a SQLite pool opens. Each one is a thread that sqlx hands every
 /// statement to; SQLite takes one writer at a time and WAL readers do not block it, so two
 /// connections keep a service busy, and more only spread its statements over more threads to
@@ -185,7 +200,7 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
-                .max_connections(POOL_CONNECTIONS_MAX)
+                .max_connections(pg_pool_max(POOL_CONNECTIONS_MAX))
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;

@@ -111,9 +111,9 @@ mod http_api;
 mod server;
 
 pub use db::{
-    ACQUIRE_TIMEOUT, Db, DbError, OpenError, POOL_CONNECTIONS_MAX, SQLITE_BUSY_TIMEOUT,
-    SQLITE_CONNECTIONS_MAX, create_postgres_database, drop_postgres_database, is_transient,
-    postgres_database_url, redact_url,
+    ACQUIRE_TIMEOUT, Db, DbError, OpenError, PG_POOL_MAX_ENV, POOL_CONNECTIONS_MAX,
+    SQLITE_BUSY_TIMEOUT, SQLITE_CONNECTIONS_MAX, create_postgres_database, drop_postgres_database,
+    is_transient, pg_pool_max, postgres_database_url, redact_url,
 };
 pub use grpc::{
     GrpcChannel, GrpcClientConfig, REPLICA_DOWN_FOR, Replicas, grpc_channel, status_to_api_error,

@@ -231,6 +231,12 @@ fn free_port(ip: IpAddr, port: u16) -> Result<SocketAddr, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
+/// Connections each PostgreSQL pool of a child may hold when the shop runs replicas: orders
+/// opens three pools, every other service one, so two orders, two payments and the rest stay
+/// near 80 connections, under PostgreSQL's default `max_connections` of 100 (uncapped, about
+/// 180: services were refused connections and waited, docs/BENCHMARKS.md).
+pub const REPLICA_POOL_CONNECTIONS_MAX: u32 = 6;
+
 /// Ports [`unused_port`] picks from when the kernel's ephemeral range cannot be read.
 const PICKED_PORTS: std::ops::RangeInclusive<u16> = 20_000..=32_767;
 
@@ -403,6 +409,9 @@ async fn start_children(
     peers.push(format!("{GATEWAY}={}", dialable(gateway)));
     peers.push(format!("{GATEWAY_OPERATOR_PEER}={}", dialable(operator)));
     let bus = shop.bus_url();
+    let pool_cap = (!replica_addrs.is_empty()
+        && std::env::var_os(trellis_service::PG_POOL_MAX_ENV).is_none())
+    .then_some(REPLICA_POOL_CONNECTIONS_MAX);
     let base_as = |child: &str, name: &str, listen: SocketAddr| {
         let mut spec = ChildSpec::new(child, &config.program)
             .args(["serve", name, "--exit-with-parent", "--listen"])
@@ -420,6 +429,11 @@ async fn start_children(
         }
         for key in CLEARED_ENV {
             spec = spec.env_remove(key);
+        }
+        // With replicas the children's PostgreSQL pools share one server's max_connections
+        // (100 by default): each pool is capped (unless the caller set the cap itself).
+        if let Some(cap) = pool_cap {
+            spec = spec.env(trellis_service::PG_POOL_MAX_ENV, cap.to_string());
         }
         // The OTEL_* variables pass through (the children export where this process does);
         // each child's spans carry its own service name.

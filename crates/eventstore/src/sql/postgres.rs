@@ -118,7 +118,14 @@ impl PostgresStore {
     /// A backend error when the server cannot be reached or the schema not created.
     pub async fn open(url: &str) -> Result<Self, EventStoreError> {
         let pool = PgPoolOptions::new()
-            .max_connections(CONNECTIONS_MAX)
+            // `TRELLIS_PG_POOL_MAX` caps it, as it caps trellis-service's pools.
+            .max_connections(
+                std::env::var("TRELLIS_PG_POOL_MAX")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .filter(|&cap| cap > 0)
+                    .map_or(CONNECTIONS_MAX, |cap| cap.min(CONNECTIONS_MAX)),
+            )
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;

@@ -65,7 +65,14 @@ impl PostgresSagaStore {
     /// A storage error when the server cannot be reached or the schema not created.
     pub async fn connect(url: &str) -> Result<Self, SagaError> {
         let pool = PgPoolOptions::new()
-            .max_connections(CONNECTIONS_MAX)
+            // `TRELLIS_PG_POOL_MAX` caps it, as it caps trellis-service's pools.
+            .max_connections(
+                std::env::var("TRELLIS_PG_POOL_MAX")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .filter(|&cap| cap > 0)
+                    .map_or(CONNECTIONS_MAX, |cap| cap.min(CONNECTIONS_MAX)),
+            )
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
