@@ -284,23 +284,7 @@ impl JwtPolicy {
                 None => feed.uri.clone(),
                 Some(after) => with_query(&feed.uri, "after", after)?,
             };
-            let request = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
-            let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, feed.client.request(request))
-                .await
-                .map_err(|_| "timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("status {}", response.status()));
-            }
-            let bytes: Bytes = tokio::time::timeout(
-                JWKS_FETCH_TIMEOUT,
-                Limited::new(response.into_body(), REVOCATIONS_BYTES_MAX).collect(),
-            )
-            .await
-            .map_err(|_| "timed out reading the body".to_owned())?
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-            let page: FeedPage = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            let page: FeedPage = fetch_json(&feed.client, uri, REVOCATIONS_BYTES_MAX).await?;
             let now = unix_now();
             let leeway = self.checks.leeway_s;
             let current = feed.revoked.load();
@@ -383,25 +367,7 @@ impl JwtPolicy {
             return Ok(0);
         };
         *jwks.last_fetch.lock().await = Some(Instant::now());
-        let request = Request::get(jwks.uri.clone())
-            .body(empty())
-            .map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, jwks.client.request(request))
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("status {}", response.status()));
-        }
-        let bytes: Bytes = tokio::time::timeout(
-            JWKS_FETCH_TIMEOUT,
-            Limited::new(response.into_body(), JWKS_BYTES_MAX).collect(),
-        )
-        .await
-        .map_err(|_| "timed out reading the body".to_owned())?
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-        let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let set: JwkSet = fetch_json(&jwks.client, jwks.uri.clone(), JWKS_BYTES_MAX).await?;
         let mut fetched = Vec::new();
         for jwk in &set.keys {
             let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
@@ -621,6 +587,32 @@ fn spawn_revocation_polls(policy: &Arc<JwtPolicy>) {
             }
         }
     });
+}
+
+/// `GET uri` as JSON of type `T`: a 2xx answer within [`JWKS_FETCH_TIMEOUT`] (head and body
+/// each) of at most `bytes_max` bytes; otherwise why not (for the log).
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    client: &HttpClient,
+    uri: http::Uri,
+    bytes_max: usize,
+) -> Result<T, String> {
+    let request = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("status {}", response.status()));
+    }
+    let bytes: Bytes = tokio::time::timeout(
+        JWKS_FETCH_TIMEOUT,
+        Limited::new(response.into_body(), bytes_max).collect(),
+    )
+    .await
+    .map_err(|_| "timed out reading the body".to_owned())?
+    .map_err(|e| e.to_string())?
+    .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// `uri` with `name=value` added to its query (`value` percent-encoded).
