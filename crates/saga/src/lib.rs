@@ -135,7 +135,7 @@ pub use inspector::{
     StepTimeline, TimelineEntry,
 };
 pub use store::{
-    GROUP_COMMIT_MAX, InMemorySagaStore, LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX,
-    PostgresSagaStore, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus, SagaStore,
-    SagaSummary, SqliteSagaStore, Transition,
+    GROUP_COMMIT_MAX, InMemorySagaStore, LIST_ACTIVE_MAX, Lease, PG_GROUP_COMMIT_MAX,
+    PURGE_BATCH_MAX, PostgresSagaStore, SagaFilter, SagaId, SagaInstance, SagaRecord, SagaStatus,
+    SagaStore, SagaSummary, SqliteSagaStore, Transition,
 };

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::SagaError;
 
 pub use memory::InMemorySagaStore;
-pub use postgres::PostgresSagaStore;
+pub use postgres::{PG_GROUP_COMMIT_MAX, PostgresSagaStore};
 pub use sqlite::{GROUP_COMMIT_MAX, SqliteSagaStore};
 
 /// The most sagas one [`SagaStore::list_active`] or [`SagaStore::list`] call returns.
@@ -442,6 +442,11 @@ impl SagaInstance {
 /// optimistic: it writes only when `record.seq` is exactly one past the saga's last record, and
 /// returns [`SagaError::Conflict`] otherwise, so two writers can never interleave one saga's log.
 /// A store error leaves the log as it was or with the record fully written, never half of it.
+///
+/// Contexts: `load` returns every record with the context it was written with. Most
+/// transitions change no context, so the SQL stores keep a record's context only when it
+/// differs from the last one they kept (the order saga's never changes: one copy per saga
+/// instead of one per transition).
 ///
 /// Leases: each saga has at most one lease owner at a time. `create` and the `claim` methods
 /// make the caller the owner until `now + lease.duration()` (the store's clock); `append` and

@@ -9,6 +9,10 @@ use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 use super::{SagaId, SagaInstance, SagaRecord, SagaStatus, SagaSummary, Transition};
 use crate::error::SagaError;
 
+/// What the SQLite store writes in a `saga_log` row's `context` (a NOT NULL column) when the
+/// context equals the previous record's: never valid JSON, so never a real context.
+pub(super) const SAME_CONTEXT: &str = "";
+
 /// A row of either engine, read by column name and type: what the decoders below need. The
 /// sqlx bounds are stated once, in the blanket impl.
 pub(super) trait SagaRow {
@@ -52,18 +56,36 @@ trait Column<DB: Database>: for<'r> Decode<'r, DB> + Type<DB> {}
 
 impl<DB: Database, T: for<'r> Decode<'r, DB> + Type<DB>> Column<DB> for T {}
 
-/// Decodes one `saga_log` row (`seq`, `transition` and `context` as JSON text, `at`).
-pub(super) fn record<R: SagaRow>(id: SagaId, row: &R) -> Result<SagaRecord, SagaError> {
+/// Decodes one `saga_log` row (`seq`, `transition` and `context` as JSON text, `at`). A
+/// context stored as [`SAME_CONTEXT`] (SQLite) or NULL (PostgreSQL) is `previous`'s: the
+/// stores keep a context only when it differs from the record before (see
+/// [`crate::store::SagaStore`]'s contract), so a saga whose context never changes stores it once.
+fn record<R: SagaRow>(
+    id: SagaId,
+    row: &R,
+    previous: Option<&SagaRecord>,
+) -> Result<SagaRecord, SagaError> {
     let seq: i64 = row.int("seq")?;
     let transition: String = row.text("transition")?;
-    let context: String = row.text("context")?;
+    let context = match row.optional_text("context")? {
+        Some(text) if text != SAME_CONTEXT => {
+            serde_json::from_str(&text).map_err(|error| SagaError::CorruptLog {
+                id,
+                reason: format!("unreadable context: {error}"),
+            })?
+        }
+        _ => previous
+            .ok_or_else(|| SagaError::CorruptLog {
+                id,
+                reason: format!("record {seq} keeps its predecessor's context but has none"),
+            })?
+            .context
+            .clone(),
+    };
     Ok(SagaRecord {
         seq: to_u64(id, seq)?,
         transition: decode_transition(id, &transition)?,
-        context: serde_json::from_str(&context).map_err(|error| SagaError::CorruptLog {
-            id,
-            reason: format!("unreadable context: {error}"),
-        })?,
+        context,
         at: row.time("at")?,
     })
 }
@@ -77,10 +99,11 @@ pub(super) fn instance<R: SagaRow>(
 ) -> Result<SagaInstance, SagaError> {
     let corrupt = |reason: String| SagaError::CorruptLog { id, reason };
     let (version, status) = version_and_status(id, head)?;
-    let records = log
-        .iter()
-        .map(|row| record(id, row))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut records: Vec<SagaRecord> = Vec::with_capacity(log.len());
+    for row in log {
+        let decoded = record(id, row, records.last())?;
+        records.push(decoded);
+    }
     if records.is_empty() {
         return Err(corrupt("empty log".to_owned()));
     }

@@ -124,6 +124,83 @@ async fn store_contract<S: SagaStore>(store: S) {
     assert_eq!(store.load(SagaId::new()).await.expect("load"), None);
     lease_contract(&store, other).await;
     inspect_contract(&store, id, other).await;
+    context_contract(&store).await;
+}
+
+/// Records whose context repeats the previous one's, changes, and changes back: `load` gives
+/// every record its own context whatever the store keeps on disk. Returns the saga's id.
+async fn context_contract<S: SagaStore>(store: &S) -> SagaId {
+    let id = SagaId::new();
+    let first = serde_json::json!({ "trip": "lisbon", "seats": [1, 2] });
+    let second = serde_json::json!({ "trip": "lisbon", "seats": [1, 2], "booked": true });
+    let contexts = [&first, &first, &first, &second, &second, &first];
+    let record = |seq: u64, context: &serde_json::Value| SagaRecord {
+        seq,
+        transition: if seq == 1 {
+            started()
+        } else {
+            Transition::StepExecuting {
+                step: "flight".to_owned(),
+                attempt: u32::try_from(seq).expect("small"),
+            }
+        },
+        context: context.clone(),
+        at: Utc::now(),
+    };
+    store
+        .create(id, "book-trip", 1, &record(1, contexts[0]), &lease("a"))
+        .await
+        .expect("create");
+    for (index, context) in contexts.iter().enumerate().skip(1) {
+        store
+            .append(id, &record(index as u64 + 1, context), &lease("a"))
+            .await
+            .expect("append");
+    }
+    let instance = store.load(id).await.expect("load").expect("exists");
+    let loaded: Vec<_> = instance.records.iter().map(|r| &r.context).collect();
+    assert_eq!(loaded, contexts);
+    id
+}
+
+/// How many of `saga`'s `saga_log` rows keep a context of their own in the SQLite file at `url`.
+async fn contexts_kept_sqlite(url: &str, saga: SagaId) -> i64 {
+    let pool = sqlx::SqlitePool::connect(url).await.expect("open");
+    sqlx::query_scalar("SELECT count(*) FROM saga_log WHERE saga_id = ? AND context <> ''")
+        .bind(saga.to_string())
+        .fetch_one(&pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn the_sqlite_store_keeps_a_context_once_until_it_changes() {
+    // Goal: the log's size follows the context's changes, not its transitions: six records
+    // whose context changes twice keep three contexts (read back in the contract above).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+    let store = SqliteSagaStore::open(&url).await.expect("open");
+    let id = context_contract(&store).await;
+    assert_eq!(contexts_kept_sqlite(&url, id).await, 3);
+}
+
+#[tokio::test]
+async fn the_postgres_store_keeps_a_context_once_until_it_changes() {
+    // Goal: as on SQLite, six records whose context changes twice keep three contexts.
+    let Some(db) = trellis_testkit::postgres("saga_store_contexts").await else {
+        return;
+    };
+    let store = PostgresSagaStore::connect(&db.url).await.expect("connect");
+    let id = context_contract(&store).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM saga_log WHERE saga_id = $1 AND context IS NOT NULL",
+    )
+    .bind(id.as_uuid())
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(kept, 3);
 }
 
 /// Leases on the active saga `id`, held by "a": fenced appends, claims, renewals, release and

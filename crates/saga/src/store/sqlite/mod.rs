@@ -14,6 +14,9 @@
 //! write lock, so several processes may share one file (taking turns, with a busy timeout).
 //! Reads use a separate pool of connections and see every acknowledged write.
 //!
+//! Size: a record's `context` is stored as `''` (never valid JSON) when it equals the last
+//! context stored for the saga, and read back as that one; most transitions change no context.
+//!
 //! Lease expiry uses this host's wall clock (milliseconds since the epoch): processes sharing
 //! a SQLite file share a host.
 

@@ -243,12 +243,23 @@ async fn apply_group(
     }
 
     if !records.is_empty() {
+        // At most one record per saga in a group, so each record's predecessor is already in
+        // the table when the statement starts.
         sqlx::query(
             "INSERT INTO saga_log (saga_id, seq, transition, context, at)
-             SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                    json_extract(value, '$[2]'), json_extract(value, '$[3]'),
-                    json_extract(value, '$[4]')
-             FROM json_each(?)",
+             SELECT v.saga_id, v.seq, v.transition,
+                    CASE WHEN v.context = (
+                        SELECT l.context FROM saga_log AS l
+                        WHERE l.saga_id = v.saga_id AND l.seq < v.seq AND l.context <> ''
+                        ORDER BY l.seq DESC LIMIT 1)
+                    THEN '' ELSE v.context END,
+                    v.at
+             FROM (SELECT json_extract(value, '$[0]') AS saga_id,
+                          json_extract(value, '$[1]') AS seq,
+                          json_extract(value, '$[2]') AS transition,
+                          json_extract(value, '$[3]') AS context,
+                          json_extract(value, '$[4]') AS at
+                   FROM json_each(?)) AS v",
         )
         .bind(serde_json::Value::Array(records).to_string())
         .execute(&mut *tx)
@@ -508,7 +519,14 @@ async fn insert_record<'c>(
     record: &SagaRecord,
 ) -> Result<(), SagaError> {
     sqlx::query(
-        "INSERT INTO saga_log (saga_id, seq, transition, context, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO saga_log (saga_id, seq, transition, context, at)
+         SELECT ?1, ?2, ?3,
+                CASE WHEN ?4 = (
+                    SELECT context FROM saga_log
+                    WHERE saga_id = ?1 AND seq < ?2 AND context <> ''
+                    ORDER BY seq DESC LIMIT 1)
+                THEN '' ELSE ?4 END,
+                ?5",
     )
     .bind(id.to_string())
     .bind(to_i64(id, record.seq)?)

@@ -1,8 +1,17 @@
 //! The PostgreSQL saga log.
 //!
-//! Each append is one statement, so one round trip and one transaction: a conditional `UPDATE`
-//! of the instance row (which locks it, checks the expected sequence and the lease owner, and
-//! extends the lease) and, in the same statement, the `INSERT` of the record. Lease expiry uses the server's clock (`now()`), so engines on hosts with skewed
+//! Throughput comes from group commit, as in the SQLite store: creates and appends go to one
+//! writer task per store, which takes every write queued while its previous transaction
+//! committed (up to [`PG_GROUP_COMMIT_MAX`]) and runs them as one transaction of one statement
+//! per kind whatever their number (a lone saga's append is one round trip): one that inserts the new instances and their first
+//! records, one that applies every append (a conditional `UPDATE` of the instance rows, which
+//! locks them, checks each expected sequence and lease owner and extends or ends each lease,
+//! and the `INSERT` of the records whose update matched). Each caller is answered after the
+//! commit. A record's context is NULL when it equals the last one stored (most transitions
+//! change no context: a saga whose context never changes keeps it once). Should a group fail
+//! (a deadlock with another process's group, a lost connection), each of its writes runs again
+//! alone, so one bad write never fails its neighbours. Claims, renewals and reads go straight
+//! to the pool. Lease expiry uses the server's clock (`now()`), so engines on hosts with skewed
 //! clocks agree on it; claims take the row with `FOR UPDATE SKIP LOCKED`, so engines polling
 //! together never wait on, or take, the same saga.
 
@@ -11,19 +20,27 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::rows::{self, to_i64};
+use super::rows;
 use super::{
     LIST_ACTIVE_MAX, Lease, PURGE_BATCH_MAX, SagaFilter, SagaId, SagaInstance, SagaRecord,
     SagaStore, SagaSummary,
 };
 use crate::error::SagaError;
+use writer::{Queued, Write, write_loop};
+
+mod writer;
 
 /// Connections in the pool.
 const CONNECTIONS_MAX: u32 = 8;
 /// How long getting a connection from the pool may take.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most creates and appends one group-commit transaction holds.
+pub const PG_GROUP_COMMIT_MAX: usize = 512;
+/// Writes waiting for the writer task; callers wait for room beyond it.
+const WRITES_QUEUED_MAX: usize = 4 * PG_GROUP_COMMIT_MAX;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS saga_instances (
@@ -46,16 +63,26 @@ CREATE TABLE IF NOT EXISTS saga_log (
     saga_id     UUID        NOT NULL REFERENCES saga_instances (id),
     seq         BIGINT      NOT NULL,
     transition  JSONB       NOT NULL,
-    context     JSONB       NOT NULL,
+    context     JSONB,
     at          TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (saga_id, seq)
 );
+-- Logs created before contexts were kept once: NULL now means "the previous record's".
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'saga_log'
+                 AND column_name = 'context' AND is_nullable = 'NO') THEN
+        ALTER TABLE saga_log ALTER COLUMN context DROP NOT NULL;
+    END IF;
+END $$;
 "#;
 
-/// A saga log in PostgreSQL. Cheap to clone; clones share the pool.
+/// A saga log in PostgreSQL. Cheap to clone; clones share the pool and the writer task,
+/// which stops when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct PostgresSagaStore {
     pool: PgPool,
+    writes: mpsc::Sender<Queued>,
 }
 
 impl PostgresSagaStore {
@@ -77,7 +104,19 @@ impl PostgresSagaStore {
             .connect(url)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        let (writes, queue) = mpsc::channel(WRITES_QUEUED_MAX);
+        tokio::spawn(write_loop(pool.clone(), queue));
+        Ok(Self { pool, writes })
+    }
+
+    async fn write(&self, write: Write) -> Result<(), SagaError> {
+        let stopped = || SagaError::Unavailable("the PostgreSQL saga writer stopped".to_owned());
+        let (answer, answered) = oneshot::channel();
+        self.writes
+            .send(Queued { write, answer })
+            .await
+            .map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
     }
 }
 
@@ -93,33 +132,14 @@ impl SagaStore for PostgresSagaStore {
         if first.seq != 1 {
             return Err(SagaError::Conflict { id, seq: first.seq });
         }
-        // One statement, so one round trip and its own transaction: the instance row and the
-        // first record, or neither when the id is taken.
-        let inserted = sqlx::query(
-            "WITH instance AS (
-                 INSERT INTO saga_instances
-                     (id, definition, version, status, last_seq, created_at, updated_at, lease_owner, lease_expires_at)
-                 VALUES ($1, $2, $3, $4, 1, $5, $5, $6, now() + $7::bigint * interval '1 millisecond')
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id)
-             INSERT INTO saga_log (saga_id, seq, transition, context, at)
-             SELECT id, 1, $8::jsonb, $9::jsonb, $5 FROM instance",
-        )
-        .bind(id.as_uuid())
-        .bind(definition)
-        .bind(i64::from(version))
-        .bind(first.transition.status_after().as_str())
-        .bind(first.at)
-        .bind(lease.owner())
-        .bind(lease.duration_ms())
-        .bind(serde_json::to_string(&first.transition)?)
-        .bind(serde_json::to_string(&first.context)?)
-        .execute(&self.pool)
-        .await?;
-        if inserted.rows_affected() != 1 {
-            return Err(SagaError::Conflict { id, seq: 1 });
-        }
-        Ok(())
+        self.write(Write::Create {
+            id,
+            definition: definition.to_owned(),
+            version,
+            first: first.clone(),
+            lease: lease.clone(),
+        })
+        .await
     }
 
     async fn append(
@@ -128,54 +148,12 @@ impl SagaStore for PostgresSagaStore {
         record: &SagaRecord,
         lease: &Lease,
     ) -> Result<(), SagaError> {
-        let previous = to_i64(id, record.seq.saturating_sub(1))?;
-        let status = record.transition.status_after();
-        // One statement, so one round trip and its own transaction: the conditional update
-        // of the instance row (which locks it, checks the sequence and the lease, extends or
-        // ends the lease) and the record, inserted only when the update matched.
-        let appended = sqlx::query(
-            "WITH instance AS (
-                 UPDATE saga_instances SET status = $1, last_seq = $2, updated_at = $3,
-                     lease_owner = CASE WHEN $6 THEN NULL ELSE lease_owner END,
-                     lease_expires_at = CASE WHEN $6 THEN NULL
-                         ELSE now() + $7::bigint * interval '1 millisecond' END
-                 WHERE id = $4 AND last_seq = $5 AND lease_owner = $8
-                 RETURNING id)
-             INSERT INTO saga_log (saga_id, seq, transition, context, at)
-             SELECT id, $2, $9::jsonb, $10::jsonb, $3 FROM instance",
-        )
-        .bind(status.as_str())
-        .bind(to_i64(id, record.seq)?)
-        .bind(record.at)
-        .bind(id.as_uuid())
-        .bind(previous)
-        .bind(status.is_terminal())
-        .bind(lease.duration_ms())
-        .bind(lease.owner())
-        .bind(serde_json::to_string(&record.transition)?)
-        .bind(serde_json::to_string(&record.context)?)
-        .execute(&self.pool)
-        .await?;
-        if appended.rows_affected() == 1 {
-            return Ok(());
-        }
-        // Nothing written: say why, as the row reads now.
-        let row: Option<(i64, Option<String>)> =
-            sqlx::query_as("SELECT last_seq, lease_owner FROM saga_instances WHERE id = $1")
-                .bind(id.as_uuid())
-                .fetch_optional(&self.pool)
-                .await?;
-        Err(match row {
-            None => SagaError::NotFound(id),
-            Some((last_seq, _)) if last_seq != previous => SagaError::Conflict {
-                id,
-                seq: record.seq,
-            },
-            Some((_, owner)) => SagaError::Leased {
-                id,
-                owner: owner.unwrap_or_else(|| "nobody".to_owned()),
-            },
+        self.write(Write::Append {
+            id,
+            record: record.clone(),
+            lease: lease.clone(),
         })
+        .await
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
