@@ -25,8 +25,10 @@
 //!
 //! Stores: [`InMemorySagaStore`] (tests), [`SqliteSagaStore`] (WAL, `synchronous = FULL`,
 //! `BEGIN IMMEDIATE`, group commit: many sagas' transitions share one transaction, each caller
-//! answered after the commit), [`PostgresSagaStore`]; [`AnySagaStore`] opens the one a URL names
-//! (`memory://`, `sqlite://PATH`, `postgres://…`).
+//! answered after the commit), [`PostgresSagaStore`] (group commit too: one writer task per
+//! store turns the creates and appends queued meanwhile into one transaction);
+//! [`AnySagaStore`] opens the one a URL names (`memory://`, `sqlite://PATH`, `postgres://…`).
+//! Both SQL stores keep a record's context only when it changed since the last one kept.
 //!
 //! Several engines may share one log: each saga is leased to one engine at a time (a
 //! [`Lease`]: owner and expiry, claimed with `FOR UPDATE SKIP LOCKED` on PostgreSQL, renewed

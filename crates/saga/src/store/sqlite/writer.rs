@@ -550,7 +550,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::super::SCHEMA;
-    use super::{Answer, Queued, Write, commit_group};
+    use super::{Answer, Queued, Write, commit_group, commit_one};
     use crate::error::SagaError;
     use crate::store::{Lease, SagaId, SagaRecord, Transition};
 
@@ -650,5 +650,80 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(logged, 4, "three Started records and one append");
+    }
+
+    #[tokio::test]
+    async fn a_write_run_alone_keeps_a_repeated_context_once() {
+        // Goal: the one-by-one path (a failed group's fallback) stores a context only when it
+        // changes, as the bulk path does: three records with one context and one with another
+        // keep two contexts.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("url")
+            .create_if_missing(true);
+        let mut connection = SqliteConnection::connect_with(&options)
+            .await
+            .expect("connect");
+        sqlx::raw_sql(SCHEMA)
+            .execute(&mut connection)
+            .await
+            .expect("schema");
+        let lease = Lease::new("a", Duration::from_secs(60));
+        let id = SagaId::new();
+        let with_context =
+            |seq: u64, transition: Transition, context: serde_json::Value| SagaRecord {
+                context,
+                ..record(seq, transition)
+            };
+        let same = serde_json::json!({ "order": "o-1" });
+        let started = Transition::Started {
+            steps: vec!["s".to_owned()],
+            pivot: None,
+        };
+        let executing = Transition::StepExecuting {
+            step: "s".to_owned(),
+            attempt: 1,
+        };
+        let succeeded = Transition::StepSucceeded {
+            step: "s".to_owned(),
+        };
+        let writes = [
+            Write::Create {
+                id,
+                definition: "d".to_owned(),
+                version: 1,
+                first: with_context(1, started, same.clone()),
+                lease: lease.clone(),
+            },
+            Write::Append {
+                id,
+                record: with_context(2, executing, same.clone()),
+                lease: lease.clone(),
+            },
+            Write::Append {
+                id,
+                record: with_context(3, succeeded, same),
+                lease: lease.clone(),
+            },
+            Write::Append {
+                id,
+                record: with_context(4, Transition::Completed, serde_json::json!({ "done": 1 })),
+                lease,
+            },
+        ];
+        for write in &writes {
+            assert!(matches!(
+                commit_one(&mut connection, write).await,
+                Ok(Answer::Done)
+            ));
+        }
+        let kept: Vec<String> =
+            sqlx::query_scalar("SELECT context FROM saga_log WHERE saga_id = ? ORDER BY seq")
+                .bind(id.to_string())
+                .fetch_all(&mut connection)
+                .await
+                .expect("contexts");
+        assert_eq!(kept, ["{\"order\":\"o-1\"}", "", "", "{\"done\":1}"]);
     }
 }
