@@ -2,7 +2,9 @@
 # Gateway benchmark: one small hyper "hello" upstream served
 #   (a) directly, (b) through nginx (keepalive reverse proxy, 2 workers),
 #   (c) through trellis-gateway with routing only, (d) through trellis-gateway with RS256 JWT
-#   auth (verified-token cache on) and a per-subject rate limit that never trips,
+#   auth (verified-token cache on) and a per-subject rate limit that never trips, and
+#   (e) through nginx again with the same Authorization header as (d), so d/e compares the
+#   same bytes on the wire (nginx forwards the header without checking it),
 # all on this machine in one run. Prints a markdown table of req/s and p50/p99 latency under
 # load (wrk -t2 -c64), and the p50/p99 at one connection (the added latency per hop).
 #
@@ -161,14 +163,16 @@ for round in $(seq 1 "$ROUNDS"); do
   ALL[b]+="$(measure "b nginx" "$THREADS" "$CONNECTIONS" "$DURATION" "http://$NG/")"$'\n'
   ALL[c]+="$(measure "c trellis routing" "$THREADS" "$CONNECTIONS" "$DURATION" "http://$GW/")"$'\n'
   ALL[d]+="$(measure "d trellis jwt+rl" "$THREADS" "$CONNECTIONS" "$DURATION" "http://$GWA/" "$AUTH")"$'\n'
-  echo "# round $round: $(for k in a b c d; do echo "${ALL[$k]}" | grep -v '^$' | tail -1 | cut -d'|' -f1,2; done | tr '\n' ' ')" >&2
+  ALL[e]+="$(measure "e nginx + same token" "$THREADS" "$CONNECTIONS" "$DURATION" "http://$NG/" "$AUTH")"$'\n'
+  echo "# round $round: $(for k in a b c d e; do echo "${ALL[$k]}" | grep -v '^$' | tail -1 | cut -d'|' -f1,2; done | tr '\n' ' ')" >&2
 done
-for k in a b c d; do R[$k]=$(echo "${ALL[$k]}" | grep -v '^$' | median); done
+for k in a b c d e; do R[$k]=$(echo "${ALL[$k]}" | grep -v '^$' | median); done
 echo "# one connection: wrk -t1 -c1 -d${DURATION}s --latency" >&2
 S1=$(measure "a direct" 1 1 "$DURATION" "http://$UP/")
 S2=$(measure "b nginx" 1 1 "$DURATION" "http://$NG/")
 S3=$(measure "c trellis routing" 1 1 "$DURATION" "http://$GW/")
 S4=$(measure "d trellis jwt+rl" 1 1 "$DURATION" "http://$GWA/" "$AUTH")
+S5=$(measure "e nginx + same token" 1 1 "$DURATION" "http://$NG/" "$AUTH")
 
 field() { echo "$1" | cut -d'|' -f"$2"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
@@ -180,12 +184,12 @@ echo
 echo "| path | req/s (-c$CONNECTIONS) | p50 µs | p99 µs | p50 µs (-c1) | p99 µs (-c1) | added p50 µs (-c1) | errors |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
 BASE_P50=$(field "$S1" 3)
-for pair in "a:$S1" "b:$S2" "c:$S3" "d:$S4"; do
+for pair in "a:$S1" "b:$S2" "c:$S3" "d:$S4" "e:$S5"; do
   k=${pair%%:*}; single=${pair#*:}; load=${R[$k]}
   echo "| $(field "$load" 1) | $(field "$load" 2) | $(field "$load" 3) | $(field "$load" 4) | $(field "$single" 3) | $(field "$single" 4) | $(minus "$(field "$single" 3)" "$BASE_P50") | $(field "$load" 5)$(field "$single" 5) |"
 done
 echo
-echo "c/b req/s = $(ratio "$(field "${R[c]}" 2)" "$(field "${R[b]}" 2)");  d/b req/s = $(ratio "$(field "${R[d]}" 2)" "$(field "${R[b]}" 2)");  c/a = $(ratio "$(field "${R[c]}" 2)" "$(field "${R[a]}" 2)");  b/a = $(ratio "$(field "${R[b]}" 2)" "$(field "${R[a]}" 2)")"
+echo "c/b req/s = $(ratio "$(field "${R[c]}" 2)" "$(field "${R[b]}" 2)");  d/b req/s = $(ratio "$(field "${R[d]}" 2)" "$(field "${R[b]}" 2)");  d/e req/s = $(ratio "$(field "${R[d]}" 2)" "$(field "${R[e]}" 2)");  c/a = $(ratio "$(field "${R[c]}" 2)" "$(field "${R[a]}" 2)");  b/a = $(ratio "$(field "${R[b]}" 2)" "$(field "${R[a]}" 2)")"
 
 # --- paced load at half of trellis' peak (hey paces each worker; wrk2 is not packaged) ------
 PEAK=$(field "${R[c]}" 2)

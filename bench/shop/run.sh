@@ -10,7 +10,9 @@
 #        POLL_CONSOLE=0.05 bench/shop/run.sh ...   (during each load run, the admin console's
 #            live overview fetched every 0.05 s as the admin: what an open /admin page costs)
 # Each line also gives the CPU time `trellis up` spent during the load run (user + system,
-# from /proc), per confirmed order.
+# from /proc), per confirmed order; the resident memory of `trellis up` after start and after
+# the run (VmRSS); and the bytes the orders service's saga log (orders-saga.db, pages in use,
+# its WAL included) holds per confirmed order (orchestrated only).
 # Needs a release build: cargo build --release -p trellis
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -39,6 +41,13 @@ restart() {
       -H 'content-type: application/json' -d '{"total":10000000}' > /dev/null
   done
 }
+# Resident memory of a process, MB.
+rss_mb() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# Bytes in use in a SQLite file (pages in use, whatever is still in its WAL included).
+sqlite_bytes() {
+  [ -f "$1" ] || { echo 0; return; }
+  python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); q=lambda s: c.execute(s).fetchone()[0]; print((q("PRAGMA page_count")-q("PRAGMA freelist_count"))*q("PRAGMA page_size"))' "$1"
+}
 # CPU seconds (user + system) a process has used so far.
 cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
@@ -46,6 +55,8 @@ cpu_seconds() {
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh shop, so one rate's backlog does not slow the next
   cpu_before=$(cpu_seconds "$shop")
+  rss_start=$(rss_mb "$shop")
+  saga_before=$(sqlite_bytes "$work/data/orders-saga.db")
   polls=0
   if [ -n "${POLL_CONSOLE:-}" ]; then
     : > "$work/polls"
@@ -68,8 +79,12 @@ for rate in "${rates[@]}"; do
     polls=$(wc -l < "$work/polls")
   fi
   cpu=$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$shop")" 'BEGIN { printf "%.1f", b - a }')
+  rss_end=$(rss_mb "$shop")
+  saga_after=$(sqlite_bytes "$work/data/orders-saga.db")
   confirmed=$(echo "$orders" | sed -n 's/.*confirmed \([0-9]*\).*/\1/p')
   per_order=$(awk -v c="$cpu" -v n="${confirmed:-0}" \
     'BEGIN { if (n > 0) printf "%.2f ms", 1000 * c / n; else print "n/a" }')
-  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv | up CPU ${cpu} s, $per_order per confirmed order${POLL_CONSOLE:+ | $polls console overview updates}"
+  saga_per_order=$(awk -v a="$saga_before" -v b="$saga_after" -v n="${confirmed:-0}" \
+    'BEGIN { if (n > 0) printf "%.0f B", (b - a) / n; else print "n/a" }')
+  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv | up CPU ${cpu} s, $per_order per confirmed order | RSS ${rss_start} -> ${rss_end} MB | saga log $saga_per_order per confirmed order${POLL_CONSOLE:+ | $polls console overview updates}"
 done
