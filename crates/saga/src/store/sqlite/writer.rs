@@ -561,6 +561,22 @@ mod tests {
         }
     }
 
+    /// A connection to a fresh saga log in `dir`, with its schema.
+    async fn open_log(dir: &tempfile::TempDir) -> SqliteConnection {
+        let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("url")
+            .create_if_missing(true);
+        let mut connection = SqliteConnection::connect_with(&options)
+            .await
+            .expect("connect");
+        sqlx::raw_sql(SCHEMA)
+            .execute(&mut connection)
+            .await
+            .expect("schema");
+        connection
+    }
+
     fn record(seq: u64, transition: Transition) -> SagaRecord {
         SagaRecord {
             seq,
@@ -576,17 +592,7 @@ mod tests {
         // fallback), and each write still gets its own outcome: a duplicate create conflicts,
         // a stale sequence conflicts, a foreign owner is fenced out.
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("saga.db").display());
-        let options = SqliteConnectOptions::from_str(&url)
-            .expect("url")
-            .create_if_missing(true);
-        let mut connection = SqliteConnection::connect_with(&options)
-            .await
-            .expect("connect");
-        sqlx::raw_sql(SCHEMA)
-            .execute(&mut connection)
-            .await
-            .expect("schema");
+        let mut connection = open_log(&dir).await;
         let lease = Lease::new("a", Duration::from_secs(60));
         let started = Transition::Started {
             steps: vec!["s".to_owned()],
@@ -658,17 +664,7 @@ mod tests {
         // changes, as the bulk path does: three records with one context and one with another
         // keep two contexts.
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("saga.db").display());
-        let options = SqliteConnectOptions::from_str(&url)
-            .expect("url")
-            .create_if_missing(true);
-        let mut connection = SqliteConnection::connect_with(&options)
-            .await
-            .expect("connect");
-        sqlx::raw_sql(SCHEMA)
-            .execute(&mut connection)
-            .await
-            .expect("schema");
+        let mut connection = open_log(&dir).await;
         let lease = Lease::new("a", Duration::from_secs(60));
         let id = SagaId::new();
         let with_context =
