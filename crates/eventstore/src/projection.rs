@@ -25,7 +25,7 @@
 //! activates it in one transaction and drops the old one.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::{Pool, Postgres, Sqlite, Transaction};
@@ -269,6 +269,11 @@ pub struct ProjectionRunner<P, S, DB: sqlx::Database> {
     projection: Arc<P>,
     store: S,
     pool: Pool<DB>,
+    /// The checkpoint of a generation as this runner (or a clone) last committed it or read it
+    /// under the lock: where the next batch's read starts, instead of one more query per batch.
+    /// Only a hint: the locked read decides what is applied, and a checkpoint found below the
+    /// hint (a generation reset) sends the runner back to read from there.
+    hint: Arc<Mutex<Option<(u32, u64)>>>,
 }
 
 impl<P, S: Clone, DB: sqlx::Database> Clone for ProjectionRunner<P, S, DB> {
@@ -277,6 +282,7 @@ impl<P, S: Clone, DB: sqlx::Database> Clone for ProjectionRunner<P, S, DB> {
             projection: self.projection.clone(),
             store: self.store.clone(),
             pool: self.pool.clone(),
+            hint: self.hint.clone(),
         }
     }
 }
@@ -299,6 +305,7 @@ where
             projection: Arc::new(projection),
             store,
             pool,
+            hint: Arc::new(Mutex::new(None)),
         };
         if DB::active_generation(&runner.pool, runner.projection.name()).await? == 0 {
             let mut tx = runner.pool.begin_with(DB::BEGIN_WRITE).await?;
@@ -347,16 +354,31 @@ where
     async fn step(&self, generation: u32) -> Result<(u64, usize), ProjectionError> {
         let name = self.projection.name();
         // Unlocked: only chooses what to read. The locked read below decides what to apply.
-        let seen = DB::checkpoint(&self.pool, name, generation).await?;
+        let hinted = self.hinted(generation);
+        let seen = match hinted {
+            Some(position) => position,
+            None => DB::checkpoint(&self.pool, name, generation).await?,
+        };
         let events = self.store.read_all(seen + 1, PROJECTION_BATCH).await?;
         let Some(last) = events.last().map(|e| e.position) else {
+            // Caught up (or idle): read the checkpoint itself next time, so a hint never
+            // outlives a change it cannot see while nothing is appended.
+            self.set_hint(None);
             return Ok((seen, 0));
         };
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         let checkpoint = DB::lock_checkpoint(&mut tx, name, generation).await?;
+        if checkpoint < seen {
+            // The checkpoint went back (the generation was set up again): the events between
+            // it and the hint were not read. Apply nothing; the next batch reads from it.
+            tx.rollback().await?;
+            self.set_hint(Some((generation, checkpoint)));
+            return Ok((checkpoint, PROJECTION_BATCH));
+        }
         if checkpoint >= last {
             // Another runner applied the whole batch while this one read it.
             tx.rollback().await?;
+            self.set_hint(Some((generation, checkpoint)));
             return Ok((checkpoint, events.len()));
         }
         for event in events.iter().filter(|e| e.position > checkpoint) {
@@ -377,9 +399,20 @@ where
         failpoint!(crate::failpoints::PROJECTION_BEFORE_CHECKPOINT, name);
         DB::save_checkpoint(&mut tx, name, generation, last).await?;
         tx.commit().await?;
+        self.set_hint(Some((generation, last)));
         // Both committed: a crash here must not apply the batch again.
         failpoint!(crate::failpoints::PROJECTION_AFTER_COMMIT, name);
         Ok((last, events.len()))
+    }
+
+    /// The hinted checkpoint of `generation`, if the hint is about it.
+    fn hinted(&self, generation: u32) -> Option<u64> {
+        let hint = *self.hint.lock().unwrap_or_else(|p| p.into_inner());
+        hint.and_then(|(hinted, position)| (hinted == generation).then_some(position))
+    }
+
+    fn set_hint(&self, hint: Option<(u32, u64)>) {
+        *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = hint;
     }
 
     /// Applies every event up to the current head to the active generation; returns the
@@ -442,6 +475,7 @@ where
             self.projection.setup(&mut tx, new).await?;
             DB::save_checkpoint(&mut tx, name, new, 0).await?;
             tx.commit().await?;
+            self.set_hint(Some((new, 0)));
         }
         loop {
             let head = self.store.head().await?;

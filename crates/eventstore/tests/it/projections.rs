@@ -270,6 +270,34 @@ mod sqlite {
         rebuild_while_serving(pool).await;
     }
 
+    #[tokio::test]
+    async fn a_runner_whose_checkpoint_went_back_applies_again_from_it() {
+        // The runner starts each batch's read where it last committed instead of reading the
+        // checkpoint again; when the checkpoint row went back meanwhile (the generation was
+        // set up again), the next catch-up must apply every event from there, not only those
+        // after what the runner remembered.
+        let (pool, _dir) = pool().await;
+        let store = MemoryStore::new();
+        deposit(&store, "acct-a", 1, 600).await;
+        let runner = ProjectionRunner::new(
+            Balances {
+                fail_at: Arc::new(AtomicU64::new(0)),
+            },
+            store.clone(),
+            pool.clone(),
+        )
+        .await
+        .expect("runner");
+        assert_eq!(runner.catch_up().await.expect("catch up"), 600);
+        sqlx::raw_sql("DELETE FROM balances_g1; UPDATE projection_checkpoints SET position = 0")
+            .execute(&pool)
+            .await
+            .expect("reset the generation");
+        deposit(&store, "acct-a", 1, 10).await;
+        assert_eq!(runner.catch_up().await.expect("catch up"), 610);
+        assert_eq!(balances(&pool).await, [("acct-a".to_owned(), 610, 610)]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_projection_runners_on_sqlite_apply_each_event_once() {
         // Two runners with their own pools on one read-model file race over a growing log.
