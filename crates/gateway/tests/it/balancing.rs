@@ -34,8 +34,12 @@ async fn every_balancing_policy_spreads_concurrent_load_over_healthy_endpoints()
         for call in calls {
             assert_eq!(call.await.expect("task"), StatusCode::OK);
         }
+        // P2C-EWMA also weighs each endpoint's measured latency: on a busy machine one slow
+        // early answer steers most of the rest to the other endpoint (CI saw 4 and 16), which
+        // is the policy working. It must still use both.
+        let least = if policy == "p2c_ewma" { 2 } else { 5 };
         assert!(
-            a.hits() >= 5 && b.hits() >= 5,
+            a.hits() >= least && b.hits() >= least,
             "{policy}: a={} b={}",
             a.hits(),
             b.hits()
