@@ -162,10 +162,17 @@ pub struct Step<C> {
     pub(crate) compensate: Option<StepFn<C>>,
     pub(crate) retry: StepRetry,
     pub(crate) compensate_retry: Option<StepRetry>,
+    /// Whether `compensate` also runs when the step itself fails for good.
+    pub(crate) compensate_on_failure: bool,
     pub(crate) timeout: Duration,
 }
 
 impl<C> Step<C> {
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The retry policy of the step's compensation.
     pub(crate) fn compensation_retry(&self) -> StepRetry {
         self.compensate_retry.unwrap_or(self.retry)
@@ -179,6 +186,7 @@ impl<C> fmt::Debug for Step<C> {
             .field("compensable", &self.compensate.is_some())
             .field("retry", &self.retry)
             .field("compensate_retry", &self.compensate_retry)
+            .field("compensate_on_failure", &self.compensate_on_failure)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -197,6 +205,7 @@ impl<C: SagaContext> Step<C> {
             compensate: None,
             retry: StepRetry::default(),
             compensate_retry: None,
+            compensate_on_failure: false,
             timeout: STEP_TIMEOUT_DEFAULT,
         }
     }
@@ -224,6 +233,23 @@ impl<C: SagaContext> Step<C> {
     /// step, whose failure only turns the saga back.
     pub fn compensate_retry(mut self, retry: StepRetry) -> Self {
         self.compensate_retry = Some(retry);
+        self
+    }
+
+    /// Runs the step's compensation also when the step itself fails for good (its attempts
+    /// spent, or a permanent error), first, before the earlier steps' compensations.
+    ///
+    /// For a step whose effect may exist although no attempt reported it: an attempt that
+    /// timed out or lost its answer after the participant acted, or a delayed request that
+    /// arrives after the saga gave up. Without this, a failed step is not compensated, and
+    /// the usual remedy is an extra no-op step before it that carries the compensation (two
+    /// more log records per saga). The compensation must then accept that there may be
+    /// nothing to undo (undo by the idempotency key the step's attempts used).
+    ///
+    /// Allowed on the pivot too, where it is the only compensation the pivot can have: it
+    /// runs only when the pivot fails, never after it succeeded.
+    pub fn compensate_on_failure(mut self) -> Self {
+        self.compensate_on_failure = true;
         self
     }
 
@@ -338,8 +364,9 @@ impl<C: SagaContext> SagaDefinitionBuilder<C> {
     ///
     /// # Errors
     /// [`SagaError::InvalidDefinition`]: an empty name, no steps or more than [`STEPS_MAX`],
-    /// empty or duplicate step names (they key idempotency), two pivots, a compensation on or
-    /// after the pivot, attempts outside 1..=[`STEP_ATTEMPTS_MAX`], or a zero timeout or one
+    /// empty or duplicate step names (they key idempotency), two pivots, a compensation after
+    /// the pivot or on it (unless it only covers the pivot's own failure), `compensate_on_failure`
+    /// without a compensation, attempts outside 1..=[`STEP_ATTEMPTS_MAX`], or a zero timeout or one
     /// over [`STEP_TIMEOUT_MAX`].
     pub fn build(self) -> Result<SagaDefinition<C>, SagaError> {
         let invalid = |reason: String| SagaError::InvalidDefinition {
@@ -377,9 +404,20 @@ impl<C: SagaContext> SagaDefinitionBuilder<C> {
                     step.name
                 )));
             }
-            if self.pivot.is_some_and(|pivot| index >= pivot) && step.compensate.is_some() {
+            if step.compensate_on_failure && step.compensate.is_none() {
                 return Err(invalid(format!(
-                    "step {} is on or after the pivot and cannot have a compensation",
+                    "step {} compensates its own failure but has no compensation",
+                    step.name
+                )));
+            }
+            // The pivot may carry a compensation of its own failure: it never runs after the
+            // pivot succeeded, so the saga still only goes forward past it.
+            let forward_only = self.pivot.is_some_and(|pivot| {
+                index > pivot || (index == pivot && !step.compensate_on_failure)
+            });
+            if forward_only && step.compensate.is_some() {
+                return Err(invalid(format!(
+                    "step {} is on or after the pivot and cannot have a compensation (only the pivot may, for its own failure: `compensate_on_failure`)",
                     step.name
                 )));
             }

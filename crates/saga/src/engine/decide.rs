@@ -129,7 +129,19 @@ pub(super) fn next<C>(
                 })
             }
         }
-        Transition::Compensating { failed_step, .. } => compensate_below(index(failed_step)?)?,
+        Transition::Compensating { failed_step, .. } => {
+            let failed = index(failed_step)?;
+            let own = &definition.steps[failed];
+            if own.compensate_on_failure && own.compensate.is_some() {
+                // The failed step's effect may exist (an answer lost): undo it first.
+                write(Transition::StepCompensating {
+                    step: failed_step.clone(),
+                    attempt: 1,
+                })
+            } else {
+                compensate_below(failed)?
+            }
+        }
         Transition::StepCompensating { step, attempt } => Next::Compensate {
             step: index(step)?,
             attempt: *attempt,
@@ -380,6 +392,46 @@ mod tests {
             write(Transition::Failed {
                 step: "c".to_owned(),
                 error: "gone".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_failed_step_that_compensates_its_own_failure_is_undone_first() {
+        // Goal: `Compensating` after a step flagged `compensate_on_failure` starts with that
+        // step's own compensation; once it is done, the steps below follow as usual.
+        let definition = SagaDefinition::builder("d", 1)
+            .step(
+                Step::new("a", |_: &mut u32, _| Box::pin(async { Ok(()) }))
+                    .compensate(|_: &mut u32, _| Box::pin(async { Ok(()) })),
+            )
+            .step(
+                Step::new("b", |_: &mut u32, _| Box::pin(async { Ok(()) }))
+                    .compensate(|_: &mut u32, _| Box::pin(async { Ok(()) }))
+                    .compensate_on_failure(),
+            )
+            .build()
+            .expect("valid");
+        let compensating = Transition::Compensating {
+            failed_step: "b".to_owned(),
+            error: "lost".to_owned(),
+        };
+        let decide = |transitions| next(&definition, SagaId::new(), &log(transitions));
+        assert_eq!(
+            decide(vec![started(), compensating.clone()]).expect("decidable"),
+            write(Transition::StepCompensating {
+                step: "b".to_owned(),
+                attempt: 1
+            })
+        );
+        let own_done = Transition::StepCompensated {
+            step: "b".to_owned(),
+        };
+        assert_eq!(
+            decide(vec![started(), compensating, own_done]).expect("decidable"),
+            write(Transition::StepCompensating {
+                step: "a".to_owned(),
+                attempt: 1
             })
         );
     }

@@ -253,6 +253,145 @@ async fn a_step_past_its_timeout_fails_retryably_and_the_saga_compensates() {
     ledger.with(|state| assert_eq!(state.compensation_order, ["flight"]));
 }
 
+/// A `charge` step that acts on every attempt, then never answers (its answer lost): each
+/// attempt times out, so the step fails for good with its effect in place. Compensable; with
+/// `own_failure` its compensation also covers its own failure.
+fn charge_that_loses_its_answers(ledger: &Ledger, own_failure: bool) -> SagaDefinition<Trip> {
+    let forward = ledger.clone();
+    let backward = ledger.clone();
+    let charge = Step::new("charge", move |_trip: &mut Trip, step: StepContext| {
+        let ledger = forward.clone();
+        Box::pin(async move {
+            ledger.apply(&step.idempotency_key());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        })
+    })
+    .compensate(move |_trip: &mut Trip, step: StepContext| {
+        let ledger = backward.clone();
+        Box::pin(async move {
+            ledger.undo(&step.idempotency_key(), "charge");
+            Ok(())
+        })
+    })
+    .timeout(Duration::from_secs(1))
+    .retry(quick_retry(2));
+    let charge = if own_failure {
+        charge.compensate_on_failure()
+    } else {
+        charge
+    };
+    SagaDefinition::builder("book-trip", 1)
+        .step(step(ledger, "flight", Behaviour::Succeeds, true, false))
+        .step(charge)
+        .build()
+        .expect("valid")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_compensates_its_own_failure_undoes_an_effect_whose_answer_was_lost() {
+    // Goal: a step whose attempts acted but timed out fails for good; with
+    // `compensate_on_failure` its own compensation runs first, then the earlier step's, each
+    // once, and the saga fails naming it. Without the flag (the default) the same run leaves
+    // the charge in place: the failure the flag exists for.
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new())
+        .register(charge_that_loses_its_answers(&ledger, true));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    let instance = engine.load(id).await.expect("load");
+    assert_eq!(instance.status, SagaStatus::Failed);
+    let log = transitions(&instance);
+    let own = log
+        .iter()
+        .position(|t| matches!(t, Transition::StepCompensated { step } if step == "charge"))
+        .expect("the failed step compensated");
+    let earlier = log
+        .iter()
+        .position(|t| matches!(t, Transition::StepCompensated { step } if step == "flight"))
+        .expect("the earlier step compensated");
+    assert!(own < earlier, "the failed step is undone first: {log:?}");
+    assert!(matches!(
+        &instance.last().transition,
+        Transition::Failed { step, .. } if step == "charge"
+    ));
+    ledger.with(|state| {
+        assert_eq!(state.compensation_order, ["charge", "flight"]);
+        assert!(state.undone.contains_key(&format!("{id}:charge")));
+    });
+
+    let ledger = Ledger::default();
+    let engine = SagaEngine::new(InMemorySagaStore::new())
+        .register(charge_that_loses_its_answers(&ledger, false));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert_eq!(
+        engine.load(id).await.expect("load").status,
+        SagaStatus::Failed
+    );
+    ledger.with(|state| {
+        assert_eq!(state.compensation_order, ["flight"]);
+        assert!(state.applied.contains_key(&format!("{id}:charge")));
+        assert!(!state.undone.contains_key(&format!("{id}:charge")), "kept");
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pivot_that_compensates_its_own_failure_undoes_it_only_when_it_fails() {
+    // Goal: the pivot may carry a compensation of its own failure: it runs when the pivot
+    // fails for good, and never once the pivot succeeded (a later step failing ends Stuck).
+    let ledger = Ledger::default();
+    let pivot = |pay| {
+        SagaDefinition::builder("book-trip", 1)
+            .step(step(&ledger, "flight", Behaviour::Succeeds, true, false))
+            .pivot_step(step(&ledger, "pay", pay, true, false).compensate_on_failure())
+            .step(step(
+                &ledger,
+                "ship",
+                Behaviour::FailsPermanently,
+                false,
+                false,
+            ))
+            .build()
+            .expect("a pivot may compensate its own failure")
+    };
+    let engine =
+        SagaEngine::new(InMemorySagaStore::new()).register(pivot(Behaviour::AlwaysFailsRetryably));
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert_eq!(
+        engine.load(id).await.expect("load").status,
+        SagaStatus::Failed
+    );
+    ledger.with(|state| assert_eq!(state.compensation_order, ["pay", "flight"]));
+
+    let ledger_after = Ledger::default();
+    let definition = SagaDefinition::builder("book-trip", 1)
+        .step(step(
+            &ledger_after,
+            "flight",
+            Behaviour::Succeeds,
+            true,
+            false,
+        ))
+        .pivot_step(
+            step(&ledger_after, "pay", Behaviour::Succeeds, true, false).compensate_on_failure(),
+        )
+        .step(step(
+            &ledger_after,
+            "ship",
+            Behaviour::FailsPermanently,
+            false,
+            false,
+        ))
+        .build()
+        .expect("valid");
+    let engine = SagaEngine::new(InMemorySagaStore::new()).register(definition);
+    let id = engine.start("book-trip", &ada()).await.expect("start");
+    assert_eq!(
+        engine.load(id).await.expect("load").status,
+        SagaStatus::Stuck
+    );
+    ledger_after.with(|state| assert!(state.compensation_order.is_empty(), "past the pivot"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unknown_definition_version_is_refused_and_left_untouched() {
     // Goal: the versioning guard: an engine knowing only v2 refuses a v1 saga left active by a
@@ -311,7 +450,8 @@ async fn starting_an_unregistered_definition_or_a_mismatched_context_is_an_error
 
 #[test]
 fn invalid_definitions_are_rejected_with_the_reason() {
-    // Goal: the builder refuses duplicate step names, compensation past the pivot and a
+    // Goal: the builder refuses duplicate step names, compensation past the pivot (or on it,
+    // unless only for its own failure), `compensate_on_failure` without a compensation and a
     // zero-attempt budget.
     let ledger = Ledger::default();
     let duplicate = SagaDefinition::builder("d", 1)
@@ -338,6 +478,21 @@ fn invalid_definitions_are_rejected_with_the_reason() {
     ));
     let empty = SagaDefinition::<Trip>::builder("d", 1).build();
     assert!(matches!(empty, Err(SagaError::InvalidDefinition { .. })));
+    let own_failure_without_compensation = SagaDefinition::builder("d", 1)
+        .step(step(&ledger, "a", Behaviour::Succeeds, false, false).compensate_on_failure())
+        .build();
+    assert!(matches!(
+        own_failure_without_compensation,
+        Err(SagaError::InvalidDefinition { .. })
+    ));
+    let own_failure_after_the_pivot = SagaDefinition::builder("d", 1)
+        .pivot_step(step(&ledger, "a", Behaviour::Succeeds, false, false))
+        .step(step(&ledger, "b", Behaviour::Succeeds, true, false).compensate_on_failure())
+        .build();
+    assert!(matches!(
+        own_failure_after_the_pivot,
+        Err(SagaError::InvalidDefinition { .. })
+    ));
 }
 
 #[test]
