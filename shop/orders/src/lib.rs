@@ -316,9 +316,9 @@ pub async fn start(config: Config) -> Result<Orders, Error> {
     let engine = if choreographed {
         None
     } else {
-        let definition = saga::definition(&participants)?;
+        let definitions = saga::definitions(&participants)?;
         Some(
-            OrderSagaEngine::open(&saga_url, definition, config.saga_owner.clone())
+            OrderSagaEngine::open(&saga_url, definitions, config.saga_owner.clone())
                 .await
                 .map_err(|e| open_err(&saga_url, &e))?,
         )

@@ -1,13 +1,18 @@
-//! The order saga: order → inventory-guard → inventory → payment-guard → payment →
-//! shipping-guard → shipping (pivot) → complete (commit the stock, confirm the order).
+//! The order saga: order → inventory → payment → shipping (pivot) → complete (commit the
+//! stock, confirm the order).
 //!
 //! Each step calls its participant over gRPC with the order id as the idempotency key (the
 //! participants dedupe on it), records its outcome on the Order aggregate, and turns a business
 //! refusal into a permanent failure after noting the reason on the order. A failure before the
-//! pivot compensates in reverse: cancel the shipment, refund, release (each by a guard step
-//! before its call, so an effect whose answer was lost, or that a step failing for good left
-//! behind, is undone too), then the first step's compensation cancels the order with the noted
-//! reason. After the pivot the saga only goes forward.
+//! pivot compensates in reverse: cancel the shipment, refund, release, then the first step's
+//! compensation cancels the order with the noted reason. Inventory, payment and shipping
+//! compensate their own failure too (`compensate_on_failure`): a step that fails for good may
+//! have acted with its answer lost, so its undo runs by the order's key whatever the step
+//! reported. After the pivot the saga only goes forward.
+//!
+//! Version 1 did the same with a no-op guard step before each of the three carrying its
+//! compensation (three more steps, six more saga-log records per order); it stays registered
+//! so sagas a previous release started finish as they began.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +34,10 @@ use crate::aggregate::{Line, Order, OrderCommand, OrderError, SharedClock};
 
 /// The saga's name in the log.
 pub const SAGA_NAME: &str = "place-order";
-/// The saga definition's version.
-pub const SAGA_VERSION: u32 = 1;
+/// The version new orders start.
+pub const SAGA_VERSION: u32 = 2;
+/// Every version an engine runs: the current one, and those whose sagas may still be in a log.
+pub const SAGA_VERSIONS: [u32; 2] = [1, SAGA_VERSION];
 /// Attempts per step before the step fails for good (and the saga turns back, or, after the
 /// pivot, is left for an operator).
 pub const STEP_ATTEMPTS: u32 = 4;
@@ -205,9 +212,68 @@ macro_rules! step_fn {
     }};
 }
 
-/// The saga definition over the participants.
+/// Every version of the saga definition over the participants ([`SAGA_VERSIONS`]).
+pub(crate) fn definitions(
+    p: &Participants,
+) -> Result<Vec<SagaDefinition<OrderSagaContext>>, trellis_saga::SagaError> {
+    SAGA_VERSIONS
+        .iter()
+        .map(|&version| definition(p, version))
+        .collect()
+}
+
+/// An undo (a compensation) as the engine takes it; passing the closure through here gives
+/// it that signature where it is written, before it is handed to [`guarded`].
+fn undo<F>(undo: F) -> F
+where
+    F: for<'a> Fn(&'a mut OrderSagaContext, StepContext) -> trellis_saga::StepFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    undo
+}
+
+/// A step whose undo must also run when it fails for good. Version 1 carries the undo on a
+/// no-op guard step before it (a failed step was not compensated then); later versions on the
+/// step itself, with `compensate_on_failure`.
+fn guarded<F>(
+    builder: trellis_saga::SagaDefinitionBuilder<OrderSagaContext>,
+    version: u32,
+    step: Step<OrderSagaContext>,
+    undo: F,
+    pivot: bool,
+) -> trellis_saga::SagaDefinitionBuilder<OrderSagaContext>
+where
+    F: for<'a> Fn(&'a mut OrderSagaContext, StepContext) -> trellis_saga::StepFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    let (builder, step) = if version == 1 {
+        let guard = Step::new(
+            format!("{}-guard", step.name()),
+            |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
+        )
+        .compensate(undo)
+        .retry(retry())
+        .compensate_retry(must_finish())
+        .timeout(STEP_TIMEOUT);
+        (builder.step(guard), step)
+    } else {
+        (builder, step.compensate(undo).compensate_on_failure())
+    };
+    if pivot {
+        builder.pivot_step(step)
+    } else {
+        builder.step(step)
+    }
+}
+
+/// The saga definition over the participants, at `version`.
 pub(crate) fn definition(
     p: &Participants,
+    version: u32,
 ) -> Result<SagaDefinition<OrderSagaContext>, trellis_saga::SagaError> {
     let order = Step::new(
         "order",
@@ -237,16 +303,11 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // Reserving has no compensation of its own: a step that fails for good (the customer
-    // cancelled, or its last attempt got no answer) is not compensated, yet an earlier
-    // attempt's Reserve may have held the stock with its answer lost. This guard comes first,
-    // so whenever the saga compensates past it, Release runs by the order's key (and a
-    // Reserve arriving after it is refused).
-    let inventory_guard = Step::new(
-        "inventory-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // Releasing undoes a reservation by the order's key. It also runs when the inventory step
+    // fails for good (the customer cancelled, or its last attempt got no answer): an earlier
+    // attempt's Reserve may have held the stock with its answer lost (and a Reserve arriving
+    // after the release is refused).
+    let release = undo(step_fn!(p, |ctx, _step| {
         let request = OrderRef {
             order_id: ctx.order_id.clone(),
         };
@@ -257,10 +318,7 @@ pub(crate) fn definition(
             Ok(_) => Ok(()),
             Err(status) => Err(transport("inventory", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let inventory = Step::new(
         "inventory",
@@ -294,15 +352,10 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // Charging has no compensation of its own: a charge that failed for good may still have
-    // captured (its answer lost), and a failed step is not compensated. This guard step
-    // comes first, so whenever the saga compensates past it, Refund runs and reconciles with
-    // the provider by the order's key: no cancelled order keeps a charge.
-    let payment_guard = Step::new(
-        "payment-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // Refunding reconciles with the provider by the order's key. It also runs when the payment
+    // step fails for good: a charge that failed may still have captured (its answer lost), so
+    // no cancelled order keeps a charge.
+    let refund = undo(step_fn!(p, |ctx, _step| {
         let request = OrderRef {
             order_id: ctx.order_id.clone(),
         };
@@ -314,10 +367,7 @@ pub(crate) fn definition(
             },
             Err(status) => Err(transport("payments", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let payment = Step::new(
         "payment",
@@ -366,15 +416,11 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // The shipping step is the pivot: when it fails for good its shipment may still exist
-    // (an attempt's answer lost) or arrive later (a delayed request). This guard comes before
-    // it, so the compensation cancels the shipment by the order's key, with the step's
-    // retries (a cancellation before any shipment is recorded and refuses a late one).
-    let shipping_guard = Step::new(
-        "shipping-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // The shipping step is the pivot: when it fails for good its shipment may still exist (an
+    // attempt's answer lost) or arrive later (a delayed request). Its compensation, which runs
+    // only for that failure, cancels the shipment by the order's key, with the step's retries
+    // (a cancellation before any shipment is recorded and refuses a late one).
+    let cancel_shipment = undo(step_fn!(p, |ctx, _step| {
         let request = OrderRef {
             order_id: ctx.order_id.clone(),
         };
@@ -390,10 +436,7 @@ pub(crate) fn definition(
             ))),
             Err(status) => Err(transport("shipping", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let shipping = Step::new(
         "shipping",
@@ -424,7 +467,7 @@ pub(crate) fn definition(
                     answer.get_ref().status
                 ))),
                 Err(status) if last_attempt(&step) => {
-                    // The shipment may exist with its answer lost: the shipping-guard's
+                    // The shipment may exist with its answer lost: the step's own
                     // compensation cancels it.
                     Err(p
                         .fail(
@@ -462,14 +505,80 @@ pub(crate) fn definition(
     .retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    SagaDefinition::builder(SAGA_NAME, SAGA_VERSION)
-        .step(order)
-        .step(inventory_guard)
-        .step(inventory)
-        .step(payment_guard)
-        .step(payment)
-        .step(shipping_guard)
-        .pivot_step(shipping)
-        .step(complete)
-        .build()
+    let builder = SagaDefinition::builder(SAGA_NAME, version).step(order);
+    let builder = guarded(builder, version, inventory, release, false);
+    let builder = guarded(builder, version, payment, refund, false);
+    let builder = guarded(builder, version, shipping, cancel_shipment, true);
+    builder.step(complete).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use trellis_eventstore::{AnyStore, Repository};
+    use trellis_service::auth::ServiceKey;
+    use trellis_service::{GrpcClientConfig, grpc_channel};
+
+    use super::{Participants, SAGA_VERSION, definitions};
+    use crate::aggregate::SystemClock;
+
+    #[tokio::test]
+    async fn version_1_keeps_its_guard_steps_and_the_current_version_drops_them() {
+        // Goal: sagas a previous release started (version 1, a guard step before inventory,
+        // payment and shipping) still find their steps by name after an upgrade, and new ones
+        // run the shorter version 2 with the same pivot. Channels connect lazily: nothing runs.
+        let identity = ServiceKey::generate()
+            .expect("a key")
+            .service_identity("orders");
+        let channel = || {
+            grpc_channel("127.0.0.1:1", GrpcClientConfig::default(), identity.clone())
+                .expect("an address")
+        };
+        let participants = Participants {
+            orders: Arc::new(Repository::new(
+                AnyStore::open("memory:").await.expect("memory store"),
+            )),
+            clock: Arc::new(SystemClock),
+            inventory: shop_contracts::proto::inventory_client::InventoryClient::new(channel()),
+            payments: shop_contracts::proto::payments_client::PaymentsClient::new(channel()),
+            shipping: shop_contracts::proto::shipping_client::ShippingClient::new(channel()),
+        };
+        let shapes: Vec<(u32, Vec<String>, Option<String>)> = definitions(&participants)
+            .expect("valid definitions")
+            .iter()
+            .map(|d| {
+                (
+                    d.version(),
+                    d.step_names().map(str::to_owned).collect(),
+                    d.pivot().map(str::to_owned),
+                )
+            })
+            .collect();
+        let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            shapes,
+            vec![
+                (
+                    1,
+                    names(&[
+                        "order",
+                        "inventory-guard",
+                        "inventory",
+                        "payment-guard",
+                        "payment",
+                        "shipping-guard",
+                        "shipping",
+                        "complete"
+                    ]),
+                    Some("shipping".to_owned())
+                ),
+                (
+                    SAGA_VERSION,
+                    names(&["order", "inventory", "payment", "shipping", "complete"]),
+                    Some("shipping".to_owned())
+                ),
+            ]
+        );
+    }
 }

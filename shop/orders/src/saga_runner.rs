@@ -61,18 +61,21 @@ fn sqlite_owner(url: &str) -> Option<String> {
 
 impl OrderSagaEngine {
     /// Opens the saga log `url` (`sqlite://PATH` or `postgres://…`) and registers
-    /// `definition`; the engine's lease owner is `owner` when given, else derived from a
+    /// `definitions` (every version that may have sagas in the log); the engine's lease owner is `owner` when given, else derived from a
     /// SQLite log's path, else fresh (see the module docs).
     pub(crate) async fn open(
         url: &str,
-        definition: SagaDefinition<OrderSagaContext>,
+        definitions: Vec<SagaDefinition<OrderSagaContext>>,
         owner: Option<String>,
     ) -> Result<Self, SagaError> {
         let mut engine = SagaEngine::new(AnySagaStore::open(url).await?);
         if let Some(owner) = owner.or_else(|| sqlite_owner(url)) {
             engine = engine.with_owner(owner);
         }
-        Ok(Self(Arc::new(engine.register(definition))))
+        for definition in definitions {
+            engine = engine.register(definition);
+        }
+        Ok(Self(Arc::new(engine)))
     }
 
     /// Starts the order saga and runs it to its end. The saga's id is the order's, so an order
@@ -352,14 +355,14 @@ mod tests {
         let context = order_context();
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let first = OrderSagaEngine::open(&url, definition(runs, true), None)
+        let first = OrderSagaEngine::open(&url, vec![definition(runs, true)], None)
             .await
             .expect("engine 1");
         crash_in_the_step(&first, &context, &mut ran).await;
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let second = OrderSagaEngine::open(&url, definition(runs, false), None)
+        let second = OrderSagaEngine::open(&url, vec![definition(runs, false)], None)
             .await
             .expect("engine 2");
         let report = second.0.recover().await.expect("recovery pass");
@@ -387,16 +390,17 @@ mod tests {
         let (dir, url) = sqlite_log();
         let context = order_context();
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let first = OrderSagaEngine::open(&url, definition(runs, true), Some("a".to_owned()))
+        let first = OrderSagaEngine::open(&url, vec![definition(runs, true)], Some("a".to_owned()))
             .await
             .expect("engine 1");
         crash_in_the_step(&first, &context, &mut ran).await;
 
         // Another engine (a fresh owner, so engine 1's lease still holds the saga).
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let second = OrderSagaEngine::open(&url, definition(runs, false), Some("b".to_owned()))
-            .await
-            .expect("engine 2");
+        let second =
+            OrderSagaEngine::open(&url, vec![definition(runs, false)], Some("b".to_owned()))
+                .await
+                .expect("engine 2");
         let again = second.run(&context).await;
         assert!(
             matches!(again, Err(SagaError::Conflict { seq: 1, .. })),
@@ -420,14 +424,14 @@ mod tests {
         let context = order_context();
         let owner = || Some("orders@10.0.0.7:8104".to_owned());
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let first = OrderSagaEngine::open(&pg.url, definition(runs, true), owner())
+        let first = OrderSagaEngine::open(&pg.url, vec![definition(runs, true)], owner())
             .await
             .expect("engine 1");
         crash_in_the_step(&first, &context, &mut ran).await;
         drop(first);
 
         let (runs, mut ran) = mpsc::unbounded_channel();
-        let second = OrderSagaEngine::open(&pg.url, definition(runs, false), owner())
+        let second = OrderSagaEngine::open(&pg.url, vec![definition(runs, false)], owner())
             .await
             .expect("engine 2");
         let report = second.0.recover().await.expect("recovery pass");

@@ -25,7 +25,7 @@ use trellis_saga::{
     SagaStore, SagaSummary,
 };
 
-use crate::saga::{Participants, Safeguards, definition};
+use crate::saga::{Participants, Safeguards, definitions};
 use crate::trace::Trace;
 
 /// The lease owner of every incarnation (orders derives one stable owner from its SQLite
@@ -245,11 +245,11 @@ impl Incarnation {
             inner: durable.sagas.clone(),
             plan: plan.clone(),
         };
-        let engine = Arc::new(
-            SagaEngine::new(store)
-                .with_owner(OWNER)
-                .register(definition(&clients(orders.clone()))?),
-        );
+        let mut engine = SagaEngine::new(store).with_owner(OWNER);
+        for definition in definitions(&clients(orders.clone()))? {
+            engine = engine.register(definition);
+        }
+        let engine = Arc::new(engine);
         let (queue, mut waiting) = mpsc::unbounded_channel::<OrderSagaContext>();
         trace.now(format!("orders incarnation {number} starts"));
         let mut incarnation = Self {

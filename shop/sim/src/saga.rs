@@ -17,7 +17,7 @@ use shop_contracts::proto::{
 };
 use shop_orders::aggregate::{Line, Order, OrderCommand, OrderError, SharedClock};
 use shop_orders::saga::{
-    MUST_FINISH_ATTEMPTS, OrderSagaContext, SAGA_NAME, SAGA_VERSION, STEP_ATTEMPTS, STEP_TIMEOUT,
+    MUST_FINISH_ATTEMPTS, OrderSagaContext, SAGA_NAME, SAGA_VERSIONS, STEP_ATTEMPTS, STEP_TIMEOUT,
 };
 use trellis_eventstore::{AnyStore, Metadata, Repository, RepositoryError};
 use trellis_resilience::Backoff;
@@ -32,7 +32,7 @@ pub(crate) type GrpcChannel = ServiceIdentityClient<crate::net::Channel>;
 /// violation that follows. All on by default; production has no such switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Safeguards {
-    /// The payment-guard step's compensation refunds the order's charge.
+    /// The payment step's compensation refunds the order's charge.
     pub refund_on_compensation: bool,
     /// The payment provider dedupes charges by idempotency key (the order id).
     pub provider_idempotency: bool,
@@ -192,9 +192,68 @@ macro_rules! step_fn {
     }};
 }
 
-/// The saga definition over the participants.
+/// Every version of the saga definition over the participants ([`SAGA_VERSIONS`]).
+pub(crate) fn definitions(
+    p: &Participants,
+) -> Result<Vec<SagaDefinition<OrderSagaContext>>, trellis_saga::SagaError> {
+    SAGA_VERSIONS
+        .iter()
+        .map(|&version| definition(p, version))
+        .collect()
+}
+
+/// An undo (a compensation) as the engine takes it; passing the closure through here gives
+/// it that signature where it is written, before it is handed to [`guarded`].
+fn undo<F>(undo: F) -> F
+where
+    F: for<'a> Fn(&'a mut OrderSagaContext, StepContext) -> trellis_saga::StepFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    undo
+}
+
+/// A step whose undo must also run when it fails for good. Version 1 carries the undo on a
+/// no-op guard step before it (a failed step was not compensated then); later versions on the
+/// step itself, with `compensate_on_failure`.
+fn guarded<F>(
+    builder: trellis_saga::SagaDefinitionBuilder<OrderSagaContext>,
+    version: u32,
+    step: Step<OrderSagaContext>,
+    undo: F,
+    pivot: bool,
+) -> trellis_saga::SagaDefinitionBuilder<OrderSagaContext>
+where
+    F: for<'a> Fn(&'a mut OrderSagaContext, StepContext) -> trellis_saga::StepFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    let (builder, step) = if version == 1 {
+        let guard = Step::new(
+            format!("{}-guard", step.name()),
+            |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
+        )
+        .compensate(undo)
+        .retry(retry())
+        .compensate_retry(must_finish())
+        .timeout(STEP_TIMEOUT);
+        (builder.step(guard), step)
+    } else {
+        (builder, step.compensate(undo).compensate_on_failure())
+    };
+    if pivot {
+        builder.pivot_step(step)
+    } else {
+        builder.step(step)
+    }
+}
+
+/// The saga definition over the participants, at `version`.
 pub(crate) fn definition(
     p: &Participants,
+    version: u32,
 ) -> Result<SagaDefinition<OrderSagaContext>, trellis_saga::SagaError> {
     let order = Step::new(
         "order",
@@ -224,16 +283,11 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // Reserving has no compensation of its own: a step that fails for good (the customer
-    // cancelled, or its last attempt got no answer) is not compensated, yet an earlier
-    // attempt's Reserve may have held the stock with its answer lost. This guard comes first,
-    // so whenever the saga compensates past it, Release runs by the order's key (and a
-    // Reserve arriving after it is refused).
-    let inventory_guard = Step::new(
-        "inventory-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // Releasing undoes a reservation by the order's key. It also runs when the inventory step
+    // fails for good (the customer cancelled, or its last attempt got no answer): an earlier
+    // attempt's Reserve may have held the stock with its answer lost (and a Reserve arriving
+    // after the release is refused).
+    let release = undo(step_fn!(p, |ctx, _step| {
         let request = OrderRef {
             order_id: ctx.order_id.clone(),
         };
@@ -244,10 +298,7 @@ pub(crate) fn definition(
             Ok(_) => Ok(()),
             Err(status) => Err(transport("inventory", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let inventory = Step::new(
         "inventory",
@@ -281,15 +332,10 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // Charging has no compensation of its own: a charge that failed for good may still have
-    // captured (its answer lost), and a failed step is not compensated. This guard step
-    // comes first, so whenever the saga compensates past it, Refund runs and reconciles with
-    // the provider by the order's key: no cancelled order keeps a charge.
-    let payment_guard = Step::new(
-        "payment-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // Refunding reconciles with the provider by the order's key. It also runs when the payment
+    // step fails for good: a charge that failed may still have captured (its answer lost), so
+    // no cancelled order keeps a charge.
+    let refund = undo(step_fn!(p, |ctx, _step| {
         if !p.safeguards.refund_on_compensation {
             return Ok(()); // the safeguard a test turns off
         }
@@ -304,10 +350,7 @@ pub(crate) fn definition(
             },
             Err(status) => Err(transport("payments", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let payment = Step::new(
         "payment",
@@ -356,15 +399,11 @@ pub(crate) fn definition(
     .compensate_retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    // The shipping step is the pivot: when it fails for good its shipment may still exist
-    // (an attempt's answer lost) or arrive later (a delayed request). This guard comes before
-    // it, so the compensation cancels the shipment by the order's key, with the step's
-    // retries (a cancellation before any shipment is recorded and refuses a late one).
-    let shipping_guard = Step::new(
-        "shipping-guard",
-        |_ctx: &mut OrderSagaContext, _step: StepContext| Box::pin(async { Ok(()) }),
-    )
-    .compensate(step_fn!(p, |ctx, _step| {
+    // The shipping step is the pivot: when it fails for good its shipment may still exist (an
+    // attempt's answer lost) or arrive later (a delayed request). Its compensation, which runs
+    // only for that failure, cancels the shipment by the order's key, with the step's retries
+    // (a cancellation before any shipment is recorded and refuses a late one).
+    let cancel_shipment = undo(step_fn!(p, |ctx, _step| {
         let request = OrderRef {
             order_id: ctx.order_id.clone(),
         };
@@ -380,10 +419,7 @@ pub(crate) fn definition(
             ))),
             Err(status) => Err(transport("shipping", &status)),
         }
-    }))
-    .retry(retry())
-    .compensate_retry(must_finish())
-    .timeout(STEP_TIMEOUT);
+    }));
 
     let shipping = Step::new(
         "shipping",
@@ -414,7 +450,7 @@ pub(crate) fn definition(
                     answer.get_ref().status
                 ))),
                 Err(status) if last_attempt(&step) => {
-                    // The shipment may exist with its answer lost: the shipping-guard's
+                    // The shipment may exist with its answer lost: the step's own
                     // compensation cancels it.
                     Err(p
                         .fail(
@@ -452,14 +488,9 @@ pub(crate) fn definition(
     .retry(must_finish())
     .timeout(STEP_TIMEOUT);
 
-    SagaDefinition::builder(SAGA_NAME, SAGA_VERSION)
-        .step(order)
-        .step(inventory_guard)
-        .step(inventory)
-        .step(payment_guard)
-        .step(payment)
-        .step(shipping_guard)
-        .pivot_step(shipping)
-        .step(complete)
-        .build()
+    let builder = SagaDefinition::builder(SAGA_NAME, version).step(order);
+    let builder = guarded(builder, version, inventory, release, false);
+    let builder = guarded(builder, version, payment, refund, false);
+    let builder = guarded(builder, version, shipping, cancel_shipment, true);
+    builder.step(complete).build()
 }
