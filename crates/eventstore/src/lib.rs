@@ -114,8 +114,8 @@ pub use any::AnyStore;
 pub use error::EventStoreError;
 pub use memory::MemoryStore;
 pub use projection::{
-    PROJECTION_BATCH, PROJECTION_LINGER, Projection, ProjectionError, ProjectionRunner,
-    ReadModelDatabase, RebuildProgress,
+    LockedCheckpoint, PROJECTION_BATCH, PROJECTION_LINGER, Projection, ProjectionError,
+    ProjectionRunner, ReadModelDatabase, RebuildProgress,
 };
 pub use repository::{CONFLICT_RETRIES_DEFAULT, Executed, Loaded, Repository, RepositoryError};
 pub use sql::postgres::PostgresStore;

@@ -10,11 +10,12 @@
 //! Two runners may feed one generation at once: two processes sharing a PostgreSQL read model,
 //! or [`ProjectionRunner::rebuild`]'s final catch-up beside the live runner. Each batch's
 //! transaction therefore reads the checkpoint again *under a lock* before applying anything
-//! (PostgreSQL: `SELECT … FOR UPDATE` on the checkpoint row, created first if missing;
-//! SQLite: `BEGIN IMMEDIATE` already holds the file's only write lock) and skips the events
-//! at or below it. The events themselves are read before the transaction, from the checkpoint
-//! seen without the lock, so the lock is held only while the batch is applied; a runner that
-//! lost the race reads the batch in vain and applies nothing of it.
+//! (PostgreSQL: an upsert that creates the checkpoint row if missing and otherwise locks it,
+//! returning it and the active generation in one statement; SQLite: `BEGIN IMMEDIATE` already
+//! holds the file's only write lock) and skips the events at or below it. The events
+//! themselves are read before the transaction, from the checkpoint the runner last committed,
+//! so the lock is held only while the batch is applied; a runner that lost the race reads the
+//! batch in vain and applies nothing of it.
 //!
 //! # Rebuilds without downtime
 //! Read models are versioned by *generation*: the projection keeps one set of tables per
@@ -25,6 +26,7 @@
 //! activates it in one transaction and drops the old one.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,15 +91,16 @@ pub trait ReadModelDatabase: sqlx::Database {
         projection: &str,
         generation: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
-    /// The position after which `generation` has applied nothing yet, read inside the batch's
-    /// transaction and locked until it ends: a second runner's batch waits here until this
-    /// one commits, then sees the checkpoint it wrote. Creates the checkpoint (at 0) if
+    /// The position after which `generation` has applied nothing yet, and the active
+    /// generation (0 when none), read inside the batch's transaction in one statement, the
+    /// checkpoint locked until the transaction ends: a second runner's batch waits here until
+    /// this one commits, then sees the checkpoint it wrote. Creates the checkpoint (at 0) if
     /// missing, so there is a row to lock.
     fn lock_checkpoint(
         tx: &mut Transaction<'static, Self>,
         projection: &str,
         generation: u32,
-    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<LockedCheckpoint, sqlx::Error>> + Send;
     /// Records `position` as applied for `generation`, inside the batch's transaction.
     fn save_checkpoint(
         tx: &mut Transaction<'static, Self>,
@@ -113,8 +116,17 @@ pub trait ReadModelDatabase: sqlx::Database {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
+/// What [`ReadModelDatabase::lock_checkpoint`] read under the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockedCheckpoint {
+    /// The position after which the generation has applied nothing yet.
+    pub checkpoint: u64,
+    /// The active generation (0 when none is active yet).
+    pub active: u32,
+}
+
 macro_rules! read_model_database {
-    ($db:ty, $int:literal, $begin:literal, $lock:literal) => {
+    ($db:ty, $int:literal, $begin:literal) => {
         impl ReadModelDatabase for $db {
             const BEGIN_WRITE: &'static str = $begin;
 
@@ -152,25 +164,23 @@ macro_rules! read_model_database {
                 tx: &mut Transaction<'static, Self>,
                 projection: &str,
                 generation: u32,
-            ) -> Result<u64, sqlx::Error> {
-                let generation = i32::try_from(generation).unwrap_or(i32::MAX);
-                sqlx::query(
+            ) -> Result<LockedCheckpoint, sqlx::Error> {
+                // One statement: the upsert creates a missing row and, on the existing one,
+                // takes its row lock (PostgreSQL locks a row `ON CONFLICT DO UPDATE` touches;
+                // SQLite already holds the file's write lock) while returning it unchanged.
+                let (position, active): (i64, Option<i32>) = sqlx::query_as(
                     "INSERT INTO projection_checkpoints (name, generation, position) VALUES ($1, $2, 0)
-                     ON CONFLICT (name, generation) DO NOTHING",
+                     ON CONFLICT (name, generation) DO UPDATE SET position = projection_checkpoints.position
+                     RETURNING position, (SELECT generation FROM projection_active WHERE name = $1)",
                 )
                 .bind(projection)
-                .bind(generation)
-                .execute(&mut **tx)
-                .await?;
-                let position: i64 = sqlx::query_scalar(concat!(
-                    "SELECT position FROM projection_checkpoints WHERE name = $1 AND generation = $2",
-                    $lock
-                ))
-                .bind(projection)
-                .bind(generation)
+                .bind(i32::try_from(generation).unwrap_or(i32::MAX))
                 .fetch_one(&mut **tx)
                 .await?;
-                Ok(u64::try_from(position).unwrap_or(0))
+                Ok(LockedCheckpoint {
+                    checkpoint: u64::try_from(position).unwrap_or(0),
+                    active: active.map_or(0, |g| u32::try_from(g).unwrap_or(0)),
+                })
             }
 
             async fn save_checkpoint(
@@ -208,8 +218,8 @@ macro_rules! read_model_database {
 
 // SQLite needs no row lock: `BEGIN IMMEDIATE` holds the file's write lock for the whole
 // transaction, so a second runner's batch cannot even start until this one commits.
-read_model_database!(Sqlite, "INTEGER", "BEGIN IMMEDIATE", "");
-read_model_database!(Postgres, "BIGINT", "BEGIN", " FOR UPDATE");
+read_model_database!(Sqlite, "INTEGER", "BEGIN IMMEDIATE");
+read_model_database!(Postgres, "BIGINT", "BEGIN");
 
 /// A read model fed by events.
 ///
@@ -274,6 +284,10 @@ pub struct ProjectionRunner<P, S, DB: sqlx::Database> {
     /// Only a hint: the locked read decides what is applied, and a checkpoint found below the
     /// hint (a generation reset) sends the runner back to read from there.
     hint: Arc<Mutex<Option<(u32, u64)>>>,
+    /// The active generation as last read (0: not read yet), so a batch does not read it
+    /// again: each batch's locked read returns it, and a batch that finds it changed applies
+    /// nothing and goes again with the new one.
+    active: Arc<AtomicU32>,
 }
 
 impl<P, S: Clone, DB: sqlx::Database> Clone for ProjectionRunner<P, S, DB> {
@@ -283,6 +297,7 @@ impl<P, S: Clone, DB: sqlx::Database> Clone for ProjectionRunner<P, S, DB> {
             store: self.store.clone(),
             pool: self.pool.clone(),
             hint: self.hint.clone(),
+            active: self.active.clone(),
         }
     }
 }
@@ -306,6 +321,7 @@ where
             store,
             pool,
             hint: Arc::new(Mutex::new(None)),
+            active: Arc::new(AtomicU32::new(0)),
         };
         if DB::active_generation(&runner.pool, runner.projection.name()).await? == 0 {
             let mut tx = runner.pool.begin_with(DB::BEGIN_WRITE).await?;
@@ -350,8 +366,11 @@ where
 
     /// Applies one batch to `generation` (events after its checkpoint), committing the
     /// checkpoint with it. Returns the new checkpoint and the number of events read from the
-    /// log (some may have been skipped, applied meanwhile by another runner).
-    async fn step(&self, generation: u32) -> Result<(u64, usize), ProjectionError> {
+    /// log (some may have been skipped, applied meanwhile by another runner). With `live`,
+    /// `generation` must be the active one: a batch that finds another active under the lock
+    /// applies nothing (a rebuild switched readers meanwhile) and reports a full batch, so
+    /// [`catch_up`](Self::catch_up) goes again with the new one.
+    async fn step(&self, generation: u32, live: bool) -> Result<(u64, usize), ProjectionError> {
         let name = self.projection.name();
         // Unlocked: only chooses what to read. The locked read below decides what to apply.
         let hinted = self.hinted(generation);
@@ -367,7 +386,13 @@ where
             return Ok((seen, 0));
         };
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
-        let checkpoint = DB::lock_checkpoint(&mut tx, name, generation).await?;
+        let LockedCheckpoint { checkpoint, active } =
+            DB::lock_checkpoint(&mut tx, name, generation).await?;
+        if live && active != 0 && active != generation {
+            tx.rollback().await?;
+            self.active.store(active, Ordering::Relaxed);
+            return Ok((seen, PROJECTION_BATCH));
+        }
         if checkpoint < seen {
             // The checkpoint went back (the generation was set up again): the events between
             // it and the hint were not read. Apply nothing; the next batch reads from it.
@@ -422,8 +447,15 @@ where
     /// A store, database or handler error; the failed batch is not applied.
     pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
         loop {
-            let generation = self.active_generation().await?;
-            let (checkpoint, read) = self.step(generation).await?;
+            let generation = match self.active.load(Ordering::Relaxed) {
+                0 => {
+                    let read = self.active_generation().await?;
+                    self.active.store(read, Ordering::Relaxed);
+                    read
+                }
+                known => known,
+            };
+            let (checkpoint, read) = self.step(generation, true).await?;
             // A short batch reached the head as it was when read: done, without reading an
             // empty batch to find out.
             if read < PROJECTION_BATCH {
@@ -479,7 +511,7 @@ where
         }
         loop {
             let head = self.store.head().await?;
-            let (position, read) = self.step(new).await?;
+            let (position, read) = self.step(new, false).await?;
             progress(RebuildProgress {
                 generation: new,
                 position,
@@ -493,6 +525,7 @@ where
         self.projection.activate(&mut tx, new).await?;
         DB::set_active(&mut tx, name, new).await?;
         tx.commit().await?;
+        self.active.store(new, Ordering::Relaxed);
         // Catch up anything that arrived between the last batch and the switch.
         self.catch_up().await?;
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;

@@ -247,6 +247,38 @@ where
     );
 }
 
+/// A runner keeps following the read model after a runner of another process rebuilt it (a
+/// new generation active, the old one dropped): the live runner remembers the active
+/// generation instead of reading it per batch, so its next batch must find out under the lock
+/// and go to the new generation.
+async fn a_rebuild_elsewhere_moves_the_live_runner<DB>(first: Pool<DB>, second: Pool<DB>)
+where
+    DB: ReadModelDatabase,
+    Balances: Projection<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'r> (String, i64, i64): sqlx::FromRow<'r, DB::Row>,
+    <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    let store = MemoryStore::new();
+    deposit(&store, "acct-a", 1, 10).await;
+    let live = ProjectionRunner::new(Balances::default(), store.clone(), first.clone())
+        .await
+        .expect("runner");
+    assert_eq!(live.catch_up().await.expect("catch up"), 10);
+    let elsewhere = ProjectionRunner::new(Balances::default(), store.clone(), second)
+        .await
+        .expect("runner");
+    assert_eq!(elsewhere.rebuild(|_| {}).await.expect("rebuild"), 2);
+    deposit(&store, "acct-a", 1, 5).await;
+    assert_eq!(
+        live.catch_up().await.expect("catch up after the rebuild"),
+        15
+    );
+    assert_eq!(live.active_generation().await.expect("generation"), 2);
+    assert_eq!(balances(&first).await, [("acct-a".to_owned(), 15, 15)]);
+}
+
 mod sqlite {
     use super::*;
 
@@ -298,6 +330,15 @@ mod sqlite {
         assert_eq!(balances(&pool).await, [("acct-a".to_owned(), 610, 610)]);
     }
 
+    #[tokio::test]
+    async fn a_runner_follows_a_rebuild_another_process_ran() {
+        // As the generic check says, with two pools on one read-model file.
+        let (first, dir) = pool().await;
+        let url = format!("sqlite://{}", dir.path().join("read.db").display());
+        let second = sqlx::SqlitePool::connect(&url).await.expect("open");
+        a_rebuild_elsewhere_moves_the_live_runner(first, second).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_projection_runners_on_sqlite_apply_each_event_once() {
         // Two runners with their own pools on one read-model file race over a growing log.
@@ -331,6 +372,19 @@ mod postgres {
         let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
         rebuild_while_serving(pool.clone()).await;
         pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_runner_follows_a_rebuild_another_process_ran() {
+        // As for SQLite, on the machine's PostgreSQL.
+        let Some(db) = trellis_testkit::postgres("projection_rebuild_elsewhere").await else {
+            return;
+        };
+        let first = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        let second = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        a_rebuild_elsewhere_moves_the_live_runner(first.clone(), second.clone()).await;
+        first.close().await;
+        second.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
