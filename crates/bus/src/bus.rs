@@ -52,11 +52,15 @@ pub trait Bus: Send + Sync {
         envelope: Envelope,
     ) -> impl Future<Output = Result<(), BusError>> + Send;
 
-    /// Joins consumer group `group` on the topics `pattern` matches.
+    /// Joins consumer group `group` on the topics `pattern` matches: a pattern list
+    /// ([`crate::topic`]: one pattern or several separated by `,`), per-subject order kept
+    /// across all of them. The group keeps its list: joining with another one is a
+    /// [`BusError::GroupConflict`] unless [`crate::SubscribeOptions::replacing_patterns`] says to
+    /// replace it.
     ///
     /// # Errors
     /// Bad pattern or group, [`BusError::GroupConflict`] when the group exists with another
-    /// pattern, or a storage / network fault.
+    /// pattern list, or a storage / network fault.
     fn subscribe(
         &self,
         pattern: &str,
@@ -155,7 +159,7 @@ pub(crate) fn count_published(topic: &str) {
 
 /// What every backend checks before it subscribes a group.
 pub(crate) fn validate_subscription(pattern: &str, group: &str) -> Result<(), BusError> {
-    topic::validate_pattern(pattern)?;
+    topic::validate_pattern_list(pattern)?;
     topic::validate_group(group)
 }
 

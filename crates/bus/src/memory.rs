@@ -143,22 +143,26 @@ impl Bus for InMemoryBus {
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
         validate_subscription(pattern, group)?;
+        let pattern = crate::topic::canonical_pattern_list(pattern);
         {
             let mut state = self.inner.lock();
             let entry = state
                 .groups
                 .entry(group.to_owned())
                 .or_insert_with(|| Group {
-                    pattern: pattern.to_owned(),
+                    pattern: pattern.clone(),
                     cursor: 0,
                     pending: BTreeMap::new(),
                 });
             if entry.pattern != pattern {
-                return Err(BusError::GroupConflict {
-                    group: group.to_owned(),
-                    existing: entry.pattern.clone(),
-                    requested: pattern.to_owned(),
-                });
+                if !options.replace_patterns {
+                    return Err(BusError::GroupConflict {
+                        group: group.to_owned(),
+                        existing: entry.pattern.clone(),
+                        requested: pattern,
+                    });
+                }
+                entry.pattern = pattern;
             }
         }
         let source = MemorySource {

@@ -118,6 +118,7 @@ pub struct SubscribeOptions {
     pub(crate) ack_wait: Duration,
     pub(crate) in_flight_max: usize,
     pub(crate) per_subject_order: bool,
+    pub(crate) replace_patterns: bool,
 }
 
 impl Default for SubscribeOptions {
@@ -128,6 +129,7 @@ impl Default for SubscribeOptions {
             ack_wait: Duration::from_secs(30),
             in_flight_max: 64,
             per_subject_order: true,
+            replace_patterns: false,
         }
     }
 }
@@ -137,6 +139,18 @@ impl SubscribeOptions {
     #[must_use]
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Lets this subscription replace the group's pattern list when the group exists with
+    /// another one, instead of failing with [`BusError::GroupConflict`]: for a service whose
+    /// new release handles other topics. Messages the group already took in stay its own;
+    /// those after its position are matched against the new list. Every member of a group
+    /// should run the same list: one still on the old list, joining after the replacement,
+    /// fails with the conflict (or, with this option too, puts its list back).
+    #[must_use]
+    pub fn replacing_patterns(mut self) -> Self {
+        self.replace_patterns = true;
         self
     }
 

@@ -3,6 +3,12 @@
 //! Topics are dot-separated tokens of ASCII letters, digits, `_` and `-` (`orders.created`),
 //! so every backend can use them as they are (NATS subjects, SQL text). Patterns follow NATS:
 //! `*` matches one token, `>` (last only) matches one or more tokens.
+//!
+//! A group subscribes to a *pattern list*: one pattern, or several separated by `,`
+//! (`inventory.reserved,shipment.failed`), matching a topic when any of them does. One group
+//! keeps one order per subject across all of its list's topics, which several groups (one
+//! per pattern) could not: a service that acts on a few of a flow's events gets only those,
+//! still in order, instead of every event of the flow to drop most of them.
 
 use crate::error::BusError;
 
@@ -10,6 +16,8 @@ use crate::error::BusError;
 pub const TOPIC_BYTES_MAX: usize = 200;
 /// Most tokens in a topic or pattern.
 pub const TOPIC_TOKENS_MAX: usize = 16;
+/// Most patterns in a pattern list.
+pub const PATTERNS_MAX: usize = 32;
 /// Longest group name, in bytes.
 pub const GROUP_BYTES_MAX: usize = 64;
 
@@ -73,6 +81,32 @@ pub fn validate_pattern(pattern: &str) -> Result<(), BusError> {
     Ok(())
 }
 
+/// Checks a pattern list to subscribe a group to: 1 to [`PATTERNS_MAX`] patterns separated
+/// by `,`, each as [`validate_pattern`] checks it.
+///
+/// # Errors
+/// [`BusError::InvalidName`] for an empty or malformed pattern, or too many.
+pub fn validate_pattern_list(patterns: &str) -> Result<(), BusError> {
+    if patterns.split(',').count() > PATTERNS_MAX {
+        return Err(BusError::invalid(
+            "topic pattern list",
+            patterns,
+            "has more than 32 patterns",
+        ));
+    }
+    patterns.split(',').try_for_each(validate_pattern)
+}
+
+/// A pattern list in its canonical form: its patterns sorted, each once. A group's list is
+/// compared in this form, so `b,a` and `a,b,a` name the same subscription.
+#[must_use]
+pub fn canonical_pattern_list(patterns: &str) -> String {
+    let mut list: Vec<&str> = patterns.split(',').collect();
+    list.sort_unstable();
+    list.dedup();
+    list.join(",")
+}
+
 /// Checks a consumer group name: 1 to 64 ASCII letters, digits, `_` or `-`.
 ///
 /// # Errors
@@ -91,9 +125,15 @@ pub fn validate_group(group: &str) -> Result<(), BusError> {
     Ok(())
 }
 
-/// Whether `topic` matches `pattern` (both already validated).
+/// Whether `topic` matches `patterns`, a pattern list (any of its patterns; all validated).
 #[must_use]
-pub fn matches(pattern: &str, topic: &str) -> bool {
+pub fn matches(patterns: &str, topic: &str) -> bool {
+    patterns
+        .split(',')
+        .any(|pattern| matches_one(pattern, topic))
+}
+
+fn matches_one(pattern: &str, topic: &str) -> bool {
     let mut topic_tokens = topic.split('.');
     for pattern_token in pattern.split('.') {
         match pattern_token {
@@ -126,6 +166,25 @@ mod tests {
         assert!(!matches("orders.>", "orders"));
         assert!(!matches("orders.created", "orders"));
         assert!(matches(">", "anything.at.all"));
+    }
+
+    #[test]
+    fn a_pattern_list_matches_what_any_of_its_patterns_matches() {
+        let list = "inventory.reserved,shipment.*";
+        assert!(validate_pattern_list(list).is_ok());
+        assert!(matches(list, "inventory.reserved"));
+        assert!(matches(list, "shipment.created"));
+        assert!(!matches(list, "inventory.released"));
+        assert!(!matches(list, "order.created"));
+        assert_eq!(
+            canonical_pattern_list("shipment.*,inventory.reserved,shipment.*"),
+            "inventory.reserved,shipment.*"
+        );
+        for bad in ["a,", ",a", "a,,b", "a,b c", "a.>.b,c"] {
+            assert!(validate_pattern_list(bad).is_err(), "{bad:?}");
+        }
+        let too_many = vec!["a"; PATTERNS_MAX + 1].join(",");
+        assert!(validate_pattern_list(&too_many).is_err());
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! that cannot run in the database transaction. [`start`] wires the rest on the service's
 //! own [`Db`]:
 //!
-//! - one subscription to every topic (`>`) for the group, in per-subject order, so one
-//!   order's events reach the service one at a time and in order;
+//! - one subscription for the group to the topics its handlers act on
+//!   ([`Participant::topics`], a bus pattern list), in per-subject order across all of them,
+//!   so one order's events reach the service one at a time and in order, and the flow's
+//!   other events do not reach it at all (a group of an older release, subscribed to every
+//!   topic, `>`, has its list replaced);
 //! - for each delivery: `prepare`, then [`Choreography::handle_prepared`], which runs the
 //!   handlers' effects and commits their writes, the inbox record, the log entry and the next
 //!   event (in the outbox) in one transaction;
@@ -175,6 +178,18 @@ pub trait Participant: Send + Sync + 'static {
     /// (acknowledged, nothing recorded). A retryable error has the bus deliver it again with
     /// backoff, up to [`DELIVERIES_MAX`] times, then dead-letters it.
     fn prepare<'a>(&'a self, message: &'a Message) -> PrepareFuture<'a>;
+
+    /// The topics the group subscribes to (a bus pattern list): by default those named like
+    /// the event types the handlers run on ([`Choreography::events`]), as the shop publishes
+    /// each event on the topic named like its type. Override it when events travel on other
+    /// topics. An empty list subscribes to nothing useful: return at least one topic.
+    fn topics(&self) -> Vec<String> {
+        self.choreography::<Sqlite>()
+            .events()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// Why a participant could not start.
@@ -211,8 +226,11 @@ pub async fn start<P: Participant>(
     participant: Arc<P>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, ChoreographyError> {
-    let options = SubscribeOptions::default().with_retry(RetryPolicy::new(DELIVERIES_MAX)?);
-    let subscription = bus.subscribe(">", participant.group(), options).await?;
+    let options = SubscribeOptions::default()
+        .with_retry(RetryPolicy::new(DELIVERIES_MAX)?)
+        .replacing_patterns();
+    let topics = participant.topics().join(",");
+    let subscription = bus.subscribe(&topics, participant.group(), options).await?;
     let mut tasks = Vec::new();
     // The same wiring on each engine, with its own inbox, outbox and log types.
     macro_rules! wire {

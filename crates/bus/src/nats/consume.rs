@@ -37,6 +37,13 @@ impl NatsBus {
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
         validate_subscription(pattern, group)?;
+        let pattern = crate::topic::canonical_pattern_list(pattern);
+        // The server filters one pattern (nats-server 2.9 has no list of filter subjects): a
+        // list's consumers take every topic under the list's common prefix, and `admit` acks
+        // those the list does not match without handing them to the handler. The list itself
+        // is kept in the consumers' descriptions, where a later subscription compares it.
+        let server_pattern = server_pattern(&pattern);
+        let server_pattern = server_pattern.as_str();
         let max_ack_pending = if options.per_subject_order {
             1
         } else {
@@ -49,37 +56,52 @@ impl NatsBus {
                 .map(|partition| {
                     (
                         format!("{group}_p{partition}"),
-                        self.bus_subject(partition, pattern),
+                        self.bus_subject(partition, server_pattern),
                     )
                 })
                 .collect()
         } else {
             vec![(
                 format!("{group}_all"),
-                format!("{}.bus.*.{pattern}", self.inner.prefix),
+                format!("{}.bus.*.{server_pattern}", self.inner.prefix),
             )]
         };
         let mut consumers = Vec::new();
         for (durable, filter_subject) in lanes {
-            let config = durable_config(
+            let mut config = durable_config(
                 &durable,
                 filter_subject.clone(),
                 options.ack_wait,
                 max_ack_pending,
             );
-            let consumer: consumer::PullConsumer = bounded(
+            config.description = Some(format!("{PATTERNS_DESCRIPTION}{pattern}"));
+            let mut consumer: consumer::PullConsumer = bounded(
                 self.inner
                     .bus_stream
-                    .get_or_create_consumer(&durable, config),
+                    .get_or_create_consumer(&durable, config.clone()),
             )
             .await?;
-            let existing = &consumer.cached_info().config.filter_subject;
-            if *existing != filter_subject {
-                return Err(BusError::GroupConflict {
-                    group: group.to_owned(),
-                    existing: existing.clone(),
-                    requested: filter_subject,
-                });
+            let existing = &consumer.cached_info().config;
+            let existing_patterns = existing
+                .description
+                .as_deref()
+                .and_then(|d| d.strip_prefix(PATTERNS_DESCRIPTION))
+                .map_or_else(
+                    || pattern_of_filter(&existing.filter_subject),
+                    str::to_owned,
+                );
+            if existing_patterns != pattern || existing.filter_subject != filter_subject {
+                if !options.replace_patterns {
+                    return Err(BusError::GroupConflict {
+                        group: group.to_owned(),
+                        existing: existing_patterns,
+                        requested: pattern,
+                    });
+                }
+                // An update of the durable consumer (its position kept). The server refuses
+                // what it cannot change in place (a filter subject, on nats-server 2.9).
+                consumer = bounded(self.inner.bus_stream.create_consumer(config)).await?;
+                tracing::info!(group, durable, from = %existing_patterns, to = %pattern, "bus group's pattern list replaced");
             }
             consumers.push(consumer);
         }
@@ -125,6 +147,7 @@ impl NatsBus {
         let source = NatsSource {
             bus: self.clone(),
             group: group.to_owned(),
+            pattern,
             receiver,
             _pullers: pullers,
             strip: format!("{}.bus.p", self.inner.prefix),
@@ -149,6 +172,41 @@ impl NatsBus {
 /// A group's durable pull consumer: explicit acks, every message from the start, and no
 /// server-side delivery limit (the client counts deliveries and dead-letters, so JetStream
 /// never drops a message silently).
+/// The one pattern the server filters a group's consumers on: the pattern itself, or for a
+/// list, the literal tokens all of its patterns start with, then `>` (`>` alone when they
+/// share none). Wider than the list; never narrower.
+fn server_pattern(list: &str) -> String {
+    let patterns: Vec<Vec<&str>> = list.split(',').map(|p| p.split('.').collect()).collect();
+    if let [only] = patterns.as_slice() {
+        return only.join(".");
+    }
+    // A shared token must leave each pattern at least one more, which `>` then matches.
+    let shortest = patterns.iter().map(Vec::len).min().unwrap_or(0);
+    let mut common = Vec::new();
+    for index in 0..shortest.saturating_sub(1) {
+        let token = patterns[0][index];
+        if token == "*" || token == ">" || patterns.iter().any(|p| p[index] != token) {
+            break;
+        }
+        common.push(token);
+    }
+    common.push(">");
+    common.join(".")
+}
+
+/// What starts a consumer's description that holds its group's pattern list.
+const PATTERNS_DESCRIPTION: &str = "trellis-bus patterns: ";
+
+/// The pattern a consumer made before descriptions held the list filters on:
+/// `<prefix>.bus.<lane>.<pattern>` → `<pattern>`.
+fn pattern_of_filter(filter: &str) -> String {
+    filter
+        .split_once(".bus.")
+        .and_then(|(_, rest)| rest.split_once('.'))
+        .map_or(filter, |(_, pattern)| pattern)
+        .to_owned()
+}
+
 fn durable_config(
     durable: &str,
     filter_subject: String,
@@ -224,6 +282,8 @@ async fn pull_forever(
 struct NatsSource {
     bus: NatsBus,
     group: String,
+    /// The group's pattern list, canonical: what `admit` hands to the handler.
+    pattern: String,
     receiver: tokio::sync::mpsc::Receiver<jetstream::Message>,
     _pullers: tokio::task::JoinSet<()>,
     /// `<prefix>.bus.p`, cut from a partition message's subject to get its topic.
@@ -272,6 +332,12 @@ impl NatsSource {
             .and_then(|rest| rest.split_once('.'))
             .map_or(subject, |(_, topic)| topic)
             .to_owned();
+        if !crate::topic::matches(&self.pattern, &topic) {
+            // A pattern list's consumer takes every topic (see `subscribe_group`): not one of
+            // this group's, so settled here and never parked or handled.
+            message.ack().await.map_err(BusError::nats)?;
+            return Ok(None);
+        }
         let envelope = serde_json::from_slice::<Envelope>(&message.payload)
             .map_err(|_| String::from_utf8_lossy(&message.payload).into_owned());
         if self.ordered
@@ -378,5 +444,32 @@ impl Source for NatsSource {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pattern_of_filter, server_pattern};
+    use crate::topic::matches;
+
+    #[test]
+    fn the_server_filter_of_a_pattern_list_covers_every_pattern_in_it() {
+        // Goal: the server never drops a topic the list matches, and filters on the list's
+        // shared literal prefix where there is one.
+        assert_eq!(server_pattern("order.*"), "order.*");
+        assert_eq!(server_pattern("inventory.reserved,payment.completed"), ">");
+        assert_eq!(server_pattern("t1.a.one,t1.c.*"), "t1.>");
+        assert_eq!(server_pattern("t1,t1.a"), ">");
+        assert_eq!(server_pattern("t1.*.x,t1.a.y"), "t1.>");
+        for (list, topic) in [
+            ("t1.a.one,t1.c.*", "t1.c.z"),
+            ("t1,t1.a", "t1"),
+            ("inventory.reserved,payment.completed", "payment.completed"),
+        ] {
+            assert!(matches(list, topic));
+            assert!(matches(&server_pattern(list), topic), "{list} / {topic}");
+        }
+        assert_eq!(pattern_of_filter("PFX.bus.p3.order.*"), "order.*");
+        assert_eq!(pattern_of_filter("PFX.bus.*.>"), ">");
     }
 }

@@ -19,6 +19,7 @@
 // dead-letter queue. This file: the schema, configuration, opening and publishing.
 mod delivery;
 mod dlq;
+mod wakers;
 mod writer;
 
 use std::path::Path;
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::bus::{Bus, Subscription, count_published, prepare_publish, validate_subscription};
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
@@ -38,6 +39,7 @@ pub use delivery::POLL_INTERVAL;
 pub use writer::{PRUNE_INTERVAL, WRITE_BATCH_MAX, WRITE_QUEUE_MAX};
 
 use delivery::SqliteSource;
+use wakers::Wakers;
 use writer::{Command, prune, write_loop};
 
 /// How long a writer waits for another process's lock before failing.
@@ -185,7 +187,7 @@ pub struct SqliteBus {
 #[derive(Debug)]
 struct Inner {
     commands: mpsc::Sender<Command>,
-    changed: Arc<Notify>,
+    wakers: Arc<Wakers>,
     pool: SqlitePool,
     message_bytes_max: usize,
     retention: Duration,
@@ -210,17 +212,17 @@ impl SqliteBus {
             .connect_with(options)
             .await?;
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_MAX);
-        let changed = Arc::new(Notify::new());
+        let wakers = Arc::new(Wakers::default());
         tokio::spawn(write_loop(
             writer,
             receiver,
-            Arc::clone(&changed),
+            Arc::clone(&wakers),
             config.retention,
         ));
         Ok(Self {
             inner: Arc::new(Inner {
                 commands,
-                changed,
+                wakers,
                 pool,
                 message_bytes_max: config.message_bytes_max,
                 retention: config.retention,
@@ -287,27 +289,38 @@ impl Bus for SqliteBus {
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
         validate_subscription(pattern, group)?;
+        let pattern = crate::topic::canonical_pattern_list(pattern);
         let mut connection = self.inner.pool.acquire().await?;
         let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT OR IGNORE INTO bus_groups (name, pattern, cursor) VALUES (?, ?, 0)")
             .bind(group)
-            .bind(pattern)
+            .bind(&pattern)
             .execute(&mut *tx)
             .await?;
         let existing: String = sqlx::query_scalar("SELECT pattern FROM bus_groups WHERE name = ?")
             .bind(group)
             .fetch_one(&mut *tx)
             .await?;
-        tx.commit().await?;
         if existing != pattern {
-            return Err(BusError::GroupConflict {
-                group: group.to_owned(),
-                existing,
-                requested: pattern.to_owned(),
-            });
+            if !options.replace_patterns {
+                return Err(BusError::GroupConflict {
+                    group: group.to_owned(),
+                    existing,
+                    requested: pattern,
+                });
+            }
+            // Admission reads the list on each pass: messages past the cursor meet the new one.
+            sqlx::query("UPDATE bus_groups SET pattern = ? WHERE name = ?")
+                .bind(&pattern)
+                .bind(group)
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(group, from = %existing, to = %pattern, "bus group's pattern list replaced");
         }
+        tx.commit().await?;
         let source = SqliteSource {
             bus: self.clone(),
+            woken: self.inner.wakers.register(group, &pattern),
             group: group.to_owned(),
             ack_wait: options.ack_wait,
             ordered: options.per_subject_order,

@@ -651,6 +651,111 @@ pub(crate) async fn a_group_keeps_the_pattern_it_was_created_with<B: Bus>(
     Ok(())
 }
 
+pub(crate) async fn a_pattern_list_delivers_its_topics_in_subject_order_and_nothing_else<B: Bus>(
+    bus: &B,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    // One group on two patterns: it gets the topics either matches, one subject's messages
+    // one at a time and in publish order across both, and none of the other topics.
+    let list = format!("{},{}", topic(prefix, "c.*"), topic(prefix, "a.one"));
+    let mut sub = bus.subscribe(&list, "listed", options()).await?;
+    let published = [
+        ("s1", "a.one"),
+        ("s1", "b.two"),
+        ("s1", "c.x"),
+        ("s2", "c.y"),
+        ("s1", "b.two"),
+        ("s1", "a.one"),
+        ("s2", "a.two"),
+    ];
+    for (sequence, (subject, name)) in (1_u64..).zip(published) {
+        bus.publish(&topic(prefix, name), envelope(subject, sequence))
+            .await?;
+    }
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for _ in 0..4 {
+        let got = fetch_exactly(&mut sub, 1).await?;
+        for delivery in got {
+            let name = delivery.message().topic.clone();
+            ensure!(
+                name.ends_with(".a.one") || name.contains(".c."),
+                "{name} is not on the list"
+            );
+            seen.entry(delivery.envelope().subject.clone())
+                .or_default()
+                .push(delivery.envelope().sequence.unwrap_or_default());
+            delivery.ack().await?;
+        }
+    }
+    ensure!(
+        seen == BTreeMap::from([("s1".to_owned(), vec![1, 3, 6]), ("s2".to_owned(), vec![4])]),
+        "got {seen:?}"
+    );
+    let more = sub.fetch(8, Duration::from_millis(500)).await?;
+    ensure!(
+        more.is_empty(),
+        "topics off the list arrived: {}",
+        more.len()
+    );
+    // The same list in another order and with a repeat is the same subscription.
+    let same = format!(
+        "{},{},{}",
+        topic(prefix, "a.one"),
+        topic(prefix, "c.*"),
+        topic(prefix, "a.one")
+    );
+    ensure!(bus.subscribe(&same, "listed", options()).await.is_ok());
+    Ok(())
+}
+
+pub(crate) async fn a_group_can_replace_its_pattern_list_when_asked<B: Bus>(
+    bus: &B,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    // A new release narrows a group from everything to a list: without the option the old
+    // list is kept (a conflict); with it, messages published after the change are matched
+    // against the new list.
+    let first = bus
+        .subscribe(&topic(prefix, ">"), "narrowed", options())
+        .await?;
+    drop(first);
+    let list = format!("{},{}", topic(prefix, "a.one"), topic(prefix, "c.one"));
+    let refused = bus.subscribe(&list, "narrowed", options()).await;
+    ensure!(
+        matches!(refused, Err(BusError::GroupConflict { .. })),
+        "got {refused:?}"
+    );
+    let mut sub = bus
+        .subscribe(&list, "narrowed", options().replacing_patterns())
+        .await?;
+    for (sequence, name) in (1_u64..).zip(["b.one", "a.one", "b.one", "c.one"]) {
+        bus.publish(
+            &topic(prefix, name),
+            envelope(&format!("s{sequence}"), sequence),
+        )
+        .await?;
+    }
+    let got = fetch_exactly(&mut sub, 2).await?;
+    let mut names: Vec<String> = got.iter().map(|d| d.message().topic.clone()).collect();
+    names.sort();
+    ensure!(
+        names == [topic(prefix, "a.one"), topic(prefix, "c.one")],
+        "got {names:?}"
+    );
+    for delivery in got {
+        delivery.ack().await?;
+    }
+    let more = sub.fetch(8, Duration::from_millis(500)).await?;
+    ensure!(
+        more.is_empty(),
+        "topics off the new list arrived: {}",
+        more.len()
+    );
+    // Joining again with the new list needs no option.
+    ensure!(bus.subscribe(&list, "narrowed", options()).await.is_ok());
+    Ok(())
+}
+
 /// Instantiates every conformance check as a test. `$setup` is an async expression yielding
 /// `Option<(bus, prefix, guard)>` (None skips), `$attr` the test attribute.
 #[macro_export]
@@ -669,6 +774,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@one $setup, $attr, a_redriven_dead_letter_returns_to_its_group_with_its_redrive_count);
         $crate::conformance_tests!(@one $setup, $attr, discarded_and_archived_dead_letters_leave_the_queue);
         $crate::conformance_tests!(@one $setup, $attr, a_group_keeps_the_pattern_it_was_created_with);
+        $crate::conformance_tests!(@one $setup, $attr, a_pattern_list_delivers_its_topics_in_subject_order_and_nothing_else);
+        $crate::conformance_tests!(@one $setup, $attr, a_group_can_replace_its_pattern_list_when_asked);
 
         #[$attr]
         async fn ten_thousand_messages_through_four_competing_consumers_are_each_handled_once(

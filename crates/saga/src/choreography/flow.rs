@@ -110,6 +110,15 @@ impl<D: ChoreographyDb> Choreography<D> {
         &self.name
     }
 
+    /// The event types its handlers run on, sorted, each once: what a participant needs
+    /// delivered (every other event would be acknowledged unhandled).
+    pub fn events(&self) -> Vec<&str> {
+        let mut events: Vec<&str> = self.handlers.iter().map(|h| h.on.as_str()).collect();
+        events.sort_unstable();
+        events.dedup();
+        events
+    }
+
     /// The forward steps, in declaration order.
     fn steps(&self) -> Vec<String> {
         self.handlers
