@@ -34,32 +34,34 @@ pub(super) async fn fetch_in(
     ordered: bool,
     now: i64,
 ) -> Result<Vec<RawDelivery>, BusError> {
-    let Some(row) = sqlx::query("SELECT pattern, cursor FROM bus_groups WHERE name = ?")
-        .bind(group)
-        .fetch_optional(&mut *tx)
-        .await?
-    else {
-        return Ok(Vec::new());
-    };
-    let pattern: String = row.try_get("pattern")?;
-    let cursor: i64 = row.try_get("cursor")?;
+    // The group's list and position, and the log rows after it, in one statement (a
+    // group with nothing new gives one row without a log row).
     let rows = sqlx::query(
-        "SELECT seq, topic, only_group FROM bus_log WHERE seq > ? ORDER BY seq LIMIT ?",
+        "SELECT g.pattern, l.seq, l.topic, l.only_group FROM bus_groups g \
+         LEFT JOIN bus_log l ON l.seq > g.cursor WHERE g.name = ? ORDER BY l.seq LIMIT ?",
     )
-    .bind(cursor)
+    .bind(group)
     .bind(ADMIT_BATCH_MAX)
     .fetch_all(&mut *tx)
     .await?;
-    if let Some(last) = rows.last() {
-        let last_seq: i64 = last.try_get("seq")?;
-        let mut admitted = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let topic: &str = row.try_get("topic")?;
-            let only_group: Option<&str> = row.try_get("only_group")?;
-            if only_group.is_none_or(|only| only == group) && topic::matches(&pattern, topic) {
-                admitted.push(row.try_get::<i64, _>("seq")?);
-            }
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let pattern: String = first.try_get("pattern")?;
+    let mut last_seq = None;
+    let mut admitted = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(seq) = row.try_get::<Option<i64>, _>("seq")? else {
+            continue;
+        };
+        last_seq = Some(seq);
+        let topic: &str = row.try_get("topic")?;
+        let only_group: Option<&str> = row.try_get("only_group")?;
+        if only_group.is_none_or(|only| only == group) && topic::matches(&pattern, topic) {
+            admitted.push(seq);
         }
+    }
+    if let Some(last_seq) = last_seq {
         if !admitted.is_empty() {
             let seqs = serde_json::to_string(&admitted).map_err(BusError::corrupt)?;
             sqlx::query(
@@ -205,6 +207,8 @@ pub(super) async fn settle_in(
 #[derive(Debug)]
 pub(super) struct SqliteSource {
     pub(super) bus: SqliteBus,
+    /// Notified after a commit that may have given this group something to fetch.
+    pub(super) woken: Arc<tokio::sync::Notify>,
     pub(super) group: String,
     pub(super) ack_wait: Duration,
     pub(super) ordered: bool,
@@ -216,10 +220,10 @@ impl Source for SqliteSource {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<RawDelivery>, BusError>> {
-        let (bus, group) = (&self.bus, self.group.as_str());
+        let (bus, group, woken) = (&self.bus, self.group.as_str(), &self.woken);
         let (ack_wait, ordered) = (self.ack_wait, self.ordered);
         // Other processes write the same file without waking this one: poll.
-        Box::pin(fetch_until(&bus.inner.changed, wait, move || async move {
+        Box::pin(fetch_until(woken, wait, move || async move {
             let (reply, answer) = oneshot::channel();
             bus.send(Command::Fetch {
                 group: group.to_owned(),

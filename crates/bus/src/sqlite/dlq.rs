@@ -149,7 +149,7 @@ impl SqliteBus {
         .await?;
         tx.commit().await?;
         log_action(action, &letter, actor);
-        self.inner.changed.notify_waiters();
+        self.inner.wakers.wake_all();
         Ok(())
     }
 }

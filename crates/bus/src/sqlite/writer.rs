@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::{Connection, SqliteConnection};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::delivery::{fetch_in, settle_in};
+use super::wakers::Wakers;
 use crate::bus::{DeliveryKey, Message, RawDelivery, Settlement, duration_millis, millis};
 use crate::error::BusError;
 
@@ -56,7 +57,7 @@ enum Outcome {
 pub(super) async fn write_loop(
     mut connection: SqliteConnection,
     mut receiver: mpsc::Receiver<Command>,
-    changed: Arc<Notify>,
+    wakers: Arc<Wakers>,
     retention: Duration,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_MAX);
@@ -68,9 +69,21 @@ pub(super) async fn write_loop(
                 tracing::warn!(%error, "pruning the bus log failed");
             }
         }
-        let wrote = batch
-            .iter()
-            .any(|c| matches!(c, Command::Publish { .. } | Command::Settle { .. }));
+        // Whom the batch may give something to fetch: the groups whose list matches a
+        // published topic, and the group of each settled message (its subject's next one).
+        let mut topics = HashSet::new();
+        let mut groups = HashSet::new();
+        for command in &batch {
+            match command {
+                Command::Publish { topic, .. } => {
+                    topics.insert(topic.clone());
+                }
+                Command::Settle { message, .. } => {
+                    groups.insert(message.group.clone());
+                }
+                Command::Fetch { .. } => {}
+            }
+        }
         match run_batch(&mut connection, &batch).await {
             Ok(outcomes) => {
                 for (command, outcome) in batch.drain(..).zip(outcomes) {
@@ -88,9 +101,7 @@ pub(super) async fn write_loop(
                 }
             }
         }
-        if wrote {
-            changed.notify_waiters();
-        }
+        wakers.wake(&topics, &groups);
     }
 }
 
