@@ -44,7 +44,7 @@ pub use attempts::{
 mod attempts;
 mod grpc;
 mod keys;
-mod password;
+pub mod password;
 mod rest;
 mod sessions;
 mod store;

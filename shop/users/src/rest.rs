@@ -16,7 +16,6 @@ use trellis_service::{ApiError, ApiJson, Caller, ROLE_CUSTOMER};
 use utoipa::OpenApi;
 
 use crate::keys::KEY_ACTIVATION_DELAY_S;
-use crate::password::HashError;
 use crate::sessions;
 use crate::store::{self, InsertError, NewUser, User};
 use crate::{
@@ -152,16 +151,6 @@ fn view(user: &User) -> UserView {
     }
 }
 
-fn hash_error(e: HashError) -> ApiError {
-    match e {
-        HashError::Busy => ApiError::unavailable(
-            "busy",
-            "too many logins and registrations at once; retry shortly",
-        ),
-        HashError::Failed(e) => ApiError::internal(e),
-    }
-}
-
 /// Registers a customer.
 #[utoipa::path(
     post, path = "/api/users", tag = "users",
@@ -188,7 +177,11 @@ async fn register(
     {
         return Err(email_taken());
     }
-    let hash = state.hasher.hash(body.password).await.map_err(hash_error)?;
+    let hash = state
+        .hasher
+        .hash(body.password)
+        .await
+        .map_err(ApiError::from)?;
     let user = NewUser {
         email: valid.email,
         name: valid.name,
@@ -308,7 +301,7 @@ async fn token_inner(state: &State, body: TokenRequest) -> Result<Json<TokenResp
         .hasher
         .verify(body.password, hash)
         .await
-        .map_err(hash_error)?;
+        .map_err(ApiError::from)?;
     let Some(user) = user else {
         metrics::counter!("shop_users_logins_total", "outcome" => "refused").increment(1);
         return Err(invalid_credentials().into());
