@@ -9,6 +9,9 @@
 #            (variables for `trellis up` only, not for the load generator; bench/otlp/run.sh)
 #        POLL_CONSOLE=0.05 bench/shop/run.sh ...   (during each load run, the admin console's
 #            live overview fetched every 0.05 s as the admin: what an open /admin page costs)
+#        RSS_EVERY=30 DURATION=10m bench/shop/run.sh 300   (a soak: every 30 s of the run, one
+#            line with the elapsed seconds and `trellis up`'s resident memory in MB, split into
+#            anonymous, file-backed and shared pages; after the run, the same once more)
 # Each line also gives the CPU time `trellis up` spent during the load run (user + system,
 # from /proc), per confirmed order; the resident memory of `trellis up` after start and after
 # the run (VmRSS); and the bytes the orders service's saga log (orders-saga.db, pages in use,
@@ -23,7 +26,14 @@ duration=${DURATION:-20s}
 saga=${SAGA:-orchestrated}
 work=$(mktemp -d)
 export TRELLIS_ADMIN_EMAIL=bench@trellis.local TRELLIS_ADMIN_PASSWORD=bench-password-1
-cleanup() { [ -n "${shop:-}" ] && kill -INT "$shop" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+# UP_LOG=FILE keeps the last `trellis up`'s output (for example mimalloc's statistics at exit,
+# with UP_ENV=MIMALLOC_SHOW_STATS=1).
+cleanup() {
+  [ -n "${shop:-}" ] && kill -INT "$shop" 2>/dev/null
+  wait 2>/dev/null
+  [ -n "${UP_LOG:-}" ] && cp "$work/up.log" "$UP_LOG"
+  rm -rf "$work"
+}
 trap cleanup EXIT
 restart() {
   [ -n "${shop:-}" ] && { kill -INT "$shop"; wait "$shop" 2>/dev/null || true; }
@@ -43,6 +53,12 @@ restart() {
 }
 # Resident memory of a process, MB.
 rss_mb() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# One soak sample: seconds, then VmRSS and its anonymous / file / shared parts, MB.
+rss_split() {
+  awk -v at="$2" '/^(VmRSS|RssAnon|RssFile|RssShmem):/ { v[$1] = $2 / 1024 }
+    END { printf "rss at %s s: %.0f MB (anon %.0f, file %.0f, shmem %.0f)\n", at,
+          v["VmRSS:"], v["RssAnon:"], v["RssFile:"], v["RssShmem:"] }' "/proc/$1/status"
+}
 # Bytes in use in a SQLite file (pages in use, whatever is still in its WAL included).
 sqlite_bytes() {
   [ -f "$1" ] || { echo 0; return; }
@@ -67,6 +83,14 @@ for rate in "${rates[@]}"; do
     done) &
     poller=$!
   fi
+  if [ -n "${RSS_EVERY:-}" ]; then
+    (started=$(date +%s)
+     while :; do
+       sleep "$RSS_EVERY"
+       rss_split "$shop" "$(( $(date +%s) - started ))"
+     done) &
+    sampler=$!
+  fi
   out=$("$bin" load --target "http://127.0.0.1:$port" --rate "$rate" --duration "$duration" \
     --mix order=1 --quiet --admin-email "$TRELLIS_ADMIN_EMAIL" \
     --admin-password "$TRELLIS_ADMIN_PASSWORD" 2>&1 || true)
@@ -74,6 +98,11 @@ for rate in "${rates[@]}"; do
   orders=$(echo "$out" | grep '^orders:' || true)
   errs=$(echo "$out" | grep '^errors:' || true)
   inv=$(echo "$out" | grep '^invariants:' | cut -c1-60 || true)
+  if [ -n "${RSS_EVERY:-}" ]; then
+    kill "$sampler"; wait "$sampler" 2>/dev/null || true
+    sleep 10
+    rss_split "$shop" "after the run, idle 10"
+  fi
   if [ -n "${POLL_CONSOLE:-}" ]; then
     kill "$poller"; wait "$poller" 2>/dev/null || true
     polls=$(wc -l < "$work/polls")
