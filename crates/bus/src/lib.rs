@@ -5,9 +5,11 @@
 //! # Overview
 //!
 //! - [`Bus`] publishes [`Envelope`]s on topics (`orders.created`) and subscribes consumer
-//!   groups to topic patterns (`orders.*`). Consumers of one group compete; every group sees
-//!   every message; two messages with the same envelope `subject` are never in flight at once
-//!   within a group, so each aggregate's messages are handled in order.
+//!   groups to topic patterns (`orders.*`), or to a list of them
+//!   (`orders.created,payments.failed`, see [`topic`]). Consumers of one group compete; every
+//!   group sees every message its list matches; two messages with the same envelope `subject`
+//!   are never in flight at once within a group, so each aggregate's messages are handled in
+//!   order, across all the topics of the group's list.
 //! - A [`Delivery`] is settled with [`Delivery::ack`], [`Delivery::nack`] (redeliver after a
 //!   delay), [`Delivery::fail`] (the subscription's [`RetryPolicy`]: backoff with jitter, then
 //!   the DLQ), [`Delivery::term`] or [`Delivery::poison`]. An unsettled delivery is

@@ -207,8 +207,6 @@ pub(super) async fn settle_in(
 #[derive(Debug)]
 pub(super) struct SqliteSource {
     pub(super) bus: SqliteBus,
-    /// Notified after a commit that may have given this group something to fetch.
-    pub(super) woken: Arc<tokio::sync::Notify>,
     pub(super) group: String,
     pub(super) ack_wait: Duration,
     pub(super) ordered: bool,
@@ -220,10 +218,10 @@ impl Source for SqliteSource {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<RawDelivery>, BusError>> {
-        let (bus, group, woken) = (&self.bus, self.group.as_str(), &self.woken);
+        let (bus, group) = (&self.bus, self.group.as_str());
         let (ack_wait, ordered) = (self.ack_wait, self.ordered);
         // Other processes write the same file without waking this one: poll.
-        Box::pin(fetch_until(woken, wait, move || async move {
+        Box::pin(fetch_until(&bus.inner.changed, wait, move || async move {
             let (reply, answer) = oneshot::channel();
             bus.send(Command::Fetch {
                 group: group.to_owned(),

@@ -149,7 +149,7 @@ impl SqliteBus {
         .await?;
         tx.commit().await?;
         log_action(action, &letter, actor);
-        self.inner.wakers.wake_all();
+        self.inner.changed.notify_waiters();
         Ok(())
     }
 }

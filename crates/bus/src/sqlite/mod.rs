@@ -19,7 +19,6 @@
 // dead-letter queue. This file: the schema, configuration, opening and publishing.
 mod delivery;
 mod dlq;
-mod wakers;
 mod writer;
 
 use std::path::Path;
@@ -28,7 +27,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::bus::{Bus, Subscription, count_published, prepare_publish, validate_subscription};
 use crate::envelope::{Envelope, MESSAGE_BYTES_MAX_DEFAULT};
@@ -39,7 +38,6 @@ pub use delivery::POLL_INTERVAL;
 pub use writer::{PRUNE_INTERVAL, WRITE_BATCH_MAX, WRITE_QUEUE_MAX};
 
 use delivery::SqliteSource;
-use wakers::Wakers;
 use writer::{Command, prune, write_loop};
 
 /// How long a writer waits for another process's lock before failing.
@@ -187,7 +185,7 @@ pub struct SqliteBus {
 #[derive(Debug)]
 struct Inner {
     commands: mpsc::Sender<Command>,
-    wakers: Arc<Wakers>,
+    changed: Arc<Notify>,
     pool: SqlitePool,
     message_bytes_max: usize,
     retention: Duration,
@@ -212,17 +210,17 @@ impl SqliteBus {
             .connect_with(options)
             .await?;
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_MAX);
-        let wakers = Arc::new(Wakers::default());
+        let changed = Arc::new(Notify::new());
         tokio::spawn(write_loop(
             writer,
             receiver,
-            Arc::clone(&wakers),
+            Arc::clone(&changed),
             config.retention,
         ));
         Ok(Self {
             inner: Arc::new(Inner {
                 commands,
-                wakers,
+                changed,
                 pool,
                 message_bytes_max: config.message_bytes_max,
                 retention: config.retention,
@@ -320,7 +318,6 @@ impl Bus for SqliteBus {
         tx.commit().await?;
         let source = SqliteSource {
             bus: self.clone(),
-            woken: self.inner.wakers.register(group, &pattern),
             group: group.to_owned(),
             ack_wait: options.ack_wait,
             ordered: options.per_subject_order,
