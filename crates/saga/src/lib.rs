@@ -5,7 +5,9 @@
 //! (anything serde can write as JSON). Each step has an `execute`, an optional `compensate`,
 //! a [`StepRetry`] (attempts and a [`trellis_resilience::Backoff`]) and a timeout. The
 //! [`SagaEngine`] runs the steps in order; when a step fails for good before the pivot, it
-//! compensates the completed steps in reverse order and the saga ends `Failed`. After the
+//! compensates the completed steps in reverse order and the saga ends `Failed` (a step marked
+//! [`Step::compensate_on_failure`] is compensated first itself: its effect may exist with
+//! its answer lost). After the
 //! pivot the saga only goes forward; a step, or a compensation, that exhausts its attempts
 //! leaves the saga `Stuck` (metric `trellis_saga_stuck_total`, an error log line) for an
 //! operator. The engine also counts sagas started, completed and failed, step compensations,

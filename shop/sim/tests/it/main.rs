@@ -95,8 +95,8 @@ fn first_failing_seed(safeguards: Safeguards, finds: &str) -> Option<u64> {
 
 #[test]
 fn without_the_refund_on_compensation_a_cancelled_order_keeps_its_charge() {
-    // The payment-guard's compensation turned off: a charge made before the saga gave up is
-    // never refunded, and the simulation must notice within the search budget.
+    // The payment step's refund (its compensation) turned off: a charge made before the saga
+    // gave up is never refunded, and the simulation must notice within the search budget.
     let found = first_failing_seed(
         Safeguards {
             refund_on_compensation: false,
