@@ -283,7 +283,11 @@ async fn clean_orders_pass_and_tampering_is_found_on(remote: bool, test: &str) {
         let subject = filter.replace(['>', '*'], "tampered");
         let takers = consumers
             .iter()
-            .filter(|c| filters(c).iter().any(|f| subject_matches(f, &subject)))
+            .filter(|c| {
+                filters(c)
+                    .iter()
+                    .any(|f| !f.is_empty() && trellis_bus::topic::matches(f, &subject))
+            })
             .count() as u64;
         context
             .publish(subject, "{}".into())
@@ -295,21 +299,4 @@ async fn clean_orders_pass_and_tampering_is_found_on(remote: bool, test: &str) {
         assert_eq!(report.undelivered_messages, takers, "{report:?}");
         assert!(takers >= 1);
     }
-}
-
-/// Whether NATS subject `subject` matches filter `filter` (`*` one token, `>` the rest).
-fn subject_matches(filter: &str, subject: &str) -> bool {
-    if filter.is_empty() {
-        return false;
-    }
-    let mut tokens = subject.split('.');
-    for wanted in filter.split('.') {
-        match (wanted, tokens.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
-            (wanted, Some(token)) if wanted == token => {}
-            _ => return false,
-        }
-    }
-    tokens.next().is_none()
 }
