@@ -12,7 +12,7 @@ use anyhow::Context;
 use shop_contracts::api::{
     OrderItem, OrderLineView, OrderStatus, OrderView, StockView, TimelineEntry,
 };
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 use trellis_service::{ROLE_ADMIN, ROLE_CUSTOMER};
 
@@ -102,7 +102,7 @@ impl Db {
     pub(crate) async fn open(path: &Path) -> anyhow::Result<Self> {
         let url = format!("sqlite://{}", path.display());
         let options = trellis_sqlite::connect_options(&url)?;
-        let writer = SqlitePoolOptions::new()
+        let writer = trellis_sqlite::pool_options()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
@@ -112,7 +112,7 @@ impl Db {
             .execute(&writer)
             .await
             .context("creating the schema")?;
-        let reader = SqlitePoolOptions::new()
+        let reader = trellis_sqlite::pool_options()
             .max_connections(READERS_MAX)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)

@@ -4,7 +4,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{PgPool, SqlitePool};
 
 /// Most connections a PostgreSQL pool opens.
@@ -218,7 +217,7 @@ impl Db {
                 other => DbError::Sqlx(other.into()),
             })?
             .busy_timeout(SQLITE_BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
+        let pool = trellis_sqlite::pool_options()
             // One connection for an in-memory database: each connection would see its own.
             .max_connections(if memory { 1 } else { SQLITE_CONNECTIONS_MAX })
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -12,6 +12,8 @@
 //!   instead of failing at once (writers still take `BEGIN IMMEDIATE` themselves);
 //! - **foreign keys** on, and the file (and its parent directory) created when missing.
 //!
+//! [`pool_options`] gives the pool settings to use with them (no ping before each acquire).
+//!
 //! Why a crate of its own: the four backends live in four crates with no common dependency
 //! below them, and this is the one thing they must agree on.
 //!
@@ -36,10 +38,37 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 /// How long a connection waits for another connection's write lock before `SQLITE_BUSY`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options for a pool of connections opened with [`connect_options`]: sqlx's defaults, except
+/// that a connection is not pinged before the pool hands it out.
+///
+/// Why: sqlx runs each SQLite connection on a thread of its own, and its default check
+/// (`test_before_acquire`) sends that thread a ping and waits for the answer on every acquire:
+/// a round trip to another thread (two wake-ups) before every statement or transaction, to
+/// test a connection to a local file that cannot have hung up. In the shop that was about as
+/// many round trips as statements. A connection that did fail still fails the statement run
+/// on it, with the error. (sqlx also pings a connection when it goes back to the pool, to
+/// flush a cancelled statement; that one has no switch and stays.)
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = trellis_sqlite::pool_options()
+///     .max_connections(1)
+///     .connect_with(trellis_sqlite::connect_options("sqlite::memory:")?)
+///     .await?;
+/// let one: i64 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await?;
+/// assert_eq!(one, 1);
+/// # Ok(()) }
+/// ```
+pub fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().test_before_acquire(false)
+}
 
 /// Why a SQLite URL could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -205,7 +205,7 @@ impl SqliteBus {
             sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
             tx.commit().await?;
         }
-        let pool = SqlitePoolOptions::new()
+        let pool = trellis_sqlite::pool_options()
             .max_connections(READ_CONNECTIONS_MAX)
             .connect_with(options)
             .await?;

@@ -9,7 +9,7 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -67,7 +67,7 @@ impl SqliteStore {
         let options = trellis_sqlite::connect_options(url)
             .map_err(sqlx::Error::from)?
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
+        let pool = trellis_sqlite::pool_options()
             .max_connections(READ_CONNECTIONS_MAX + 1)
             .connect_with(options)
             .await?;

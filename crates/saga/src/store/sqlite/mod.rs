@@ -25,7 +25,7 @@ mod writer;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Connection as _, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
@@ -88,7 +88,7 @@ impl SqliteSagaStore {
             .busy_timeout(BUSY_TIMEOUT);
         let mut writer = SqliteConnection::connect_with(&options).await?;
         sqlx::raw_sql(SCHEMA).execute(&mut writer).await?;
-        let readers = SqlitePoolOptions::new()
+        let readers = trellis_sqlite::pool_options()
             .max_connections(READERS_MAX)
             .connect_with(options)
             .await?;
