@@ -43,6 +43,11 @@ restart() {
 }
 # Resident memory of a process, MB.
 rss_mb() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# Context switches of a process's live threads so far (as bench/shop/run.sh counts them).
+ctx_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
 # CPU seconds (user + system) a process has used so far.
 cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
@@ -50,6 +55,7 @@ cpu_seconds() {
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh baseline, so one rate's backlog does not slow the next
   cpu_before=$(cpu_seconds "$baseline")
+  ctx_before=$(ctx_switches "$baseline")
   rss_start=$(rss_mb "$baseline")
   out=$("$bin" load --target "http://127.0.0.1:$port" --rate "$rate" --duration "$duration" \
     --mix order=1 --quiet --admin-email "$TRELLIS_ADMIN_EMAIL" \
@@ -60,8 +66,11 @@ for rate in "${rates[@]}"; do
   inv=$(echo "$out" | grep '^invariants:' | cut -c1-60 || true)
   cpu=$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$baseline")" 'BEGIN { printf "%.1f", b - a }')
   rss_end=$(rss_mb "$baseline")
+  ctx=$(( $(ctx_switches "$baseline") - ctx_before ))
   confirmed=$(echo "$orders" | sed -n 's/.*confirmed \([0-9]*\).*/\1/p')
   per_order=$(awk -v c="$cpu" -v n="${confirmed:-0}" \
     'BEGIN { if (n > 0) printf "%.2f ms", 1000 * c / n; else print "n/a" }')
-  echo "rate $rate/s for $duration (baseline): $order | $orders | $errs | $inv | baseline CPU ${cpu} s, $per_order per confirmed order | RSS ${rss_start} -> ${rss_end} MB"
+  ctx_per_order=$(awk -v c="$ctx" -v n="${confirmed:-0}" \
+    'BEGIN { if (n > 0) printf "%.0f", c / n; else print "n/a" }')
+  echo "rate $rate/s for $duration (baseline): $order | $orders | $errs | $inv | baseline CPU ${cpu} s, $per_order per confirmed order, $ctx_per_order context switches per confirmed order | RSS ${rss_start} -> ${rss_end} MB"
 done

@@ -12,8 +12,12 @@
 #        RSS_EVERY=30 DURATION=10m bench/shop/run.sh 300   (a soak: every 30 s of the run, one
 #            line with the elapsed seconds and `trellis up`'s resident memory in MB, split into
 #            anonymous, file-backed and shared pages; after the run, the same once more)
+#        THREADS=1 bench/shop/run.sh 300   (after each rate's line, `trellis up`'s CPU and context
+#            switches per confirmed order by thread: each SQLite connection's thread is named
+#            after its database file; bench/shop/threads.py)
 # Each line also gives the CPU time `trellis up` spent during the load run (user + system,
-# from /proc), per confirmed order; the resident memory of `trellis up` after start and after
+# from /proc), per confirmed order; its threads' context switches per confirmed order (threads
+# that ended during the run are not counted); the resident memory of `trellis up` after start and after
 # the run (VmRSS); and the bytes the orders service's saga log (orders-saga.db, pages in use,
 # its WAL included) holds per confirmed order (orchestrated only).
 # Needs a release build: cargo build --release -p trellis
@@ -64,6 +68,12 @@ sqlite_bytes() {
   [ -f "$1" ] || { echo 0; return; }
   python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); q=lambda s: c.execute(s).fetchone()[0]; print((q("PRAGMA page_count")-q("PRAGMA freelist_count"))*q("PRAGMA page_size"))' "$1"
 }
+# Context switches of a process's live threads so far (voluntary + involuntary): each thread
+# hand-off (a statement sent to sqlx's SQLite thread, its answer back) is one or two of them.
+ctx_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
 # CPU seconds (user + system) a process has used so far.
 cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
@@ -71,6 +81,8 @@ cpu_seconds() {
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh shop, so one rate's backlog does not slow the next
   cpu_before=$(cpu_seconds "$shop")
+  ctx_before=$(ctx_switches "$shop")
+  [ -n "${THREADS:-}" ] && python3 "$here/bench/shop/threads.py" "$shop" "$work/threads.json"
   rss_start=$(rss_mb "$shop")
   saga_before=$(sqlite_bytes "$work/data/orders-saga.db")
   polls=0
@@ -109,11 +121,18 @@ for rate in "${rates[@]}"; do
   fi
   cpu=$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$shop")" 'BEGIN { printf "%.1f", b - a }')
   rss_end=$(rss_mb "$shop")
+  ctx=$(( $(ctx_switches "$shop") - ctx_before ))
   saga_after=$(sqlite_bytes "$work/data/orders-saga.db")
   confirmed=$(echo "$orders" | sed -n 's/.*confirmed \([0-9]*\).*/\1/p')
   per_order=$(awk -v c="$cpu" -v n="${confirmed:-0}" \
     'BEGIN { if (n > 0) printf "%.2f ms", 1000 * c / n; else print "n/a" }')
+  ctx_per_order=$(awk -v c="$ctx" -v n="${confirmed:-0}" \
+    'BEGIN { if (n > 0) printf "%.0f", c / n; else print "n/a" }')
   saga_per_order=$(awk -v a="$saga_before" -v b="$saga_after" -v n="${confirmed:-0}" \
     'BEGIN { if (n > 0) printf "%.0f B", (b - a) / n; else print "n/a" }')
-  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv | up CPU ${cpu} s, $per_order per confirmed order | RSS ${rss_start} -> ${rss_end} MB | saga log $saga_per_order per confirmed order${POLL_CONSOLE:+ | $polls console overview updates}"
+  [ -n "${THREADS:-}" ] && python3 "$here/bench/shop/threads.py" "$shop" "$work/threads-after.json"
+  echo "rate $rate/s for $duration ($saga): $order | $orders | $errs | $inv | up CPU ${cpu} s, $per_order per confirmed order, $ctx_per_order context switches per confirmed order | RSS ${rss_start} -> ${rss_end} MB | saga log $saga_per_order per confirmed order${POLL_CONSOLE:+ | $polls console overview updates}"
+  if [ -n "${THREADS:-}" ] && [ "${confirmed:-0}" -gt 0 ]; then
+    python3 "$here/bench/shop/threads.py" diff "$work/threads.json" "$work/threads-after.json" "$confirmed"
+  fi
 done

@@ -10,7 +10,9 @@
 //!   see ../shared/DEPENDENCIES.md). Callers that want NORMAL say so where they call it;
 //! - a **busy timeout** of [`BUSY_TIMEOUT`], so a writer waits for another process's write
 //!   instead of failing at once (writers still take `BEGIN IMMEDIATE` themselves);
-//! - **foreign keys** on, and the file (and its parent directory) created when missing.
+//! - **foreign keys** on, and the file (and its parent directory) created when missing;
+//! - each connection's thread (sqlx runs a SQLite connection on a thread of its own) named
+//!   after the file, so `top -H` and `perf` say which database is busy.
 //!
 //! [`pool_options`] gives the pool settings to use with them (no ping before each acquire).
 //!
@@ -42,6 +44,24 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 /// How long a connection waits for another connection's write lock before `SQLITE_BUSY`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The name of a connection's thread: the file's stem and the connection's number, cut to the
+/// 15 bytes Linux keeps, so `top -H` and `perf` show which database a thread works for.
+fn thread_name(stem: &str, id: u64) -> String {
+    let suffix = format!("#{id}");
+    let mut name: String = stem
+        .chars()
+        .scan(0, |bytes, c| {
+            *bytes += c.len_utf8();
+            (*bytes + suffix.len() <= THREAD_NAME_BYTES_MAX).then_some(c)
+        })
+        .collect();
+    name.push_str(&suffix);
+    name
+}
+
+/// How many bytes of a thread's name Linux keeps (16 with the terminating zero).
+const THREAD_NAME_BYTES_MAX: usize = 15;
 
 /// Options for a pool of connections opened with [`connect_options`]: sqlx's defaults, except
 /// that a connection is not pinged before the pool hands it out.
@@ -150,10 +170,15 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, OpenError> {
                 source,
             })?;
         }
+        let stem = Path::new(file)
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
         SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(url_err)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            .thread_name(move |id| thread_name(&stem, id))
     };
     Ok(options
         .synchronous(SqliteSynchronous::Full)
@@ -195,6 +220,16 @@ mod tests {
                 .expect("pragma");
             assert_eq!((mode.as_str(), sync), ("wal", 2), "{url}");
             pool.close().await;
+        }
+    }
+
+    #[test]
+    fn a_thread_name_keeps_the_number_and_fits_linux() {
+        assert_eq!(thread_name("orders-saga", 3), "orders-saga#3");
+        assert_eq!(thread_name("inventory-events", 12), "inventory-ev#12");
+        assert_eq!(thread_name("ééééééé", 1), "éééééé#1");
+        for (stem, id) in [("a-very-long-database-name", 12345), ("", 0), ("ü", 7)] {
+            assert!(thread_name(stem, id).len() <= THREAD_NAME_BYTES_MAX);
         }
     }
 
