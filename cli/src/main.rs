@@ -27,6 +27,9 @@ mod users;
 /// glibc raises its mmap threshold after freeing a large block (argon2 hashes 19 MiB per
 /// login), after which large blocks come from arenas it cannot give back: `trellis up` held
 /// 648 MB after 6,000 orders where its heap never exceeded a quarter of that.
+/// The `system-allocator` feature keeps glibc's, for heap profilers that hook `malloc`
+/// (heaptrack, valgrind): `cargo build --release -p trellis --features system-allocator`.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
