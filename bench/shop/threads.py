@@ -6,7 +6,8 @@ grouping threads by name (the `#N` and `-N` numbering stripped) shows which data
 statements cost what. bench/shop/run.sh calls it with THREADS=1:
     threads.py PID BEFORE.json            (a snapshot)
     threads.py diff BEFORE.json AFTER.json ORDERS   (a table: CPU ms and switches per order)
-Threads that ended between the snapshots are not counted."""
+Threads that ended between the snapshots are not counted. BY_THREAD=1 keeps one row per
+thread instead of one per name."""
 import json, os, re, sys
 hz = os.sysconf("SC_CLK_TCK")
 def snap(pid):

@@ -14,9 +14,7 @@
 //! - each connection's thread (sqlx runs a SQLite connection on a thread of its own) named
 //!   after the file, so `top -H` and `perf` say which database is busy.
 //!
-//! [`pool_options`] gives the pool settings to use with them (no ping before each acquire), and
-//! [`WriterTx`] a write transaction for a writer task's own connection in fewer round trips
-//! than sqlx's `Transaction`.
+//! [`pool_options`] gives the pool settings to use with them (no ping before each acquire).
 //!
 //! Why a crate of its own: the four backends live in four crates with no common dependency
 //! below them, and this is the one thing they must agree on.
@@ -42,7 +40,6 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 /// How long a connection waits for another connection's write lock before `SQLITE_BUSY`.
@@ -91,124 +88,6 @@ const THREAD_NAME_BYTES_MAX: usize = 15;
 /// ```
 pub fn pool_options() -> SqlitePoolOptions {
     SqlitePoolOptions::new().test_before_acquire(false)
-}
-
-/// A write transaction on a connection one task owns alone (a writer task), without sqlx's
-/// `Transaction`, opened by the transaction's first statement and, where the caller knows its
-/// last statement, committed by it.
-///
-/// Why: sqlx runs a SQLite connection on a thread of its own. Every statement is a round trip
-/// to that thread, and sqlx's `begin` and `commit` are hand-shakes of three hand-offs each (the
-/// thread waits for the caller to take the answer). A group commit of two statements was ten
-/// hand-offs; sent as `BEGIN IMMEDIATE; first …` and `last …; COMMIT` it is four.
-///
-/// sqlx does not know of this transaction, so the connection must not be shared (a pool would
-/// hand it on with the transaction open) and every way out must end it: [`commit`](Self::commit)
-/// on success, [`rollback`](Self::rollback) on any error. A task cancelled in between leaves the
-/// transaction open on its connection; writer tasks end only with their connection.
-///
-/// # Examples
-/// ```
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), sqlx::Error> {
-/// use sqlx::Connection as _;
-/// let mut connection =
-///     sqlx::SqliteConnection::connect_with(&trellis_sqlite::connect_options("sqlite::memory:")?)
-///         .await?;
-/// sqlx::raw_sql("CREATE TABLE t (n INTEGER)").execute(&mut connection).await?;
-/// let mut tx = trellis_sqlite::WriterTx::new(&mut connection);
-/// // The first statement opens the transaction...
-/// let sql = tx.opening("INSERT INTO t VALUES (1)", "BEGIN IMMEDIATE; INSERT INTO t VALUES (1)");
-/// sqlx::raw_sql(sql).execute(tx.connection()).await?;
-/// // ...the last one commits it.
-/// sqlx::raw_sql("INSERT INTO t VALUES (2); COMMIT").execute(tx.connection()).await?;
-/// tx.committed_by_last_statement();
-/// tx.commit().await?; // nothing left to do
-/// let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&mut connection).await?;
-/// assert_eq!(rows, 2);
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct WriterTx<'c> {
-    connection: &'c mut SqliteConnection,
-    /// `BEGIN IMMEDIATE` was sent (it may have failed along with its statement).
-    begun: bool,
-    /// The transaction was committed or rolled back.
-    ended: bool,
-}
-
-impl<'c> WriterTx<'c> {
-    /// A transaction not yet begun on `connection`.
-    pub fn new(connection: &'c mut SqliteConnection) -> Self {
-        Self {
-            connection,
-            begun: false,
-            ended: false,
-        }
-    }
-
-    /// `plain`, or `with_begin` (the same statement after `BEGIN IMMEDIATE;`) when this is the
-    /// transaction's first statement. Run it on [`connection`](Self::connection).
-    pub fn opening<'s>(&mut self, plain: &'s str, with_begin: &'s str) -> &'s str {
-        if std::mem::replace(&mut self.begun, true) {
-            plain
-        } else {
-            with_begin
-        }
-    }
-
-    /// The connection, for statements after the first one (or a first one that came from
-    /// [`opening`](Self::opening)).
-    pub fn connection(&mut self) -> &mut SqliteConnection {
-        self.connection
-    }
-
-    /// The connection inside the transaction: `BEGIN IMMEDIATE` is sent now, on its own, when
-    /// no statement has opened the transaction yet.
-    ///
-    /// # Errors
-    /// The `BEGIN`'s error (another process holding the write lock past the busy timeout).
-    pub async fn begun(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
-        if !self.begun {
-            self.begun = true;
-            sqlx::raw_sql("BEGIN IMMEDIATE")
-                .execute(&mut *self.connection)
-                .await?;
-        }
-        Ok(self.connection)
-    }
-
-    /// Records that the statement just run ended with `COMMIT` and succeeded.
-    pub fn committed_by_last_statement(&mut self) {
-        self.ended = true;
-    }
-
-    /// Commits, unless the last statement did or nothing began.
-    ///
-    /// # Errors
-    /// The `COMMIT`'s error; the transaction is still open then: call
-    /// [`rollback`](Self::rollback).
-    pub async fn commit(&mut self) -> Result<(), sqlx::Error> {
-        if self.begun && !self.ended {
-            sqlx::raw_sql("COMMIT")
-                .execute(&mut *self.connection)
-                .await?;
-            self.ended = true;
-        }
-        Ok(())
-    }
-
-    /// Rolls back whatever is open. Its own failure means nothing was open (a `BEGIN` that
-    /// failed with its statement): nothing to undo, nothing to report.
-    pub async fn rollback(&mut self) {
-        if self.begun && !self.ended {
-            // Ignored: "no transaction is active" is the only answer that is not a success.
-            let _ = sqlx::raw_sql("ROLLBACK")
-                .execute(&mut *self.connection)
-                .await;
-            self.ended = true;
-        }
-    }
 }
 
 /// Why a SQLite URL could not be opened.
@@ -309,8 +188,6 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, OpenError> {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection as _;
-
     use super::*;
 
     #[test]
@@ -354,55 +231,6 @@ mod tests {
         for (stem, id) in [("a-very-long-database-name", 12345), ("", 0), ("ü", 7)] {
             assert!(thread_name(stem, id).len() <= THREAD_NAME_BYTES_MAX);
         }
-    }
-
-    #[tokio::test]
-    async fn a_writer_transaction_rolled_back_after_a_failed_statement_leaves_nothing_open() {
-        // The failure WriterTx must handle: a statement fails after its transaction began, so
-        // `COMMIT` never ran; without the rollback the next BEGIN would be refused.
-        let mut connection =
-            SqliteConnection::connect_with(&connect_options("sqlite::memory:").expect("options"))
-                .await
-                .expect("opens");
-        sqlx::raw_sql("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-            .execute(&mut connection)
-            .await
-            .expect("schema");
-        async fn count(connection: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
-            sqlx::query_scalar("SELECT COUNT(*) FROM t")
-                .fetch_one(connection)
-                .await
-        }
-
-        let mut tx = WriterTx::new(&mut connection);
-        let sql = tx.opening(
-            "INSERT INTO t VALUES (1)",
-            "BEGIN IMMEDIATE; INSERT INTO t VALUES (1)",
-        );
-        sqlx::raw_sql(sql)
-            .execute(tx.connection())
-            .await
-            .expect("first statement");
-        let duplicate = sqlx::raw_sql("INSERT INTO t VALUES (1); COMMIT")
-            .execute(tx.connection())
-            .await;
-        assert!(duplicate.is_err(), "the second insert breaks the key");
-        tx.rollback().await;
-        assert_eq!(
-            count(&mut connection).await.expect("count"),
-            0,
-            "the first insert is undone"
-        );
-
-        let mut tx = WriterTx::new(&mut connection);
-        let connection_in_tx = tx.begun().await.expect("a new transaction begins");
-        sqlx::raw_sql("INSERT INTO t VALUES (2)")
-            .execute(connection_in_tx)
-            .await
-            .expect("insert");
-        tx.commit().await.expect("commits");
-        tx.rollback().await; // after a commit: nothing to undo
-        assert_eq!(count(&mut connection).await.expect("count"), 1);
     }
 
     #[tokio::test]

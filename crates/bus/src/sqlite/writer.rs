@@ -7,7 +7,6 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
-use trellis_sqlite::WriterTx;
 
 use super::delivery::{fetch_in, settle_in};
 use crate::bus::{DeliveryKey, Message, RawDelivery, Settlement, duration_millis, millis};
@@ -140,30 +139,11 @@ fn reply(command: Command, outcome: Outcome) {
     }
 }
 
-/// Runs `batch` in one transaction, a [`WriterTx`]: begun by the batch's first publish (or on
-/// its own), committed on its own; every failure rolls it back.
 async fn run_batch(
     connection: &mut SqliteConnection,
     batch: &[Command],
 ) -> Result<Vec<Outcome>, BusError> {
-    let mut tx = WriterTx::new(connection);
-    let outcome = match apply_batch(&mut tx, batch).await {
-        Ok(outcomes) => tx.commit().await.map(|()| outcomes).map_err(BusError::from),
-        Err(error) => Err(error),
-    };
-    if outcome.is_err() {
-        tx.rollback().await;
-    }
-    outcome?
-        .into_iter()
-        .map(|outcome| outcome.ok_or_else(|| BusError::corrupt("a command got no outcome")))
-        .collect()
-}
-
-async fn apply_batch(
-    tx: &mut WriterTx<'_>,
-    batch: &[Command],
-) -> Result<Vec<Option<Outcome>>, BusError> {
+    let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
     let now = millis(Utc::now());
     let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
 
@@ -191,14 +171,11 @@ async fn apply_batch(
                 ", (?, ?, ?, ?)"
             });
         }
-        let with_begin = format!("BEGIN IMMEDIATE;\n{sql}");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(
-            tx.opening(&sql, &with_begin).to_owned(),
-        ));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (_, topic, subject, envelope) in chunk {
             query = query.bind(*topic).bind(*subject).bind(*envelope).bind(now);
         }
-        query.execute(tx.connection()).await?;
+        query.execute(&mut *tx).await?;
         for (index, ..) in chunk {
             outcomes[*index] = Some(Outcome::Done(Ok(())));
         }
@@ -222,8 +199,7 @@ async fn apply_batch(
                     .or_default()
                     .push((index, seq));
             } else {
-                let result =
-                    settle_in(tx.begun().await?, message, key, *attempt, settlement, now).await?;
+                let result = settle_in(&mut tx, message, key, *attempt, settlement, now).await?;
                 outcomes[index] = Some(Outcome::Done(result));
             }
         }
@@ -238,7 +214,7 @@ async fn apply_batch(
         .bind(*group)
         .bind(*lease)
         .bind(seqs)
-        .fetch_all(tx.begun().await?)
+        .fetch_all(&mut *tx)
         .await?;
         let deleted: HashSet<i64> = deleted.into_iter().collect();
         for (index, seq) in entries {
@@ -260,10 +236,13 @@ async fn apply_batch(
             ..
         } = command
         {
-            let fetched =
-                fetch_in(tx.begun().await?, group, *max, *ack_wait, *ordered, now).await?;
+            let fetched = fetch_in(&mut tx, group, *max, *ack_wait, *ordered, now).await?;
             outcomes[index] = Some(Outcome::Fetched(fetched));
         }
     }
-    Ok(outcomes)
+    tx.commit().await?;
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.ok_or_else(|| BusError::corrupt("a command got no outcome")))
+        .collect()
 }

@@ -325,11 +325,6 @@ impl BatchTx for PgBatch {
         .await?;
         Ok(to_u64(before))
     }
-
-    /// Nothing to end: the read ran outside any transaction.
-    async fn discard(self) -> Result<(), sqlx::Error> {
-        Ok(())
-    }
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {

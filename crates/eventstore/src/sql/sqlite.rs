@@ -9,9 +9,8 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use sqlx::Sqlite;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
+use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -85,28 +84,9 @@ impl SqliteStore {
 
 /// A batch inside `BEGIN IMMEDIATE`, which holds SQLite's single write lock, so the head read
 /// at its start is still the head when it commits.
-///
-/// The transaction is not sqlx's `Transaction`: sqlx runs each SQLite connection on a thread of
-/// its own and answers `begin` and `commit` in a hand-shake of three thread hand-offs each, so a
-/// batch of a read and two inserts cost seven round trips to that thread. Here the `BEGIN
-/// IMMEDIATE` goes with the state read and the `COMMIT` with the inserts, in one
-/// multi-statement query each: two round trips. sqlx does not know of this transaction, so a
-/// batch that ends without its `COMMIT` or `ROLLBACK` (an error, a cancelled writer) closes its
-/// connection instead of handing it back to the pool with a transaction open; closing rolls it
-/// back.
 pub(crate) struct SqliteBatch {
-    connection: PoolConnection<Sqlite>,
+    tx: Transaction<'static, Sqlite>,
     head: u64,
-    /// Whether a `BEGIN` may have run without its `COMMIT` or `ROLLBACK`.
-    open: bool,
-}
-
-impl Drop for SqliteBatch {
-    fn drop(&mut self) {
-        if self.open {
-            self.connection.close_on_drop();
-        }
-    }
 }
 
 impl Dialect for SqlitePool {
@@ -127,13 +107,9 @@ impl Dialect for SqlitePool {
     /// appends by polling (`SUBSCRIPTION_POLL`).
     fn spawn_waker(&self, _: Weak<watch::Sender<u64>>) {}
 
-    /// A connection only: the transaction begins with the batch's first statement.
     async fn begin(&self) -> Result<SqliteBatch, sqlx::Error> {
-        Ok(SqliteBatch {
-            connection: self.acquire().await?,
-            head: 0,
-            open: false,
-        })
+        let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(SqliteBatch { tx, head: 0 })
     }
 
     /// Never: the write lock is held from the batch's first read, so no one can race it.
@@ -143,9 +119,8 @@ impl Dialect for SqlitePool {
 }
 
 impl BatchTx for SqliteBatch {
-    /// Begins the transaction and reads in one round trip (sqlx runs each SQLite connection on
-    /// its own worker thread, so every round trip costs two thread hops): the head, stored ids
-    /// and versions come back together.
+    /// One statement: sqlx runs each SQLite connection on its own worker thread, so every
+    /// statement costs two thread hops; the head, stored ids and versions come back together.
     async fn read_state(
         &mut self,
         ids: &[Uuid],
@@ -153,10 +128,8 @@ impl BatchTx for SqliteBatch {
     ) -> Result<BatchState, sqlx::Error> {
         let ids = json_text(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())?;
         let streams = json_text(&streams)?;
-        self.open = true;
         let (head, stored, versions): (i64, String, String) = sqlx::query_as(
-            "BEGIN IMMEDIATE;
-             SELECT
+            "SELECT
                  (SELECT COALESCE(MAX(position), 0) FROM es_events),
                  (SELECT json_group_array(json_array(e.event_id, e.stream_id, e.version, e.position))
                     FROM json_each(?1) AS ids JOIN es_events e ON e.event_id = ids.value),
@@ -165,14 +138,14 @@ impl BatchTx for SqliteBatch {
         )
         .bind(ids)
         .bind(streams)
-        .fetch_one(&mut *self.connection)
+        .fetch_one(&mut *self.tx)
         .await?;
         self.head = to_u64(head);
         BatchState::from_json(&stored, &versions)
     }
 
     /// All rows in one `INSERT … SELECT FROM json_each`, numbered from the head read under the
-    /// lock, the versions in a second statement, and the `COMMIT`: one round trip.
+    /// lock, the versions in a second statement.
     async fn write(mut self, batch: &[AppendRequest], plan: &Plan) -> Result<u64, sqlx::Error> {
         let recorded_at = plan.recorded_at.to_rfc3339();
         let rows: Vec<serde_json::Value> = (plan.rows.iter().enumerate())
@@ -197,27 +170,20 @@ impl BatchTx for SqliteBatch {
         sqlx::query(
             "INSERT INTO es_events (position, stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8
-             FROM json_each(?1) ORDER BY key;
-             INSERT INTO es_streams (stream_id, version) SELECT value ->> 0, value ->> 1 FROM json_each(?2) WHERE true
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = 0;
-             COMMIT",
+             FROM json_each(?1) ORDER BY key",
         )
         .bind(json_text(&rows)?)
-        .bind(json_text(&plan.versions)?)
-        .execute(&mut *self.connection)
+        .execute(&mut *self.tx)
         .await?;
-        self.open = false;
+        sqlx::query(
+            "INSERT INTO es_streams (stream_id, version) SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, deleted = 0",
+        )
+        .bind(json_text(&plan.versions)?)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
         Ok(self.head)
-    }
-
-    async fn discard(mut self) -> Result<(), sqlx::Error> {
-        if self.open {
-            sqlx::raw_sql("ROLLBACK")
-                .execute(&mut *self.connection)
-                .await?;
-            self.open = false;
-        }
-        Ok(())
     }
 }
 

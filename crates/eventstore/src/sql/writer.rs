@@ -87,9 +87,6 @@ pub(crate) trait BatchTx: Send {
         batch: &[AppendRequest],
         plan: &Plan,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
-    /// Ends a batch that writes nothing (every append refused or replayed), rolling back
-    /// whatever its read began.
-    fn discard(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
 /// Where an event id is: in the store, or in a row of this batch's plan.
@@ -430,7 +427,7 @@ async fn write_batch<D: Dialect>(
     streams.dedup();
     let plan = Plan::decide(batch, tx.read_state(&ids, &streams).await?);
     if plan.rows.is_empty() {
-        tx.discard().await?;
+        // Nothing to write: the transaction is dropped, which rolls it back.
         return Ok((plan.results(0), None));
     }
     let written = plan.rows.len() as u64;

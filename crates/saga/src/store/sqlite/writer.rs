@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection as _, SqliteExecutor};
 use tokio::sync::{mpsc, oneshot};
-use trellis_sqlite::WriterTx;
 
 use super::{GROUP_COMMIT_MAX, parse_id};
 use crate::error::SagaError;
@@ -66,67 +65,6 @@ pub(super) struct Queued {
     pub(super) answer: oneshot::Sender<Result<Answer, SagaError>>,
 }
 
-/// The group path's statements, with the forms that open the group's transaction
-/// (`BEGIN IMMEDIATE` first) or end it (`COMMIT` last): see [`WriterTx`].
-macro_rules! statement {
-    ($plain:ident, $variant:ident = $prefix:literal + $sql:literal + $suffix:literal) => {
-        const $plain: &str = $sql;
-        const $variant: &str = concat!($prefix, $sql, $suffix);
-    };
-}
-
-statement!(
-    CREATE_INSTANCES,
-    BEGIN_CREATE_INSTANCES = "BEGIN IMMEDIATE;\n"
-        + "INSERT INTO saga_instances
-                 (id, definition, version, status, last_seq, created_at, updated_at,
-                  lease_owner, lease_expires_ms)
-             SELECT json_extract(value, '$.id'), json_extract(value, '$.definition'),
-                    json_extract(value, '$.version'), json_extract(value, '$.status'), 1,
-                    json_extract(value, '$.at'), json_extract(value, '$.at'),
-                    json_extract(value, '$.owner'), json_extract(value, '$.expires')
-             FROM json_each(?) WHERE true
-             ON CONFLICT (id) DO NOTHING
-             RETURNING id"
-        + ""
-);
-statement!(
-    UPDATE_INSTANCES,
-    BEGIN_UPDATE_INSTANCES = "BEGIN IMMEDIATE;\n"
-        + "UPDATE saga_instances AS i
-             SET status = v.status, last_seq = v.seq, updated_at = v.at,
-                 lease_owner = v.owner_after, lease_expires_ms = v.expires
-             FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.seq') AS seq,
-                          json_extract(value, '$.status') AS status,
-                          json_extract(value, '$.at') AS at,
-                          json_extract(value, '$.owner') AS owner,
-                          json_extract(value, '$.owner_after') AS owner_after,
-                          json_extract(value, '$.expires') AS expires
-                   FROM json_each(?)) AS v
-             WHERE i.id = v.id AND i.last_seq = v.seq - 1 AND i.lease_owner = v.owner
-             RETURNING id"
-        + ""
-);
-statement!(
-    INSERT_LOG,
-    INSERT_LOG_COMMIT = ""
-        + "INSERT INTO saga_log (saga_id, seq, transition, context, at)
-             SELECT v.saga_id, v.seq, v.transition,
-                    CASE WHEN v.context = (
-                        SELECT l.context FROM saga_log AS l
-                        WHERE l.saga_id = v.saga_id AND l.seq < v.seq AND l.context <> ''
-                        ORDER BY l.seq DESC LIMIT 1)
-                    THEN '' ELSE v.context END,
-                    v.at
-             FROM (SELECT json_extract(value, '$[0]') AS saga_id,
-                          json_extract(value, '$[1]') AS seq,
-                          json_extract(value, '$[2]') AS transition,
-                          json_extract(value, '$[3]') AS context,
-                          json_extract(value, '$[4]') AS at
-                   FROM json_each(?)) AS v"
-        + ";\nCOMMIT"
-);
-
 /// The writer task: one transaction per group of queued writes.
 pub(super) async fn write_loop(
     mut connection: SqliteConnection,
@@ -161,27 +99,25 @@ pub(super) async fn write_loop(
 /// the new instances, one `UPDATE … FROM json_each(…) RETURNING` that checks every append's
 /// sequence and lease owner, and one `INSERT` of all their log records; the other writes run
 /// one by one.
-///
-/// The transaction is a [`WriterTx`]: opened by the group's first statement and, in the usual
-/// group (creates and appends only), committed by its last, so a group of appends is two round
-/// trips to the connection's thread.
 async fn commit_group(
     connection: &mut SqliteConnection,
     group: &[Queued],
 ) -> Result<Vec<Result<Answer, SagaError>>, SagaError> {
-    let mut tx = WriterTx::new(connection);
-    let outcome = match apply_group(&mut tx, group).await {
-        Ok(answers) => tx.commit().await.map(|()| answers).map_err(SagaError::from),
-        Err(error) => Err(error),
-    };
-    if outcome.is_err() {
-        tx.rollback().await;
+    let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+    match apply_group(&mut tx, group).await {
+        Ok(answers) => {
+            tx.commit().await?;
+            Ok(answers)
+        }
+        Err(error) => {
+            tx.rollback().await?;
+            Err(error)
+        }
     }
-    outcome
 }
 
 async fn apply_group(
-    tx: &mut WriterTx<'_>,
+    tx: &mut SqliteConnection,
     group: &[Queued],
 ) -> Result<Vec<Result<Answer, SagaError>>, SagaError> {
     let mut answers: Vec<Option<Result<Answer, SagaError>>> = group.iter().map(|_| None).collect();
@@ -221,11 +157,21 @@ async fn apply_group(
                 "expires": now_ms().saturating_add(lease.duration_ms()),
             }));
         }
-        let created: Vec<String> =
-            sqlx::query_scalar(tx.opening(CREATE_INSTANCES, BEGIN_CREATE_INSTANCES))
-                .bind(serde_json::Value::Array(rows).to_string())
-                .fetch_all(tx.connection())
-                .await?;
+        let created: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO saga_instances
+                 (id, definition, version, status, last_seq, created_at, updated_at,
+                  lease_owner, lease_expires_ms)
+             SELECT json_extract(value, '$.id'), json_extract(value, '$.definition'),
+                    json_extract(value, '$.version'), json_extract(value, '$.status'), 1,
+                    json_extract(value, '$.at'), json_extract(value, '$.at'),
+                    json_extract(value, '$.owner'), json_extract(value, '$.expires')
+             FROM json_each(?) WHERE true
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
         let created: HashSet<String> = created.into_iter().collect();
         for &index in &creates {
             let Write::Create { id, first, .. } = &group[index].write else {
@@ -265,11 +211,23 @@ async fn apply_group(
                 "expires": expires,
             }));
         }
-        let updated: Vec<String> =
-            sqlx::query_scalar(tx.opening(UPDATE_INSTANCES, BEGIN_UPDATE_INSTANCES))
-                .bind(serde_json::Value::Array(rows).to_string())
-                .fetch_all(tx.connection())
-                .await?;
+        let updated: Vec<String> = sqlx::query_scalar(
+            "UPDATE saga_instances AS i
+             SET status = v.status, last_seq = v.seq, updated_at = v.at,
+                 lease_owner = v.owner_after, lease_expires_ms = v.expires
+             FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.seq') AS seq,
+                          json_extract(value, '$.status') AS status,
+                          json_extract(value, '$.at') AS at,
+                          json_extract(value, '$.owner') AS owner,
+                          json_extract(value, '$.owner_after') AS owner_after,
+                          json_extract(value, '$.expires') AS expires
+                   FROM json_each(?)) AS v
+             WHERE i.id = v.id AND i.last_seq = v.seq - 1 AND i.lease_owner = v.owner
+             RETURNING id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
         let updated: HashSet<String> = updated.into_iter().collect();
         for &index in &appends {
             let Write::Append { id, record, .. } = &group[index].write else {
@@ -279,7 +237,7 @@ async fn apply_group(
                 records.push(log_row(*id, record)?);
                 Ok(Answer::Done)
             } else {
-                Err(refusal(tx.connection(), *id, record.seq).await?)
+                Err(refusal(tx, *id, record.seq).await?)
             });
         }
     }
@@ -287,19 +245,29 @@ async fn apply_group(
     if !records.is_empty() {
         // At most one record per saga in a group, so each record's predecessor is already in
         // the table when the statement starts.
-        // The group's last statement when no other write follows: it commits too.
-        let last = others.is_empty();
-        sqlx::query(if last { INSERT_LOG_COMMIT } else { INSERT_LOG })
-            .bind(serde_json::Value::Array(records).to_string())
-            .execute(tx.connection())
-            .await?;
-        if last {
-            tx.committed_by_last_statement();
-        }
+        sqlx::query(
+            "INSERT INTO saga_log (saga_id, seq, transition, context, at)
+             SELECT v.saga_id, v.seq, v.transition,
+                    CASE WHEN v.context = (
+                        SELECT l.context FROM saga_log AS l
+                        WHERE l.saga_id = v.saga_id AND l.seq < v.seq AND l.context <> ''
+                        ORDER BY l.seq DESC LIMIT 1)
+                    THEN '' ELSE v.context END,
+                    v.at
+             FROM (SELECT json_extract(value, '$[0]') AS saga_id,
+                          json_extract(value, '$[1]') AS seq,
+                          json_extract(value, '$[2]') AS transition,
+                          json_extract(value, '$[3]') AS context,
+                          json_extract(value, '$[4]') AS at
+                   FROM json_each(?)) AS v",
+        )
+        .bind(serde_json::Value::Array(records).to_string())
+        .execute(&mut *tx)
+        .await?;
     }
 
     for index in others {
-        answers[index] = Some(apply(tx.begun().await?, &group[index].write).await?);
+        answers[index] = Some(apply(tx, &group[index].write).await?);
     }
     Ok(answers
         .into_iter()
