@@ -354,7 +354,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// The service's database: sqlite://PATH or postgres://… (default
-    /// sqlite://DATA_DIR/NAME.db).
+    /// sqlite://DATA_DIR/NAME.db; the payment provider simulator's ledger is SQLite only).
     #[arg(long, env = "TRELLIS_DB")]
     db: Option<String>,
     /// The event bus (nats://…, sqlite://PATH or memory://): the orders service relays order

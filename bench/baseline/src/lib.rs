@@ -81,6 +81,9 @@ pub use crate::flow::{ORDER_QUEUE_MAX, ORDERS_IN_FLIGHT_MAX};
 
 /// The database file's name in the data directory.
 pub const DATABASE_FILE: &str = "baseline.db";
+/// The provider simulator's ledger in the data directory (the shop's `trellis up` keeps the
+/// same file, so both pay for the same simulator).
+pub const PROVIDER_LEDGER_FILE: &str = "payment-provider.db";
 /// Stock each seed product starts with: enough that no run sells out.
 pub const SEED_STOCK: i64 = 1_000_000;
 /// The catalogue `trellis up` seeds (shop/app's `seed::CATALOG`): name and price in cents.
@@ -184,12 +187,15 @@ pub async fn start(config: Config) -> anyhow::Result<Baseline> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let path = config.data_dir.join(DATABASE_FILE);
+    let ledger_path = config.data_dir.join(PROVIDER_LEDGER_FILE);
     for suffix in ["", "-wal", "-shm"] {
-        let file = PathBuf::from(format!("{}{suffix}", path.display()));
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        for start in [&path, &ledger_path] {
+            let file = PathBuf::from(format!("{}{suffix}", start.display()));
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+            }
         }
     }
     let db = Db::open(&path).await?;
@@ -211,7 +217,14 @@ pub async fn start(config: Config) -> anyhow::Result<Baseline> {
     // The provider simulator, as `trellis up` starts it: its own loopback listener, served
     // by the service kit.
     let service_key = ServiceKey::generate().context("service key")?;
-    let (provider_router, _provider) = shop_payment_provider::app(config.provider, &service_key);
+    let ledger = shop_payment_provider::Ledger::open(
+        &format!("sqlite://{}", ledger_path.display()),
+        shop_payment_provider::CHARGES_KEPT_MAX,
+    )
+    .await
+    .context("opening the provider simulator's ledger")?;
+    let (provider_router, _provider) =
+        shop_payment_provider::app(config.provider, ledger, &service_key);
     let provider_listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .context("binding the provider simulator")?;

@@ -417,7 +417,14 @@ pub async fn up(config: ShopConfig) -> Result<Shop, Error> {
     let mut take = |name: &str| listeners.remove(name).expect("bound above");
 
     // payment provider
-    let (router, provider) = shop_payment_provider::app(config.provider.clone(), &service_key);
+    let ledger = shop_payment_provider::Ledger::open(
+        &config.database_url("payment-provider"),
+        shop_payment_provider::CHARGES_KEPT_MAX,
+    )
+    .await
+    .map_err(|e| service_err("payment-provider")(&e))?;
+    let (router, provider) =
+        shop_payment_provider::app(config.provider.clone(), ledger, &service_key);
     spawn_serve(
         &mut tasks,
         "payment-provider",

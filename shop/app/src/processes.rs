@@ -308,7 +308,7 @@ pub async fn spawn(config: ProcessConfig) -> Result<ProcessShop, Error> {
         }
         if service == "payment-provider" {
             return Err(Error::Process(
-                "the payment provider simulator cannot have replicas: its charges live in its memory"
+                "the payment provider simulator cannot have replicas: its ledger is one SQLite file"
                     .to_owned(),
             ));
         }

@@ -10,7 +10,7 @@ pub struct ServeConfig {
     pub name: String,
     /// Where it listens.
     pub listen: SocketAddr,
-    /// Its database.
+    /// Its database (for the payment provider simulator its ledger, which must be SQLite).
     pub database_url: String,
     /// The service names it calls, mapped to their addresses (DESIGN.md's ports on loopback
     /// when absent).
@@ -98,7 +98,16 @@ pub async fn serve_one(
     };
     match name {
         "payment-provider" => {
-            let (router, _handle) = shop_payment_provider::app(provider, &service_key);
+            let ledger = shop_payment_provider::Ledger::open(
+                &database_url,
+                shop_payment_provider::CHARGES_KEPT_MAX,
+            )
+            .await
+            .map_err(|e| Error::Service {
+                service: "payment-provider",
+                message: e.to_string(),
+            })?;
+            let (router, _handle) = shop_payment_provider::app(provider, ledger, &service_key);
             trellis_service::serve(listener, measured(router), None, metrics, shutdown)
                 .await
                 .map_err(serve_err)

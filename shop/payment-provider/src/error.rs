@@ -84,6 +84,20 @@ impl From<trellis_service::ApiError> for ProviderError {
     }
 }
 
+/// A ledger that cannot be read or written: 500 `ledger_failed`, which the failure contract
+/// reads as "outcome unknown" (the write may have reached the file before the error). The
+/// cause is logged here, once; the body does not carry it.
+impl From<crate::store::LedgerError> for ProviderError {
+    fn from(error: crate::store::LedgerError) -> Self {
+        tracing::error!(%error, "payment provider ledger failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ledger_failed",
+            "the payment provider could not read or write its ledger; the outcome is unknown",
+        )
+    }
+}
+
 impl IntoResponse for ProviderError {
     fn into_response(self) -> Response {
         let body = ErrorBody {

@@ -42,19 +42,24 @@
 //! as `/api/admin/provider` to administrators and signs that token. The `/v1` routes stand in
 //! for a vendor's public API and check no identity.
 //!
-//! # Memory
-//! State lives in memory and is lost on restart. At most [`CHARGES_KEPT_MAX`] (1,000,000)
-//! charges are kept, with their refunds; past that the oldest charge is evicted, after which
-//! its idempotency key is unknown (a repeat would charge again) and its id answers 404. Keep
-//! the window far longer than any caller retries.
+//! # The ledger
+//! Charges and refunds live in a [`Ledger`]: a SQLite file (`payment-provider.db` in the shop's
+//! data directory), so the simulator's memory stays flat however many orders it serves, and
+//! its charges outlive a restart; [`Ledger::in_memory`] for tests. At most the ledger's
+//! capacity ([`CHARGES_KEPT_MAX`], 1,000,000, for the shop) charges are kept, with their
+//! refunds; past that the oldest charge is deleted, after which its idempotency key is unknown
+//! (a repeat would charge again) and its id answers 404. Keep the window far longer than any
+//! caller retries. A failure of the ledger itself answers 500 `ledger_failed` (outcome
+//! unknown).
 //!
 //! # Example
 //! ```
-//! use shop_payment_provider::{ProviderConfig, app};
+//! use shop_payment_provider::{CHARGES_KEPT_MAX, Ledger, ProviderConfig, app};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let key = trellis_service::auth::ServiceKey::generate()?;
-//! let (router, handle) = app(ProviderConfig::default(), &key);
+//! let ledger = Ledger::in_memory(CHARGES_KEPT_MAX).await?;
+//! let (router, handle) = app(ProviderConfig::default(), ledger, &key);
 //! // Chaos: the next calls fail as during an outage.
 //! handle.set_config(ProviderConfig { outage: true, ..handle.config() })?;
 //! assert!(handle.config().outage);
@@ -87,9 +92,10 @@ pub use crate::error::{ErrorBody, ErrorDetail};
 pub use crate::routes::{
     AMOUNT_CENTS_MAX, ChargeList, ChargeRequest, IDEMPOTENCY_KEY_MAX, RefundRequest,
 };
-pub use crate::store::{Charge, ChargeStatus, Refund};
+pub use crate::store::{Charge, ChargeStatus, Ledger, LedgerError, Refund};
 
-/// Most charges kept in memory; the oldest is evicted past it.
+/// Most charges the shop's ledger keeps; the oldest is deleted past it (a few hundred bytes
+/// each on disk).
 pub const CHARGES_KEPT_MAX: usize = 1_000_000;
 /// Largest request body, in bytes.
 pub const BODY_BYTES_MAX: usize = 16 * 1024;
@@ -106,14 +112,14 @@ pub struct ProviderStats {
     /// Calls answered with an injected fault: 503 (outage, failure rate) or 500 (failure after
     /// capture).
     pub failures_injected: u64,
-    /// Charges in memory now.
+    /// Charges in the ledger now.
     pub charges_kept: u64,
 }
 
 #[derive(Debug)]
 struct Inner {
     config: RwLock<ProviderConfig>,
-    store: Mutex<store::Store>,
+    ledger: Ledger,
     rng: Mutex<fastrand::Rng>,
     captures: AtomicU64,
     refunds: AtomicU64,
@@ -165,13 +171,12 @@ impl ProviderHandle {
     /// The counters.
     pub fn stats(&self) -> ProviderStats {
         let inner = &self.inner;
-        let kept = inner.store.lock().unwrap_or_else(|p| p.into_inner()).len();
         ProviderStats {
             captures: inner.captures.load(Ordering::Relaxed),
             refunds: inner.refunds.load(Ordering::Relaxed),
             declines: inner.declines.load(Ordering::Relaxed),
             failures_injected: inner.failures_injected.load(Ordering::Relaxed),
-            charges_kept: kept as u64,
+            charges_kept: inner.ledger.len(),
         }
     }
 
@@ -186,20 +191,14 @@ impl ProviderHandle {
     }
 }
 
-/// The simulator's router (`/v1/*`, `/admin/config`, `/openapi.json`) and a handle to control
-/// it, keeping at most [`CHARGES_KEPT_MAX`] charges.
+/// The simulator's router (`/v1/*`, `/admin/config`, `/openapi.json`) over `ledger`, and a
+/// handle to control it.
 ///
 /// A setting out of range is brought into range ([`ProviderConfig::clamped`]) with a warning
 /// in the log; check user input with [`ProviderConfig::validate`] first to refuse it instead.
-pub fn app(config: ProviderConfig, service_key: &ServiceKey) -> (Router, ProviderHandle) {
-    app_with_capacity(config, CHARGES_KEPT_MAX, service_key)
-}
-
-/// As [`app`], keeping at most `charges_kept_max` charges (1 to [`CHARGES_KEPT_MAX`]; tests use
-/// a small one to see eviction).
-pub fn app_with_capacity(
+pub fn app(
     config: ProviderConfig,
-    charges_kept_max: usize,
+    ledger: Ledger,
     service_key: &ServiceKey,
 ) -> (Router, ProviderHandle) {
     let config = match config.validate() {
@@ -212,7 +211,7 @@ pub fn app_with_capacity(
     let handle = ProviderHandle {
         inner: Arc::new(Inner {
             config: RwLock::new(config),
-            store: Mutex::new(store::Store::new(charges_kept_max.min(CHARGES_KEPT_MAX))),
+            ledger,
             rng: Mutex::new(fastrand::Rng::new()),
             captures: AtomicU64::new(0),
             refunds: AtomicU64::new(0),

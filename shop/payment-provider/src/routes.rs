@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use crate::config::{ProviderConfig, ProviderConfigUpdate};
 use crate::error::{ErrorBody, ProviderError, ProviderJson};
-use crate::store::{Charge, ChargeStatus, Refund, RefundRefusal};
+use crate::store::{Charge, ChargeStatus, Inserted, Refund, RefundRefusal};
 use crate::{ProviderHandle, ProviderStats};
 
 /// Longest idempotency key, in bytes.
@@ -111,7 +111,7 @@ fn declined(message: impl Into<String>) -> ProviderError {
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 402, description = "Declined (`card_declined`), now or earlier with this key", body = ErrorBody),
         (status = 422, description = "The key was used with another amount or currency", body = ErrorBody),
-        (status = 500, description = "The outcome is unknown: the charge may have been captured (`injected_failure_after_capture`). Repeat with the same key or look it up with `GET /v1/charges?idempotency_key=`", body = ErrorBody),
+        (status = 500, description = "The outcome is unknown: the charge may have been captured (`injected_failure_after_capture`, or `ledger_failed` when the provider's ledger failed). Repeat with the same key or look it up with `GET /v1/charges?idempotency_key=`", body = ErrorBody),
         (status = 503, description = "Refused before anything was done (outage or injected failure): nothing was captured, and the key is still unused", body = ErrorBody),
     )
 )]
@@ -135,25 +135,6 @@ pub(crate) async fn create_charge(
         ));
     }
     let inner = &handle.inner;
-    let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(existing) = store.by_key(&request.idempotency_key) {
-        if existing.amount_cents != request.amount_cents || existing.currency != currency {
-            return Err(ProviderError::unprocessable(
-                "idempotency_key_reused",
-                format!(
-                    "idempotency_key was used for charge {} of {} {}",
-                    existing.id, existing.amount_cents, existing.currency
-                ),
-            ));
-        }
-        if existing.status == ChargeStatus::Declined {
-            return Err(declined(format!(
-                "charge {} was declined earlier with this idempotency_key",
-                existing.id
-            )));
-        }
-        return Ok((StatusCode::OK, Json(existing.clone())).into_response());
-    }
     let decline = if request.amount_cents > config.card_limit_cents {
         Some(format!(
             "the amount exceeds the card limit of {} cents",
@@ -176,8 +157,24 @@ pub(crate) async fn create_charge(
         idempotency_key: request.idempotency_key,
         refund_id: None,
     };
-    store.insert(charge.clone());
-    drop(store);
+    if let Inserted::Existing(existing) = inner.ledger.insert(&charge).await? {
+        if existing.amount_cents != charge.amount_cents || existing.currency != charge.currency {
+            return Err(ProviderError::unprocessable(
+                "idempotency_key_reused",
+                format!(
+                    "idempotency_key was used for charge {} of {} {}",
+                    existing.id, existing.amount_cents, existing.currency
+                ),
+            ));
+        }
+        if existing.status == ChargeStatus::Declined {
+            return Err(declined(format!(
+                "charge {} was declined earlier with this idempotency_key",
+                existing.id
+            )));
+        }
+        return Ok((StatusCode::OK, Json(existing)).into_response());
+    }
     if let Some(reason) = decline {
         inner.declines.fetch_add(1, Ordering::Relaxed);
         return Err(declined(format!("charge {}: {reason}", charge.id)));
@@ -208,6 +205,7 @@ pub(crate) async fn create_charge(
         (status = 404, description = "No such charge", body = ErrorBody),
         (status = 409, description = "Already refunded with another key (`charge_already_refunded`) or never captured (`charge_not_captured`)", body = ErrorBody),
         (status = 422, description = "The key was used for another charge", body = ErrorBody),
+        (status = 500, description = "The provider's ledger failed (`ledger_failed`); the outcome is unknown: repeat with the same key", body = ErrorBody),
         (status = 503, description = "Refused before anything was done (outage or injected failure); safe to repeat", body = ErrorBody),
     )
 )]
@@ -220,12 +218,11 @@ pub(crate) async fn create_refund(
     check_key("charge_id", &request.charge_id)?;
     let inner = &handle.inner;
     let result = inner
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .ledger
         .refund(&request.charge_id, &request.idempotency_key, || {
             format!("re_{}", uuid::Uuid::now_v7().simple())
-        });
+        })
+        .await?;
     match result {
         Ok((refund, true)) => {
             inner.refunds.fetch_add(1, Ordering::Relaxed);
@@ -265,6 +262,7 @@ pub(crate) async fn create_refund(
     responses(
         (status = 200, description = "The charge made with the key, if any", body = ChargeList),
         (status = 400, description = "Missing or bad key", body = ErrorBody),
+        (status = 500, description = "The provider's ledger failed (`ledger_failed`); safe to repeat", body = ErrorBody),
         (status = 503, description = "Refused before anything was done (outage or injected failure); safe to repeat", body = ErrorBody),
     )
 )]
@@ -282,9 +280,9 @@ pub(crate) async fn list_charges(
     };
     inject_faults(&handle).await?;
     check_key("idempotency_key", &key)?;
-    let store = handle.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+    let found = handle.inner.ledger.by_key(&key).await?;
     Ok(Json(ChargeList {
-        items: store.by_key(&key).cloned().into_iter().collect(),
+        items: found.into_iter().collect(),
     }))
 }
 
@@ -296,6 +294,7 @@ pub(crate) async fn list_charges(
     responses(
         (status = 200, description = "The charge", body = Charge),
         (status = 404, description = "No such charge", body = ErrorBody),
+        (status = 500, description = "The provider's ledger failed (`ledger_failed`); safe to repeat", body = ErrorBody),
         (status = 503, description = "Refused before anything was done (outage or injected failure); safe to repeat", body = ErrorBody),
     )
 )]
@@ -304,10 +303,11 @@ pub(crate) async fn get_charge(
     Path(id): Path<String>,
 ) -> Result<Json<Charge>, ProviderError> {
     inject_faults(&handle).await?;
-    let store = handle.inner.store.lock().unwrap_or_else(|p| p.into_inner());
-    store
+    handle
+        .inner
+        .ledger
         .by_id(&id)
-        .cloned()
+        .await?
         .map(Json)
         .ok_or_else(|| ProviderError::not_found(format!("no charge {id}")))
 }

@@ -2,13 +2,13 @@
 
 use axum::http::StatusCode;
 use serde_json::json;
-use shop_payment_provider::{CARD_LIMIT_CENTS_DEFAULT, ProviderConfig, app};
+use shop_payment_provider::{CARD_LIMIT_CENTS_DEFAULT, ProviderConfig};
 
-use crate::{call, call_as, charge, key};
+use crate::{call, call_as, charge, key, provider};
 
 #[tokio::test]
 async fn a_partial_update_changes_only_the_given_settings() {
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let (status, before) = call(&router, "GET", "/admin/config", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(before["card_limit_cents"], CARD_LIMIT_CENTS_DEFAULT);
@@ -31,7 +31,7 @@ async fn a_partial_update_changes_only_the_given_settings() {
 
 #[tokio::test]
 async fn out_of_range_settings_are_refused_naming_the_field() {
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let cases = [
         (json!({"failure_rate": 2.0}), "invalid_failure_rate"),
         (json!({"decline_rate": -0.1}), "invalid_decline_rate"),
@@ -73,7 +73,7 @@ async fn out_of_range_settings_are_refused_naming_the_field() {
 
 #[tokio::test]
 async fn the_openapi_document_lists_the_routes() {
-    let (router, _) = app(ProviderConfig::default(), &key());
+    let (router, _) = provider(ProviderConfig::default()).await;
     let (status, doc) = call(&router, "GET", "/openapi.json", None).await;
     assert_eq!(status, StatusCode::OK);
     for path in [
@@ -93,14 +93,12 @@ async fn the_openapi_document_lists_the_routes() {
 
 #[tokio::test]
 async fn a_start_configuration_out_of_range_is_clamped_not_a_panic() {
-    let (_, handle) = app(
-        ProviderConfig {
-            latency_ms: u64::MAX,
-            decline_rate: f64::NAN,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (_, handle) = provider(ProviderConfig {
+        latency_ms: u64::MAX,
+        decline_rate: f64::NAN,
+        ..ProviderConfig::default()
+    })
+    .await;
     let config = handle.config();
     assert_eq!(config.latency_ms, shop_payment_provider::LATENCY_MS_MAX);
     assert_eq!(config.decline_rate, 0.0);
@@ -111,7 +109,7 @@ async fn the_admin_routes_refuse_anyone_but_an_administrator() {
     // Goal: the simulator's fault switches cannot be flipped by whoever reaches its port.
     // Method: read and change /admin/config with no token, with forged identity headers, with
     // a customer's token and with a token signed by another key; none may pass.
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let outage = Some(serde_json::json!({"outage": true}));
     let (status, body) = call_as(&router, None, "PUT", "/admin/config", outage.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");

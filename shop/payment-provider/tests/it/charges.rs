@@ -2,14 +2,14 @@
 
 use axum::http::StatusCode;
 use serde_json::json;
-use shop_payment_provider::{ProviderConfig, app, app_with_capacity};
+use shop_payment_provider::ProviderConfig;
 
-use crate::{call, charge, key};
+use crate::{call, charge, provider, provider_with_capacity};
 
 #[tokio::test]
 async fn the_same_key_answers_the_same_charge_and_captures_once() {
     // A repeat of a key must never capture again; it answers the first charge with 200.
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let (status, first) = charge(&router, "order-1", 2_500).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(first["status"], "captured");
@@ -26,7 +26,7 @@ async fn the_same_key_answers_the_same_charge_and_captures_once() {
 #[tokio::test]
 async fn concurrent_repeats_of_a_key_capture_once() {
     // Many callers racing with one key: exactly one capture, one charge id.
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let calls = (0..20).map(|_| {
         let router = router.clone();
         tokio::spawn(async move { charge(&router, "race", 100).await })
@@ -44,7 +44,7 @@ async fn concurrent_repeats_of_a_key_capture_once() {
 
 #[tokio::test]
 async fn a_key_reused_with_another_amount_is_refused() {
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     charge(&router, "k", 100).await;
     let (status, body) = charge(&router, "k", 101).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -54,13 +54,11 @@ async fn a_key_reused_with_another_amount_is_refused() {
 
 #[tokio::test]
 async fn charges_above_the_card_limit_are_declined_and_stay_declined() {
-    let (router, handle) = app(
-        ProviderConfig {
-            card_limit_cents: 1_000,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        card_limit_cents: 1_000,
+        ..ProviderConfig::default()
+    })
+    .await;
     let (status, body) = charge(&router, "big", 1_001).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(body["error"]["code"], "card_declined");
@@ -80,13 +78,11 @@ async fn charges_above_the_card_limit_are_declined_and_stay_declined() {
 
 #[tokio::test]
 async fn a_decline_rate_of_one_declines_every_new_charge() {
-    let (router, handle) = app(
-        ProviderConfig {
-            decline_rate: 1.0,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        decline_rate: 1.0,
+        ..ProviderConfig::default()
+    })
+    .await;
     for n in 0..5 {
         let (status, _) = charge(&router, &format!("k{n}"), 10).await;
         assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
@@ -97,7 +93,7 @@ async fn a_decline_rate_of_one_declines_every_new_charge() {
 
 #[tokio::test]
 async fn bad_charges_are_refused_with_the_problem_named() {
-    let (router, _) = app(ProviderConfig::default(), &key());
+    let (router, _) = provider(ProviderConfig::default()).await;
     let cases = [
         (
             json!({"idempotency_key": "", "amount_cents": 1}),
@@ -138,7 +134,7 @@ async fn bad_charges_are_refused_with_the_problem_named() {
 
 #[tokio::test]
 async fn charges_are_found_by_key_and_by_id() {
-    let (router, _) = app(ProviderConfig::default(), &key());
+    let (router, _) = provider(ProviderConfig::default()).await;
     let (_, created) = charge(&router, "order-9", 700).await;
     let (status, list) = call(&router, "GET", "/v1/charges?idempotency_key=order-9", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -158,7 +154,7 @@ async fn charges_are_found_by_key_and_by_id() {
 
 #[tokio::test]
 async fn memory_is_bounded_and_the_oldest_charge_goes_first() {
-    let (router, handle) = app_with_capacity(ProviderConfig::default(), 3, &key());
+    let (router, handle) = provider_with_capacity(ProviderConfig::default(), 3).await;
     for n in 0..5 {
         charge(&router, &format!("k{n}"), 10).await;
     }
@@ -167,4 +163,28 @@ async fn memory_is_bounded_and_the_oldest_charge_goes_first() {
     assert_eq!(oldest["items"], json!([]));
     let (_, newest) = call(&router, "GET", "/v1/charges?idempotency_key=k4", None).await;
     assert_eq!(newest["items"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_failing_ledger_answers_500_with_an_unknown_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/provider.db", dir.path().display());
+    let ledger = shop_payment_provider::Ledger::open(&url, 10)
+        .await
+        .expect("open");
+    let (router, _) = shop_payment_provider::app(ProviderConfig::default(), ledger, &crate::key());
+    // Someone else breaks the file under the simulator.
+    let mut other = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("second connection");
+    sqlx::query("DROP TABLE charges")
+        .execute(&mut other)
+        .await
+        .expect("drop");
+    let (status, body) = charge(&router, "k1", 10).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(body["error"]["code"], "ledger_failed");
+    let (status, body) = call(&router, "GET", "/v1/charges?idempotency_key=k1", None).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(body["error"]["code"], "ledger_failed");
 }

@@ -3,19 +3,17 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use shop_payment_provider::{ProviderConfig, app};
+use shop_payment_provider::ProviderConfig;
 
-use crate::{call, charge, key};
+use crate::{call, charge, provider};
 
 #[tokio::test(start_paused = true)]
 async fn latency_delays_every_v1_call() {
-    let (router, _) = app(
-        ProviderConfig {
-            latency_ms: 1_500,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, _) = provider(ProviderConfig {
+        latency_ms: 1_500,
+        ..ProviderConfig::default()
+    })
+    .await;
     let started = tokio::time::Instant::now();
     let (status, _) = charge(&router, "slow", 10).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -29,13 +27,11 @@ async fn latency_delays_every_v1_call() {
 
 #[tokio::test]
 async fn an_outage_fails_every_call_before_any_state_changes() {
-    let (router, handle) = app(
-        ProviderConfig {
-            outage: true,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        outage: true,
+        ..ProviderConfig::default()
+    })
+    .await;
     let (status, body) = charge(&router, "k", 10).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["error"]["code"], "provider_outage");
@@ -56,13 +52,11 @@ async fn an_outage_fails_every_call_before_any_state_changes() {
 
 #[tokio::test]
 async fn a_failure_rate_of_one_fails_without_capturing() {
-    let (router, handle) = app(
-        ProviderConfig {
-            failure_rate: 1.0,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        failure_rate: 1.0,
+        ..ProviderConfig::default()
+    })
+    .await;
     for n in 0..4 {
         let (status, body) = charge(&router, &format!("k{n}"), 10).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -79,13 +73,11 @@ async fn a_failure_rate_of_one_fails_without_capturing() {
 async fn failure_after_capture_captures_then_loses_the_answer() {
     // The caller sees 500 (an unknown outcome, never the 503 that means "nothing was done"),
     // but the money was taken: a retry with the key finds it.
-    let (router, handle) = app(
-        ProviderConfig {
-            fail_after_capture_rate: 1.0,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        fail_after_capture_rate: 1.0,
+        ..ProviderConfig::default()
+    })
+    .await;
     let (status, body) = charge(&router, "lost", 10).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(body["error"]["code"], "injected_failure_after_capture");

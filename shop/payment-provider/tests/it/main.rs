@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use shop_payment_provider::{CHARGES_KEPT_MAX, Ledger, ProviderConfig, ProviderHandle, app};
 use tower::ServiceExt;
 use trellis_service::auth::{IDENTITY_HEADER, ServiceKey};
 
@@ -18,6 +19,20 @@ pub(crate) fn key() -> ServiceKey {
     static KEY: std::sync::OnceLock<ServiceKey> = std::sync::OnceLock::new();
     KEY.get_or_init(|| ServiceKey::generate().expect("OS randomness"))
         .clone()
+}
+
+/// A simulator with `config` over a fresh ledger in memory of the shop's capacity.
+pub(crate) async fn provider(config: ProviderConfig) -> (Router, ProviderHandle) {
+    provider_with_capacity(config, CHARGES_KEPT_MAX).await
+}
+
+/// A simulator with `config` over a fresh ledger in memory keeping at most `capacity` charges.
+pub(crate) async fn provider_with_capacity(
+    config: ProviderConfig,
+    capacity: usize,
+) -> (Router, ProviderHandle) {
+    let ledger = Ledger::in_memory(capacity).await.expect("in-memory ledger");
+    app(config, ledger, &key())
 }
 
 /// An identity token for an administrator, as the shop's gateway signs one.

@@ -2,9 +2,9 @@
 
 use axum::http::StatusCode;
 use serde_json::json;
-use shop_payment_provider::{ProviderConfig, app};
+use shop_payment_provider::ProviderConfig;
 
-use crate::{call, charge, key};
+use crate::{call, charge, provider};
 
 async fn refund(
     router: &axum::Router,
@@ -22,7 +22,7 @@ async fn refund(
 
 #[tokio::test]
 async fn a_charge_is_refunded_at_most_once() {
-    let (router, handle) = app(ProviderConfig::default(), &key());
+    let (router, handle) = provider(ProviderConfig::default()).await;
     let (_, created) = charge(&router, "order-1", 900).await;
     let id = created["id"].as_str().expect("id");
     let (status, first) = refund(&router, id, "refund-order-1").await;
@@ -45,13 +45,11 @@ async fn a_charge_is_refunded_at_most_once() {
 
 #[tokio::test]
 async fn refunds_of_unknown_or_declined_charges_are_refused() {
-    let (router, handle) = app(
-        ProviderConfig {
-            card_limit_cents: 10,
-            ..ProviderConfig::default()
-        },
-        &key(),
-    );
+    let (router, handle) = provider(ProviderConfig {
+        card_limit_cents: 10,
+        ..ProviderConfig::default()
+    })
+    .await;
     let (status, body) = refund(&router, "ch_missing", "r1").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "not_found");
@@ -66,7 +64,7 @@ async fn refunds_of_unknown_or_declined_charges_are_refused() {
 
 #[tokio::test]
 async fn a_refund_key_cannot_be_reused_for_another_charge() {
-    let (router, _) = app(ProviderConfig::default(), &key());
+    let (router, _) = provider(ProviderConfig::default()).await;
     let (_, a) = charge(&router, "a", 1).await;
     let (_, b) = charge(&router, "b", 1).await;
     refund(&router, a["id"].as_str().expect("id"), "same").await;

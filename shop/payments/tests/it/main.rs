@@ -177,7 +177,10 @@ pub(crate) async fn start_behind(
             (db.url.clone(), Keep::Postgres(db))
         }
     };
-    let (provider_router, provider) = shop_payment_provider::app(provider_config, &key());
+    let ledger = shop_payment_provider::Ledger::in_memory(shop_payment_provider::CHARGES_KEPT_MAX)
+        .await
+        .expect("the provider's ledger");
+    let (provider_router, provider) = shop_payment_provider::app(provider_config, ledger, &key());
     let provider_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
