@@ -15,6 +15,8 @@
 # Needs release builds: cargo build --release -p trellis -p trellis-bench-baseline
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 bin=${TRELLIS_BIN:-$here/target/release/trellis}
 baseline_bin=${BASELINE_BIN:-$here/target/release/trellis-baseline}
 rates=("$@"); [ ${#rates[@]} -gt 0 ] || rates=(50 100 150 200 300)
@@ -40,17 +42,6 @@ restart() {
     curl -s -X PUT "localhost:$port/api/inventory/$id" -H "authorization: Bearer $token" \
       -H 'content-type: application/json' -d '{"total":10000000}' > /dev/null
   done
-}
-# Resident memory of a process, MB.
-rss_mb() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
-# Context switches of a process's live threads so far (as bench/shop/run.sh counts them).
-ctx_switches() {
-  cat /proc/"$1"/task/*/status 2>/dev/null |
-    awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
-}
-# CPU seconds (user + system) a process has used so far.
-cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
 }
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh baseline, so one rate's backlog does not slow the next

@@ -14,6 +14,8 @@
 # order rate is this per-update cost over the CPU the shop spends at that rate.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 bin=${TRELLIS_BIN:-$here/target/release/trellis}
 updates=${UPDATES:-30}
 gap=${GAP:-2.1}
@@ -34,7 +36,6 @@ token=$(curl -s -X POST "localhost:$port/api/auth/token" -H 'content-type: appli
   --admin-email "$TRELLIS_ADMIN_EMAIL" --admin-password "$TRELLIS_ADMIN_PASSWORD" > /dev/null
 curl -sf -o /dev/null -H "authorization: Bearer $token" "localhost:$port/admin/overview/live"
 sleep 10
-cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
 now() { date +%s.%N; }
 
 t0=$(now); c0=$(cpu_seconds "$shop")

@@ -23,6 +23,8 @@
 # Needs a release build: cargo build --release -p trellis
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 bin=${TRELLIS_BIN:-$here/target/release/trellis}
 rates=("$@"); [ ${#rates[@]} -gt 0 ] || rates=(50 100 150 200 300)
 port=${PORT:-18181}
@@ -55,28 +57,19 @@ restart() {
       -H 'content-type: application/json' -d '{"total":10000000}' > /dev/null
   done
 }
-# Resident memory of a process, MB.
-rss_mb() { awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
-# One soak sample: seconds, then VmRSS and its anonymous / file / shared parts, MB.
+# One soak sample: seconds, then VmRSS and its anonymous / file / shared parts, MB, and how
+# much of the anonymous part sits in transparent huge pages (2 MiB each, resident whole).
 rss_split() {
-  awk -v at="$2" '/^(VmRSS|RssAnon|RssFile|RssShmem):/ { v[$1] = $2 / 1024 }
-    END { printf "rss at %s s: %.0f MB (anon %.0f, file %.0f, shmem %.0f)\n", at,
-          v["VmRSS:"], v["RssAnon:"], v["RssFile:"], v["RssShmem:"] }' "/proc/$1/status"
+  local huge
+  huge=$(awk '/^AnonHugePages:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/smaps_rollup" 2>/dev/null)
+  awk -v at="$2" -v huge="${huge:-?}" '/^(VmRSS|RssAnon|RssFile|RssShmem):/ { v[$1] = $2 / 1024 }
+    END { printf "rss at %s s: %.0f MB (anon %.0f, of which huge pages %s; file %.0f, shmem %.0f)\n",
+          at, v["VmRSS:"], v["RssAnon:"], huge, v["RssFile:"], v["RssShmem:"] }' "/proc/$1/status"
 }
 # Bytes in use in a SQLite file (pages in use, whatever is still in its WAL included).
 sqlite_bytes() {
   [ -f "$1" ] || { echo 0; return; }
   python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); q=lambda s: c.execute(s).fetchone()[0]; print((q("PRAGMA page_count")-q("PRAGMA freelist_count"))*q("PRAGMA page_size"))' "$1"
-}
-# Context switches of a process's live threads so far (voluntary + involuntary): each thread
-# hand-off (a statement sent to sqlx's SQLite thread, its answer back) is one or two of them.
-ctx_switches() {
-  cat /proc/"$1"/task/*/status 2>/dev/null |
-    awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
-}
-# CPU seconds (user + system) a process has used so far.
-cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
 }
 for rate in "${rates[@]}"; do
   restart   # each rate on a fresh shop, so one rate's backlog does not slow the next
